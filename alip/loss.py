@@ -1,0 +1,149 @@
+"""ALIP's adaptive contrastive loss with the Language and Description Consistency Gates.
+
+The defaults reproduce deepglint/ALIP (train.py:106-156, open_alip/loss.py:84-121) exactly:
+
+* the gates run under ``no_grad`` over the all-gathered global batch (the local slot holds the
+  local tensor), so every rank computes identical weights;
+* each EMA is updated *before* it weights the batch: ``H <- m*H + (1-m)*mean_N(s)``, from 1.0;
+* LCG: ``w_s = min(1, exp(gamma*(s_tc - H_tc)))``;
+* DCG: where ``exp(gamma*(s_tc - H_tc)) < 1``: ``w_t = exp(gamma*(s_it - H_it))`` and
+  ``w_c = exp(gamma*(s_ic - H_ic))``, else 1. DCG is *not* capped at 1;
+* per path p: ``L_p = mean_N(w_s * w_pair_p * CE_sym_p)``; ``L = L_raw + L_caption``.
+
+Deviations from the reference, each a constructor argument or stated here:
+
+* the three EMAs are registered buffers, so they live in ``state_dict`` and survive a resume
+  (the reference keeps them in Python variables and loses them on restart);
+* the features are all-gathered once per step and reused by the gates and both paths (the
+  reference gathers four times);
+* ``local_loss=True`` works (the reference crashes: a per-sample loss of length B against
+  weights of length W*B); the weights are sliced to the local rows;
+* in ``eval()`` mode the EMAs are read but not updated (the reference has no eval mode).
+"""
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+GATE_NAMES = ("tc", "it", "ic")
+
+
+def gather_features(features, rank, world_size, gather_with_grad=False):
+    """All-gather a [B, ...] tensor into [world_size*B, ...] in rank order.
+
+    Without ``gather_with_grad`` only the local slot carries gradient (open_clip ``ClipLoss``
+    semantics); with it, ``torch.distributed.nn.all_gather`` carries gradient to every rank.
+    """
+    if world_size == 1:
+        return features
+    if gather_with_grad:
+        import torch.distributed.nn
+        return torch.cat(torch.distributed.nn.all_gather(features), dim=0)
+    pieces = [torch.empty_like(features) for _ in range(world_size)]
+    dist.all_gather(pieces, features.detach().contiguous())
+    pieces[rank] = features
+    return torch.cat(pieces, dim=0)
+
+
+def _check_inputs(image_features, raw_features, caption_features, logit_scale):
+    named = {"image_features": image_features, "raw_features": raw_features,
+             "caption_features": caption_features}
+    shapes = {k: tuple(v.shape) for k, v in named.items()}
+    for name, f in named.items():
+        if f.dim() != 2:
+            raise ValueError(f"ALIPLoss: {name} must be [B, D], got shape {tuple(f.shape)}")
+    if len(set(shapes.values())) != 1:
+        raise ValueError(f"ALIPLoss: features must share one [B, D] shape, got {shapes}")
+    if not torch.is_tensor(logit_scale) or logit_scale.numel() != 1:
+        shape = tuple(logit_scale.shape) if torch.is_tensor(logit_scale) else type(logit_scale)
+        raise ValueError(f"ALIPLoss: logit_scale must be a scalar tensor, got {shape}")
+    if not torch.isfinite(logit_scale).all():
+        raise ValueError(f"ALIPLoss: logit_scale must be finite, got {logit_scale.item()}")
+    with torch.no_grad():
+        for name, f in named.items():
+            tol = 1e-3 if f.dtype in (torch.float32, torch.float64) else 2e-2
+            norms = f.float().norm(dim=-1)
+            worst = (norms - 1).abs().max()
+            if not worst <= tol:  # also catches NaN
+                raise ValueError(
+                    f"ALIPLoss: {name} must be L2-normalised along the last dim; row norms range "
+                    f"{norms.min().item():.4g}..{norms.max().item():.4g} (tolerance {tol})")
+
+
+class ALIPLoss(nn.Module):
+    def __init__(self, gamma=2.0, momentum=0.99, ema_init=1.0, rank=0, world_size=1,
+                 local_loss=False, gather_with_grad=False):
+        super().__init__()
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"ALIPLoss: momentum must be in [0, 1], got {momentum}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"ALIPLoss: need 0 <= rank < world_size, got rank={rank}, "
+                             f"world_size={world_size}")
+        self.gamma = float(gamma)
+        self.momentum = float(momentum)
+        self.rank = rank
+        self.world_size = world_size
+        self.local_loss = local_loss
+        self.gather_with_grad = gather_with_grad
+        for name in GATE_NAMES:
+            self.register_buffer(f"ema_{name}", torch.tensor(float(ema_init)))
+
+    @torch.no_grad()
+    def gates(self, img, raw, cap):
+        """Similarities, EMA update and the three weights over the global batch (float32)."""
+        img, raw, cap = img.float(), raw.float(), cap.float()
+        sims = {"tc": (raw * cap).sum(-1), "it": (img * raw).sum(-1), "ic": (img * cap).sum(-1)}
+        emas = {}
+        for name, s in sims.items():
+            ema = getattr(self, f"ema_{name}")
+            if self.training:
+                ema.mul_(self.momentum).add_((1.0 - self.momentum) * s.mean())
+            emas[name] = ema
+        w_hat = torch.exp(self.gamma * (sims["tc"] - emas["tc"]))
+        flagged = w_hat < 1
+        one = torch.ones_like(w_hat)
+        w_sample = torch.where(flagged, w_hat, one)
+        w_text = torch.where(flagged, torch.exp(self.gamma * (sims["it"] - emas["it"])), one)
+        w_caption = torch.where(flagged, torch.exp(self.gamma * (sims["ic"] - emas["ic"])), one)
+        return sims, w_sample, w_text, w_caption
+
+    def _path_loss(self, img_local, txt_local, all_img, all_txt, logit_scale, weights):
+        """mean(weights * symmetric per-sample InfoNCE) for one (image, text) path."""
+        if self.local_loss:
+            logits_per_image = logit_scale * img_local @ all_txt.T
+            logits_per_text = logit_scale * txt_local @ all_img.T
+            b = img_local.shape[0]
+            labels = torch.arange(b, device=img_local.device) + self.rank * b
+        else:
+            logits_per_image = logit_scale * all_img @ all_txt.T
+            logits_per_text = logits_per_image.T
+            labels = torch.arange(all_img.shape[0], device=all_img.device)
+        ce = 0.5 * (F.cross_entropy(logits_per_image, labels, reduction="none")
+                    + F.cross_entropy(logits_per_text, labels, reduction="none"))
+        return (weights.to(ce.dtype) * ce).mean()
+
+    def forward(self, image_features, raw_features, caption_features, logit_scale):
+        _check_inputs(image_features, raw_features, caption_features, logit_scale)
+        b, d = image_features.shape
+        # One collective for all three feature sets, reused by the gates and both paths.
+        joint = torch.cat([image_features, raw_features, caption_features], dim=1)
+        all_joint = gather_features(joint, self.rank, self.world_size, self.gather_with_grad)
+        all_img, all_raw, all_cap = all_joint.split(d, dim=1)
+
+        sims, w_sample, w_text, w_caption = self.gates(all_img, all_raw, all_cap)
+        if self.local_loss:
+            rows = slice(self.rank * b, (self.rank + 1) * b)
+            ws, wt, wc = w_sample[rows], w_text[rows], w_caption[rows]
+        else:
+            ws, wt, wc = w_sample, w_text, w_caption
+        loss_raw = self._path_loss(image_features, raw_features, all_img, all_raw, logit_scale,
+                                   ws * wt)
+        loss_caption = self._path_loss(image_features, caption_features, all_img, all_cap,
+                                       logit_scale, ws * wc)
+        out = {"loss": loss_raw + loss_caption, "loss_raw": loss_raw, "loss_caption": loss_caption,
+               "w_sample": w_sample, "w_text": w_text, "w_caption": w_caption}
+        for name in GATE_NAMES:
+            out[f"s_{name}"] = sims[name].mean()
+            out[f"ema_{name}"] = getattr(self, f"ema_{name}").detach().clone()
+        return out
+
