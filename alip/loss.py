@@ -37,8 +37,8 @@ def gather_features(features, rank, world_size, gather_with_grad=False):
     if world_size == 1:
         return features
     if gather_with_grad:
-        import torch.distributed.nn
-        return torch.cat(torch.distributed.nn.all_gather(features), dim=0)
+        from torch.distributed.nn.functional import all_gather
+        return torch.cat(all_gather(features), dim=0)
     pieces = [torch.empty_like(features) for _ in range(world_size)]
     dist.all_gather(pieces, features.detach().contiguous())
     pieces[rank] = features
