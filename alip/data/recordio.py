@@ -1,0 +1,234 @@
+"""MXNet RecordIO, written and read in pure Python (no mxnet), in ALIP's record layout.
+
+Framing (dmlc-core ``RecordIOWriter``, what ``mx.recordio.MXIndexedRecordIO`` writes)::
+
+    uint32 magic = 0xced7230a | uint32 lrec = cflag << 29 | length | data | zero pad to 4 bytes
+
+A payload that contains the magic word at a 4-byte aligned position is split there into parts
+(cflag 1 = first, 2 = middle, 3 = last; the magic word itself is dropped and re-inserted by the
+reader), exactly as dmlc does, so mxnet, DALI and this module read each other's files.
+
+Payload (``mx.recordio.pack`` with an array label)::
+
+    IRHeader '<IfQQ' (flag=154, label=0.0, id=key, id2=0) | 154 float32 | JPEG bytes
+
+The 154 floats are ALIP's label: open_clip tokens of the raw web text [0:77] and of the synthetic
+caption [77:154] (token ids < 2**24, so float32 holds them exactly).
+
+The ``.idx`` file has one ``key\\toffset`` line per record (offset of the record's first byte).
+"""
+import os
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+MAGIC = 0xCED7230A
+MAGIC_BYTES = struct.pack("<I", MAGIC)
+CONTEXT_LENGTH = 77
+LABEL_LEN = 2 * CONTEXT_LENGTH
+IR_FORMAT = "<IfQQ"
+IR_SIZE = struct.calcsize(IR_FORMAT)  # 24
+MAX_PART = (1 << 29) - 1
+
+
+class RecordIOError(ValueError):
+    """A .rec/.idx file is not what it should be; the message names the file and record."""
+
+
+def _lrec(cflag, length):
+    if length > MAX_PART:
+        raise ValueError(f"record part of {length} bytes exceeds RecordIO's 2**29-1 limit")
+    return struct.pack("<II", MAGIC, (cflag << 29) | length)
+
+
+def frame(payload: bytes) -> bytes:
+    """One payload framed as dmlc's RecordIOWriter::WriteRecord frames it."""
+    out = []
+    n = len(payload)
+    start = 0
+    pos = payload.find(MAGIC_BYTES)
+    while pos != -1 and pos + 4 <= (n >> 2) << 2:
+        if pos % 4 == 0:
+            out.append(_lrec(1 if start == 0 else 2, pos - start))
+            out.append(payload[start:pos])
+            start = pos + 4
+            pos = payload.find(MAGIC_BYTES, start)
+        else:
+            pos = payload.find(MAGIC_BYTES, pos + 1)
+    out.append(_lrec(3 if start else 0, n - start))
+    out.append(payload[start:])
+    out.append(b"\0" * (-n % 4))
+    return b"".join(out)
+
+
+def pack(key: int, raw_tokens, caption_tokens, jpeg: bytes) -> bytes:
+    """The record payload: IRHeader + 154 float32 label + JPEG bytes."""
+    label = np.concatenate([np.asarray(raw_tokens), np.asarray(caption_tokens)]).astype("<f4")
+    if label.size != LABEL_LEN:
+        raise ValueError(f"record {key}: expected 2x{CONTEXT_LENGTH} tokens, got {label.size}")
+    return struct.pack(IR_FORMAT, LABEL_LEN, 0.0, key, 0) + label.tobytes() + bytes(jpeg)
+
+
+@dataclass
+class Record:
+    key: int
+    raw_tokens: np.ndarray  # int64 [77]
+    caption_tokens: np.ndarray  # int64 [77]
+    jpeg: bytes
+
+
+def unpack(payload: bytes, where="record") -> Record:
+    if len(payload) < IR_SIZE:
+        raise RecordIOError(f"{where}: {len(payload)} bytes is shorter than the IRHeader")
+    flag, _, key, _ = struct.unpack_from(IR_FORMAT, payload)
+    if flag != LABEL_LEN:
+        raise RecordIOError(f"{where}: IRHeader flag is {flag}, expected {LABEL_LEN} (ALIP layout)")
+    end = IR_SIZE + 4 * LABEL_LEN
+    if len(payload) < end:
+        raise RecordIOError(f"{where}: payload too short for a {LABEL_LEN}-float label")
+    tokens = np.frombuffer(payload, "<f4", LABEL_LEN, IR_SIZE).astype(np.int64)
+    return Record(key, tokens[:CONTEXT_LENGTH], tokens[CONTEXT_LENGTH:], payload[end:])
+
+
+class RecordWriter:
+    """Appends records to ``path.rec`` and their ``key\\toffset`` lines to ``path.idx``."""
+
+    def __init__(self, rec_path, idx_path):
+        self.rec_path, self.idx_path = str(rec_path), str(idx_path)
+        self._rec = open(self.rec_path, "wb")
+        self._idx = open(self.idx_path, "w")
+        self.count = 0
+
+    def write(self, key, raw_tokens, caption_tokens, jpeg):
+        self.write_payload(key, pack(key, raw_tokens, caption_tokens, jpeg))
+
+    def write_payload(self, key, payload):
+        self._idx.write(f"{key}\t{self._rec.tell()}\n")
+        self._rec.write(frame(payload))
+        self.count += 1
+
+    @property
+    def bytes(self):
+        return self._rec.tell()
+
+    def close(self):
+        self._rec.close()
+        self._idx.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def read_index(idx_path, rec_size=None):
+    """(keys, offsets) int64 arrays of an .idx file, in file order.
+
+    With ``rec_size`` every offset is checked to lie inside the .rec (an entry past the end is an
+    error naming the .idx file, its line and key).
+    """
+    keys, offsets = [], []
+    with open(idx_path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            parts = line.split()
+            if len(parts) != 2:
+                raise RecordIOError(f"{idx_path}:{lineno}: expected 'key<TAB>offset', got {line!r}")
+            try:
+                key, off = int(parts[0]), int(parts[1])
+            except ValueError:
+                raise RecordIOError(f"{idx_path}:{lineno}: not integers: {line!r}") from None
+            if rec_size is not None and off + 8 > rec_size:
+                raise RecordIOError(
+                    f"{idx_path}:{lineno}: record key {key} at offset {off} is past the end of the "
+                    f".rec ({rec_size} bytes): the .rec is truncated or the .idx belongs to another file")
+            keys.append(key)
+            offsets.append(off)
+    return np.asarray(keys, np.int64), np.asarray(offsets, np.int64)
+
+
+def read_framed(f, offset, where):
+    """The payload of the framed record starting at ``offset`` of the open binary file ``f``."""
+    f.seek(offset)
+    parts = []
+    while True:
+        head = f.read(8)
+        if len(head) < 8:
+            raise RecordIOError(f"{where}: truncated .rec (record header cut off at offset {f.tell()})")
+        magic, lrec = struct.unpack("<II", head)
+        if magic != MAGIC:
+            raise RecordIOError(f"{where}: bad magic 0x{magic:08x} at offset {f.tell() - 8}")
+        cflag, length = lrec >> 29, lrec & MAX_PART
+        data = f.read(length)
+        if len(data) < length:
+            raise RecordIOError(
+                f"{where}: truncated .rec (record needs {length} bytes at offset {f.tell() - len(data)}, "
+                f"only {len(data)} left)")
+        f.seek(-length % 4, 1)
+        parts.append(data)
+        if cflag in (0, 3):
+            break
+        if cflag not in (1, 2):
+            raise RecordIOError(f"{where}: bad cflag {cflag}")
+    return MAGIC_BYTES.join(parts)
+
+
+class RecordReader:
+    """Random access to the records of one shard (``.rec`` + ``.idx``).
+
+    ``len(reader)`` records; ``reader[i]`` is the i-th (in .idx order) as a :class:`Record`;
+    ``reader.keys`` / ``reader.offsets``. Opening checks every .idx offset lies inside the .rec and
+    that the last record is complete, so a truncated shard fails here, naming the file and key.
+    The file handle is opened lazily per process (safe to pickle into DataLoader workers).
+    """
+
+    def __init__(self, rec_path, idx_path=None, check=True):
+        self.rec_path = str(rec_path)
+        self.idx_path = str(idx_path or os.path.splitext(self.rec_path)[0] + ".idx")
+        if not os.path.exists(self.rec_path):
+            raise FileNotFoundError(f"{self.rec_path}: no such .rec file")
+        if not os.path.exists(self.idx_path):
+            raise FileNotFoundError(f"{self.idx_path}: no such .idx file (next to {self.rec_path})")
+        size = os.path.getsize(self.rec_path)
+        self.keys, self.offsets = read_index(self.idx_path, size)
+        self._f = None
+        self._pid = None
+        if check and len(self.offsets):
+            i = int(np.argmax(self.offsets))
+            self.read_payload(i)  # the record closest to the end must be whole
+
+    def __len__(self):
+        return len(self.offsets)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_f"], state["_pid"] = None, None
+        return state
+
+    def _file(self):
+        if self._f is None or self._pid != os.getpid():
+            self._f = open(self.rec_path, "rb")
+            self._pid = os.getpid()
+        return self._f
+
+    def read_payload(self, i):
+        where = f"{self.rec_path}: record key {int(self.keys[i])}"
+        return read_framed(self._file(), int(self.offsets[i]), where)
+
+    def __getitem__(self, i) -> Record:
+        where = f"{self.rec_path}: record key {int(self.keys[i])}"
+        rec = unpack(self.read_payload(i), where)
+        rec.key = int(self.keys[i])  # the .idx key (the reference writes IRHeader id=1 everywhere)
+        return rec
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self[i]
+
+    def close(self):
+        if self._f is not None:
+            self._f.close()
+            self._f = None
