@@ -1,0 +1,88 @@
+"""Load a model to evaluate: any open_clip model, a train.py checkpoint, or the ALIP authors' weights.
+
+* ``pretrained`` is handed to open_clip as is (a tag such as ``openai``, a file, ``hf-hub:...``).
+* ``checkpoint`` is a file written by train.py (``{"state_dict", "model", "epoch", "step"}``, so the
+  model name is read from it) or the ALIP authors' released ``model_{epoch}.pt`` (a DDP
+  ``state_dict``: keys prefixed ``module.``, the legacy open_clip ``CLIP`` layout, GELU ViT-B/32 ==
+  our ``ALIP-ViT-B-32``; give ``model_name``). Both go through ``open_clip.load_checkpoint``, which
+  takes ``"state_dict"`` out of a dict, strips ``module.`` and converts legacy layouts.
+"""
+import logging
+import os
+
+import open_clip
+import torch
+
+import alip  # noqa: F401  (registers the ALIP-* model configs with open_clip)
+
+PRECISIONS = ("fp32", "fp16", "bf16", "pure_fp16", "pure_bf16", "amp", "amp_bf16")
+
+
+def checkpoint_model_name(path):
+    """The model name a train.py checkpoint records, or None (e.g. a bare state_dict)."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # legacy (non-zip) serialisation cannot be memory-mapped
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"checkpoint {path}: cannot be read as a torch checkpoint ({e})") from e
+    if isinstance(saved, dict) and isinstance(saved.get("model"), str):
+        return saved["model"]
+    return None
+
+
+def load_model(model_name=None, pretrained=None, checkpoint=None, device="cpu", precision="fp32"):
+    """-> (model in eval mode, preprocess (the eval transform), tokenizer)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if pretrained and checkpoint:
+        raise ValueError("give either pretrained (--pretrained) or checkpoint (--checkpoint), not both")
+    if checkpoint is not None:
+        if not os.path.isfile(checkpoint):
+            raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+        saved_name = checkpoint_model_name(checkpoint)
+        if model_name is None:
+            model_name = saved_name
+        elif saved_name is not None and saved_name != model_name:
+            logging.warning("checkpoint %s was saved for model %s; loading it into %s as asked",
+                            checkpoint, saved_name, model_name)
+        if model_name is None:
+            raise ValueError(
+                f"checkpoint {checkpoint} does not record its model name (it is not a train.py "
+                "checkpoint; the ALIP authors' model_{epoch}.pt is a bare state_dict): give the "
+                "model name (--model), e.g. ALIP-ViT-B-32")
+    if model_name is None:
+        raise ValueError("a model name (--model) is needed, e.g. ALIP-ViT-B-32")
+    if model_name not in open_clip.list_models() and not model_name.startswith(("hf-hub:", "local-dir:")):
+        raise ValueError(f"unknown model {model_name!r}; known: {', '.join(open_clip.list_models())}")
+    weights = checkpoint if checkpoint is not None else pretrained
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            model_name, pretrained=weights, precision=precision, device=device)
+    except RuntimeError as e:
+        if weights is not None and "state_dict" in str(e):
+            raise ValueError(f"weights {weights} do not fit model {model_name}: {e}") from e
+        raise
+    model.eval()
+    return model, preprocess, open_clip.get_tokenizer(model_name)
+
+
+def add_model_args(parser):
+    """The model flags every eval CLI shares."""
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", default=None,
+                   help="open_clip model name (e.g. ALIP-ViT-B-32); read from --checkpoint if omitted")
+    g.add_argument("--pretrained", default=None,
+                   help="whatever open_clip accepts: a tag (openai, laion2b_s34b_b79k), a file, hf-hub:...")
+    g.add_argument("--checkpoint", default=None,
+                   help="a train.py checkpoint, or the ALIP authors' model_{epoch}.pt (with --model)")
+    g.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--workers", type=int, default=4, help="DataLoader worker processes")
+    return parser
+
+
+def load_model_from_args(args):
+    return load_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint,
+                      device=args.device, precision=args.precision)

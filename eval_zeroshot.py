@@ -1,0 +1,50 @@
+#!/usr/bin/env python
+"""Zero-shot classification: one dataset, a comma list, or `all` (the ALIP README's 11-dataset table).
+
+  python eval_zeroshot.py --checkpoint ckpt.pt --dataset all --root "data/{dataset}" --imagenet-root data/imagenet
+  python eval_zeroshot.py --checkpoint ckpt.pt --dataset imagefolder --root demo/classify \
+      --classnames demo/classify/classnames.txt --templates demo/classify/templates.txt
+"""
+import argparse
+import sys
+
+from alip.eval.datasets import ALIP_TABLE, canonical_name, dataset_root
+from alip.eval.load import add_model_args, load_model_from_args
+from alip.eval.report import table, write_json
+from alip.eval.zeroshot import evaluate_zeroshot
+
+
+def main(argv=None):
+    p = add_model_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    p.add_argument("--dataset", required=True,
+                   help=f"all, or a comma list of: {', '.join(ALIP_TABLE)}, imagefolder")
+    p.add_argument("--root", required=True,
+                   help="dataset root; may contain {dataset} (e.g. data/{dataset}) for several datasets")
+    p.add_argument("--imagenet-root", default=None, help="ImageNet root (holding val/), overrides --root")
+    p.add_argument("--split", default=None, help="default: the protocol's test split")
+    p.add_argument("--classnames", default=None, help="file, one class name per line (ImageFolder order)")
+    p.add_argument("--templates", default=None, help="file, one template per line with {}")
+    p.add_argument("--output", default=None, help="write the metrics (and the settings) as JSON here")
+    args = p.parse_args(argv)
+    names = list(ALIP_TABLE) if args.dataset == "all" else [canonical_name(n) for n in args.dataset.split(",")]
+    if len(names) > 1 and (args.classnames or args.templates):
+        p.error("--classnames / --templates apply to a single dataset")
+    model, preprocess, tokenizer = load_model_from_args(args)
+    results = {}
+    for name in names:
+        m = evaluate_zeroshot(model, preprocess, tokenizer, name, dataset_root(args.root, name, args.imagenet_root),
+                              batch_size=args.batch_size, device=args.device, workers=args.workers,
+                              precision=args.precision, classnames=args.classnames,
+                              templates=args.templates, split=args.split)
+        results[name] = m
+        print(f"{name}: top1 {m['top1']:.2f}  top5 {m['top5']:.2f}  mean-per-class "
+              f"{m['mean_per_class']:.2f}  ({int(m['num_images'])} images)", flush=True)
+    text, mean = table(results)
+    print(text)
+    if args.output:
+        write_json(args.output, metrics=results, mean=mean, settings=vars(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Zero-shot evaluation: hand-computed top-1/top-5/mean-per-class, float logits, datasets and their
+errors, clip_benchmark parity, the CLI."""
+import json
+import os
+
+import pytest
+import torch
+from torchvision import transforms
+
+from alip.eval.datasets import build_dataset, default_templates
+from alip.eval.zeroshot import evaluate_zeroshot, zeroshot_classifier
+from eval_fakes import CIFAR10_NAMES, TableModel, TableTokenizer, write_cifar10, write_id_image
+
+CLASSES = [f"c{i}" for i in range(6)]
+# (true class, class order by score) per image; image id == position in this list.
+IMAGES = [(0, [0, 1, 2, 3, 4, 5])] * 4 + [(0, [1, 0, 2, 3, 4, 5]),   # class 0: 4 of 5 right
+          (1, [0, 1, 2, 3, 4, 5]),   # wrong, true class 2nd  -> in top-5
+          (2, [2, 0, 1, 3, 4, 5]),   # right
+          (3, [0, 1, 2, 4, 5, 3]),   # wrong, true class last -> not in top-5
+          (4, [4, 0, 1, 2, 3, 5]),   # right
+          (5, [0, 1, 5, 2, 3, 4])]   # wrong, true class 3rd
+# By hand: top-1 6/10, top-5 9/10, mean-per-class (4/5 + 0 + 1 + 0 + 1 + 0) / 6.
+EXPECTED = {"top1": 60.0, "top5": 90.0, "mean_per_class": 100 * 2.8 / 6}
+
+
+def score_vector(order, dims=7):
+    v = torch.zeros(dims)
+    for rank, c in enumerate(order):
+        v[c] = 6 - rank
+    return v
+
+
+def one_hot(i, dims=7):
+    v = torch.zeros(dims)
+    v[i] = 1
+    return v
+
+
+def image_folder(root, images):
+    for i, (label, _) in enumerate(images):
+        write_id_image(os.path.join(root, f"c{label}", f"{i:03d}.png"), i)
+
+
+@pytest.fixture
+def imbalanced(tmp_path):
+    image_folder(tmp_path / "val", IMAGES)
+    model = TableModel([score_vector(order) for _, order in IMAGES], [one_hot(i) for i in range(6)])
+    return tmp_path, model
+
+
+def test_hand_computed_accuracies(imbalanced):
+    root, model = imbalanced
+    m = evaluate_zeroshot(model, transforms.ToTensor(), TableTokenizer(CLASSES), "imagefolder", str(root),
+                          batch_size=4, templates=["{}"])
+    assert {k: m[k] for k in EXPECTED} == pytest.approx(EXPECTED)
+    assert m["num_images"] == 10 and m["uses_mean_per_class"] == 0.0
+
+
+def test_classnames_and_templates_files(imbalanced):
+    root, model = imbalanced
+    (root / "names.txt").write_text("\n".join(f"a {c}" for c in CLASSES) + "\n")
+    (root / "templates.txt").write_text("{}!\n")
+    tok = TableTokenizer([f"a {c}!" for c in CLASSES])
+    m = evaluate_zeroshot(model, transforms.ToTensor(), tok, "imagefolder", str(root / "val"),
+                          classnames=str(root / "names.txt"), templates=str(root / "templates.txt"))
+    assert tok.seen == [f"a {c}!" for c in CLASSES]
+    assert m["top1"] == pytest.approx(60.0)
+
+
+def test_logits_stay_float(tmp_path):
+    """Scores 50.2 vs 50.9: integer logits (the reference's torch.long) would tie and pick class 0."""
+    write_id_image(str(tmp_path / "c0" / "x.png"), 0)  # class c0 needs a folder; image 0 is c0's
+    write_id_image(str(tmp_path / "c1" / "y.png"), 1)
+    model = TableModel([[0.9, 0.1, 0.0], [0.502, 0.509, (1 - 0.502 ** 2 - 0.509 ** 2) ** 0.5]],
+                       [[1.0, 0, 0], [0, 1.0, 0]])
+    m = evaluate_zeroshot(model, transforms.ToTensor(), TableTokenizer(["c0", "c1"]), "imagefolder",
+                          str(tmp_path), templates=["{}"])
+    assert m["top1"] == 100.0 and m["mean_per_class"] == 100.0
+    assert m["top5"] != m["top5"]  # NaN below 5 classes, as clip_benchmark
+
+
+def test_classifier_is_renormalised_template_mean():
+    model = TableModel([[1.0, 0]], [[1.0, 0.0], [0.0, 3.0]])
+    w = zeroshot_classifier(model, TableTokenizer([["a x"], ["the x"]]), ["x"], ["a {}", "the {}"])
+    assert w.dtype == torch.float32
+    assert w[:, 0].tolist() == pytest.approx([2 ** -0.5, 2 ** -0.5])
+
+
+def test_cifar10_pickles_and_clip_benchmark_parity(tmp_path, monkeypatch):
+    """Tiny random-init model on generated CIFAR10 batches: our numbers == clip_benchmark's (x100)."""
+    from clip_benchmark.metrics import zeroshot_classification
+
+    def accuracy(output, target, topk=(1,)):  # clip_benchmark's, with .item() (numpy >= 2.3 fix)
+        pred = output.topk(max(topk), 1, True, True)[1].t()
+        correct = pred.eq(target.view(1, -1).expand_as(pred))
+        return [correct[:k].reshape(-1).float().sum().item() / len(target) for k in topk]
+    monkeypatch.setattr(zeroshot_classification, "accuracy", accuracy)
+
+    from alip.eval.load import load_model
+    labels = [i % 10 for i in range(23)] + [3] * 7
+    write_cifar10(str(tmp_path), labels)
+    torch.manual_seed(0)
+    model, preprocess, tokenizer = load_model("ALIP-tiny")
+    ours = evaluate_zeroshot(model, preprocess, tokenizer, "cifar10", str(tmp_path), batch_size=8)
+    data = build_dataset("cifar10", str(tmp_path), preprocess)
+    assert data.classnames == CIFAR10_NAMES and len(data.templates) == 18
+    assert [data.dataset[i][1] for i in range(len(labels))] == labels
+    loader = torch.utils.data.DataLoader(data.dataset, batch_size=8)
+    theirs = zeroshot_classification.evaluate(
+        model, loader, tokenizer, data.classnames, [t.replace("{}", "{c}") for t in data.templates],
+        "cpu", amp=False)
+    assert ours["top1"] == pytest.approx(100 * theirs["acc1"])
+    assert ours["top5"] == pytest.approx(100 * theirs["acc5"])
+    assert ours["mean_per_class"] == pytest.approx(100 * theirs["mean_per_class_recall"])
+
+
+def test_templates_come_from_the_packages():
+    import open_clip
+    assert default_templates("imagenet1k") == list(open_clip.OPENAI_IMAGENET_TEMPLATES)
+    assert default_templates("food101") == ["a photo of {}, a type of food."]
+    assert len(default_templates("cifar100")) == 18
+
+
+def test_missing_dataset_errors_name_path_and_layout(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"cifar10: dataset root .*nowhere does not exist; "
+                                                r"expected .*cifar-10-batches-py"):
+        build_dataset("cifar10", str(tmp_path / "nowhere"))
+    assert not (tmp_path / "nowhere").exists()  # nothing created, nothing downloaded
+    folder = write_cifar10(str(tmp_path), [0, 1, 2])
+    os.remove(os.path.join(folder, "test_batch"))
+    with pytest.raises(FileNotFoundError, match=r"cifar-10-batches-py/test_batch is missing"):
+        build_dataset("cifar10", str(tmp_path))
+    for name in ("food101", "pets", "flowers", "sun397", "cars", "dtd", "caltech101", "fgvc_aircraft"):
+        with pytest.raises(FileNotFoundError, match=f"{name}: .* is missing; expected"):
+            build_dataset(name, str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="imagefolder: dataset root"):
+        build_dataset("imagefolder", str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="unknown dataset 'mnist'"):
+        build_dataset("mnist", str(tmp_path))
+
+
+def test_malformed_dataset_errors(tmp_path):
+    folder = write_cifar10(str(tmp_path), [0, 1, 2])
+    with open(os.path.join(folder, "test_batch"), "wb") as f:
+        f.write(b"this is not a pickle")
+    with pytest.raises(ValueError, match=r"cifar10: cannot read .*test_batch: UnpicklingError"):
+        build_dataset("cifar10", str(tmp_path))
+    image_folder(tmp_path / "inet" / "val", IMAGES[:6])
+    with pytest.raises(ValueError, match="has 2 class folders, expected the 1000"):
+        build_dataset("imagenet1k", str(tmp_path / "inet"))
+    with pytest.raises(ValueError, match="3 class names for the 2 classes"):
+        build_dataset("imagefolder", str(tmp_path / "inet"), classnames=["a", "b", "c"])
+    (tmp_path / "t.txt").write_text("a photo of a\n")
+    with pytest.raises(ValueError, match=r"t.txt: template 1 'a photo of a' has no \{\}"):
+        build_dataset("imagefolder", str(tmp_path / "inet"), templates=str(tmp_path / "t.txt"))
+
+
+def test_cli_with_train_checkpoint(tmp_path, capsys):
+    import eval_zeroshot
+
+    from alip.eval.load import load_model
+    image_folder(tmp_path / "classify" / "val", [(i % 3, None) for i in range(6)])
+    (tmp_path / "names.txt").write_text("red\ngreen\nblue\n")
+    (tmp_path / "templates.txt").write_text("a photo of a {}.\na {} shape.\n")
+    model, preprocess, tokenizer = load_model("ALIP-tiny")
+    torch.save({"state_dict": model.state_dict(), "model": "ALIP-tiny", "epoch": 2, "step": 7},
+               tmp_path / "epoch_2.pt")
+    out = tmp_path / "zs.json"
+    assert eval_zeroshot.main(["--checkpoint", str(tmp_path / "epoch_2.pt"), "--dataset", "imagefolder",
+                               "--root", str(tmp_path / "classify"), "--classnames", str(tmp_path / "names.txt"),
+                               "--templates", str(tmp_path / "templates.txt"), "--workers", "0",
+                               "--device", "cpu", "--output", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    direct = evaluate_zeroshot(model, preprocess, tokenizer, "imagefolder", str(tmp_path / "classify"),
+                               classnames=["red", "green", "blue"],
+                               templates=["a photo of a {}.", "a {} shape."])
+    assert saved["metrics"]["imagefolder"]["top1"] == pytest.approx(direct["top1"])
+    assert saved["metrics"]["imagefolder"]["top5"] is None  # 3 classes: NaN -> null
+    assert "ImageFolder" in capsys.readouterr().out
