@@ -1,0 +1,217 @@
+"""The demo world: determinism, on-disk layouts, noise bookkeeping, held-out splits."""
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torchvision
+from PIL import Image
+
+from alip.data import demo_world as dw
+
+import make_demo_data
+
+SMALL = dict(num_train=60, num_test=12, classify_train_per_class=3, classify_val_per_class=2)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("world")
+    summary = dw.generate(out, seed=3, shards=False, **SMALL)
+    return out, summary
+
+
+def _files(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes()
+            for p in sorted(Path(root).rglob("*")) if p.is_file()}
+
+
+def _rows(out):
+    return [json.loads(line) for line in open(out / "raw" / "train.jsonl")]
+
+
+def _norm(text):
+    """Web text as plain lowercase words (undo Title Case, file-name and CSV styles)."""
+    text = re.sub(r"\.(jpg|jpeg|png)\b", " ", text.lower())
+    return " " + " ".join(re.sub(r"[_,]", " ", text).split()) + " "
+
+
+def _pairs(scene):
+    return {f"{o['colour']} {o['shape']}" for o in scene["objects"]}
+
+
+def test_same_seed_gives_identical_files_and_other_seed_differs(tmp_path, world):
+    out, _ = world
+    again = tmp_path / "again"
+    dw.generate(again, seed=3, shards=False, **SMALL)
+    a, b = _files(out), _files(again)
+    assert sorted(a) == sorted(b)
+    assert [k for k in a if a[k] != b[k]] == []
+    other = tmp_path / "other"
+    dw.generate(other, seed=4, shards=False, **SMALL)
+    c = _files(other)
+    assert c["raw/train.jsonl"] != a["raw/train.jsonl"]
+    assert c["raw/images/000000.jpg"] != a["raw/images/000000.jpg"]
+
+
+def test_manifest_rows_match_image_files(world):
+    out, summary = world
+    rows = _rows(out)
+    assert len(rows) == SMALL["num_train"] == summary["num_train"]
+    on_disk = {p.relative_to(out / "raw").as_posix() for p in (out / "raw" / "images").iterdir()}
+    assert {r["image"] for r in rows} == on_disk
+    assert len({r["key"] for r in rows}) == len(rows)
+    for r in rows:
+        assert set(r) >= {"image", "text", "caption", "noise", "noise_detail", "filler", "scene"}
+        assert r["text"].strip() and r["caption"].strip()
+        with Image.open(out / "raw" / r["image"]) as im:
+            assert im.format == "JPEG" and im.mode == "RGB" and im.size == (64, 64)
+
+
+def test_captions_are_correct_and_web_texts_have_the_labelled_noise(tmp_path):
+    out = tmp_path / "w"
+    dw.generate(out, num_train=400, num_test=2, classify_train_per_class=0,
+                classify_val_per_class=1, shards=False)
+    rows = _rows(out)
+    assert {r["noise"] for r in rows} == set(dw.NOISE_KINDS)
+    for r in rows:
+        scene, cap, text = r["scene"], _norm(r["caption"]), _norm(r["text"])
+        for o in scene["objects"]:  # the synthetic caption names every object correctly
+            assert f" {o['colour']} " in cap and f" {o['shape']} " in cap, r
+        wrong_pairs = {f"{c} {s}" for c in dw.COLOURS for s in dw.SHAPES} - _pairs(scene)
+        if r["noise"] == "clean":
+            for o in scene["objects"]:
+                assert f" {o['size']} {o['colour']} {o['shape']} " in text, r
+            assert f" {scene['background']} background " in text, r
+        elif r["noise"] == "partial":
+            world_words = {o[k] for o in scene["objects"] for k in ("shape", "colour", "size")}
+            world_words |= {scene["background"], scene["layout"], "and", "shape", "shapes"}
+            named = [w for w in text.split() if w in dw.SHAPES or w in dw.COLOURS]
+            assert named and set(named) <= world_words, r
+            assert not any(f" {p} " in text for p in wrong_pairs), r
+        elif r["noise"] == "wrong":
+            assert r["noise_detail"] in ("colour", "shape")
+            assert any(f" {p} " in text for p in wrong_pairs), r
+        else:
+            assert r["noise_detail"] in ("other_scene", "off_topic")
+            assert not any(f" {p} " in text for p in _pairs(scene)), r
+            if r["noise_detail"] == "off_topic":
+                assert not any(f" {s} " in text for s in dw.SHAPES), r
+
+
+def test_noise_rates_are_exact_counts_in_shuffled_order(tmp_path):
+    out = tmp_path / "w"
+    s = dw.generate(out, num_train=200, num_test=2, partial_rate=0.1, wrong_rate=0.2,
+                    mismatch_rate=0.3, filler_rate=0.4, classify_train_per_class=0,
+                    classify_val_per_class=1, shards=False)
+    rows = _rows(out)
+    counts = {k: sum(r["noise"] == k for r in rows) for k in dw.NOISE_KINDS}
+    assert counts == {"clean": 80, "partial": 20, "wrong": 40, "mismatched": 60}
+    assert s["noise_counts"] == counts
+    assert sum(r["filler"] for r in rows) == 80 == s["filler_count"]
+    assert s["noise_rates"] == pytest.approx(
+        {"clean": 0.4, "partial": 0.1, "wrong": 0.2, "mismatched": 0.3})
+    assert json.loads((out / "demo_world.json").read_text()) == s
+    first = [r["noise"] for r in rows[:40]]
+    assert len(set(first)) > 1  # not written in blocks
+
+
+def test_retrieval_split_is_karpathy_layout_with_five_captions(world):
+    out, summary = world
+    ds = json.loads((out / "retrieval" / "dataset_demo.json").read_text())
+    assert list(ds) == ["images", "dataset"] and ds["dataset"] == "demo"
+    assert len(ds["images"]) == SMALL["num_test"] == summary["retrieval"]["images"]
+    sentids = []
+    for i, img in enumerate(ds["images"]):
+        # key order of dataset_coco.json
+        assert list(img) == ["filepath", "sentids", "filename", "imgid", "split", "sentences",
+                             "cocoid"]
+        assert img["split"] == "test" and img["imgid"] == i
+        assert (out / "retrieval" / img["filepath"] / img["filename"]).is_file()
+        assert len(img["sentences"]) == 5
+        raws = [s["raw"] for s in img["sentences"]]
+        assert len(set(raws)) == 5
+        for s in img["sentences"]:
+            assert list(s) == ["tokens", "raw", "imgid", "sentid"]
+            assert s["imgid"] == i and s["tokens"] == s["raw"].replace(",", "").split()
+        assert img["sentids"] == [s["sentid"] for s in img["sentences"]]
+        sentids += img["sentids"]
+    assert sentids == list(range(5 * SMALL["num_test"]))
+
+
+def test_retrieval_captions_describe_their_image(tmp_path):
+    # the 5 test captions are drawn from the same scene as the image: rebuild it and check
+    out = tmp_path / "w"
+    dw.generate(out, num_train=1, num_test=40, classify_train_per_class=0,
+                classify_val_per_class=1, shards=False)
+    ds = json.loads((out / "retrieval" / "dataset_demo.json").read_text())
+    for i, img in enumerate(ds["images"]):
+        scene = dw.sample_scene(dw._rng(0, "test", i))
+        for s in img["sentences"]:
+            words = f" {' '.join(s['tokens'])} "
+            for o in scene.objects:
+                assert f" {o.colour} {o.shape} " in words or \
+                    (f" {o.shape} " in words and f" {o.colour} " in words), s
+
+
+def test_no_image_in_both_train_and_test(world):
+    out, _ = world
+
+    def digests(paths):
+        return {hashlib.sha256(np.asarray(Image.open(p)).tobytes()).hexdigest() for p in paths}
+
+    train = digests(sorted((out / "raw" / "images").iterdir()))
+    test = digests(sorted((out / "retrieval" / "images").iterdir()))
+    classify = digests(sorted((out / "classify").rglob("*.png")))
+    assert len(train) == SMALL["num_train"] and len(test) == SMALL["num_test"]
+    assert not train & test and not train & classify and not test & classify
+
+
+def test_classify_split_loads_as_imagefolder(world):
+    out, summary = world
+    names = (out / "classify" / "classnames.txt").read_text().splitlines()
+    templates = (out / "classify" / "templates.txt").read_text().splitlines()
+    assert names == sorted(dw.SHAPES) == summary["classify"]["classes"]
+    assert templates and all(t.count("{}") == 1 for t in templates)
+    for split, per_class in (("train", 3), ("val", 2)):
+        ds = torchvision.datasets.ImageFolder(out / "classify" / split)
+        assert ds.classes == names
+        assert len(ds) == per_class * len(names)
+        assert np.bincount(ds.targets).tolist() == [per_class] * len(names)
+        img, label = ds[len(ds) - 1]
+        assert img.size == (64, 64) and names[label] == "triangle"
+
+
+def test_bad_arguments_and_non_empty_output_give_clear_errors(tmp_path, world):
+    with pytest.raises(ValueError, match="sum to <= 1"):
+        dw.generate(tmp_path / "a", partial_rate=0.5, wrong_rate=0.3, mismatch_rate=0.3)
+    with pytest.raises(ValueError, match="--wrong-rate"):
+        dw.generate(tmp_path / "b", wrong_rate=-0.1)
+    with pytest.raises(ValueError, match="--num-test"):
+        dw.generate(tmp_path / "c", num_test=0)
+    out, _ = world
+    with pytest.raises(FileExistsError, match=str(out)):
+        dw.generate(out, **SMALL)
+
+
+def test_overwrite_leaves_no_stale_files(tmp_path):
+    out = tmp_path / "w"
+    dw.generate(out, seed=1, shards=False, **SMALL)
+    dw.generate(out, seed=1, shards=False, overwrite=True,
+                **dict(SMALL, num_train=10, classify_val_per_class=1))
+    assert len(list((out / "raw" / "images").iterdir())) == 10
+    assert len(list((out / "classify" / "val").rglob("*.png"))) == len(dw.SHAPES)
+
+
+def test_cli(tmp_path, capsys):
+    out = tmp_path / "cli"
+    argv = ["--out", str(out), "--num-train", "8", "--num-test", "3", "--seed", "2",
+            "--classify-train-per-class", "1", "--classify-val-per-class", "1", "--no-shards"]
+    assert make_demo_data.main(argv) == 0
+    summary = json.loads((out / "demo_world.json").read_text())
+    assert summary["num_train"] == 8 and summary["seed"] == 2
+    assert make_demo_data.main(argv) == 2  # not empty any more
+    assert "not empty" in capsys.readouterr().err
+    assert make_demo_data.main(argv + ["--overwrite", "--mismatch-rate", "2"]) == 2
