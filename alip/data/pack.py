@@ -1,0 +1,503 @@
+"""data2rec: (image, web text, synthetic caption) rows -> ALIP RecordIO shards.
+
+The plan is a pure function of the input and the flags: rows are numbered in input order (that
+number is the record key), permuted with ``--seed`` (global shuffle: DALI's reader only shuffles
+inside its ``initial_fill`` buffer), and cut into shards of ``--shard-size`` consecutive rows of
+that order. A shard holds the accepted rows of its slice, so every shard can be (re)built on its
+own: a rerun skips shards whose ``.done.json`` exists and rebuilds the rest, and the same input
+and flags give byte-identical shards, killed midway or not.
+
+Inputs: a manifest (JSONL / CSV / TSV, header row for CSV/TSV) or webdataset tars
+(``KEY.jpg`` + ``KEY.txt``) plus a captions file keyed by KEY.
+Outcomes per row: a record, or a line in ``rejects.jsonl`` (missing file, undecodable image,
+empty text, ...). A missing caption stops the run before anything is written unless
+``--caption-fallback raw``. Rows in = written + rejected, always.
+"""
+import csv
+import glob
+import hashlib
+import io
+import json
+import math
+import os
+import sys
+import tarfile
+from array import array
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from .recordio import RecordWriter, pack
+
+TOOL_VERSION = "1"
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
+DEFAULT_TOKENIZER = "ALIP-ViT-B-32"
+
+
+class DataError(Exception):
+    """Input that stops the run (the message names the file and row)."""
+
+
+class Reject(Exception):
+    """A row that is skipped and written to rejects.jsonl with this reason."""
+
+
+def manifest_format(path):
+    ext = os.path.splitext(path)[1].lower()
+    fmt = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv"}.get(ext)
+    if fmt is None:
+        raise DataError(f"{path}: unknown manifest format {ext!r} (use .jsonl, .csv or .tsv)")
+    return fmt
+
+
+def _csv_kwargs(fmt):
+    # TSV as img2dataset/CC3M write it: tab separated, quotes are plain characters.
+    return dict(delimiter="\t", quoting=csv.QUOTE_NONE) if fmt == "tsv" else dict(delimiter=",")
+
+
+def _csv_rows_with_offsets(f, fmt):
+    """(offset of the row's first line, row) for each csv row from f's position (binary file)."""
+    state = {"start": None}
+
+    def lines():
+        while True:
+            pos = f.tell()
+            line = f.readline()
+            if not line:
+                return
+            if state["start"] is None:
+                state["start"] = pos
+            yield line.decode("utf-8", "surrogateescape")
+
+    reader = csv.reader(lines(), **_csv_kwargs(fmt))
+    while True:
+        state["start"] = None
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        yield state["start"], row
+
+
+class ManifestSource:
+    """Rows of a JSONL/CSV/TSV manifest, indexed by byte offset for random access."""
+
+    def __init__(self, path, image_root, image_col="image", text_col="text", caption_col="caption",
+                 caption_fallback=None):
+        self.path, self.image_root = path, image_root
+        self.cols = (image_col, text_col, caption_col)
+        self.fmt = manifest_format(path)
+        self.caption_fallback = caption_fallback
+        self.header = None
+        offsets = array("q")
+        with open(path, "rb") as f:
+            if self.fmt == "jsonl":
+                while True:
+                    pos = f.tell()
+                    line = f.readline()
+                    if not line:
+                        break
+                    if line.strip():
+                        offsets.append(pos)
+                        self._check_caption(len(offsets) - 1, self._parse_jsonl(line, len(offsets) - 1, strict=False))
+            else:
+                rows = _csv_rows_with_offsets(f, self.fmt)
+                first = next(rows, None)
+                if first is None:
+                    raise DataError(f"{path}: empty manifest (a {self.fmt.upper()} needs a header row)")
+                self.header = first[1]
+                for name in (image_col, text_col):
+                    if name not in self.header:
+                        raise DataError(f"{path}: header {self.header} has no column {name!r} "
+                                        f"(set it with --{'image' if name == image_col else 'text'}-col)")
+                if caption_col not in self.header and caption_fallback != "raw":
+                    raise DataError(f"{path}: header {self.header} has no caption column {caption_col!r}; "
+                                    "set --caption-col, or pass --caption-fallback raw to use the raw text")
+                for pos, row in rows:
+                    if not row:
+                        continue
+                    offsets.append(pos)
+                    self._check_caption(len(offsets) - 1, self._csv_dict(row, len(offsets) - 1, strict=False))
+        self.offsets = np.frombuffer(offsets, np.int64) if len(offsets) else np.zeros(0, np.int64)
+        self._f = None
+
+    def __len__(self):
+        return len(self.offsets)
+
+    def describe(self):
+        return {"manifest": os.path.abspath(self.path), "format": self.fmt,
+                "image_root": os.path.abspath(self.image_root), "columns": list(self.cols),
+                "bytes": os.path.getsize(self.path)}
+
+    def _where(self, i):
+        return f"{self.path} row {i}"
+
+    def _parse_jsonl(self, line, i, strict=True):
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            if strict:
+                raise Reject(f"non-UTF-8 text ({e.reason} at byte {e.start})") from None
+            return None
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            if strict:
+                raise Reject(f"malformed JSON line: {e.msg}") from None
+            return None
+        if not isinstance(obj, dict):
+            if strict:
+                raise Reject("JSON line is not an object")
+            return None
+        return obj
+
+    def _csv_dict(self, row, i, strict=True):
+        for cell in row:
+            try:
+                cell.encode("utf-8")
+            except UnicodeEncodeError:
+                if strict:
+                    raise Reject("non-UTF-8 text") from None
+                return None
+        if len(row) != len(self.header):
+            if strict:
+                raise Reject(f"row has {len(row)} fields, the header has {len(self.header)}")
+            return None
+        return dict(zip(self.header, row))
+
+    def _check_caption(self, i, obj):
+        if obj is None or self.caption_fallback == "raw":
+            return
+        if obj.get(self.cols[2]) is None:
+            raise DataError(f"{self._where(i)}: no caption (column {self.cols[2]!r}); "
+                            "pass --caption-fallback raw to use the raw text instead")
+
+    def read(self, i):
+        """(image source, raw text, caption or None) of row i, or raise Reject."""
+        if self._f is None:
+            self._f = open(self.path, "rb")
+        self._f.seek(int(self.offsets[i]))
+        if self.fmt == "jsonl":
+            obj = self._parse_jsonl(self._f.readline(), i)
+        else:
+            obj = self._csv_dict(next(_csv_rows_with_offsets(self._f, self.fmt))[1], i)
+        image_col, text_col, caption_col = self.cols
+        for name in (image_col, text_col):
+            if obj.get(name) is None:
+                raise Reject(f"missing column {name!r}")
+        image = obj[image_col]
+        if not isinstance(image, str) or not image:
+            raise Reject(f"bad image path {image!r}")
+        text, caption = obj[text_col], obj.get(caption_col)
+        return ("file", os.path.join(self.image_root, image)), str(text), (None if caption is None else str(caption))
+
+
+class WebDatasetSource:
+    """img2dataset-style tars (KEY.jpg + KEY.txt [+ KEY.json]) plus a captions file keyed by KEY."""
+
+    def __init__(self, pattern, captions_path, key_col="key", caption_col="caption", caption_fallback=None):
+        self.pattern, self.captions_path = pattern, captions_path
+        self.tars = sorted(glob.glob(pattern))
+        if not self.tars:
+            raise DataError(f"--wds {pattern!r} matches no files")
+        self.items = []  # (key, tar index, {ext: (offset, size)})
+        for t, path in enumerate(self.tars):
+            groups = {}
+            try:
+                with tarfile.open(path, "r:") as tar:
+                    for m in tar:
+                        if not m.isfile():
+                            continue
+                        base = os.path.basename(m.name)
+                        key, _, ext = base.partition(".")
+                        prefix = os.path.join(os.path.dirname(m.name), key)
+                        groups.setdefault(prefix, {})[ext.lower()] = (m.offset_data, m.size)
+            except tarfile.TarError as e:
+                raise DataError(f"{path}: not a readable tar ({e})") from None
+            for prefix in sorted(groups):
+                self.items.append((os.path.basename(prefix), t, groups[prefix]))
+        self.captions = load_captions(captions_path, key_col, caption_col)
+        if caption_fallback != "raw":
+            missing = [k for k, _, _ in self.items if k not in self.captions]
+            if missing:
+                raise DataError(f"{captions_path}: no caption for {len(missing)} of {len(self.items)} "
+                                f"samples (first keys: {missing[:5]}); pass --caption-fallback raw "
+                                "to use the raw text instead")
+        self._files = {}
+
+    def __len__(self):
+        return len(self.items)
+
+    def describe(self):
+        return {"wds": self.pattern, "tars": [os.path.abspath(t) for t in self.tars],
+                "tar_bytes": sum(os.path.getsize(t) for t in self.tars),
+                "captions": os.path.abspath(self.captions_path),
+                "captions_bytes": os.path.getsize(self.captions_path)}
+
+    def _read_member(self, t, span):
+        f = self._files.get(t)
+        if f is None:
+            f = self._files[t] = open(self.tars[t], "rb")
+        f.seek(span[0])
+        return f.read(span[1])
+
+    def read(self, i):
+        key, t, members = self.items[i]
+        ext = next((e for e in IMAGE_EXTS if e in members), None)
+        if ext is None:
+            raise Reject(f"missing image (no {'/'.join(IMAGE_EXTS)} member for key {key})")
+        if "txt" not in members:
+            raise Reject(f"missing text (no {key}.txt member)")
+        try:
+            text = self._read_member(t, members["txt"]).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise Reject(f"non-UTF-8 text ({e.reason} at byte {e.start})") from None
+        return ("tar", self.tars[t], *members[ext]), text, self.captions.get(key)
+
+
+def load_captions(path, key_col="key", caption_col="caption"):
+    """{key: caption} from a JSONL, CSV or TSV captions file."""
+    fmt = manifest_format(path)
+    out = {}
+    with open(path, "rb") as f:
+        if fmt == "jsonl":
+            rows = (json.loads(line) for line in f if line.strip())
+        else:
+            rows = csv.DictReader(io.TextIOWrapper(f, "utf-8", newline=""), **_csv_kwargs(fmt))
+        try:
+            for n, row in enumerate(rows):
+                if key_col not in row:
+                    raise DataError(f"{path} row {n}: no key column {key_col!r} (set --key-col)")
+                if row.get(caption_col) is not None:
+                    out[str(row[key_col])] = str(row[caption_col])
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise DataError(f"{path}: unreadable captions file ({e})") from None
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# per-row work (runs in the worker processes)
+
+def _read_source(src):
+    if src[0] == "file":
+        try:
+            with open(src[1], "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            raise Reject(f"missing image file {src[1]}") from None
+        except OSError as e:
+            raise Reject(f"unreadable image file {src[1]}: {e.strerror}") from None
+    _, tar, offset, size = src
+    with open(tar, "rb") as f:
+        f.seek(offset)
+        return f.read(size)
+
+
+def encode_image(data, quality=95, max_size=0, copy_jpeg=False):
+    """JPEG bytes for a record: RGB, EXIF orientation applied, shorter side <= max_size (0: any).
+
+    With ``copy_jpeg`` a baseline-RGB JPEG already within bounds and upright is stored as is.
+    Anything Pillow cannot fully decode raises Reject.
+    """
+    try:
+        img = Image.open(io.BytesIO(data))
+        fmt = img.format
+        w, h = img.size
+        too_big = bool(max_size) and min(w, h) > max_size
+        orientation = img.getexif().get(0x0112, 1) if fmt == "JPEG" else 1
+        if copy_jpeg and fmt == "JPEG" and img.mode == "RGB" and not too_big and orientation == 1:
+            img.load()  # decodes fully: a truncated JPEG is rejected, not copied
+            return bytes(data)
+        if too_big:
+            scale = max_size / min(w, h)
+            size = (max(1, round(w * scale)), max(1, round(h * scale)))
+            if fmt == "JPEG":
+                img.draft("RGB", size)  # DCT-domain downscale, never below `size`
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        if too_big:
+            w, h = img.size
+            scale = max_size / min(w, h)
+            img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BICUBIC)
+        out = io.BytesIO()
+        img.save(out, format="JPEG", quality=quality)
+        return out.getvalue()
+    except Reject:
+        raise
+    except Exception as e:  # Pillow raises many types for bad files
+        raise Reject(f"undecodable image: {type(e).__name__}: {e}") from None
+
+
+_WORKER = {}
+
+
+def _init_worker(tokenizer_name, quality, max_size, copy_jpeg):
+    import open_clip
+
+    import alip  # noqa: F401  (registers the ALIP-* model configs)
+    _WORKER.update(tokenizer=open_clip.get_tokenizer(tokenizer_name), quality=quality,
+                   max_size=max_size, copy_jpeg=copy_jpeg)
+
+
+def process_row(job):
+    """job = (key, source, text, caption) -> (key, payload, None) or (key, None, reason)."""
+    key, src, text, caption = job
+    try:
+        if not text.strip():
+            raise Reject("empty text")
+        if not caption.strip():
+            raise Reject("empty caption")
+        jpeg = encode_image(_read_source(src), _WORKER["quality"], _WORKER["max_size"], _WORKER["copy_jpeg"])
+        tokens = _WORKER["tokenizer"]([text, caption]).numpy()
+        return key, pack(key, tokens[0], tokens[1], jpeg), None
+    except Reject as e:
+        return key, None, str(e)
+
+
+# ----------------------------------------------------------------------------------------------
+# the run
+
+def shard_name(k):
+    return f"train-{k:05d}"
+
+
+def plan_order(n, shuffle, seed):
+    return np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
+
+
+def _jobs(source, keys, caption_fallback, stats, rejects):
+    """Jobs for the worker pool; rows that fail to parse go straight to rejects."""
+    for key in keys:
+        key = int(key)
+        try:
+            src, text, caption = source.read(key)
+        except Reject as e:
+            rejects.append({"key": key, "reason": str(e), **_row_ref(source, key)})
+            continue
+        if caption is None and caption_fallback != "raw":
+            raise DataError(f"{_row_ref(source, key)}: no caption; pass --caption-fallback raw "
+                            "to use the raw text instead")
+        if caption is None or (caption_fallback == "raw" and not caption.strip()):
+            caption = text
+            stats["caption_fallbacks"] += 1
+        yield key, src, text, caption
+
+
+def _row_ref(source, key):
+    if isinstance(source, ManifestSource):
+        return {"source": source.path, "row": key}
+    name, t, _ = source.items[key]
+    return {"source": source.tars[t], "sample": name}
+
+
+def run(source, output_dir, shard_size=10000, workers=1, quality=95, max_size=0, copy_jpeg=False,
+        shuffle=True, seed=0, caption_fallback=None, tokenizer=DEFAULT_TOKENIZER, command=None,
+        progress=True):
+    """Write (or complete) the shards in ``output_dir``; returns the summary dict (manifest.json)."""
+    from tqdm import tqdm
+
+    os.makedirs(output_dir, exist_ok=True)
+    n = len(source)
+    flags = dict(shard_size=shard_size, quality=quality, max_size=max_size, copy_jpeg=copy_jpeg,
+                 shuffle=shuffle, seed=seed, caption_fallback=caption_fallback, tokenizer=tokenizer)
+    plan = {"tool_version": TOOL_VERSION, "rows": n, "inputs": source.describe(), "flags": flags}
+    plan_path = os.path.join(output_dir, "plan.json")
+    plan_text = json.dumps(plan, indent=1, sort_keys=True)
+    if os.path.exists(plan_path):
+        with open(plan_path) as f:
+            old = f.read()
+        if old != plan_text:
+            raise DataError(f"{output_dir} holds shards of a different input or flags ({plan_path}); "
+                            "use a new --output-dir or delete that one")
+    else:
+        with open(plan_path + ".tmp", "w") as f:
+            f.write(plan_text)
+        os.replace(plan_path + ".tmp", plan_path)
+
+    order = plan_order(n, shuffle, seed)
+    num_shards = max(1, math.ceil(n / shard_size))
+    todo = [k for k in range(num_shards)
+            if not os.path.exists(os.path.join(output_dir, shard_name(k) + ".done.json"))]
+    todo_rows = sum(len(order[k * shard_size:(k + 1) * shard_size]) for k in todo)
+    bar = tqdm(total=todo_rows, unit="rec", desc="data2rec", disable=not progress, smoothing=0.1)
+    init = (tokenizer, quality, max_size, copy_jpeg)
+    pool = None
+    if workers > 1:
+        import multiprocessing as mp
+        pool = mp.get_context("fork" if sys.platform == "linux" else "spawn").Pool(
+            workers, _init_worker, init)
+        imap = lambda jobs: pool.imap(process_row, jobs, chunksize=4)  # noqa: E731
+    else:
+        _init_worker(*init)
+        imap = lambda jobs: map(process_row, jobs)  # noqa: E731
+    try:
+        for k in todo:
+            _write_shard(output_dir, k, order[k * shard_size:(k + 1) * shard_size], source,
+                         caption_fallback, imap, bar)
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    return _finish(output_dir, num_shards, n, plan, command)
+
+
+def _write_shard(output_dir, k, keys, source, caption_fallback, imap, bar):
+    base = os.path.join(output_dir, shard_name(k))
+    stats = {"caption_fallbacks": 0}
+    rejects = []
+    with RecordWriter(base + ".rec.partial", base + ".idx.partial") as w:
+        processed = 0
+        for key, payload, reason in imap(_jobs(source, keys, caption_fallback, stats, rejects)):
+            if payload is None:
+                rejects.append({"key": key, "reason": reason, **_row_ref(source, key)})
+            else:
+                w.write_payload(key, payload)
+            processed += 1
+            bar.update(1)
+        bar.update(len(keys) - processed)  # rows rejected while parsing never reached the pool
+        count, nbytes = w.count, w.bytes
+    rejects.sort(key=lambda r: r["key"])
+    if count + len(rejects) != len(keys):
+        raise RuntimeError(f"{base}: {len(keys)} rows but {count} written + {len(rejects)} rejected")
+    os.replace(base + ".idx.partial", base + ".idx")
+    os.replace(base + ".rec.partial", base + ".rec")
+    done = {"records": count, "bytes": nbytes, "rows": len(keys), "rejects": rejects,
+            "caption_fallbacks": stats["caption_fallbacks"]}
+    with open(base + ".done.json.tmp", "w") as f:
+        json.dump(done, f)
+    os.replace(base + ".done.json.tmp", base + ".done.json")
+
+
+def _finish(output_dir, num_shards, n, plan, command):
+    shards, rejects = [], []
+    fallbacks = 0
+    for k in range(num_shards):
+        with open(os.path.join(output_dir, shard_name(k) + ".done.json")) as f:
+            done = json.load(f)
+        shards.append({"rec": shard_name(k) + ".rec", "idx": shard_name(k) + ".idx",
+                       "records": done["records"], "bytes": done["bytes"], "rows": done["rows"]})
+        rejects.extend(done["rejects"])
+        fallbacks += done["caption_fallbacks"]
+    with open(os.path.join(output_dir, "rejects.jsonl"), "w") as f:
+        for r in rejects:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    written = sum(s["records"] for s in shards)
+    if written + len(rejects) != n:
+        raise RuntimeError(f"{output_dir}: {n} rows in but {written} written + {len(rejects)} rejected")
+    import alip
+    summary = {
+        "tool": "alip data2rec", "tool_version": TOOL_VERSION, "alip_version": alip.__version__,
+        "command": command, "inputs": plan["inputs"], "flags": plan["flags"],
+        "tokenizer": f"open_clip.get_tokenizer({plan['flags']['tokenizer']!r}) (CLIP BPE, SOT 49406, EOT 49407, pad 0)",
+        "context_length": 77,
+        "label_layout": "IRHeader flag=154, 154 float32: raw-text tokens [0:77] | caption tokens [77:154]",
+        "rows_in": n, "total_records": written, "rejected": len(rejects), "caption_fallbacks": fallbacks,
+        "shards": shards,
+    }
+    with open(os.path.join(output_dir, "manifest.json.tmp"), "w") as f:
+        json.dump(summary, f, indent=1)
+    os.replace(os.path.join(output_dir, "manifest.json.tmp"), os.path.join(output_dir, "manifest.json"))
+    return summary

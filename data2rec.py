@@ -1,0 +1,81 @@
+"""Turn (image, web text, synthetic caption) triples into ALIP RecordIO shards.
+
+    python data2rec.py --manifest rows.jsonl --image-root imgs/ --output-dir shards/ [--workers 8]
+    python data2rec.py --wds 'tars/*.tar' --captions captions.jsonl --output-dir shards/
+
+Writes train-NNNNN.rec/.idx, manifest.json and rejects.jsonl; rerun the same command to complete
+an interrupted run. See alip/data/pack.py for the behaviour.
+"""
+import argparse
+import shlex
+import sys
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="data2rec.py", description=__doc__.split("\n")[0])
+    src = p.add_argument_group("input (a manifest, or webdataset tars + a captions file)")
+    src.add_argument("--manifest", help="JSONL, CSV or TSV with image path, raw text and caption columns")
+    src.add_argument("--image-root", default=".", help="directory the manifest's image paths are relative to")
+    src.add_argument("--image-col", default="image")
+    src.add_argument("--text-col", default="text")
+    src.add_argument("--caption-col", default="caption")
+    src.add_argument("--wds", help="glob of img2dataset-style tars (KEY.jpg + KEY.txt [+ KEY.json])")
+    src.add_argument("--captions", help="with --wds: JSONL/CSV/TSV of synthetic captions keyed by KEY")
+    src.add_argument("--key-col", default="key", help="with --captions: the KEY column")
+    src.add_argument("--caption-fallback", choices=["raw"], default=None,
+                     help="use the raw text where a caption is missing or empty (counted), "
+                          "instead of stopping (missing) or rejecting the row (empty)")
+    out = p.add_argument_group("output")
+    out.add_argument("--output-dir", required=True)
+    out.add_argument("--shard-size", type=int, default=10000, help="rows of the shuffled input per shard")
+    out.add_argument("--seed", type=int, default=0, help="seed of the global shuffle")
+    out.add_argument("--no-shuffle", action="store_true", help="keep input order (DALI shuffles only locally)")
+    out.add_argument("--quality", type=int, default=95, help="JPEG quality of re-encoded images")
+    out.add_argument("--max-size", type=int, default=0,
+                     help="cap the shorter image side at N pixels (aspect kept; 0 = no cap)")
+    out.add_argument("--copy-jpeg", action="store_true",
+                     help="store RGB JPEGs already within --max-size byte-for-byte (no re-encode)")
+    out.add_argument("--tokenizer", default="ALIP-ViT-B-32", help="open_clip model name whose tokenizer to use")
+    out.add_argument("--workers", type=int, default=1, help="processes decoding/encoding images")
+    out.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    if bool(args.manifest) == bool(args.wds):
+        p.error("give exactly one of --manifest or --wds")
+    if args.wds and not args.captions:
+        p.error("--wds needs --captions")
+    if args.shard_size < 1 or args.workers < 1 or not 1 <= args.quality <= 100 or args.max_size < 0:
+        p.error("--shard-size and --workers must be >= 1, --quality in 1..100, --max-size >= 0")
+    return args
+
+
+def main(argv=None) -> int:
+    from alip.data.pack import DataError, ManifestSource, WebDatasetSource, run
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    try:
+        if args.manifest:
+            source = ManifestSource(args.manifest, args.image_root, args.image_col, args.text_col,
+                                    args.caption_col, args.caption_fallback)
+        else:
+            source = WebDatasetSource(args.wds, args.captions, args.key_col, args.caption_col,
+                                      args.caption_fallback)
+        s = run(source, args.output_dir, shard_size=args.shard_size, workers=args.workers,
+                quality=args.quality, max_size=args.max_size, copy_jpeg=args.copy_jpeg,
+                shuffle=not args.no_shuffle, seed=args.seed, caption_fallback=args.caption_fallback,
+                tokenizer=args.tokenizer, command=shlex.join(["data2rec.py", *argv]),
+                progress=not args.no_progress)
+    except (DataError, FileNotFoundError) as e:
+        print(f"data2rec: error: {e}", file=sys.stderr)
+        return 1
+    print(f"data2rec: rows in {s['rows_in']} = written {s['total_records']} + rejected {s['rejected']}"
+          f" ({len(s['shards'])} shards in {args.output_dir}; rejects.jsonl lists the rejected rows;"
+          f" caption fallbacks {s['caption_fallbacks']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
