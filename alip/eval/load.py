@@ -21,11 +21,13 @@ PRECISIONS = ("fp32", "fp16", "bf16", "pure_fp16", "pure_bf16", "amp", "amp_bf16
 def checkpoint_model_name(path):
     """The model name a train.py checkpoint records, or None (e.g. a bare state_dict)."""
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # legacy (non-zip) serialisation cannot be memory-mapped
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # legacy (non-zip) serialisation cannot be memory-mapped
+            saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"checkpoint {path}: cannot be read as a torch checkpoint ({e})") from e
+        raise ValueError(f"checkpoint {path}: cannot be read as a torch checkpoint "
+                         f"({type(e).__name__}: {e})") from e
     if isinstance(saved, dict) and isinstance(saved.get("model"), str):
         return saved["model"]
     return None
@@ -59,9 +61,10 @@ def load_model(model_name=None, pretrained=None, checkpoint=None, device="cpu", 
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
             model_name, pretrained=weights, precision=precision, device=device)
-    except RuntimeError as e:
-        if weights is not None and "state_dict" in str(e):
-            raise ValueError(f"weights {weights} do not fit model {model_name}: {e}") from e
+    except (RuntimeError, AssertionError, KeyError, ValueError) as e:
+        if weights is not None and os.path.isfile(weights):
+            raise ValueError(f"weights {weights} do not fit model {model_name}: "
+                             f"{type(e).__name__}: {e}") from e
         raise
     model.eval()
     return model, preprocess, open_clip.get_tokenizer(model_name)
