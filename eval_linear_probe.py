@@ -1,0 +1,47 @@
+#!/usr/bin/env python
+"""Linear probe (the CLIP paper's protocol) on frozen image features of one or more datasets.
+
+  python eval_linear_probe.py --checkpoint ckpt.pt --dataset cifar10,cifar100 --root "data/{dataset}"
+  python eval_linear_probe.py --checkpoint ckpt.pt --dataset imagefolder --root demo/classify
+"""
+import argparse
+import sys
+
+from alip.eval.datasets import ALIP_TABLE, canonical_name, dataset_root
+from alip.eval.linear_probe import evaluate_linear_probe
+from alip.eval.load import add_model_args, load_model_from_args
+from alip.eval.report import table, write_json
+
+
+def main(argv=None):
+    p = add_model_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    p.add_argument("--dataset", required=True,
+                   help=f"all, or a comma list of: {', '.join(ALIP_TABLE)}, imagefolder")
+    p.add_argument("--root", required=True, help="dataset root; may contain {dataset}")
+    p.add_argument("--imagenet-root", default=None, help="ImageNet root (holding train/ and val/)")
+    p.add_argument("--val-fraction", type=float, default=0.2,
+                   help="part of train held out to choose the regularisation strength")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-iter", type=int, default=1000, help="L-BFGS iterations per fit")
+    p.add_argument("--output", default=None, help="write the metrics (and the settings) as JSON here")
+    args = p.parse_args(argv)
+    names = list(ALIP_TABLE) if args.dataset == "all" else [canonical_name(n) for n in args.dataset.split(",")]
+    model, preprocess, _ = load_model_from_args(args)
+    results = {}
+    for name in names:
+        m = evaluate_linear_probe(model, preprocess, name, dataset_root(args.root, name, args.imagenet_root),
+                                  batch_size=args.batch_size, device=args.device, workers=args.workers,
+                                  precision=args.precision, val_fraction=args.val_fraction,
+                                  seed=args.seed, max_iter=args.max_iter)
+        results[name] = m
+        print(f"{name}: top1 {m['top1']:.2f}  top5 {m['top5']:.2f}  mean-per-class "
+              f"{m['mean_per_class']:.2f}  (C = {m['C']:.3g})", flush=True)
+    text, mean = table(results)
+    print(text)
+    if args.output:
+        write_json(args.output, metrics=results, mean=mean, settings=vars(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
