@@ -1,0 +1,58 @@
+"""Process-group setup (torchrun / SLURM / one plain process) on top of open_clip_train's helper.
+
+Backend: nccl on CUDA, gloo on CPU, chosen by ``open_clip_train.distributed`` from the device;
+``--dist-backend`` overrides it. ``python train.py`` without torchrun is one process.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from open_clip_train.distributed import init_distributed_device_so
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    distributed: bool
+    device: torch.device
+
+    @property
+    def is_master(self):
+        return self.rank == 0
+
+
+def init_distributed(device="auto", dist_backend=None, dist_url=None):
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    r = init_distributed_device_so(device=device, dist_backend=dist_backend, dist_url=dist_url)
+    return DistInfo(rank=r["global_rank"], local_rank=r["local_rank"], world_size=r["world_size"],
+                    distributed=r["distributed"], device=torch.device(r["device"]))
+
+
+def all_true(flag, info):
+    """True when ``flag`` holds on every rank (one tiny all_reduce when distributed)."""
+    if not info.distributed:
+        return bool(flag)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=info.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def all_gather_object(obj, info):
+    if not info.distributed:
+        return [obj]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier(info):
+    if info.distributed:
+        dist.barrier()
+
+
+def cleanup(info):
+    if info.distributed and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,81 @@
+"""Run logging on rank 0: tqdm progress, TensorBoard scalars, results.jsonl, out.log."""
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+log = logging.getLogger("alip.train")
+
+
+def setup_text_log(run_dir, is_master):
+    """INFO to stderr and RUN_DIR/out.log on rank 0; warnings only elsewhere."""
+    log.handlers.clear()
+    log.propagate = False
+    log.setLevel(logging.INFO if is_master else logging.WARNING)
+    fmt = logging.Formatter("%(asctime)s | %(levelname)s | %(message)s", "%H:%M:%S")
+    handlers = [logging.StreamHandler(sys.stderr)]
+    if is_master and run_dir is not None:
+        handlers.append(logging.FileHandler(Path(run_dir) / "out.log"))
+    for h in handlers:
+        h.setFormatter(fmt)
+        log.addHandler(h)
+    return log
+
+
+class RunLogger:
+    """Step metrics -> tqdm postfix every step, results.jsonl + TensorBoard every N steps."""
+
+    def __init__(self, run_dir, is_master, report_to, total_steps, start_step, samples_per_step,
+                 world_size):
+        self.is_master = is_master
+        self.samples_per_step = samples_per_step
+        self.world_size = world_size
+        self.jsonl = self.tb = None
+        if is_master:
+            self.jsonl = open(Path(run_dir) / "results.jsonl", "a")
+            if "tensorboard" in (report_to or ""):
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        self.pbar = tqdm(total=total_steps, initial=start_step, disable=not is_master,
+                         unit="step", dynamic_ncols=True, file=sys.stderr)
+        self.last_time = time.perf_counter()
+        self.samples_per_s = 0.0
+
+    def step(self, metrics):
+        """Call once per optimizer step; returns samples/s (global) of that step."""
+        now = time.perf_counter()
+        dt, self.last_time = now - self.last_time, now
+        self.samples_per_s = self.samples_per_step / max(dt, 1e-9)
+        if self.is_master:
+            post = {"samples/s": f"{self.samples_per_s:.0f}"}
+            if metrics is not None:
+                post["loss"] = f"{metrics['loss']:.4f}"
+            self.pbar.set_postfix(post, refresh=False)
+            self.pbar.update(1)
+        return self.samples_per_s
+
+    def reset_clock(self):
+        self.last_time = time.perf_counter()
+
+    def write(self, record):
+        """One results.jsonl line; every numeric field also goes to TensorBoard as train/<key>."""
+        if not self.is_master:
+            return
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            step = record["step"]
+            prefix = record.get("kind", "train")
+            for k, v in record.items():
+                if k not in ("step", "kind") and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.tb.add_scalar(f"{prefix}/{k}", v, step)
+
+    def close(self):
+        self.pbar.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()

@@ -1,0 +1,383 @@
+"""The training run: set-up with early checks, the epoch/step loop, checkpoints, evaluation.
+
+``main(argv)`` is train.py. ``run(args, make_loader=None)`` is the same for a parsed
+namespace; ``make_loader(args, info, image_size)`` may replace the data loader (tests).
+"""
+import math
+import os
+import random
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+from open_clip.loss import ClipLoss
+from open_clip_train.precision import get_autocast
+
+import alip  # noqa: F401  (registers the ALIP-* model configs)
+from alip.loss import ALIPLoss
+from alip.model import TripletEncoder
+
+from . import checkpoint as ckpt
+from .distributed import all_gather_object, barrier, cleanup, init_distributed
+from .logger import RunLogger, setup_text_log
+from .optim import build_optimizer, build_scheduler
+from .params import parse_args, write_config
+from .step import StepContext, train_step
+from .synthetic import SyntheticLoader
+
+
+class TrainConfigError(ValueError):
+    """Bad flags or inputs, detected before any training starts."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """More than --max-nonfinite consecutive steps had a non-finite loss."""
+
+
+# ---------------------------------------------------------------------------------------------
+# set-up
+
+
+def run_dir_of(args):
+    if args.name is None:
+        stamp = datetime.now().strftime("%Y_%m_%d-%H_%M_%S")
+        args.name = f"{stamp}-{args.model}-{args.method}-b{args.batch_size}"
+    return Path(args.logs) / args.name
+
+
+def check_args(args, info):
+    """Clear errors for what can be checked before building anything."""
+    if args.model not in open_clip.list_models():
+        raise TrainConfigError(f"--model: unknown model {args.model!r}; known ALIP models: "
+                               f"{[m for m in open_clip.list_models() if m.startswith('ALIP')]}")
+    for flag in ("batch_size", "accum_freq", "epochs"):
+        if getattr(args, flag) < 1:
+            raise TrainConfigError(f"--{flag.replace('_', '-')} must be >= 1, "
+                                   f"got {getattr(args, flag)}")
+    if args.max_nonfinite < 0:
+        raise TrainConfigError(f"--max-nonfinite must be >= 0, got {args.max_nonfinite}")
+    if args.dataset_type == "synthetic":
+        if not args.train_num_samples:
+            raise TrainConfigError("--dataset-type synthetic needs --train-num-samples")
+    elif not args.train_data:
+        raise TrainConfigError("--train-data is required (a data2rec output dir or .rec paths)")
+    else:
+        for path in train_data_paths(args.train_data):
+            if not Path(path).exists():
+                raise TrainConfigError(f"--train-data: not found: {path}")
+        if Path(args.train_data).is_dir() and not any(Path(args.train_data).glob("*.rec")):
+            raise TrainConfigError(f"--train-data: no .rec shards in {args.train_data}")
+    if args.retrieval_frequency and not (args.retrieval_data and args.retrieval_image_root):
+        raise TrainConfigError("--retrieval-frequency needs --retrieval-data and "
+                               "--retrieval-image-root")
+    if args.zeroshot_frequency and not (args.imagenet_val or args.zeroshot_root):
+        raise TrainConfigError("--zeroshot-frequency needs --imagenet-val or --zeroshot-root")
+    if args.precision == "amp" and info.device.type == "cpu":
+        args.precision = "amp_bf16"  # fp16 autocast on CPU is slow and needs no scaler; use bf16
+
+
+def train_data_paths(train_data):
+    if isinstance(train_data, (list, tuple)):
+        return list(train_data)
+    return [p for p in str(train_data).split(",") if p]
+
+
+def prepare_run_dir(args, info):
+    run_dir = run_dir_of(args)
+    error = None
+    if info.is_master:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "checkpoints").mkdir(exist_ok=True)
+            probe = run_dir / ".write_test"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as e:
+            error = f"--logs: cannot write the run directory {run_dir}: {e}"
+        if error is None and args.resume is None and ckpt.read_index(run_dir / "checkpoints"):
+            error = (f"run directory {run_dir} already has checkpoints; pass --resume latest to "
+                     f"continue it, or another --name")
+    error = all_gather_object(error, info)[0]
+    if error:
+        raise TrainConfigError(error)
+    return run_dir
+
+
+def default_make_loader(args, info, image_size):
+    device = str(info.device)
+    if args.dataset_type == "synthetic":
+        return SyntheticLoader(args.train_num_samples, args.batch_size, image_size,
+                               rank=info.rank, world_size=info.world_size, seed=args.seed,
+                               device=device)
+    from alip.data.loader import build_train_loader
+    backend = args.data_backend
+    if backend == "auto":
+        backend = "dali" if info.device.type == "cuda" else "torch"
+    data = args.train_data
+    if not Path(data).is_dir():
+        data = train_data_paths(data)
+    return build_train_loader(data, backend=backend, batch_size=args.batch_size,
+                              image_size=image_size, rank=info.rank, world_size=info.world_size,
+                              seed=args.seed, workers=args.workers, device=device, drop_last=True)
+
+
+def build_loss(args, info):
+    if args.method == "alip":
+        return ALIPLoss(gamma=args.alip_gamma, momentum=args.alip_momentum,
+                        ema_init=args.alip_ema_init, rank=info.rank, world_size=info.world_size,
+                        local_loss=args.local_loss, gather_with_grad=args.gather_with_grad)
+    return ClipLoss(local_loss=args.local_loss, gather_with_grad=args.gather_with_grad,
+                    cache_labels=True, rank=info.rank, world_size=info.world_size)
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation during training (alip.eval, rank 0)
+
+
+def evaluate(args, clip_model, preprocess, epoch, info):
+    results = {}
+    if not info.is_master:
+        return results
+    tokenizer = open_clip.get_tokenizer(args.model)
+    device = str(info.device)
+    clip_model.eval()
+    try:
+        if args.retrieval_frequency and epoch % args.retrieval_frequency == 0:
+            from alip.eval.retrieval import evaluate_retrieval
+            m = evaluate_retrieval(clip_model, preprocess, tokenizer, args.retrieval_data,
+                                   args.retrieval_image_root,
+                                   caption_prefix=args.retrieval_caption_prefix,
+                                   batch_size=args.eval_batch_size, device=device)
+            results.update({f"retrieval/{k}": v for k, v in m.items()})
+        if args.zeroshot_frequency and epoch % args.zeroshot_frequency == 0:
+            from alip.eval.zeroshot import evaluate_zeroshot
+            if args.imagenet_val:
+                dataset, root = "imagenet1k", args.imagenet_val
+            else:
+                dataset, root = args.zeroshot_dataset or "imagefolder", args.zeroshot_root
+            kw = {}
+            if args.zeroshot_classnames:
+                kw["classnames"] = Path(args.zeroshot_classnames).read_text().splitlines()
+            if args.zeroshot_templates:
+                kw["templates"] = Path(args.zeroshot_templates).read_text().splitlines()
+            m = evaluate_zeroshot(clip_model, preprocess, tokenizer, dataset, root,
+                                  batch_size=args.eval_batch_size, device=device, **kw)
+            results.update({f"zeroshot/{k}": v for k, v in m.items()})
+    finally:
+        clip_model.train()
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+
+
+def run(args, make_loader=None):
+    info = init_distributed(args.device, args.dist_backend, args.dist_url)
+    try:
+        return _run(args, info, make_loader or default_make_loader)
+    finally:
+        cleanup(info)
+
+
+def _run(args, info, make_loader):
+    check_args(args, info)
+    run_dir = prepare_run_dir(args, info)
+    log = setup_text_log(run_dir, info.is_master)
+    ckpt_dir = run_dir / "checkpoints"
+
+    resume_path = None
+    if args.resume == "latest":
+        resume_path = ckpt.find_latest(ckpt_dir)
+        if resume_path is None:
+            log.info("--resume latest: no complete checkpoint in %s, starting fresh", ckpt_dir)
+    elif args.resume:
+        resume_path = Path(args.resume)
+        if not resume_path.is_file():
+            raise TrainConfigError(f"--resume: no such checkpoint: {resume_path}")
+
+    seed_everything(args.seed)
+    clip_model, _, preprocess = open_clip.create_model_and_transforms(
+        args.model, pretrained=args.pretrained, device=info.device)
+    if args.grad_checkpointing:
+        clip_model.set_grad_checkpointing(True)
+    image_size = clip_model.visual.image_size
+    image_size = image_size[0] if isinstance(image_size, (tuple, list)) else image_size
+
+    loader = make_loader(args, info, image_size)
+    steps_per_epoch = loader.batches_per_epoch // args.accum_freq
+    if steps_per_epoch < 1:
+        raise TrainConfigError(
+            f"--batch-size {args.batch_size} x {info.world_size} processes x --accum-freq "
+            f"{args.accum_freq} needs more samples than the data has "
+            f"({loader.batches_per_epoch} batches per epoch per process, "
+            f"{getattr(loader, 'num_samples', '?')} samples)")
+    total_steps = steps_per_epoch * args.epochs
+    unused = loader.batches_per_epoch - steps_per_epoch * args.accum_freq
+
+    encoder = TripletEncoder(clip_model, text_mode=args.text_mode).to(info.device)
+    loss_fn = build_loss(args, info).to(info.device)
+    optimizer = build_optimizer(clip_model, args.lr, args.wd, (args.beta1, args.beta2), args.eps,
+                                exclude_gain_bias=args.wd_exclude_gain_bias)
+    scheduler = build_scheduler(optimizer, args.schedule, args.lr, total_steps,
+                                pct_start=args.pct_start, cycle_momentum=args.cycle_momentum,
+                                warmup=args.warmup)
+    scaler = None
+    if args.precision == "amp" and info.device.type == "cuda":
+        scaler = torch.amp.GradScaler("cuda", growth_interval=200)  # as the reference
+
+    start_epoch, start_batch, step = 0, 0, 0
+    nonfinite_total = nonfinite_run = 0
+    if resume_path is not None:
+        model_ckpt, state = ckpt.load_checkpoint(resume_path)
+        if model_ckpt.get("model") not in (None, args.model):
+            raise TrainConfigError(f"--resume {resume_path}: checkpoint is a "
+                                   f"{model_ckpt['model']!r}, but --model is {args.model!r}")
+        clip_model.load_state_dict(model_ckpt["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        loss_fn.load_state_dict(state["loss"])
+        start_epoch, start_batch, step = state["epoch"], state["batch_in_epoch"], state["step"]
+        nonfinite_total = state.get("nonfinite_total", 0)
+        rngs = state.get("rng") or []
+        if len(rngs) == info.world_size:
+            ckpt.set_rng_state(rngs[info.rank])
+        log.info("resumed from %s: epoch %d, batch %d, step %d", resume_path, start_epoch,
+                 start_batch, step)
+
+    model = encoder
+    if info.distributed:
+        device_ids = [info.device.index] if info.device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(
+            encoder, device_ids=device_ids, static_graph=args.ddp_static_graph)
+    encoder.train()
+    loss_fn.train()
+
+    ctx = StepContext(model=model, clip_model=clip_model, loss_fn=loss_fn, optimizer=optimizer,
+                      info=info, method=args.method, accum_mode=args.accum_mode,
+                      grad_clip_norm=args.grad_clip_norm, scaler=scaler,
+                      autocast=get_autocast(args.precision, device_type=info.device.type))
+
+    if info.is_master:
+        args.world_size = info.world_size
+        args.steps_per_epoch, args.total_steps = steps_per_epoch, total_steps
+        write_config(args, run_dir / "config.yaml")
+        n_params = sum(p.numel() for p in clip_model.parameters())
+        log.info("run dir %s | %s %s (%.1fM params) | %d process(es) on %s | precision %s",
+                 run_dir, args.method, args.model, n_params / 1e6, info.world_size,
+                 info.device, args.precision)
+        log.info("%d samples, %d batches/epoch/process, %d steps/epoch, %d steps total, "
+                 "global batch %d", getattr(loader, "num_samples", -1), loader.batches_per_epoch,
+                 steps_per_epoch, total_steps,
+                 args.batch_size * args.accum_freq * info.world_size)
+        dropped = getattr(loader, "dropped_per_epoch", 0)
+        if dropped:
+            log.warning("drop_last: %d samples per epoch are not seen (a different set each "
+                        "epoch)", dropped)
+        if unused:
+            log.warning("--accum-freq %d: the last %d batch(es) of each epoch do not fill an "
+                        "optimizer step and are skipped", args.accum_freq, unused)
+
+    samples_per_step = args.batch_size * args.accum_freq * info.world_size
+    logger = RunLogger(run_dir, info.is_master, args.report_to, total_steps, step,
+                       samples_per_step, info.world_size)
+
+    def save(tag, epoch, batch_in_epoch, completed_epochs):
+        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "scaler": scaler.state_dict() if scaler is not None else None,
+                 "loss": loss_fn.state_dict(), "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+                 "step": step, "nonfinite_total": nonfinite_total,
+                 "rng": all_gather_object(ckpt.rng_state(), info),
+                 "config": dict(vars(args)), "model": args.model}
+        if info.is_master:
+            path = ckpt.save_checkpoint(ckpt_dir, tag, args.model, clip_model, state,
+                                        completed_epochs, step, keep_last=args.keep_last)
+            log.info("saved %s", path)
+        barrier(info)
+
+    stop = args.max_steps is not None and step >= args.max_steps
+    epoch = start_epoch
+    try:
+        while epoch < args.epochs and not stop:
+            first = start_batch if epoch == start_epoch else 0
+            loader.set_epoch(epoch, start_batch=first)
+            batch_in_epoch, micro = first, []
+            last_batch = steps_per_epoch * args.accum_freq
+            logger.reset_clock()
+            for batch in loader:
+                if batch_in_epoch >= last_batch:
+                    break
+                micro.append(batch)
+                batch_in_epoch += 1
+                if len(micro) < args.accum_freq:
+                    continue
+                metrics = train_step(ctx, micro)
+                micro = []
+                scheduler.step()
+                step += 1
+                if metrics is None:
+                    nonfinite_total += 1
+                    nonfinite_run += 1
+                    log.warning("step %d: non-finite loss, step skipped (%d in a row, %d in total)",
+                                step, nonfinite_run, nonfinite_total)
+                    if nonfinite_run > args.max_nonfinite:
+                        latest = ckpt.find_latest(ckpt_dir)
+                        raise NonFiniteLossError(
+                            f"{nonfinite_run} steps in a row had a non-finite loss (more than "
+                            f"--max-nonfinite {args.max_nonfinite}), stopping at step {step}; "
+                            f"last good checkpoint: {latest or 'none'}")
+                else:
+                    nonfinite_run = 0
+                sps = logger.step(metrics)
+                if info.is_master and (step % args.log_every_n_steps == 0 or step == total_steps):
+                    record = {"kind": "train", "step": step, "epoch": epoch,
+                              "samples": step * samples_per_step,
+                              "lr": optimizer.param_groups[0]["lr"],
+                              "beta1": optimizer.param_groups[0]["betas"][0],
+                              "logit_scale": float(clip_model.logit_scale.detach().exp()),
+                              "samples_per_s": sps, "samples_per_s_per_gpu": sps / info.world_size,
+                              "nonfinite_total": nonfinite_total, "skipped": metrics is None}
+                    record.update(metrics or {})
+                    logger.write(record)
+                if args.save_every_n_steps and step % args.save_every_n_steps == 0 \
+                        and batch_in_epoch < last_batch:
+                    save(f"step_{step}", epoch, batch_in_epoch, epoch)
+                if args.max_steps is not None and step >= args.max_steps:
+                    stop = True
+                    break
+            if stop and batch_in_epoch < last_batch:
+                save(f"step_{step}", epoch, batch_in_epoch, epoch)
+                break
+            epoch += 1
+            if (args.save_frequency and epoch % args.save_frequency == 0) or epoch == args.epochs:
+                save(f"epoch_{epoch}", epoch, 0, epoch)
+            results = evaluate(args, clip_model, preprocess, epoch, info)
+            if results and info.is_master:
+                log.info("epoch %d eval: %s", epoch,
+                         " ".join(f"{k}={v:.2f}" for k, v in results.items()))
+                logger.write({"kind": "eval", "step": step, "epoch": epoch, **results})
+            barrier(info)
+    finally:
+        logger.close()
+    return {"step": step, "epoch": epoch, "nonfinite_total": nonfinite_total,
+            "run_dir": str(run_dir)}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (TrainConfigError, NonFiniteLossError) as e:
+        raise SystemExit(f"train.py: error: {e}")
+    return 0

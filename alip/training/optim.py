@@ -1,0 +1,73 @@
+"""AdamW, the learning-rate schedule and the logit_scale clamp of the reference recipe.
+
+The reference (deepglint/ALIP train.py) uses ONE AdamW parameter group, so weight decay hits
+every parameter (biases, norms, embeddings, logit_scale); ``exclude_gain_bias=True`` gives
+open_clip's two groups instead. The schedule steps once per optimizer step.
+"""
+import math
+
+import torch
+from open_clip_train.scheduler import cosine_lr
+
+LOGIT_SCALE_MAX = math.log(100)
+
+
+def _open_clip_excluded(name, p):
+    # open_clip_train/main.py's exclusion rule
+    return p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+
+
+def param_groups(model, wd, exclude_gain_bias=False):
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not exclude_gain_bias:
+        return [{"params": [p for _, p in named], "weight_decay": wd}]
+    return [
+        {"params": [p for n, p in named if _open_clip_excluded(n, p)], "weight_decay": 0.0},
+        {"params": [p for n, p in named if not _open_clip_excluded(n, p)], "weight_decay": wd},
+    ]
+
+
+def build_optimizer(model, lr, wd, betas=(0.9, 0.98), eps=1e-8, exclude_gain_bias=False):
+    return torch.optim.AdamW(param_groups(model, wd, exclude_gain_bias), lr=lr, betas=betas,
+                             eps=eps)
+
+
+class CosineSchedule:
+    """open_clip_train's warm-up + cosine ``lr`` adjuster with a scheduler-like interface."""
+
+    def __init__(self, optimizer, base_lr, warmup, total_steps):
+        self.adjust = cosine_lr(optimizer, base_lr, warmup, total_steps)
+        self.step_count = 0
+        self.adjust(0)
+
+    def step(self):
+        self.step_count += 1
+        self.adjust(self.step_count)
+
+    def state_dict(self):
+        return {"step_count": self.step_count}
+
+    def load_state_dict(self, state):
+        self.step_count = state["step_count"]
+        self.adjust(self.step_count)
+
+
+def build_scheduler(optimizer, schedule, lr, total_steps, pct_start=0.1, cycle_momentum=True,
+                    warmup=0):
+    if total_steps < 1:
+        raise ValueError(f"the schedule needs at least one optimizer step, got {total_steps}")
+    if schedule == "onecycle":
+        # as the reference: max_lr=lr, all else torch's defaults (div 25, final div 1e4,
+        # cosine annealing, beta1 cycling 0.95 -> 0.85 -> 0.95 when cycle_momentum)
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=lr, total_steps=total_steps, pct_start=pct_start,
+            cycle_momentum=cycle_momentum)
+    if schedule == "cosine":
+        return CosineSchedule(optimizer, lr, warmup, total_steps)
+    raise ValueError(f"unknown schedule {schedule!r}")
+
+
+@torch.no_grad()
+def clamp_logit_scale(model):
+    """logit_scale in [0, ln 100] (temperature in [1, 100]) after every optimizer step."""
+    model.logit_scale.clamp_(0, LOGIT_SCALE_MAX)

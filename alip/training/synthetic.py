@@ -1,0 +1,58 @@
+"""Deterministic random data with the ``build_train_loader`` contract (``--dataset-type
+synthetic``): for benchmarks and smoke tests, like open_clip_train's synthetic dataset.
+
+Sample ``i`` is a fixed function of (seed, i): a N(0,1) image and two token rows
+``[SOT, random ids..., EOT, 0...]`` (raw text 5-40 tokens, caption 10-25). Each epoch visits
+the samples in a permutation of (seed, epoch); global batch ``b`` is positions
+``[b*B*W, (b+1)*B*W)`` of it and rank ``r`` gets the ``r``-th slice of B, so W processes with
+batch B see exactly the batches of one process with batch W*B.
+"""
+import torch
+
+SOT, EOT, CONTEXT = 49406, 49407, 77
+
+
+def _tokens(gen, lo, hi):
+    n = int(torch.randint(lo, hi + 1, (1,), generator=gen))
+    row = torch.zeros(CONTEXT, dtype=torch.int64)
+    row[0] = SOT
+    row[1:n - 1] = torch.randint(1, 49405, (n - 2,), generator=gen)
+    row[n - 1] = EOT
+    return row
+
+
+def synthetic_sample(seed, index, image_size):
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + index)
+    image = torch.randn(3, image_size, image_size, generator=gen)
+    return image, _tokens(gen, 5, 40), _tokens(gen, 10, 25)
+
+
+class SyntheticLoader:
+    def __init__(self, num_samples, batch_size, image_size, rank=0, world_size=1, seed=0,
+                 device="cpu"):
+        if num_samples < batch_size * world_size:
+            raise ValueError(f"synthetic data: {num_samples} samples < one global batch "
+                             f"({batch_size} x {world_size} processes)")
+        self.num_samples, self.batch_size, self.image_size = num_samples, batch_size, image_size
+        self.rank, self.world_size, self.seed, self.device = rank, world_size, seed, device
+        global_batch = batch_size * world_size
+        self.batches_per_epoch = num_samples // global_batch
+        self.dropped_per_epoch = num_samples - self.batches_per_epoch * global_batch
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch, start_batch=0):
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __len__(self):
+        return self.batches_per_epoch - self.start_batch
+
+    def __iter__(self):
+        order = torch.randperm(self.num_samples,
+                               generator=torch.Generator().manual_seed(self.seed + 7919 * self.epoch))
+        b, w = self.batch_size, self.world_size
+        for batch in range(self.start_batch, self.batches_per_epoch):
+            first = batch * b * w + self.rank * b
+            samples = [synthetic_sample(self.seed, int(i), self.image_size)
+                       for i in order[first:first + b]]
+            images, raw, cap = (torch.stack(x) for x in zip(*samples))
+            yield images.to(self.device), raw.to(self.device), cap.to(self.device)

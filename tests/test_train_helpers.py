@@ -1,0 +1,92 @@
+"""Shared helpers of the train.py tests (no tests here): tiny runs on synthetic data, a
+loader wrapper that injects NaN images, and a gloo worker for multi-process runs."""
+import json
+import os
+import socket
+from pathlib import Path
+
+import torch
+
+from alip.training.loop import default_make_loader, run
+from alip.training.params import parse_args
+
+
+def tiny_argv(logs, name, *extra, samples=64, batch=8, epochs=1):
+    return ["--model", "ALIP-tiny", "--dataset-type", "synthetic", "--train-num-samples",
+            str(samples), "--batch-size", str(batch), "--epochs", str(epochs), "--precision",
+            "fp32", "--logs", str(logs), "--name", name, "--log-every-n-steps", "1",
+            "--report-to", "", "--workers", "0", "--seed", "0", "--device", "cpu", *extra]
+
+
+def read_results(run_dir, kind="train"):
+    lines = Path(run_dir, "results.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r.get("kind") == kind]
+
+
+def final_state(run_dir, tag):
+    return torch.load(Path(run_dir, "checkpoints", f"{tag}.pt"), weights_only=True)["state_dict"]
+
+
+class NaNLoader:
+    """Wraps a loader; the images of the (epoch, batch) pairs in ``bad`` become NaN."""
+
+    def __init__(self, loader, bad):
+        self.loader, self.bad = loader, set(bad)
+        self.batches_per_epoch = loader.batches_per_epoch
+        self.num_samples = loader.num_samples
+        self.dropped_per_epoch = loader.dropped_per_epoch
+
+    def set_epoch(self, epoch, start_batch=0):
+        self.epoch, self.start = epoch, start_batch
+        self.loader.set_epoch(epoch, start_batch)
+
+    def __iter__(self):
+        for i, (images, raw, cap) in enumerate(self.loader, start=self.start):
+            if (self.epoch, i) in self.bad:
+                images = torch.full_like(images, float("nan"))
+            yield images, raw, cap
+
+
+def nan_loader_factory(bad, ranks=None):
+    def make(args, info, image_size):
+        loader = default_make_loader(args, info, image_size)
+        return NaNLoader(loader, bad if ranks is None or info.rank in ranks else ())
+    return make
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def gloo_worker(rank, world_size, port, argv, bad=(), bad_ranks=None):
+    """torch.multiprocessing.spawn target: one rank of a CPU/gloo run of train.py."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)
+    run(parse_args(argv), make_loader=nan_loader_factory(bad, bad_ranks))
+
+
+def run_single(argv, bad=()):
+    torch.set_num_threads(1)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        os.environ.pop(k, None)
+    return run(parse_args(argv), make_loader=nan_loader_factory(bad))
+
+
+def assert_weights_close(sd_a, sd_b, rtol=1e-4, atol=1e-5, max_outliers=1e-3):
+    """State dicts equal within rtol/atol, allowing a fraction ``max_outliers`` of entries
+    to differ more: where a gradient is ~0 (attention key biases, whose gradient is exactly zero
+    in theory; dead MLP units; unused token rows) Adam's normalisation turns float noise of
+    ~1e-10 into +-lr steps, so a few entries differ by up to lr per step without any
+    difference in the computation."""
+    assert sd_a.keys() == sd_b.keys()
+    outliers = total = 0
+    for k in sd_a:
+        a, b = sd_a[k].float(), sd_b[k].float()
+        assert a.shape == b.shape, k
+        bad = (a - b).abs() > atol + rtol * b.abs()
+        outliers += int(bad.sum())
+        total += a.numel()
+    assert outliers <= max_outliers * total, f"{outliers} of {total} weights differ"
