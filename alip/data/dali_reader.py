@@ -1,0 +1,150 @@
+"""ALIP RecordIO shards through DALI's ``fn.readers.mxnet`` (the reference reader), to torch.
+
+* DALI's mxnet reader takes many .rec files but ONE .idx whose offsets run over the files'
+  concatenation; we write that combined index (atomically, in the temp dir, named by a hash of
+  the shards) from the per-shard .idx files. Shards with no records are left out (DALI's loader
+  mis-assigns offsets after an empty file).
+* Sharding: DALI cuts the records into W contiguous ranges; range s = [N*s//W, N*(s+1)//W).
+  DALI's own reader moves to the next range every epoch; we build a fresh pipeline per epoch
+  with shard_id = (rank + epoch) % W and a seed from (seed, epoch, rank), which keeps that
+  rotation but makes epoch e a pure function of (seed, e, rank) (so it can be resumed).
+* Exactly once: ``pad_last_batch=True`` + the iterator's ``reader_name`` and
+  ``LastBatchPolicy.PARTIAL``: DALI pads the last batch by repeating the range's last record
+  and the iterator strips the padding, so each range is yielded exactly once (tested, not
+  trusted). With drop_last=True every rank stops after (N // W) // B full batches, the same on
+  all ranks; the rest is counted in ``dropped_per_epoch``.
+* Shuffle: ``random_shuffle`` inside an ``initial_fill`` buffer only (data2rec shuffles globally).
+* Mid-epoch resume: ``set_epoch(e, start_batch=k)`` rebuilds epoch e's pipeline and runs (decodes
+  and discards) its first k batches; the pipeline is deterministic for a seed, so the batches
+  that follow are those of the uninterrupted epoch.
+* Device: ``device="cuda:N"`` decodes ``mixed`` (nvJPEG) on GPU N and augments there;
+  ``device="cpu"`` builds a CPU-only pipeline (``device_id=None``).
+"""
+import hashlib
+import math
+import os
+import tempfile
+
+import numpy as np
+import torch
+
+from .augment import AREA, ASPECT, CLIP_MEAN, CLIP_STD
+from .recordio import CONTEXT_LENGTH, RecordReader
+
+
+def combined_index(rec_paths, idx_dir=None):
+    """(rec paths with records, path of one .idx over their concatenation, record count)."""
+    recs, sizes, parts = [], [], []
+    for rec in rec_paths:
+        size = os.path.getsize(rec)
+        offsets = RecordReader(rec).offsets  # checks the .idx against the .rec, and the last record
+        if len(offsets):
+            recs.append(str(rec))
+            sizes.append(size)
+            parts.append(np.sort(offsets))
+    if not recs:
+        raise ValueError(f"no records in {list(rec_paths)}")
+    h = hashlib.sha1(repr([(os.path.abspath(r), s, os.path.getmtime(r)) for r, s in zip(recs, sizes)]).encode())
+    idx_dir = idx_dir or os.path.join(tempfile.gettempdir(), "alip-dali-idx")
+    os.makedirs(idx_dir, exist_ok=True)
+    path = os.path.join(idx_dir, h.hexdigest() + ".idx")
+    base = np.cumsum([0] + sizes[:-1])
+    offsets = np.concatenate([p + b for p, b in zip(parts, base)])
+    if not os.path.exists(path):
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            f.writelines(f"{i}\t{o}\n" for i, o in enumerate(offsets))
+        os.replace(tmp, path)
+    return recs, path, len(offsets)
+
+
+def _seed(*parts):
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def build_pipeline(recs, idx_path, batch_size, image_size, shard_id, num_shards, seed, threads,
+                   device_id=None, augment=True, shuffle=True, initial_fill=16384):
+    from nvidia.dali import fn, pipeline_def, types
+
+    gpu = device_id is not None
+    kw = dict(device_memory_padding=211025920, host_memory_padding=140544512) if gpu else {}
+
+    @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=device_id, seed=seed,
+                  prefetch_queue_depth=3 if gpu else 2, exec_dynamic=True)
+    def pipe():
+        jpegs, labels = fn.readers.mxnet(
+            path=recs, index_path=[idx_path], num_shards=num_shards, shard_id=shard_id,
+            random_shuffle=shuffle, initial_fill=initial_fill, pad_last_batch=True,
+            seed=seed, name="Reader")
+        dev = "mixed" if gpu else "cpu"
+        if augment:
+            images = fn.decoders.image_random_crop(
+                jpegs, device=dev, output_type=types.RGB, random_area=list(AREA),
+                random_aspect_ratio=list(ASPECT), num_attempts=100, **kw)
+        else:
+            images = fn.decoders.image(jpegs, device=dev, output_type=types.RGB, **kw)
+        images = fn.resize(images, resize_x=image_size, resize_y=image_size,
+                           interp_type=types.INTERP_LINEAR, antialias=True)
+        images = fn.crop_mirror_normalize(
+            images, dtype=types.FLOAT, output_layout="CHW",
+            mean=[255 * m for m in CLIP_MEAN], std=[255 * s for s in CLIP_STD],
+            mirror=fn.random.coin_flip(probability=0.5) if augment else 0)
+        return images, labels.gpu() if gpu else labels
+
+    return pipe()
+
+
+class DaliRecLoader:
+    def __init__(self, rec_paths, batch_size, image_size, rank=0, world_size=1, seed=0, workers=2,
+                 device="cpu", drop_last=True, augment=True, shuffle=True, initial_fill=16384):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+        self.recs, self.idx_path, self.num_samples = combined_index(rec_paths)
+        self.batch_size, self.image_size = batch_size, image_size
+        self.rank, self.world_size, self.seed, self.drop_last = rank, world_size, seed, drop_last
+        self.threads, self.augment, self.shuffle = max(1, workers), augment, shuffle
+        self.initial_fill = initial_fill
+        device = torch.device(device)
+        self.device_id = (device.index or 0) if device.type == "cuda" else None
+        n, W = self.num_samples, world_size
+        self.dropped_per_epoch = n - W * batch_size * ((n // W) // batch_size) if drop_last else 0
+        self.set_epoch(0)
+
+    def shard_range(self, shard_id):
+        n, W = self.num_samples, self.world_size
+        return n * shard_id // W, n * (shard_id + 1) // W
+
+    def set_epoch(self, epoch, start_batch=0):
+        self.epoch, self.shard_id = int(epoch), (self.rank + int(epoch)) % self.world_size
+        lo, hi = self.shard_range(self.shard_id)
+        if self.drop_last:
+            self.batches_per_epoch = (self.num_samples // self.world_size) // self.batch_size
+        else:
+            self.batches_per_epoch = math.ceil((hi - lo) / self.batch_size)
+        if not 0 <= start_batch <= self.batches_per_epoch:
+            raise ValueError(f"start_batch {start_batch} is not in 0..{self.batches_per_epoch}")
+        self.start_batch = int(start_batch)
+
+    def __len__(self):
+        return self.batches_per_epoch - self.start_batch
+
+    def __iter__(self):
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        pipe = build_pipeline(self.recs, self.idx_path, self.batch_size, self.image_size,
+                              self.shard_id, self.world_size, _seed(self.seed, self.epoch, self.rank),
+                              self.threads, self.device_id, self.augment, self.shuffle,
+                              min(self.initial_fill, max(1, self.num_samples)))
+        it = DALIGenericIterator([pipe], ["images", "labels"], reader_name="Reader",
+                                 last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False)
+        try:
+            for b, out in enumerate(it):
+                if b >= self.batches_per_epoch:
+                    break
+                if b < self.start_batch:
+                    continue
+                labels = out[0]["labels"].long()
+                yield (out[0]["images"], labels[:, :CONTEXT_LENGTH].contiguous(),
+                       labels[:, CONTEXT_LENGTH:].contiguous())
+        finally:
+            del it, pipe

@@ -1,0 +1,41 @@
+"""``build_train_loader``: the one entry point training uses to read ALIP RecordIO shards."""
+import glob
+import os
+
+BACKENDS = ("torch", "dali")
+
+
+def rec_paths(data):
+    """The .rec files of a data2rec output dir (train-*.rec, sorted) or an explicit list."""
+    if isinstance(data, (str, os.PathLike)):
+        data = str(data)
+        if os.path.isdir(data):
+            paths = sorted(glob.glob(os.path.join(data, "train-*.rec")))
+            if not paths:
+                raise FileNotFoundError(f"{data}: no train-*.rec shards (is it a data2rec output dir?)")
+            return paths
+        data = [data]
+    paths = [str(p) for p in data]
+    for p in paths:
+        if not p.endswith(".rec") or not os.path.exists(p):
+            raise FileNotFoundError(f"{p}: not an existing .rec file")
+    if not paths:
+        raise ValueError("no .rec files given")
+    return paths
+
+
+def build_train_loader(data, backend="torch", batch_size=64, image_size=32, rank=0, world_size=1,
+                       seed=0, workers=2, device="cpu", drop_last=True, augment=True):
+    """A re-iterable loader of (images float32 [B,3,S,S], raw tokens int64 [B,77], caption
+    tokens int64 [B,77]) with ``num_samples``, ``batches_per_epoch``, ``dropped_per_epoch`` and
+    ``set_epoch(epoch, start_batch=0)``. ``augment=False`` squashes the whole image instead of the
+    random crop + flip (for checks, not training). See torch_reader.py / dali_reader.py."""
+    paths = rec_paths(data)
+    if backend == "torch":
+        from .torch_reader import TorchRecLoader as Loader
+    elif backend == "dali":
+        from .dali_reader import DaliRecLoader as Loader
+    else:
+        raise ValueError(f"backend {backend!r}: expected one of {BACKENDS}")
+    return Loader(paths, batch_size, int(image_size), rank=rank, world_size=world_size, seed=seed,
+                  workers=workers, device=device, drop_last=drop_last, augment=augment)

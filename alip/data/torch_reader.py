@@ -1,0 +1,119 @@
+"""ALIP RecordIO shards through a torch DataLoader (Pillow decode, the reference augmentation).
+
+Each epoch draws one global permutation from (seed, epoch); rank r takes every W-th record of it,
+cut into batches. drop_last=True trims the permutation to W*B*(N // (W*B)) records first so every
+rank yields the same number of full batches (the dropped records differ from epoch to epoch);
+drop_last=False yields every record exactly once across ranks (a rank's batch count may then be
+one less than another's). ``set_epoch(e, start_batch=k)`` yields exactly batches k.. of epoch e,
+bit-identical, since each sample's augmentation comes from (seed, epoch, record index).
+"""
+import io
+import math
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .augment import eval_transform, sample_rng, train_transform
+from .recordio import RecordIOError, RecordReader
+
+
+class RecDataset(torch.utils.data.Dataset):
+    """Record i of the concatenated shards -> (image [3,S,S], raw tokens [77], caption tokens [77]).
+
+    Indexed by (i, epoch) pairs so the augmentation is a function of (seed, epoch, i).
+    """
+
+    def __init__(self, rec_paths, image_size, seed=0, augment=True):
+        self.readers = [RecordReader(p) for p in rec_paths]
+        self.starts = np.cumsum([0] + [len(r) for r in self.readers])
+        self.image_size, self.seed, self.augment = image_size, seed, augment
+
+    def __len__(self):
+        return int(self.starts[-1])
+
+    def record(self, i):
+        s = int(np.searchsorted(self.starts, i, side="right")) - 1
+        return self.readers[s][i - int(self.starts[s])]
+
+    def __getitem__(self, item):
+        i, epoch = item
+        rec = self.record(i)
+        try:
+            img = Image.open(io.BytesIO(rec.jpeg))
+            if self.augment:
+                x = train_transform(img, self.image_size, sample_rng(self.seed, epoch, i))
+            else:
+                x = eval_transform(img, self.image_size)
+        except Exception as e:
+            s = int(np.searchsorted(self.starts, i, side="right")) - 1
+            raise RecordIOError(f"{self.readers[s].rec_path}: record key {rec.key}: "
+                                f"undecodable image ({e})") from e
+        return x, torch.from_numpy(rec.raw_tokens), torch.from_numpy(rec.caption_tokens)
+
+
+def rank_indices(n, epoch, seed, rank, world_size, batch_size, drop_last):
+    """The record indices rank `rank` reads in `epoch`, in order."""
+    perm = np.random.default_rng([int(seed), int(epoch)]).permutation(n)
+    if drop_last:
+        perm = perm[:world_size * batch_size * (n // (world_size * batch_size))]
+    return perm[rank::world_size]
+
+
+class _Batches:
+    """Batch sampler whose epoch / start batch the loader sets (iterated in the main process).
+
+    It holds no reference to the loader: a cycle would leave the DataLoader's workers to the
+    garbage collector, whose shutdown then waits 5 s per worker.
+    """
+
+    def __init__(self, n, seed, rank, world_size, batch_size, drop_last, batches_per_epoch):
+        self.n, self.seed, self.rank, self.world_size = n, seed, rank, world_size
+        self.batch_size, self.drop_last, self.batches_per_epoch = batch_size, drop_last, batches_per_epoch
+        self.epoch, self.start_batch = 0, 0
+
+    def __iter__(self):
+        B = self.batch_size
+        idx = rank_indices(self.n, self.epoch, self.seed, self.rank, self.world_size, B, self.drop_last)
+        for b in range(self.start_batch, self.batches_per_epoch):
+            yield [(int(i), self.epoch) for i in idx[b * B:(b + 1) * B]]
+
+    def __len__(self):
+        return self.batches_per_epoch - self.start_batch
+
+
+class TorchRecLoader:
+    def __init__(self, rec_paths, batch_size, image_size, rank=0, world_size=1, seed=0, workers=2,
+                 device="cpu", drop_last=True, augment=True):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+        self.dataset = RecDataset(rec_paths, image_size, seed, augment)
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.seed, self.drop_last = seed, drop_last
+        self.num_samples = len(self.dataset)
+        if drop_last:
+            self.batches_per_epoch = self.num_samples // (world_size * batch_size)
+            self.dropped_per_epoch = self.num_samples - self.batches_per_epoch * world_size * batch_size
+        else:
+            mine = len(range(rank, self.num_samples, world_size))
+            self.batches_per_epoch = math.ceil(mine / batch_size)
+            self.dropped_per_epoch = 0
+        self.epoch, self.start_batch = 0, 0
+        self._batches = _Batches(self.num_samples, seed, rank, world_size, batch_size, drop_last,
+                                 self.batches_per_epoch)
+        self._loader = torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=self._batches, num_workers=workers,
+            pin_memory=str(device).startswith("cuda"), persistent_workers=workers > 0,
+            prefetch_factor=4 if workers > 0 else None)
+
+    def set_epoch(self, epoch, start_batch=0):
+        if not 0 <= start_batch <= self.batches_per_epoch:
+            raise ValueError(f"start_batch {start_batch} is not in 0..{self.batches_per_epoch}")
+        self.epoch, self.start_batch = int(epoch), int(start_batch)
+        self._batches.epoch, self._batches.start_batch = self.epoch, self.start_batch
+
+    def __len__(self):
+        return self.batches_per_epoch - self.start_batch
+
+    def __iter__(self):
+        return iter(self._loader)
