@@ -90,3 +90,21 @@ def assert_weights_close(sd_a, sd_b, rtol=1e-4, atol=1e-5, max_outliers=1e-3):
         outliers += int(bad.sum())
         total += a.numel()
     assert outliers <= max_outliers * total, f"{outliers} of {total} weights differ"
+
+
+def killed_worker(argv, kill_after_step):
+    """Run train.py in this (spawned) process and SIGKILL it right after the results line of
+    ``kill_after_step`` is written: a hard kill between two checkpoints."""
+    import signal
+
+    from alip.training import logger
+
+    write = logger.RunLogger.write
+
+    def write_then_die(self, record):
+        write(self, record)
+        if record.get("step") == kill_after_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    logger.RunLogger.write = write_then_die
+    run_single(argv)

@@ -68,8 +68,9 @@ def check_args(args, info):
         for path in train_data_paths(args.train_data):
             if not Path(path).exists():
                 raise TrainConfigError(f"--train-data: not found: {path}")
-        if Path(args.train_data).is_dir() and not any(Path(args.train_data).glob("*.rec")):
-            raise TrainConfigError(f"--train-data: no .rec shards in {args.train_data}")
+        if Path(args.train_data).is_dir() and not any(Path(args.train_data).glob("train-*.rec")):
+            raise TrainConfigError(f"--train-data: no train-*.rec shards in {args.train_data} "
+                                   f"(expected a data2rec output directory)")
     if args.retrieval_frequency and not (args.retrieval_data and args.retrieval_image_root):
         raise TrainConfigError("--retrieval-frequency needs --retrieval-data and "
                                "--retrieval-image-root")
@@ -213,7 +214,10 @@ def _run(args, info, make_loader):
     image_size = clip_model.visual.image_size
     image_size = image_size[0] if isinstance(image_size, (tuple, list)) else image_size
 
-    loader = make_loader(args, info, image_size)
+    try:
+        loader = make_loader(args, info, image_size)
+    except (FileNotFoundError, ValueError) as e:
+        raise TrainConfigError(f"--train-data {args.train_data}: {e}") from e
     steps_per_epoch = loader.batches_per_epoch // args.accum_freq
     if steps_per_epoch < 1:
         raise TrainConfigError(
