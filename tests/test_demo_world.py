@@ -5,11 +5,13 @@ import re
 from pathlib import Path
 
 import numpy as np
+import open_clip
 import pytest
 import torchvision
 from PIL import Image
 
 from alip.data import demo_world as dw
+from alip.data.recordio import RecordReader
 
 import make_demo_data
 
@@ -19,8 +21,12 @@ SMALL = dict(num_train=60, num_test=12, classify_train_per_class=3, classify_val
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     out = tmp_path_factory.mktemp("world")
-    summary = dw.generate(out, seed=3, shards=False, **SMALL)
+    summary = dw.generate(out, seed=3, shard_size=25, progress=False, **SMALL)
     return out, summary
+
+
+# data2rec records its command line (with the output path) in these two
+PATH_BEARING = {"shards/manifest.json", "shards/plan.json"}
 
 
 def _files(root):
@@ -45,10 +51,11 @@ def _pairs(scene):
 def test_same_seed_gives_identical_files_and_other_seed_differs(tmp_path, world):
     out, _ = world
     again = tmp_path / "again"
-    dw.generate(again, seed=3, shards=False, **SMALL)
+    dw.generate(again, seed=3, shard_size=25, progress=False, **SMALL)
     a, b = _files(out), _files(again)
     assert sorted(a) == sorted(b)
-    assert [k for k in a if a[k] != b[k]] == []
+    assert "shards/train-00002.rec" in a
+    assert [k for k in a if a[k] != b[k]] == sorted(PATH_BEARING)
     other = tmp_path / "other"
     dw.generate(other, seed=4, shards=False, **SMALL)
     c = _files(other)
@@ -70,6 +77,23 @@ def test_manifest_rows_match_image_files(world):
             assert im.format == "JPEG" and im.mode == "RGB" and im.size == (64, 64)
 
 
+def test_shards_hold_every_row_keyed_by_manifest_line(world):
+    out, summary = world
+    rows = _rows(out)
+    tokenizer = open_clip.get_tokenizer("ALIP-tiny")
+    records = [rec for rec_path in sorted((out / "shards").glob("train-*.rec"))
+               for rec in RecordReader(rec_path)]
+    assert summary["train"]["shards"] == "shards" and summary["train"]["num_shards"] == 3
+    assert sorted(r.key for r in records) == list(range(len(rows)))
+    assert [r.key for r in records] != list(range(len(rows)))  # data2rec shuffled them
+    for rec in records:
+        row = rows[rec.key]
+        assert row["key"] == f"{rec.key:06d}"
+        assert rec.raw_tokens.tolist() == tokenizer([row["text"]])[0].tolist()
+        assert rec.caption_tokens.tolist() == tokenizer([row["caption"]])[0].tolist()
+        assert rec.jpeg == (out / "raw" / row["image"]).read_bytes()  # --copy-jpeg
+
+
 def test_captions_are_correct_and_web_texts_have_the_labelled_noise(tmp_path):
     out = tmp_path / "w"
     dw.generate(out, num_train=400, num_test=2, classify_train_per_class=0,
@@ -80,6 +104,8 @@ def test_captions_are_correct_and_web_texts_have_the_labelled_noise(tmp_path):
         scene, cap, text = r["scene"], _norm(r["caption"]), _norm(r["text"])
         for o in scene["objects"]:  # the synthetic caption names every object correctly
             assert f" {o['colour']} " in cap and f" {o['shape']} " in cap, r
+        if " background " in cap:
+            assert f" {scene['background']} background " in cap, r
         wrong_pairs = {f"{c} {s}" for c in dw.COLOURS for s in dw.SHAPES} - _pairs(scene)
         if r["noise"] == "clean":
             for o in scene["objects"]:
@@ -154,6 +180,8 @@ def test_retrieval_captions_describe_their_image(tmp_path):
             for o in scene.objects:
                 assert f" {o.colour} {o.shape} " in words or \
                     (f" {o.shape} " in words and f" {o.colour} " in words), s
+            if " background " in words:
+                assert f" {scene.background} background " in words, s
 
 
 def test_no_image_in_both_train_and_test(world):

@@ -479,11 +479,13 @@ def generate(out_dir, num_train=5000, num_test=500, seed=0, image_size=64,
              partial_rate=DEFAULT_RATES["partial"], wrong_rate=DEFAULT_RATES["wrong"],
              mismatch_rate=DEFAULT_RATES["mismatched"], filler_rate=DEFAULT_FILLER_RATE,
              classify_train_per_class=50, classify_val_per_class=50, shards=True,
-             shard_size=1000, workers=1, overwrite=False):
+             shard_size=1000, workers=1, overwrite=False, progress=True):
     """Write the demo world under ``out_dir`` (see the module docstring) and return its summary.
 
     Refuses a non-empty ``out_dir`` unless ``overwrite`` (which first removes the outputs of a
-    previous run, so no stale file survives). ``shards=False`` skips the data2rec step.
+    previous run, so no stale file survives). ``shards=False`` skips the data2rec step. Record
+    key k in the shards is line k of ``raw/train.jsonl`` (data2rec keys records by manifest row),
+    which is how a record is traced back to its noise label.
     """
     out = Path(out_dir)
     rates = {"partial": partial_rate, "wrong": wrong_rate, "mismatched": mismatch_rate}
@@ -530,14 +532,23 @@ def generate(out_dir, num_train=5000, num_test=500, seed=0, image_size=64,
                      "chance_top1_percent": 100.0 / len(classes)},
     }
     if shards:
+        # Our JPEGs are RGB at quality 95 already: --copy-jpeg stores them byte for byte.
         argv = ["--manifest", str(out / "raw" / "train.jsonl"), "--image-root", str(out / "raw"),
                 "--output-dir", str(out / "shards"), "--shard-size", str(shard_size),
-                "--workers", str(workers)]
+                "--workers", str(workers), "--seed", str(seed), "--copy-jpeg"]
+        if not progress:
+            argv.append("--no-progress")
         code = run_data2rec(argv)
         if code != 0:
             raise RuntimeError(f"demo world: data2rec exited with {code} (see "
                                f"{out / 'shards'}); command: data2rec.py {' '.join(argv)}")
+        made = json.loads((out / "shards" / "manifest.json").read_text())
+        if made["total_records"] != num_train or made["rejected"]:
+            raise RuntimeError(f"demo world: data2rec wrote {made['total_records']} of {num_train} "
+                               f"rows, rejected {made['rejected']} (see "
+                               f"{out / 'shards' / 'rejects.jsonl'})")
         summary["train"]["shards"] = "shards"
+        summary["train"]["num_shards"] = len(made["shards"])
     with open(out / "demo_world.json", "w") as fh:
         json.dump(summary, fh, indent=2)
         fh.write("\n")
