@@ -113,13 +113,19 @@ def retrieval_metrics(image_feats, text_feats, text_to_image, recall_k=RECALL_K)
 
 def evaluate_retrieval(model, preprocess, tokenizer, annotation, image_root, split="test",
                        caption_prefix="", batch_size=64, device="cpu", workers=0, precision="fp32",
-                       recall_k=RECALL_K):
-    """-> {"i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum"} (percent)."""
+                       recall_k=RECALL_K, distributed=False):
+    """-> {"i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum"} (percent).
+
+    ``distributed=True``: every rank of the initialised process group calls this; each encodes
+    1/world of the images and captions; all ranks get the result."""
     paths, captions, text_to_image = load_annotation(annotation, image_root, split)
     model = unwrap(model)
     with eval_mode(model):
-        images, _ = image_features(model, make_loader(ImageFiles(paths, preprocess), batch_size,
-                                                      workers, device), device=device, precision=precision)
+        loader = make_loader(ImageFiles(paths, preprocess), batch_size, workers, device,
+                             distributed=distributed)
+        images, _ = image_features(model, loader, device=device, precision=precision,
+                                   distributed=distributed)
         texts = text_features(model, tokenizer, [caption_prefix + c for c in captions],
-                              batch_size=max(batch_size, 256), device=device, precision=precision)
+                              batch_size=max(batch_size, 256), device=device, precision=precision,
+                              distributed=distributed)
     return retrieval_metrics(images, texts, text_to_image, recall_k)

@@ -46,21 +46,24 @@ def classification_metrics(logits, targets):
 
 
 def evaluate_zeroshot(model, preprocess, tokenizer, dataset, root, batch_size=64, device="cpu",
-                      workers=0, precision="fp32", classnames=None, templates=None, split=None):
+                      workers=0, precision="fp32", classnames=None, templates=None, split=None,
+                      distributed=False):
     """Zero-shot classification of ``dataset`` (a name in alip.eval.datasets.DATASETS) under ``root``.
 
     ``classnames`` / ``templates``: lists or files (one entry per line, templates with ``{}``);
     default: the CLIP paper's for named datasets, folder names and the 80 ImageNet templates for
     ``imagefolder``. -> {"top1", "top5", "mean_per_class", "uses_mean_per_class", "num_images"}
     (percentages; ``uses_mean_per_class`` is 1.0 for Pets, Flowers, Caltech101 and Aircraft,
-    whose headline number is mean_per_class, else 0.0).
+    whose headline number is mean_per_class, else 0.0). ``distributed=True``: every rank of the
+    initialised process group calls this; each encodes 1/world of the images; all get the result.
     """
     data = build_dataset(dataset, root, preprocess, split=split, classnames=classnames,
                          templates=templates)
     model = unwrap(model)
     with eval_mode(model):
-        features, targets = image_features(model, make_loader(data.dataset, batch_size, workers, device),
-                                           device=device, precision=precision)
+        loader = make_loader(data.dataset, batch_size, workers, device, distributed=distributed)
+        features, targets = image_features(model, loader, device=device, precision=precision,
+                                           distributed=distributed)
         classifier = zeroshot_classifier(model, tokenizer, data.classnames, data.templates,
                                          device=device, precision=precision)
     logits = 100.0 * features @ classifier.to(features.device)
