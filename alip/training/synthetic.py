@@ -30,9 +30,6 @@ def synthetic_sample(seed, index, image_size):
 class SyntheticLoader:
     def __init__(self, num_samples, batch_size, image_size, rank=0, world_size=1, seed=0,
                  device="cpu"):
-        if num_samples < batch_size * world_size:
-            raise ValueError(f"synthetic data: {num_samples} samples < one global batch "
-                             f"({batch_size} x {world_size} processes)")
         self.num_samples, self.batch_size, self.image_size = num_samples, batch_size, image_size
         self.rank, self.world_size, self.seed, self.device = rank, world_size, seed, device
         global_batch = batch_size * world_size
