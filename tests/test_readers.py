@@ -139,6 +139,31 @@ def test_mid_epoch_resume_yields_the_rest_of_the_epoch(shards, backend):
         assert all(torch.equal(x, y) for x, y in zip(a, b))  # bit-identical images and tokens
 
 
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_resume_from_state_dict(shards, backend):
+    kw = dict(backend=backend, batch_size=3, image_size=SIZE, seed=5, workers=1)
+    full = epoch(build_train_loader(shards, **kw), 2)
+    first = build_train_loader(shards, **kw)
+    first.set_epoch(2)
+    for b, batch in enumerate(first):
+        if b == 2:
+            break
+    state = first.state_dict()
+    assert state["epoch"] == 2 and state["batch"] == 3
+    if backend == "dali":
+        assert isinstance(state["dali_checkpoint"], (str, bytes)) and state["dali_checkpoint"]  # DALI's own
+    resumed = build_train_loader(shards, **kw)
+    resumed.load_state_dict(state)
+    rest = list(resumed)
+    assert len(rest) == len(full) - 3 == 4
+    for a, b in zip(full[3:], rest):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    if backend == "dali":
+        assert resumed.replayed_batches == 0  # restored, not replayed
+        resumed.set_epoch(2, start_batch=3)
+        assert len(list(resumed)) == 4 and resumed.replayed_batches == 3
+
+
 def test_bad_shards_are_errors_naming_file_and_record(shards, tmp_path):
     bad = str(tmp_path / "bad")
     shutil.copytree(shards, bad)

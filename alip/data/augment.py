@@ -6,8 +6,8 @@ mean/std, CHW float32. The randomness of a sample comes from its own generator, 
 (seed, epoch, record index), so a batch is the same whatever the worker count or resume point.
 """
 import math
+import random
 
-import numpy as np
 import torch
 import torchvision.transforms.v2.functional as F
 from PIL import Image
@@ -18,8 +18,17 @@ AREA = (0.7, 1.0)
 ASPECT = (0.8, 1.25)
 
 
+def _mix64(x):
+    """splitmix64's finaliser: a well-spread 64-bit value from an integer."""
+    x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return x ^ (x >> 31)
+
+
 def sample_rng(seed, epoch, index):
-    return np.random.default_rng([int(seed), int(epoch), int(index)])
+    """The generator of one sample's augmentation: a function of (seed, epoch, index) only."""
+    return random.Random(_mix64(_mix64(_mix64(int(seed)) ^ int(epoch)) ^ int(index)))
 
 
 def crop_params(rng, width, height, area=AREA, aspect=ASPECT, attempts=100):
@@ -32,8 +41,8 @@ def crop_params(rng, width, height, area=AREA, aspect=ASPECT, attempts=100):
         w = int(round(math.sqrt(target * ratio)))
         h = int(round(math.sqrt(target / ratio)))
         if 0 < w <= width and 0 < h <= height:
-            top = int(rng.integers(0, height - h + 1))
-            left = int(rng.integers(0, width - w + 1))
+            top = rng.randint(0, height - h)
+            left = rng.randint(0, width - w)
             return top, left, h, w
     in_ratio = width / height
     if in_ratio < aspect[0]:
@@ -62,7 +71,7 @@ def train_transform(img: Image.Image, size: int, rng) -> torch.Tensor:
         sx, sy = img.size[0] / width, img.size[1] / height
         top, left = int(top * sy), int(left * sx)
         h, w = max(1, min(int(round(h * sy)), img.size[1] - top)), max(1, min(int(round(w * sx)), img.size[0] - left))
-    t = F.pil_to_tensor(img.convert("RGB"))
+    t = F.pil_to_tensor(img if img.mode == "RGB" else img.convert("RGB"))
     t = F.resized_crop(t, top, left, h, w, [size, size], antialias=True)
     if flip:
         t = F.horizontal_flip(t)
@@ -71,5 +80,5 @@ def train_transform(img: Image.Image, size: int, rng) -> torch.Tensor:
 
 def eval_transform(img: Image.Image, size: int) -> torch.Tensor:
     """No randomness: the whole image squashed to size x size (what the round-trip tests read)."""
-    t = F.pil_to_tensor(img.convert("RGB"))
+    t = F.pil_to_tensor(img if img.mode == "RGB" else img.convert("RGB"))
     return _normalize(F.resize(t, [size, size], antialias=True))

@@ -14,9 +14,11 @@
   trusted). With drop_last=True every rank stops after (N // W) // B full batches, the same on
   all ranks; the rest is counted in ``dropped_per_epoch``.
 * Shuffle: ``random_shuffle`` inside an ``initial_fill`` buffer only (data2rec shuffles globally).
-* Mid-epoch resume: ``set_epoch(e, start_batch=k)`` rebuilds epoch e's pipeline and runs (decodes
-  and discards) its first k batches; the pipeline is deterministic for a seed, so the batches
-  that follow are those of the uninterrupted epoch.
+* Mid-epoch resume, two ways, both exact: DALI's own pipeline checkpointing (works with the
+  mxnet reader): ``state_dict()`` between batches, ``load_state_dict()`` on resume, nothing is
+  decoded twice; or ``set_epoch(e, start_batch=k)`` without a saved state, which rebuilds epoch
+  e's pipeline and decodes and discards its first k batches (the pipeline is deterministic for
+  a seed, so what follows is the uninterrupted epoch's batches k..).
 * Device: ``device="cuda:N"`` decodes ``mixed`` (nvJPEG) on GPU N and augments there;
   ``device="cpu"`` builds a CPU-only pipeline (``device_id=None``).
 """
@@ -63,7 +65,7 @@ def _seed(*parts):
 
 
 def build_pipeline(recs, idx_path, batch_size, image_size, shard_id, num_shards, seed, threads,
-                   device_id=None, augment=True, shuffle=True, initial_fill=16384):
+                   device_id=None, augment=True, shuffle=True, initial_fill=16384, checkpoint=None):
     from nvidia.dali import fn, pipeline_def, types
 
     gpu = device_id is not None
@@ -91,7 +93,7 @@ def build_pipeline(recs, idx_path, batch_size, image_size, shard_id, num_shards,
             mirror=fn.random.coin_flip(probability=0.5) if augment else 0)
         return images, labels.gpu() if gpu else labels
 
-    return pipe()
+    return pipe(enable_checkpointing=True, checkpoint=checkpoint)
 
 
 class DaliRecLoader:
@@ -115,6 +117,8 @@ class DaliRecLoader:
         return n * shard_id // W, n * (shard_id + 1) // W
 
     def set_epoch(self, epoch, start_batch=0):
+        """Epoch e from batch start_batch: the first start_batch batches are decoded and thrown
+        away (exact; load_state_dict skips them for free)."""
         self.epoch, self.shard_id = int(epoch), (self.rank + int(epoch)) % self.world_size
         lo, hi = self.shard_range(self.shard_id)
         if self.drop_last:
@@ -123,7 +127,20 @@ class DaliRecLoader:
             self.batches_per_epoch = math.ceil((hi - lo) / self.batch_size)
         if not 0 <= start_batch <= self.batches_per_epoch:
             raise ValueError(f"start_batch {start_batch} is not in 0..{self.batches_per_epoch}")
-        self.start_batch = int(start_batch)
+        self.start_batch = self.position = int(start_batch)
+        self._checkpoint, self._it = None, None
+
+    def state_dict(self):
+        """Where this rank is: {epoch, batch, dali_checkpoint}. Call it between batches and keep
+        it with the training checkpoint; the DALI pipeline checkpoint restores the reader's
+        position and every RNG, so resuming decodes nothing twice."""
+        it = self._it
+        cpt = it.checkpoints()[0] if it is not None and self.position < self.batches_per_epoch else None
+        return {"epoch": self.epoch, "batch": self.position, "dali_checkpoint": cpt}
+
+    def load_state_dict(self, state):
+        self.set_epoch(state["epoch"], state["batch"])
+        self._checkpoint = state.get("dali_checkpoint")
 
     def __len__(self):
         return self.batches_per_epoch - self.start_batch
@@ -131,20 +148,24 @@ class DaliRecLoader:
     def __iter__(self):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
+        cpt, self._checkpoint = self._checkpoint, None
         pipe = build_pipeline(self.recs, self.idx_path, self.batch_size, self.image_size,
                               self.shard_id, self.world_size, _seed(self.seed, self.epoch, self.rank),
                               self.threads, self.device_id, self.augment, self.shuffle,
-                              min(self.initial_fill, max(1, self.num_samples)))
-        it = DALIGenericIterator([pipe], ["images", "labels"], reader_name="Reader",
-                                 last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False)
+                              min(self.initial_fill, max(1, self.num_samples)), checkpoint=cpt)
+        self._it = DALIGenericIterator([pipe], ["images", "labels"], reader_name="Reader",
+                                       last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False)
+        self.position, self.replayed_batches = self.start_batch, 0
         try:
-            for b, out in enumerate(it):
+            for b, out in enumerate(self._it, start=self.start_batch if cpt else 0):
                 if b >= self.batches_per_epoch:
                     break
                 if b < self.start_batch:
+                    self.replayed_batches += 1
                     continue
                 labels = out[0]["labels"].long()
+                self.position = b + 1
                 yield (out[0]["images"], labels[:, :CONTEXT_LENGTH].contiguous(),
                        labels[:, CONTEXT_LENGTH:].contiguous())
         finally:
-            del it, pipe
+            del pipe  # self._it keeps it until the next epoch, for state_dict() after a break

@@ -98,7 +98,7 @@ class TorchRecLoader:
             mine = len(range(rank, self.num_samples, world_size))
             self.batches_per_epoch = math.ceil(mine / batch_size)
             self.dropped_per_epoch = 0
-        self.epoch, self.start_batch = 0, 0
+        self.epoch, self.start_batch, self.position = 0, 0, 0
         self._batches = _Batches(self.num_samples, seed, rank, world_size, batch_size, drop_last,
                                  self.batches_per_epoch)
         self._loader = torch.utils.data.DataLoader(
@@ -110,10 +110,21 @@ class TorchRecLoader:
         if not 0 <= start_batch <= self.batches_per_epoch:
             raise ValueError(f"start_batch {start_batch} is not in 0..{self.batches_per_epoch}")
         self.epoch, self.start_batch = int(epoch), int(start_batch)
+        self.position = self.start_batch
         self._batches.epoch, self._batches.start_batch = self.epoch, self.start_batch
+
+    def state_dict(self):
+        """{epoch, batch}: batch = batches yielded so far this epoch (resume from there)."""
+        return {"epoch": self.epoch, "batch": self.position}
+
+    def load_state_dict(self, state):
+        self.set_epoch(state["epoch"], state["batch"])
 
     def __len__(self):
         return self.batches_per_epoch - self.start_batch
 
     def __iter__(self):
-        return iter(self._loader)
+        self.position = self.start_batch
+        for batch in self._loader:
+            self.position += 1
+            yield batch
