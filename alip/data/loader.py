@@ -37,5 +37,9 @@ def build_train_loader(data, backend="torch", batch_size=64, image_size=32, rank
         from .dali_reader import DaliRecLoader as Loader
     else:
         raise ValueError(f"backend {backend!r}: expected one of {BACKENDS}")
-    return Loader(paths, batch_size, int(image_size), rank=rank, world_size=world_size, seed=seed,
-                  workers=workers, device=device, drop_last=drop_last, augment=augment)
+    loader = Loader(paths, batch_size, int(image_size), rank=rank, world_size=world_size, seed=seed,
+                    workers=workers, device=device, drop_last=drop_last, augment=augment)
+    if loader.batches_per_epoch == 0:
+        raise ValueError(f"{data}: {loader.num_samples} records do not fill one batch of {batch_size} on "
+                         f"each of {world_size} ranks (drop_last={drop_last}); use a smaller --batch-size")
+    return loader
