@@ -73,7 +73,9 @@ def build_parser():
     a("--dist-url", default=None, help="Default env:// (torchrun).")
     a("--ddp-static-graph", action="store_true", default=False)
     # logging and checkpoints
-    a("--logs", default="./logs", help="Runs go to LOGS/NAME/.")
+    a("--logs", "--logs-dir", dest="logs", default="./logs",
+      help="Runs go to LOGS/NAME/. Under torchrun write --logs-dir: torchrun's own parser "
+           "rejects --logs as an ambiguous prefix of its --logs-specs.")
     a("--name", default=None, help="Run name (default: date-model-method-bBATCH).")
     a("--resume", default=None, help="'latest' (newest complete checkpoint of this run) or a path.")
     a("--save-frequency", type=int, default=1, help="Checkpoint every N epochs (0: never).")
