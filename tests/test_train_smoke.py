@@ -36,9 +36,15 @@ def test_few_steps_on_demo_data_lower_the_loss(tmp_path, demo_shards):
     argv = ["--model", "ALIP-tiny", "--train-data", str(demo_shards), "--data-backend", "torch",
             "--batch-size", "32", "--epochs", "10", "--lr", "2e-3", "--precision", "fp32",
             "--workers", "0", "--logs", str(tmp_path), "--name", "demo", "--report-to", "",
-            "--log-every-n-steps", "1"]
+            "--log-every-n-steps", "1", "--retrieval-frequency", "100",
+            "--retrieval-data", str(demo_shards.parent / "retrieval/dataset_demo.json"),
+            "--retrieval-image-root", str(demo_shards.parent / "retrieval")]
     run_single(argv)
     records = read_results(tmp_path / "demo")
+    # evaluation during training: after the last epoch (frequency 100 > epochs), via alip.eval
+    evals = read_results(tmp_path / "demo", kind="eval")
+    assert [e["epoch"] for e in evals] == [10]
+    assert 0 <= evals[0]["retrieval/i2t_R@1"] <= 100 and "retrieval/rsum" in evals[0]
     assert len(records) == 40 and all(math.isfinite(r["loss"]) for r in records)
     # the ALIP loss itself rises while the gate EMAs leave their cold start of 1.0 (the weights
     # grow), so judge learning by the plain contrastive loss on a fixed demo batch
@@ -117,3 +123,16 @@ def test_config_yaml_defaults_cli_override_and_resolved_config(tmp_path):
     (tmp_path / "bad2.yaml").write_text("method: siglip\n")
     with pytest.raises(SystemExit, match="method: 'siglip' is not one of"):
         parse_args(["--config", str(tmp_path / "bad2.yaml")])
+
+
+def test_amp_on_cpu_trains_in_bf16(tmp_path):
+    argv = tiny_argv(tmp_path, "bf16", samples=16, batch=8)
+    argv[argv.index("--precision") + 1] = "amp"
+    run_single(argv)
+    written = yaml.safe_load((tmp_path / "bf16" / "config.yaml").read_text())
+    assert written["precision"] == "amp_bf16"  # fp16 + GradScaler is for CUDA
+    records = read_results(tmp_path / "bf16")
+    assert len(records) == 2 and all(math.isfinite(r["loss"]) for r in records)
+    # master weights stay fp32 under autocast
+    sd = torch.load(tmp_path / "bf16/checkpoints/epoch_1.pt", weights_only=True)["state_dict"]
+    assert all(v.dtype == torch.float32 for v in sd.values() if v.is_floating_point())

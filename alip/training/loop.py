@@ -144,6 +144,11 @@ def seed_everything(seed):
 # evaluation during training (alip.eval, rank 0)
 
 
+def _due(frequency, epoch, epochs):
+    """open_clip's rule: every ``frequency`` epochs and after the last one."""
+    return bool(frequency) and (epoch % frequency == 0 or epoch == epochs)
+
+
 def evaluate(args, clip_model, preprocess, epoch, info):
     results = {}
     if not info.is_master:
@@ -152,14 +157,14 @@ def evaluate(args, clip_model, preprocess, epoch, info):
     device = str(info.device)
     clip_model.eval()
     try:
-        if args.retrieval_frequency and epoch % args.retrieval_frequency == 0:
+        if _due(args.retrieval_frequency, epoch, args.epochs):
             from alip.eval.retrieval import evaluate_retrieval
             m = evaluate_retrieval(clip_model, preprocess, tokenizer, args.retrieval_data,
                                    args.retrieval_image_root,
                                    caption_prefix=args.retrieval_caption_prefix,
                                    batch_size=args.eval_batch_size, device=device)
             results.update({f"retrieval/{k}": v for k, v in m.items()})
-        if args.zeroshot_frequency and epoch % args.zeroshot_frequency == 0:
+        if _due(args.zeroshot_frequency, epoch, args.epochs):
             from alip.eval.zeroshot import evaluate_zeroshot
             if args.imagenet_val:
                 dataset, root = "imagenet1k", args.imagenet_val
