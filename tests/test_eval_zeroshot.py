@@ -177,3 +177,58 @@ def test_cli_with_train_checkpoint(tmp_path, capsys):
     assert saved["metrics"]["imagefolder"]["top1"] == pytest.approx(direct["top1"])
     assert saved["metrics"]["imagefolder"]["top5"] is None  # 3 classes: NaN -> null
     assert "ImageFolder" in capsys.readouterr().out
+
+
+def _jpg(path, value=0):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    from PIL import Image
+    Image.new("RGB", (8, 8), (value, 0, 0)).save(path)
+
+
+def test_torchvision_layouts_and_class_names(tmp_path):
+    """Generated data in each dataset's real layout reads through torchvision with the class names
+    clip_benchmark gives (Flowers102 and Stanford Cars need md5-checked / struct .mat files: not here)."""
+    r = str(tmp_path)
+    # Food101: meta/{split}.json, images/<class>/<id>.jpg; names without "_"
+    meta = {"apple_pie": ["apple_pie/1"], "baby_back_ribs": ["baby_back_ribs/2", "baby_back_ribs/3"]}
+    for ids in meta.values():
+        for i in ids:
+            _jpg(f"{r}/food-101/images/{i}.jpg")
+    os.makedirs(f"{r}/food-101/meta", exist_ok=True)
+    for split in ("train", "test"):
+        (tmp_path / "food-101" / "meta" / f"{split}.json").write_text(json.dumps(meta))
+    d = build_dataset("food101", r)
+    assert d.classnames == ["apple pie", "baby back ribs"] and [y for _, y in d.dataset] == [0, 1, 1]
+    assert d.templates == ["a photo of {}, a type of food."] and not d.mean_per_class
+    # Oxford-IIIT Pets: annotations/test.txt "<id> <class 1-based> <species> <breed>"
+    os.makedirs(f"{r}/oxford-iiit-pet/annotations", exist_ok=True)
+    (tmp_path / "oxford-iiit-pet/annotations/test.txt").write_text("Abyssinian_1 1 1 1\nbasset_hound_2 2 2 1\n")
+    for i in ("Abyssinian_1", "basset_hound_2"):
+        _jpg(f"{r}/oxford-iiit-pet/images/{i}.jpg")
+    d = build_dataset("pets", r)
+    assert d.classnames == ["Abyssinian", "Basset Hound"] and d.mean_per_class
+    # DTD: dtd/dtd/labels/test1.txt "<class>/<file>"
+    os.makedirs(f"{r}/dtd/dtd/labels", exist_ok=True)
+    (tmp_path / "dtd/dtd/labels/test1.txt").write_text("banded/banded_1.jpg\nzigzagged/z_2.jpg\n")
+    _jpg(f"{r}/dtd/dtd/images/banded/banded_1.jpg"), _jpg(f"{r}/dtd/dtd/images/zigzagged/z_2.jpg")
+    d = build_dataset("dtd", r)
+    assert d.classnames == ["banded", "zigzagged"] and d.templates[0] == "a photo of a {} texture."
+    # FGVC-Aircraft (variant level): variants.txt, images_variant_test.txt "<id> <variant>"
+    base = f"{r}/fgvc-aircraft-2013b/data"
+    _jpg(f"{base}/images/0001.jpg"), _jpg(f"{base}/images/0002.jpg")
+    (tmp_path / "fgvc-aircraft-2013b/data/variants.txt").write_text("707-320\nA300B4\n")
+    (tmp_path / "fgvc-aircraft-2013b/data/images_variant_test.txt").write_text("0001 A300B4\n0002 707-320\n")
+    d = build_dataset("aircraft", r)
+    assert d.name == "fgvc_aircraft" and [y for _, y in d.dataset] == [1, 0] and d.mean_per_class
+    # SUN397 (no split: every image, in sorted order): ClassName.txt "/a/abbey", images sun_*.jpg
+    os.makedirs(f"{r}/SUN397", exist_ok=True)
+    (tmp_path / "SUN397/ClassName.txt").write_text("/a/abbey\n/b/bakery/shop\n")
+    _jpg(f"{r}/SUN397/b/bakery/shop/sun_b.jpg", 1), _jpg(f"{r}/SUN397/a/abbey/sun_a.jpg", 2)
+    d = build_dataset("sun397", r)
+    assert d.classnames == ["abbey", "bakery shop"] and [y for _, y in d.dataset] == [0, 1]
+    # Caltech101 (clip_benchmark's reader, background class kept: 102 classes, names from its json)
+    for i in range(102):
+        _jpg(f"{r}/caltech101/101_ObjectCategories/cat{i:03d}/image_0001.jpg")
+    d = build_dataset("caltech101", r)
+    assert len(d.dataset) == 102 and d.classnames[:2] == ["background", "off-center face"]
+    assert len(d.templates) == 34 and d.mean_per_class

@@ -182,7 +182,12 @@ def _torchvision_dataset(name, root, split, transform):
     if name == "flowers":
         return tvd.Flowers102(root, split=split, transform=transform, download=False)
     if name == "sun397":
-        return tvd.SUN397(root, transform=transform, download=False)
+        ds = tvd.SUN397(root, transform=transform, download=False)
+        # torchvision lists the images in rglob (file-system) order: sort, for reproducible runs
+        order = sorted(range(len(ds._image_files)), key=lambda i: str(ds._image_files[i]))
+        ds._image_files = [ds._image_files[i] for i in order]
+        ds._labels = [ds._labels[i] for i in order]
+        return ds
     if name == "cars":
         return tvd.StanfordCars(root, split=split, transform=transform, download=False)
     if name == "dtd":
