@@ -87,7 +87,8 @@ def test_csv_tsv_with_custom_columns(ds, tmp_path, fmt):
                           "--no-progress"]) == 1
 
 
-def test_bad_rows_are_rejected_with_reasons(tmp_path, capsys):
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_bad_rows_are_rejected_with_reasons(tmp_path, capsys, workers):
     root = str(tmp_path)
     make_manifest_dataset(root, 3)
     png = image(10).save(os.path.join(root, "images/png.png")) or "images/png.png"
@@ -111,7 +112,7 @@ def test_bad_rows_are_rejected_with_reasons(tmp_path, capsys):
     open(path, "wb").write(b"\n".join(lines) + b"\n")
     out = str(tmp_path / "out")
     assert data2rec.main(["--manifest", path, "--image-root", root, "--output-dir", out, "--shard-size", "5",
-                          "--no-progress"]) == 0
+                          "--workers", workers, "--no-progress"]) == 0
     assert "rows in 12 = written 4 + rejected 8" in capsys.readouterr().out
     rejects = {r["row"]: r["reason"] for r in map(json.loads, open(os.path.join(out, "rejects.jsonl")))}
     assert sorted(records(out)) == [0, 3, 4, 11]  # PNG and CMYK are converted to RGB JPEG

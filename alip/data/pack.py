@@ -449,8 +449,11 @@ def _write_shard(output_dir, k, keys, source, caption_fallback, imap, bar):
     stats = {"caption_fallbacks": 0}
     rejects = []
     with RecordWriter(base + ".rec.partial", base + ".idx.partial") as w:
+        # the jobs are listed here, in this thread: Pool.imap would run a generator in its task
+        # thread, racing the parse-time rejects it appends against the end of this loop
+        jobs = list(_jobs(source, keys, caption_fallback, stats, rejects))
         processed = 0
-        for key, payload, reason in imap(_jobs(source, keys, caption_fallback, stats, rejects)):
+        for key, payload, reason in imap(jobs):
             if payload is None:
                 rejects.append({"key": key, "reason": reason, **_row_ref(source, key)})
             else:
