@@ -37,6 +37,9 @@ def parse_args(argv):
                      help="store RGB JPEGs already within --max-size byte-for-byte (no re-encode)")
     out.add_argument("--tokenizer", default="ALIP-ViT-B-32", help="open_clip model name whose tokenizer to use")
     out.add_argument("--workers", type=int, default=1, help="processes decoding/encoding images")
+    out.add_argument("--part", default="0/1", metavar="I/N",
+                     help="build only shards k with k %% N == I (N machines, one shared --output-dir); "
+                          "the run that completes the last shard writes manifest.json")
     out.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if bool(args.manifest) == bool(args.wds):
@@ -45,6 +48,12 @@ def parse_args(argv):
         p.error("--wds needs --captions")
     if args.shard_size < 1 or args.workers < 1 or not 1 <= args.quality <= 100 or args.max_size < 0:
         p.error("--shard-size and --workers must be >= 1, --quality in 1..100, --max-size >= 0")
+    try:
+        i, n = (int(x) for x in args.part.split("/"))
+        assert 0 <= i < n
+    except (ValueError, AssertionError):
+        p.error(f"--part {args.part!r}: expected I/N with 0 <= I < N")
+    args.part = (i, n)
     return args
 
 
@@ -67,10 +76,14 @@ def main(argv=None) -> int:
                 quality=args.quality, max_size=args.max_size, copy_jpeg=args.copy_jpeg,
                 shuffle=not args.no_shuffle, seed=args.seed, caption_fallback=args.caption_fallback,
                 tokenizer=args.tokenizer, command=shlex.join(["data2rec.py", *argv]),
-                progress=not args.no_progress)
+                progress=not args.no_progress, part=args.part)
     except (DataError, FileNotFoundError) as e:
         print(f"data2rec: error: {e}", file=sys.stderr)
         return 1
+    if s is None:
+        print(f"data2rec: part {args.part[0]}/{args.part[1]} done; other parts still have shards to "
+              f"build (the run that completes the last one writes manifest.json)")
+        return 0
     print(f"data2rec: rows in {s['rows_in']} = written {s['total_records']} + rejected {s['rejected']}"
           f" ({len(s['shards'])} shards in {args.output_dir}; rejects.jsonl lists the rejected rows;"
           f" caption fallbacks {s['caption_fallbacks']})")

@@ -213,6 +213,21 @@ def test_rerun_is_byte_identical_and_never_duplicates(ds, tmp_path, capsys):
     assert "different input or flags" in capsys.readouterr().err
 
 
+def test_parts_on_several_machines_make_the_same_shards(ds, tmp_path, capsys):
+    root, manifest = ds
+    args = ["--manifest", manifest, "--image-root", root, "--shard-size", "6", "--no-progress"]
+    whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
+    assert data2rec.main(args + ["--output-dir", whole]) == 0
+    assert data2rec.main(args + ["--output-dir", parts, "--part", "1/2"]) == 0
+    assert "part 1/2 done" in capsys.readouterr().out
+    assert sorted(shard_bytes(parts)) == ["train-00001.idx", "train-00001.rec", "train-00003.idx", "train-00003.rec"]
+    assert not os.path.exists(os.path.join(parts, "manifest.json"))
+    assert data2rec.main(args + ["--output-dir", parts, "--part", "0/2"]) == 0
+    assert "rows in 23 = written 23 + rejected 0" in capsys.readouterr().out
+    assert shard_bytes(parts) == shard_bytes(whole)
+    assert data2rec.main(args + ["--output-dir", parts, "--part", "2/2"]) == 2
+
+
 def test_killed_midway_then_rerun_is_byte_identical(tmp_path):
     root = str(tmp_path / "in")
     os.makedirs(os.path.join(root, "images"))

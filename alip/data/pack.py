@@ -5,7 +5,8 @@ number is the record key), permuted with ``--seed`` (global shuffle: DALI's read
 inside its ``initial_fill`` buffer), and cut into shards of ``--shard-size`` consecutive rows of
 that order. A shard holds the accepted rows of its slice, so every shard can be (re)built on its
 own: a rerun skips shards whose ``.done.json`` exists and rebuilds the rest, and the same input
-and flags give byte-identical shards, killed midway or not.
+and flags give byte-identical shards, killed midway or not. ``--part I/N`` lets N machines build
+disjoint shard sets into one shared output dir.
 
 Inputs: a manifest (JSONL / CSV / TSV, header row for CSV/TSV) or webdataset tars
 (``KEY.jpg`` + ``KEY.txt``) plus a captions file keyed by KEY.
@@ -394,8 +395,12 @@ def _row_ref(source, key):
 
 def run(source, output_dir, shard_size=10000, workers=1, quality=95, max_size=0, copy_jpeg=False,
         shuffle=True, seed=0, caption_fallback=None, tokenizer=DEFAULT_TOKENIZER, command=None,
-        progress=True):
-    """Write (or complete) the shards in ``output_dir``; returns the summary dict (manifest.json)."""
+        progress=True, part=(0, 1)):
+    """Write (or complete) the shards in ``output_dir``; returns the summary dict (manifest.json).
+
+    ``part=(i, n)`` builds only shards k with k % n == i, so n machines can share one output dir
+    on a shared file system; whichever run finds every shard done writes manifest.json and
+    rejects.jsonl, the others return None."""
     from tqdm import tqdm
 
     os.makedirs(output_dir, exist_ok=True)
@@ -412,13 +417,14 @@ def run(source, output_dir, shard_size=10000, workers=1, quality=95, max_size=0,
             raise DataError(f"{output_dir} holds shards of a different input or flags ({plan_path}); "
                             "use a new --output-dir or delete that one")
     else:
-        with open(plan_path + ".tmp", "w") as f:
+        tmp = f"{plan_path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
             f.write(plan_text)
-        os.replace(plan_path + ".tmp", plan_path)
+        os.replace(tmp, plan_path)
 
     order = plan_order(n, shuffle, seed)
     num_shards = max(1, math.ceil(n / shard_size))
-    todo = [k for k in range(num_shards)
+    todo = [k for k in range(part[0], num_shards, part[1])
             if not os.path.exists(os.path.join(output_dir, shard_name(k) + ".done.json"))]
     todo_rows = sum(len(order[k * shard_size:(k + 1) * shard_size]) for k in todo)
     bar = tqdm(total=todo_rows, unit="rec", desc="data2rec", disable=not progress, smoothing=0.1)
@@ -441,6 +447,8 @@ def run(source, output_dir, shard_size=10000, workers=1, quality=95, max_size=0,
         if pool is not None:
             pool.terminate()
             pool.join()
+    if not all(os.path.exists(os.path.join(output_dir, shard_name(k) + ".done.json")) for k in range(num_shards)):
+        return None  # other parts still running
     return _finish(output_dir, num_shards, n, plan, command)
 
 
