@@ -107,7 +107,9 @@ class DaliRecLoader:
         self.threads, self.augment, self.shuffle = max(1, workers), augment, shuffle
         self.initial_fill = initial_fill
         device = torch.device(device)
-        self.device_id = (device.index or 0) if device.type == "cuda" else None
+        self.device_id = None
+        if device.type == "cuda":
+            self.device_id = device.index if device.index is not None else torch.cuda.current_device()
         n, W = self.num_samples, world_size
         self.dropped_per_epoch = n - W * batch_size * ((n // W) // batch_size) if drop_last else 0
         self.set_epoch(0)
