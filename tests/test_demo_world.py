@@ -219,6 +219,8 @@ def test_bad_arguments_and_non_empty_output_give_clear_errors(tmp_path, world):
         dw.generate(tmp_path / "b", wrong_rate=-0.1)
     with pytest.raises(ValueError, match="--num-test"):
         dw.generate(tmp_path / "c", num_test=0)
+    with pytest.raises(ValueError, match="--seed"):
+        dw.generate(tmp_path / "d", seed=-1)
     out, _ = world
     with pytest.raises(FileExistsError, match=str(out)):
         dw.generate(out, **SMALL)

@@ -490,7 +490,7 @@ def generate(out_dir, num_train=5000, num_test=500, seed=0, image_size=64,
     out = Path(out_dir)
     rates = {"partial": partial_rate, "wrong": wrong_rate, "mismatched": mismatch_rate}
     _check_rates(rates, filler_rate)
-    for name, v, lo in (("num-train", num_train, 1), ("num-test", num_test, 1),
+    for name, v, lo in (("seed", seed, 0), ("num-train", num_train, 1), ("num-test", num_test, 1),
                         ("image-size", image_size, 16),
                         ("classify-train-per-class", classify_train_per_class, 0),
                         ("classify-val-per-class", classify_val_per_class, 1)):
