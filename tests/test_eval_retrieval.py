@@ -130,3 +130,10 @@ def test_equals_clip_benchmark(world):
         assert ours[f"i2t_R@{k}"] == pytest.approx(100 * theirs[f"text_retrieval_recall@{k}"])
         assert ours[f"t2i_R@{k}"] == pytest.approx(100 * theirs[f"image_retrieval_recall@{k}"])
     assert ImageFiles  # the image dataset class is public for callers that build their own loaders
+
+
+def test_undecodable_image_is_named(world):
+    root, _ = world
+    (root / "img" / "val2014" / "2.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match=r"image .*val2014/2.png cannot be decoded"):
+        run(world)
