@@ -187,6 +187,25 @@ def test_bad_shards_are_errors_naming_file_and_record(shards, tmp_path):
         build_train_loader(shards, batch_size=12, world_size=2, rank=1)
 
 
+def test_merged_single_file_shard_like_the_reference(shards, key_of, tmp_path):
+    """cat train-*.rec + the combined .idx = one datarec.rec/.idx, the reference's layout."""
+    from alip.data.dali_reader import combined_index
+    from alip.data.loader import rec_paths
+    recs, idx, n = combined_index(rec_paths(shards))
+    with open(tmp_path / "datarec.rec", "wb") as out:
+        for r in recs:
+            out.write(open(r, "rb").read())
+    shutil.copy(idx, tmp_path / "datarec.idx")
+    merged = RecordReader(tmp_path / "datarec.rec")
+    parts = [r for p in recs for r in RecordReader(p)]
+    assert n == len(merged) == N and [r.key for r in merged] == [r.key for r in parts]
+    assert all(a.jpeg == b.jpeg and (a.raw_tokens == b.raw_tokens).all() for a, b in zip(merged, parts))
+    for backend in ("torch", "dali"):
+        loader = build_train_loader([str(tmp_path / "datarec.rec")], backend=backend, batch_size=5,
+                                    image_size=SIZE, workers=0, drop_last=False)
+        assert sorted(keys(epoch(loader), key_of)) == list(range(N))
+
+
 def test_dali_reads_a_multipart_record(tmp_path):
     """A payload with the magic word at an aligned position is split in parts; DALI must rejoin it."""
     jpeg = jpeg_bytes(image(3))

@@ -35,27 +35,33 @@ from .recordio import CONTEXT_LENGTH, RecordReader
 
 
 def combined_index(rec_paths, idx_dir=None):
-    """(rec paths with records, path of one .idx over their concatenation, record count)."""
-    recs, sizes, parts = [], [], []
+    """(rec paths with records, path of one .idx over their concatenation, record count).
+
+    The .idx keeps each record's key, in file order: with ``cat`` of the same .rec files it is also
+    a single-file shard (what the reference ALIP dali.py reads)."""
+    recs, sizes, keys, offsets = [], [], [], []
+    base = 0
     for rec in rec_paths:
         size = os.path.getsize(rec)
-        offsets = RecordReader(rec).offsets  # checks the .idx against the .rec, and the last record
-        if len(offsets):
+        reader = RecordReader(rec)  # checks the .idx against the .rec, and the last record
+        if len(reader):
+            order = np.argsort(reader.offsets, kind="stable")
             recs.append(str(rec))
             sizes.append(size)
-            parts.append(np.sort(offsets))
+            keys.append(reader.keys[order])
+            offsets.append(reader.offsets[order] + base)
+        base += size
     if not recs:
         raise ValueError(f"no records in {list(rec_paths)}")
     h = hashlib.sha1(repr([(os.path.abspath(r), s, os.path.getmtime(r)) for r, s in zip(recs, sizes)]).encode())
     idx_dir = idx_dir or os.path.join(tempfile.gettempdir(), "alip-dali-idx")
     os.makedirs(idx_dir, exist_ok=True)
     path = os.path.join(idx_dir, h.hexdigest() + ".idx")
-    base = np.cumsum([0] + sizes[:-1])
-    offsets = np.concatenate([p + b for p, b in zip(parts, base)])
+    keys, offsets = np.concatenate(keys), np.concatenate(offsets)
     if not os.path.exists(path):
         tmp = f"{path}.{os.getpid()}.tmp"
         with open(tmp, "w") as f:
-            f.writelines(f"{i}\t{o}\n" for i, o in enumerate(offsets))
+            f.writelines(f"{k}\t{o}\n" for k, o in zip(keys, offsets))
         os.replace(tmp, path)
     return recs, path, len(offsets)
 
