@@ -2,8 +2,8 @@
 
 Classifier: ``open_clip.build_zero_shot_classifier`` (mean of the normalised template embeddings
 per class, renormalised). Logits ``100 * image_features @ classifier`` stay float32 (the ALIP
-reference stores them in a ``torch.long`` tensor, truncating before top-1). Top-k accuracy is clip_benchmark's
-(``logits.topk`` hits, same tie order) and mean-per-class accuracy is sklearn's
+reference stores them in a ``torch.long`` tensor, truncating before top-1). Top-k accuracy is
+clip_benchmark's (``logits.topk`` hits, same tie order) and mean-per-class accuracy is sklearn's
 ``balanced_accuracy_score``, the function clip_benchmark calls, so our numbers equal
 clip_benchmark's on the same model and data (x100: we report percentages). clip_benchmark's own
 ``accuracy`` (and open_clip_train's copy) cannot be called: ``float()`` of a 1-element array is a
