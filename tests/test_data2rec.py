@@ -191,6 +191,25 @@ def test_max_size_and_copy_jpeg(tmp_path):
     assert small != recs[1].jpeg and Image.open(io.BytesIO(small)).size == (20, 16)  # re-encoded, not resized
 
 
+def test_exif_orientation_and_grayscale(tmp_path):
+    root = str(tmp_path)
+    os.makedirs(os.path.join(root, "images"))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown rotated 90 degrees (a phone photo)
+    image(0, (40, 20)).save(os.path.join(root, "images/rot.jpg"), quality=95, exif=exif.tobytes())
+    image(1, (24, 16), mode="L").save(os.path.join(root, "images/gray.jpg"), quality=95)
+    path = write_manifest(root, [{"image": "images/rot.jpg", "text": "a", "caption": "b"},
+                                 {"image": "images/gray.jpg", "text": "a", "caption": "b"}])
+    out = str(tmp_path / "out")
+    assert data2rec.main(["--manifest", path, "--image-root", root, "--output-dir", out, "--copy-jpeg",
+                          "--no-progress"]) == 0
+    recs = records(out)
+    rot = Image.open(io.BytesIO(recs[0].jpeg))
+    assert rot.size == (20, 40) and rot.getexif().get(0x0112, 1) == 1  # upright, as cv2.imread gives it
+    gray = Image.open(io.BytesIO(recs[1].jpeg))
+    assert gray.mode == "RGB" and gray.size == (24, 16)  # re-encoded as RGB, not copied
+
+
 def test_rerun_is_byte_identical_and_never_duplicates(ds, tmp_path, capsys):
     root, manifest = ds
     args = ["--manifest", manifest, "--image-root", root, "--shard-size", "6", "--no-progress"]
