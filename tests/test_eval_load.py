@@ -21,8 +21,10 @@ def trained(tmp_path_factory):
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     sd = model.state_dict()
-    # train.py: {"state_dict", "model", "epoch", "step"}
-    torch.save({"state_dict": sd, "model": "ALIP-tiny", "epoch": 3, "step": 30}, root / "epoch_3.pt")
+    # written by train.py's own writer: {"state_dict", "model", "epoch", "step"} (+ a .state.pt)
+    from alip.training.checkpoint import save_checkpoint
+    written = save_checkpoint(root, "epoch_3", "ALIP-tiny", model, {"optimizer": {}}, epoch=3, step=30)
+    assert written == root / "epoch_3.pt"
     # open_clip: a bare state_dict file
     torch.save(sd, root / "open_clip.pt")
     # ALIP authors: torch.save(ddp_model.state_dict(), f"model_{epoch}.pt") -> "module." keys, the
