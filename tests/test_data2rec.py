@@ -265,7 +265,7 @@ def test_killed_midway_then_rerun_is_byte_identical(tmp_path):
     while not glob.glob(os.path.join(killed, "train-00001.done.json")) and time.time() < deadline:
         if proc.poll() is not None:
             break
-        time.sleep(0.01)
+        time.sleep(0.002)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = len(glob.glob(os.path.join(killed, "*.done.json")))
