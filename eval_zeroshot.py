@@ -24,25 +24,37 @@ def main(argv=None):
     p.add_argument("--split", default=None, help="default: the protocol's test split")
     p.add_argument("--classnames", default=None, help="file, one class name per line (ImageFolder order)")
     p.add_argument("--templates", default=None, help="file, one template per line with {}")
+    p.add_argument("--skip-missing", action="store_true",
+                   help="report a dataset that is not on disk and go on with the others")
     p.add_argument("--output", default=None, help="write the metrics (and the settings) as JSON here")
     args = p.parse_args(argv)
     names = list(ALIP_TABLE) if args.dataset == "all" else [canonical_name(n) for n in args.dataset.split(",")]
     if len(names) > 1 and (args.classnames or args.templates):
         p.error("--classnames / --templates apply to a single dataset")
     model, preprocess, tokenizer = load_model_from_args(args)
-    results = {}
+    results, skipped = {}, {}
     for name in names:
-        m = evaluate_zeroshot(model, preprocess, tokenizer, name, dataset_root(args.root, name, args.imagenet_root),
-                              batch_size=args.batch_size, device=args.device, workers=args.workers,
-                              precision=args.precision, classnames=args.classnames,
-                              templates=args.templates, split=args.split)
+        try:
+            m = evaluate_zeroshot(model, preprocess, tokenizer, name,
+                                  dataset_root(args.root, name, args.imagenet_root),
+                                  batch_size=args.batch_size, device=args.device, workers=args.workers,
+                                  precision=args.precision, classnames=args.classnames,
+                                  templates=args.templates, split=args.split)
+        except FileNotFoundError as e:
+            if not args.skip_missing:
+                raise
+            skipped[name] = str(e)
+            print(f"SKIPPED {name}: {e}", file=sys.stderr, flush=True)
+            continue
         results[name] = m
         print(f"{name}: top1 {m['top1']:.2f}  top5 {m['top5']:.2f}  mean-per-class "
               f"{m['mean_per_class']:.2f}  ({int(m['num_images'])} images)", flush=True)
     text, mean = table(results)
     print(text)
+    if skipped:
+        print(f"not evaluated (missing): {', '.join(skipped)}")
     if args.output:
-        write_json(args.output, metrics=results, mean=mean, settings=vars(args))
+        write_json(args.output, metrics=results, mean=mean, skipped=skipped, settings=vars(args))
     return 0
 
 

@@ -232,3 +232,32 @@ def test_torchvision_layouts_and_class_names(tmp_path):
     d = build_dataset("caltech101", r)
     assert len(d.dataset) == 102 and d.classnames[:2] == ["background", "off-center face"]
     assert len(d.templates) == 34 and d.mean_per_class
+
+
+def test_alip_table_and_average():
+    """The CLIP row of the ALIP README: its "Average" 31.8 is the mean of all 11 columns."""
+    from alip.eval.report import table
+    clip_row = {"cifar10": 63.7, "cifar100": 33.2, "food101": 34.6, "pets": 20.1, "flowers": 50.1,
+                "sun397": 35.7, "cars": 2.6, "dtd": 15.5, "caltech101": 59.9, "fgvc_aircraft": 1.2,
+                "imagenet1k": 32.8}
+    mpc = ("pets", "flowers", "caltech101", "fgvc_aircraft")  # headline = mean-per-class there
+    results = {n: {"top1": -1.0 if n in mpc else v, "mean_per_class": v if n in mpc else -1.0,
+                   "uses_mean_per_class": float(n in mpc)} for n, v in reversed(clip_row.items())}
+    text, mean = table(results)
+    assert mean == pytest.approx(349.4 / 11) and text.splitlines()[2].split("|")[-2].strip() == "31.8"
+    assert text.splitlines()[0].split("|")[1].strip() == "CIFAR10" and "Average" in text
+    text, mean = table({"cifar10": results["cifar10"], "pets": results["pets"]})
+    assert mean == pytest.approx((63.7 + 20.1) / 2) and "Mean of 2" in text
+
+
+def test_cli_skip_missing(tmp_path, capsys):
+    import eval_zeroshot
+    write_cifar10(str(tmp_path / "cifar10"), [0, 1, 2, 3, 4, 5])
+    args = ["--model", "ALIP-tiny", "--dataset", "cifar10,dtd", "--root", str(tmp_path / "{dataset}"),
+            "--device", "cpu", "--workers", "0", "--output", str(tmp_path / "o.json")]
+    with pytest.raises(FileNotFoundError, match="dtd: dataset root .*dtd does not exist"):
+        eval_zeroshot.main(args)
+    assert eval_zeroshot.main(args + ["--skip-missing"]) == 0
+    out = json.loads((tmp_path / "o.json").read_text())
+    assert set(out["metrics"]) == {"cifar10"} and set(out["skipped"]) == {"dtd"}
+    assert "not evaluated (missing): dtd" in capsys.readouterr().out

@@ -12,10 +12,11 @@ def headline(metrics):
 
 def table(results):
     """The ALIP README's zero-shot table (one row) for ``results`` {dataset: metrics}, with the mean
-    over the datasets present (over all 11 of ALIP_TABLE this is the README's "Average")."""
+    over the datasets present: the README's "Average" when they are its 11, else "Mean of N"."""
     names = [n for n in ALIP_TABLE if n in results] + [n for n in results if n not in ALIP_TABLE]
     scores = [headline(results[n]) for n in names]
-    header = [TITLES.get(n, n) for n in names] + ["Average"]
+    label = "Average" if sorted(names) == sorted(ALIP_TABLE) else f"Mean of {len(names)}"
+    header = [TITLES.get(n, n) for n in names] + [label]
     mean = sum(scores) / len(scores) if scores else math.nan
     values = [f"{s:.1f}" for s in scores] + [f"{mean:.1f}"]
     widths = [max(len(h), len(v)) for h, v in zip(header, values)]
