@@ -16,7 +16,6 @@ empty text, ...). A missing caption stops the run before anything is written unl
 """
 import csv
 import glob
-import hashlib
 import io
 import json
 import math
