@@ -2,8 +2,9 @@
 
 * DALI's mxnet reader takes many .rec files but ONE .idx whose offsets run over the files'
   concatenation; we write that combined index (atomically, in the temp dir, named by a hash of
-  the shards) from the per-shard .idx files. Shards with no records are left out (DALI's loader
-  mis-assigns offsets after an empty file).
+  the shards) from the per-shard .idx files. Shards with no records (every row rejected) are
+  left out of both lists (DALI sizes each record by the next offset; an empty file is not
+  something its index parsing was written for).
 * Sharding: DALI cuts the records into W contiguous ranges; range s = [N*s//W, N*(s+1)//W).
   DALI's own reader moves to the next range every epoch; we build a fresh pipeline per epoch
   with shard_id = (rank + epoch) % W and a seed from (seed, epoch, rank), which keeps that
