@@ -102,3 +102,22 @@ def test_precision_bf16_runs(trained):
     m, preprocess, tokenizer = load_model(checkpoint=str(root / "epoch_3.pt"), precision="amp_bf16")
     out = retrieval(m, preprocess, tokenizer, root)
     assert set(out) == {"i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum"}
+
+
+def test_alip_vit_b32_matches_the_released_model_layout():
+    """ALIP-ViT-B-32 has exactly the reference ViT-B/32's keys and shapes (GELU, 12 heads), so the
+    authors' weights load with strict=True (built on the meta device: no memory, no init time)."""
+    import open_clip
+    from open_clip.model import CLIP
+    with torch.device("meta"):
+        m = CLIP(**open_clip.get_model_config("ALIP-ViT-B-32"))
+    sd = m.state_dict()
+    assert set(sd) == reference_keys(12, 12)
+    shapes = {"visual.conv1.weight": (768, 3, 32, 32), "visual.positional_embedding": (50, 768),
+              "visual.transformer.resblocks.0.attn.in_proj_weight": (2304, 768), "visual.proj": (768, 512),
+              "token_embedding.weight": (49408, 512), "positional_embedding": (77, 512),
+              "transformer.resblocks.11.mlp.c_fc.weight": (2048, 512), "text_projection": (512, 512),
+              "logit_scale": ()}
+    assert {k: tuple(sd[k].shape) for k in shapes} == shapes
+    assert m.visual.transformer.resblocks[0].attn.num_heads == 12
+    assert isinstance(m.visual.transformer.resblocks[0].mlp.gelu, torch.nn.GELU)  # not QuickGELU
