@@ -5,8 +5,8 @@
         --batch-size 256 --num-images 10000 --workers 8 --precision amp         # on a GPU
 
 Both loops get the same model, the same classifier (open_clip.build_zero_shot_classifier), the
-same DataLoader and batch size, and are timed interleaved (ours, peer, ours, ...) for --repeats
-rounds after a warm-up; the median per loop is reported. Two inputs:
+same DataLoader and batch size, and are timed interleaved (ours, peer, peer, ours, ...) for
+--repeats rounds after a warm-up; the median per loop is reported. Two inputs:
   files    a generated ImageFolder of JPEGs (decode + preprocess in DataLoader workers: what a
            real run does)
   tensors  the same images already preprocessed, in memory (the loop itself: model + metrics)
@@ -110,9 +110,11 @@ def main():
             a, (top1, top5) = ours(model, classifier, loader, args), peer(model, classifier, loader, peer_args)
             assert abs(a["top1"] - 100 * top1) < 1e-6 and abs(a["top5"] - 100 * top5) < 1e-6, (a, top1, top5)
             times = {"ours": [], "peer": []}
-            for _ in range(args.repeats):
-                times["ours"].append(timed(ours, model, classifier, loader, args))
-                times["peer"].append(timed(peer, model, classifier, loader, peer_args))
+            for r in range(args.repeats):  # ABBA order: neither loop always runs first
+                order = ("ours", "peer") if r % 2 == 0 else ("peer", "ours")
+                for who in order:
+                    fn, a = (ours, args) if who == "ours" else (peer, peer_args)
+                    times[who].append(timed(fn, model, classifier, loader, a))
             med = {k: statistics.median(v) for k, v in times.items()}
             ips = {k: args.num_images / v for k, v in med.items()}
             print(f"{kind:8s} ours {ips['ours']:9.1f} img/s   open_clip_train {ips['peer']:9.1f} img/s   "
