@@ -261,3 +261,16 @@ def test_cli_skip_missing(tmp_path, capsys):
     out = json.loads((tmp_path / "o.json").read_text())
     assert set(out["metrics"]) == {"cifar10"} and set(out["skipped"]) == {"dtd"}
     assert "not evaluated (missing): dtd" in capsys.readouterr().out
+
+
+def test_imagenet_folder_resolution(tmp_path):
+    """ImageNet: ROOT/val/<wnid>/ or ROOT itself with the 1000 wnid folders; CLIP names, 80 templates."""
+    import open_clip
+    for i in range(1000):
+        write_id_image(str(tmp_path / "imagenet" / "val" / f"n{i:08d}" / "a.png"), i % 256, size=2)
+    for root in (tmp_path / "imagenet", tmp_path / "imagenet" / "val"):
+        d = build_dataset("imagenet", str(root))
+        assert d.name == "imagenet1k" and len(d.dataset) == 1000 and d.dataset[999][1] == 999
+        assert d.classnames == list(open_clip.IMAGENET_CLASSNAMES) and len(d.templates) == 80
+    with pytest.raises(FileNotFoundError, match=r"imagenet1k: .*imagenet/train is missing"):
+        build_dataset("imagenet1k", str(tmp_path / "imagenet"), split="train")
