@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from alip.training import checkpoint as ckpt
+from alip.training.loop import TrainConfigError
 from test_train_helpers import final_state, killed_worker, read_results, run_single, tiny_argv
 
 EXACT_KEYS = ("loss", "loss_raw", "loss_caption", "ema_tc", "ema_it", "ema_ic", "s_tc",
@@ -61,3 +62,5 @@ def test_resume_of_a_finished_run_from_an_explicit_path(tmp_path):
         ckpt.load_checkpoint(d / "epoch_1.pt")
     out = run_single(argv("r", "--resume", str(d / "epoch_2.pt")))
     assert out["step"] == 8 and out["epoch"] == 2  # nothing left to do
+    with pytest.raises(TrainConfigError, match=r"batch_size \(checkpoint 8, now 4\)"):
+        run_single(argv("r", "--resume", "latest", "--batch-size", "4"))

@@ -24,7 +24,7 @@ from . import checkpoint as ckpt
 from .distributed import all_gather_object, barrier, cleanup, init_distributed
 from .logger import RunLogger, setup_text_log
 from .optim import build_optimizer, build_scheduler
-from .params import parse_args, write_config
+from .params import parse_args, resolved_config, write_config
 from .step import StepContext, train_step
 from .synthetic import SyntheticLoader
 
@@ -212,8 +212,11 @@ def _run(args, info, make_loader):
             raise TrainConfigError(f"--resume: no such checkpoint: {resume_path}")
 
     seed_everything(args.seed)
-    clip_model, _, preprocess = open_clip.create_model_and_transforms(
-        args.model, pretrained=args.pretrained, device=info.device)
+    try:
+        clip_model, _, preprocess = open_clip.create_model_and_transforms(
+            args.model, pretrained=args.pretrained, device=info.device)
+    except (RuntimeError, FileNotFoundError, ValueError, KeyError) as e:
+        raise TrainConfigError(f"--model {args.model} --pretrained {args.pretrained}: {e}") from e
     if args.grad_checkpointing:
         clip_model.set_grad_checkpointing(True)
     image_size = clip_model.visual.image_size
@@ -244,6 +247,8 @@ def _run(args, info, make_loader):
     if args.precision == "amp" and info.device.type == "cuda":
         scaler = torch.amp.GradScaler("cuda", growth_interval=200)  # as the reference
 
+    args.world_size = info.world_size
+    args.steps_per_epoch, args.total_steps = steps_per_epoch, total_steps
     start_epoch, start_batch, step = 0, 0, 0
     nonfinite_total = nonfinite_run = 0
     if resume_path is not None:
@@ -251,6 +256,14 @@ def _run(args, info, make_loader):
         if model_ckpt.get("model") not in (None, args.model):
             raise TrainConfigError(f"--resume {resume_path}: checkpoint is a "
                                    f"{model_ckpt['model']!r}, but --model is {args.model!r}")
+        old = state.get("config", {})
+        changed = [k for k in ("batch_size", "world_size", "accum_freq", "epochs")
+                   if k in old and old[k] != getattr(args, k)]
+        if changed:
+            raise TrainConfigError(
+                f"--resume {resume_path}: the data position and schedule depend on "
+                + ", ".join(f"{k} (checkpoint {old[k]}, now {getattr(args, k)})" for k in changed)
+                + "; resume with the same values")
         clip_model.load_state_dict(model_ckpt["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -279,8 +292,6 @@ def _run(args, info, make_loader):
                       autocast=get_autocast(args.precision, device_type=info.device.type))
 
     if info.is_master:
-        args.world_size = info.world_size
-        args.steps_per_epoch, args.total_steps = steps_per_epoch, total_steps
         write_config(args, run_dir / "config.yaml")
         n_params = sum(p.numel() for p in clip_model.parameters())
         log.info("run dir %s | %s %s (%.1fM params) | %d process(es) on %s | precision %s",
@@ -308,7 +319,7 @@ def _run(args, info, make_loader):
                  "loss": loss_fn.state_dict(), "epoch": epoch, "batch_in_epoch": batch_in_epoch,
                  "step": step, "nonfinite_total": nonfinite_total,
                  "rng": all_gather_object(ckpt.rng_state(), info),
-                 "config": dict(vars(args)), "model": args.model}
+                 "config": resolved_config(args), "model": args.model}
         if info.is_master:
             path = ckpt.save_checkpoint(ckpt_dir, tag, args.model, clip_model, state,
                                         completed_epochs, step, keep_last=args.keep_last)
