@@ -16,10 +16,19 @@ EXACT_KEYS = ("loss", "loss_raw", "loss_caption", "ema_tc", "ema_it", "ema_ic", 
               "logit_scale", "epoch", "samples")
 
 
-def test_sigkill_and_resume_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("data", ["synthetic", "rec"])
+def test_sigkill_and_resume_is_bit_identical(tmp_path, data):
     # 6 steps per epoch, 2 epochs; step checkpoints every 4 steps (step 4 is mid-epoch 0)
+    source = []
+    if data == "rec":  # real shards through the torch reader (augmentation included)
+        from alip.data import demo_world
+        demo_world.generate(tmp_path / "world", num_train=48, num_test=1,
+                            classify_train_per_class=0, classify_val_per_class=1,
+                            shard_size=20, progress=False)
+        source = ["--dataset-type", "rec", "--train-data", str(tmp_path / "world/shards"),
+                  "--data-backend", "torch"]
     argv = lambda name, *x: tiny_argv(tmp_path, name, "--save-every-n-steps", "4", "--lr",
-                                      "5e-3", *x, samples=48, batch=8, epochs=2)
+                                      "5e-3", *source, *x, samples=48, batch=8, epochs=2)
     run_single(argv("full"))
 
     proc = mp.get_context("spawn").Process(target=killed_worker, args=(argv("cut"), 6))
