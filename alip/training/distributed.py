@@ -27,8 +27,11 @@ def init_distributed(device="auto", dist_backend=None, dist_url=None):
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     r = init_distributed_device_so(device=device, dist_backend=dist_backend, dist_url=dist_url)
+    dev = torch.device(r["device"])
+    if dev.type == "cuda" and dev.index is None:  # a plain "cuda": name the GPU (DALI, DDP)
+        dev = torch.device("cuda", torch.cuda.current_device())
     return DistInfo(rank=r["global_rank"], local_rank=r["local_rank"], world_size=r["world_size"],
-                    distributed=r["distributed"], device=torch.device(r["device"]))
+                    distributed=r["distributed"], device=dev)
 
 
 def all_true(flag, info):
