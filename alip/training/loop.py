@@ -3,10 +3,7 @@
 ``main(argv)`` is train.py. ``run(args, make_loader=None)`` is the same for a parsed
 namespace; ``make_loader(args, info, image_size)`` may replace the data loader (tests).
 """
-import math
-import os
 import random
-import time
 from datetime import datetime
 from pathlib import Path
 
