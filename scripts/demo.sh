@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The README's main command: set up .venv, generate the demo world, train on it, evaluate.
 #
-#   ./scripts/demo.sh                       # ALIP
-#   DEMO_METHODS="alip clip" ./scripts/demo.sh   # ALIP, then the CLIP baseline on the same data
+#   ./scripts/demo.sh                            # ALIP, then the CLIP baseline on the same data
+#   DEMO_METHODS=alip ./scripts/demo.sh          # ALIP only
 #
 # Outputs go to demo_output/ (DEMO_OUT): the world (shards, retrieval and classification splits),
 # one run directory per method (checkpoints, results.jsonl, TensorBoard), and the eval JSONs.
@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 ./scripts/setup_env.sh
 PY=.venv/bin/python
 OUT=${DEMO_OUT:-demo_output}
-METHODS=${DEMO_METHODS:-alip}
+METHODS=${DEMO_METHODS:-alip clip}
 WORLD=$OUT/world
 
 if [ ! -f "$WORLD/demo_world.json" ]; then
