@@ -1,17 +1,8 @@
 #!/usr/bin/env bash
-# CLIP baseline ViT-B/32 on YFCC15M, same recipe and stack (configs/yfcc15m_vit_b32_clip.yaml):
-# 8 GPUs per node, batch 512 per GPU, 32 epochs. Run the same command on every node:
+# CLIP baseline ViT-B/32 on YFCC15M, same recipe, data and stack as ALIP
+# (configs/yfcc15m_vit_b32_clip.yaml). Same environment variables as train_yfcc15m_B32_ALIP.sh:
 #   TRAIN_DATA=/data/yfcc15m_rec NNODES=4 NODE_RANK=<0..3> MASTER_ADDR=<node 0> \
 #     scripts/train_yfcc15m_B32_CLIP.sh [extra train.py flags]
-# Restarting the command resumes the run from its newest complete checkpoint.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-: "${TRAIN_DATA:?set TRAIN_DATA to the data2rec output directory of YFCC15M}"
-CONFIG=${CONFIG:-configs/yfcc15m_vit_b32_clip.yaml}
-NAME=${NAME:-yfcc15m-B32-CLIP}
-export NCCL_ALGO=${NCCL_ALGO:-Ring}   # as the reference script
-exec .venv/bin/torchrun \
-  --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" --nproc_per_node "${NPROC_PER_NODE:-8}" \
-  --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}" \
-  train.py --config "$CONFIG" --train-data "$TRAIN_DATA" --logs-dir "${LOGS:-./logs}" \
-  --name "$NAME" --resume latest "$@"
+CONFIG=${CONFIG:-configs/yfcc15m_vit_b32_clip.yaml} NAME=${NAME:-yfcc15m-B32-CLIP} \
+  exec "$(dirname "$0")/train_yfcc15m_B32_ALIP.sh" "$@"
