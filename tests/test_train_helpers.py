@@ -40,6 +40,14 @@ class NaNLoader:
         self.epoch, self.start = epoch, start_batch
         self.loader.set_epoch(epoch, start_batch)
 
+    def __getattr__(self, name):  # state_dict / load_state_dict, when the loader has them
+        if name in ("state_dict", "load_state_dict") and hasattr(self.loader, name):
+            if name == "load_state_dict":
+                return lambda state: (self.set_epoch(state["epoch"], state["batch"]),
+                                      self.loader.load_state_dict(state))
+            return self.loader.state_dict
+        raise AttributeError(name)
+
     def __iter__(self):
         for i, (images, raw, cap) in enumerate(self.loader, start=self.start):
             if (self.epoch, i) in self.bad:

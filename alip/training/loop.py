@@ -247,6 +247,7 @@ def _run(args, info, make_loader):
     args.world_size = info.world_size
     args.steps_per_epoch, args.total_steps = steps_per_epoch, total_steps
     start_epoch, start_batch, step = 0, 0, 0
+    loader_state = None  # this rank's reader position (DALI: its pipeline checkpoint)
     nonfinite_total = nonfinite_run = 0
     if resume_path is not None:
         model_ckpt, state = ckpt.load_checkpoint(resume_path)
@@ -272,6 +273,9 @@ def _run(args, info, make_loader):
         rngs = state.get("rng") or []
         if len(rngs) == info.world_size:
             ckpt.set_rng_state(rngs[info.rank])
+        loaders = state.get("loader") or []
+        if len(loaders) == info.world_size:
+            loader_state = loaders[info.rank]
         log.info("resumed from %s: epoch %d, batch %d, step %d", resume_path, start_epoch,
                  start_batch, step)
 
@@ -316,6 +320,8 @@ def _run(args, info, make_loader):
                  "loss": loss_fn.state_dict(), "epoch": epoch, "batch_in_epoch": batch_in_epoch,
                  "step": step, "nonfinite_total": nonfinite_total,
                  "rng": all_gather_object(ckpt.rng_state(), info),
+                 "loader": all_gather_object(loader.state_dict(), info)
+                 if hasattr(loader, "state_dict") else None,
                  "config": resolved_config(args), "model": args.model}
         if info.is_master:
             path = ckpt.save_checkpoint(ckpt_dir, tag, args.model, clip_model, state,
@@ -328,7 +334,12 @@ def _run(args, info, make_loader):
     try:
         while epoch < args.epochs and not stop:
             first = start_batch if epoch == start_epoch else 0
-            loader.set_epoch(epoch, start_batch=first)
+            if (loader_state is not None and hasattr(loader, "load_state_dict")
+                    and (loader_state["epoch"], loader_state["batch"]) == (epoch, first)):
+                loader.load_state_dict(loader_state)  # DALI: from its checkpoint, no replay
+            else:
+                loader.set_epoch(epoch, start_batch=first)
+            loader_state = None
             batch_in_epoch, micro = first, []
             last_batch = steps_per_epoch * args.accum_freq
             logger.reset_clock()
