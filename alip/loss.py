@@ -24,8 +24,46 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from open_clip.loss import ClipLoss
 
 GATE_NAMES = ("tc", "it", "ic")
+DDP_GRADIENTS = ("global", "reference")
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+def scale_grad(x, scale):
+    """Identity in the forward pass; multiplies the gradient by ``scale`` in the backward."""
+    return x if scale == 1 else _ScaleGrad.apply(x, scale)
+
+
+def local_grad_scale(world_size, gather_with_grad, ddp_gradients="global"):
+    """The factor on the local features' gradient that makes DDP-averaged gradients exact.
+
+    Without ``gather_with_grad`` each rank differentiates the global-batch loss through its local
+    rows only, so its local-feature gradient equals the matching rows of the single-process
+    gradient, and DDP's averaging divides every tower parameter's gradient by W, while
+    ``logit_scale`` (which every rank differentiates in full) keeps its full gradient. Scaling
+    the local features' gradient by W makes every parameter's averaged gradient equal the
+    single-process gradient of the global loss (``ddp_gradients="global"``). With
+    ``gather_with_grad`` the gather's backward already sums the ranks' contributions, so no
+    scale is needed. ``ddp_gradients="reference"`` keeps open_clip's / the reference's
+    gradients (towers 1/W, logit_scale full).
+    """
+    if ddp_gradients not in DDP_GRADIENTS:
+        raise ValueError(f"ddp_gradients must be one of {DDP_GRADIENTS}, got {ddp_gradients!r}")
+    if ddp_gradients == "reference" or gather_with_grad:
+        return 1.0
+    return float(world_size)
 
 
 def gather_features(features, rank, world_size, gather_with_grad=False):
@@ -72,7 +110,7 @@ def _check_inputs(image_features, raw_features, caption_features, logit_scale):
 
 class ALIPLoss(nn.Module):
     def __init__(self, gamma=2.0, momentum=0.99, ema_init=1.0, rank=0, world_size=1,
-                 local_loss=False, gather_with_grad=False):
+                 local_loss=False, gather_with_grad=False, grad_scale=1.0):
         super().__init__()
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"ALIPLoss: momentum must be in [0, 1], got {momentum}")
@@ -85,13 +123,16 @@ class ALIPLoss(nn.Module):
         self.world_size = world_size
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
+        self.grad_scale = float(grad_scale)  # see local_grad_scale()
         for name in GATE_NAMES:
             self.register_buffer(f"ema_{name}", torch.tensor(float(ema_init)))
 
     @torch.no_grad()
     def gates(self, img, raw, cap):
-        """Similarities, EMA update and the three weights over the global batch (float32)."""
-        img, raw, cap = img.float(), raw.float(), cap.float()
+        """Similarities, EMA update and the three weights over the global batch (float32, or
+        float64 for float64 features)."""
+        dtype = torch.promote_types(img.dtype, torch.float32)
+        img, raw, cap = img.to(dtype), raw.to(dtype), cap.to(dtype)
         sims = {"tc": (raw * cap).sum(-1), "it": (img * raw).sum(-1), "ic": (img * cap).sum(-1)}
         emas = {}
         for name, s in sims.items():
@@ -126,7 +167,8 @@ class ALIPLoss(nn.Module):
         _check_inputs(image_features, raw_features, caption_features, logit_scale)
         b, d = image_features.shape
         # One collective for all three feature sets, reused by the gates and both paths.
-        joint = torch.cat([image_features, raw_features, caption_features], dim=1)
+        joint = scale_grad(torch.cat([image_features, raw_features, caption_features], dim=1),
+                           self.grad_scale)
         all_joint = gather_features(joint, self.rank, self.world_size, self.gather_with_grad)
         all_img, all_raw, all_cap = all_joint.split(d, dim=1)
 
@@ -147,3 +189,16 @@ class ALIPLoss(nn.Module):
             out[f"ema_{name}"] = getattr(self, f"ema_{name}").detach().clone()
         return out
 
+
+
+class GlobalGradClipLoss(ClipLoss):
+    """open_clip's ``ClipLoss`` with the local features' gradient scaled by ``grad_scale``
+    (``local_grad_scale``), so DDP-averaged gradients equal the single-process ones."""
+
+    def __init__(self, grad_scale=1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.grad_scale = float(grad_scale)
+
+    def forward(self, image_features, text_features, logit_scale, **kwargs):
+        return super().forward(scale_grad(image_features, self.grad_scale),
+                               scale_grad(text_features, self.grad_scale), logit_scale, **kwargs)

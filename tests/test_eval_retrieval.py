@@ -137,3 +137,28 @@ def test_undecodable_image_is_named(world):
     (root / "img" / "val2014" / "2.png").write_bytes(b"not an image")
     with pytest.raises(ValueError, match=r"image .*val2014/2.png cannot be decoded"):
         run(world)
+
+
+def test_ties_follow_clip_benchmark():
+    """Exact ties (repeated caption strings, duplicated images, as in COCO and web data): one
+    topk(K) per K, as clip_benchmark; a single topk(max K) sliced to K can pick other tied
+    candidates and differ by points."""
+    from clip_benchmark.metrics.zeroshot_retrieval import recall_at_k
+
+    from alip.eval.retrieval import retrieval_metrics
+    gen = torch.Generator().manual_seed(0)
+    # 60 images from 12 distinct ones, 5 captions each drawn from 20 distinct strings: many ties
+    images = torch.nn.functional.normalize(torch.randn(12, 8, generator=gen), dim=-1)
+    texts = torch.nn.functional.normalize(torch.randn(20, 8, generator=gen), dim=-1)
+    image_feats = images[torch.randint(0, 12, (60,), generator=gen)]
+    text_feats = texts[torch.randint(0, 20, (300,), generator=gen)]
+    text_to_image = torch.arange(60).repeat_interleave(5)
+    ours = retrieval_metrics(image_feats, text_feats, text_to_image, recall_k=(1, 5, 10))
+    scores = text_feats @ image_feats.T
+    positives = torch.zeros_like(scores, dtype=torch.bool)
+    positives[torch.arange(300), text_to_image] = True
+    for k in (1, 5, 10):
+        t2i = (recall_at_k(scores, positives, k) > 0).float().mean().item()
+        i2t = (recall_at_k(scores.T, positives.T, k) > 0).float().mean().item()
+        assert ours[f"t2i_R@{k}"] == pytest.approx(100 * t2i)
+        assert ours[f"i2t_R@{k}"] == pytest.approx(100 * i2t)

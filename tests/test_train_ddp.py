@@ -1,43 +1,119 @@
-"""2 gloo processes x batch B == 1 process x batch 2B, for ALIP and CLIP.
+"""W gloo processes x batch B train exactly like 1 process x batch W*B (``--ddp-gradients
+global``, the default), with the default gradient clip, for ALIP and CLIP, local_loss on and
+off; and ``--ddp-gradients reference`` gives open_clip's / the reference's DDP gradients (tower
+gradients 1/W of the single-process ones, logit_scale's in full).
 
-Semantics (open_clip's): every rank computes the loss over the all-gathered global batch with
-gradient through its local rows only, and DDP averages, so a rank's parameter gradient is 1/W
-of the single-process one. AdamW is invariant to that scale (up to eps), so the runs match with
-gradient clipping off; with clipping the threshold acts on the 1/W-scaled norm, as in the
-reference. A non-finite batch on ONE rank makes every rank skip that step.
+Runs are compared in float64: the two computations sum in different orders, and Adam amplifies
+fp32's ~1e-7 differences to ~1e-4 within a few steps by a CPU-dependent amount; in float64 the
+same amplification leaves them ~1e-10 apart, far inside the 1e-8 tolerance and far from any real
+difference (with the reference's gradients the clip makes the runs differ at 1e-3 and more).
 """
+import os
+
+import open_clip
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from test_train_helpers import (assert_weights_close, final_state, free_port, gloo_worker, read_results, run_single,
-                                tiny_argv)
+import alip  # noqa: F401
+from alip.loss import ALIPLoss, GlobalGradClipLoss, local_grad_scale
+from alip.model import TripletEncoder
+from alip.training.synthetic import synthetic_sample
+from test_train_helpers import (assert_weights_close, final_state, free_port, gloo_worker, read_results,
+                                run_single, tiny_argv)
+
+COMBOS = [("alip", False), ("alip", True), ("clip", False), ("clip", True)]
+# a NaN image batch on rank 1 at epoch 0 batch 2 == NaN in the global batch's second half
+BAD = [(0, 2)]
+
+
+def _argv(tmp_path, name, method, local_loss, *extra, batch):
+    flags = ["--method", method, "--lr", "5e-3", *(["--local-loss"] if local_loss else []), *extra]
+    return tiny_argv(tmp_path, name, *flags, samples=96, batch=batch, epochs=2)
+
+
+def _compare(ddp_dir, one_dir, method):
+    ddp, one = read_results(ddp_dir), read_results(one_dir)
+    assert [r["step"] for r in ddp] == [r["step"] for r in one] == list(range(1, 13))
+    assert [r["skipped"] for r in ddp] == [r["skipped"] for r in one] == [False] * 2 + [True] + [False] * 9
+    keys = ["loss", "grad_norm"] + (["loss_raw", "loss_caption", "ema_tc", "ema_it", "ema_ic",
+                                     "w_sample_mean", "w_text_mean", "w_caption_mean"]
+                                    if method == "alip" else [])
+    assert one[0]["grad_norm"] > 1.0  # the default clip (1.0) is active
+    for a, b in zip(ddp, one):
+        assert a["lr"] == b["lr"]
+        if not a["skipped"]:
+            for k in keys:
+                assert a[k] == pytest.approx(b[k], rel=1e-8, abs=1e-12), (a["step"], k)
+    sd_ddp, sd_one = final_state(ddp_dir, "epoch_2"), final_state(one_dir, "epoch_2")
+    assert not any(k.startswith("module.") for k in sd_ddp)
+    assert_weights_close(sd_ddp, sd_one, rtol=1e-8, atol=1e-10, max_outliers=0)
+    init = final_state(one_dir, "epoch_1")  # training moved the weights: equality is not trivial
+    assert any(not torch.equal(init[k], sd_one[k]) for k in sd_one)
+
+
+def test_two_processes_equal_one_with_global_batch(tmp_path):
+    runs = [_argv(tmp_path, f"ddp-{m}-{ll}", m, ll, batch=8) for m, ll in COMBOS]
+    mp.spawn(gloo_worker, nprocs=2, join=True,
+             args=(2, free_port(len(runs)), runs, BAD, [1], torch.float64))
+    for method in ("alip", "clip"):
+        run_single(_argv(tmp_path, f"one-{method}", method, False, batch=16), bad=BAD,
+                   dtype=torch.float64)
+    for method, local_loss in COMBOS:
+        _compare(tmp_path / f"ddp-{method}-{local_loss}", tmp_path / f"one-{method}", method)
+
+
+def _grads_worker(rank, world_size, port, out_path, method):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    torch.set_num_threads(1)
+    torch.set_default_dtype(torch.float64)
+    result = {}
+    for mode in ("global", "reference"):
+        result[mode] = _grads(method, rank, world_size, mode)
+    if rank == 0:
+        torch.save(result, out_path)
+    dist.destroy_process_group()
+
+
+def _grads(method, rank, world_size, mode):
+    """Parameter gradients of one step on the global batch of 16, split over the ranks."""
+    torch.manual_seed(0)
+    model = open_clip.create_model("ALIP-tiny")
+    enc = TripletEncoder(model)
+    if world_size > 1:
+        enc = torch.nn.parallel.DistributedDataParallel(enc)
+    scale = local_grad_scale(world_size, False, mode)
+    if method == "alip":
+        loss_fn = ALIPLoss(rank=rank, world_size=world_size, grad_scale=scale)
+    else:
+        loss_fn = GlobalGradClipLoss(grad_scale=scale, rank=rank, world_size=world_size)
+    b = 16 // world_size
+    samples = [synthetic_sample(0, i, 32) for i in range(rank * b, (rank + 1) * b)]
+    images, raw, cap = (torch.stack(x) for x in zip(*samples))
+    feats = enc(images, raw, cap) if method == "alip" else enc(images, raw)
+    out = loss_fn(*feats)
+    (out["loss"] if method == "alip" else out).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
 @pytest.mark.parametrize("method", ["alip", "clip"])
-def test_two_processes_equal_one_with_global_batch(tmp_path, method):
-    # eps 1e-12: takes AdamW's eps out of the 1/W gradient-scale comparison
-    common = ["--method", method, "--grad-clip-norm", "0", "--lr", "5e-3", "--eps", "1e-12"]
-    # a NaN image batch on rank 1 at epoch 0 batch 2 == NaN in the global batch's second half
-    bad = [(0, 2)]
-    mp.spawn(gloo_worker, nprocs=2, join=True,
-             args=(2, free_port(), tiny_argv(tmp_path, "ddp", *common, batch=8, epochs=2),
-                   bad, [1]))
-    run_single(tiny_argv(tmp_path, "one", *common, batch=16, epochs=2), bad=bad)
-
-    ddp, one = read_results(tmp_path / "ddp"), read_results(tmp_path / "one")
-    assert [r["step"] for r in ddp] == [r["step"] for r in one] == list(range(1, 9))
-    assert [r["skipped"] for r in ddp] == [r["skipped"] for r in one] == [False, False, True] + [False] * 5
-    keys = ["loss"] + (["loss_raw", "loss_caption", "ema_tc", "ema_it", "ema_ic",
-                        "w_sample_mean", "w_text_mean", "w_caption_mean"] if method == "alip" else [])
-    for a, b in zip(ddp, one):
-        for k in keys:
-            if not a["skipped"]:
-                assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), (a["step"], k)
-        assert a["lr"] == b["lr"]
-    sd_ddp, sd_one = final_state(tmp_path / "ddp", "epoch_2"), final_state(tmp_path / "one", "epoch_2")
-    assert not any(k.startswith("module.") for k in sd_ddp)
-    assert_weights_close(sd_ddp, sd_one, rtol=1e-3, atol=1e-4)
-    # the training moved the weights (so equality above is not trivial)
-    init = final_state(tmp_path / "one", "epoch_1")
-    assert any(not torch.equal(init[k], sd_one[k]) for k in sd_one)
+def test_ddp_gradient_semantics(tmp_path, method):
+    """global: every averaged gradient equals the single-process one; reference: the towers'
+    are 1/W of it and logit_scale's is the full gradient (what the README states)."""
+    mp.spawn(_grads_worker, nprocs=2, join=True,
+             args=(2, free_port(), tmp_path / "g.pt", method))
+    ddp = torch.load(tmp_path / "g.pt")
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        one = _grads(method, 0, 1, "global")
+    finally:
+        torch.set_default_dtype(prev)
+    for name, g in one.items():
+        torch.testing.assert_close(ddp["global"][name], g, rtol=1e-9, atol=1e-14, msg=name)
+        expected = g if name == "logit_scale" else g / 2
+        torch.testing.assert_close(ddp["reference"][name], expected, rtol=1e-9, atol=1e-14,
+                                   msg=name)
+    assert one["logit_scale"].abs() > 0

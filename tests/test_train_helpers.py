@@ -62,25 +62,49 @@ def nan_loader_factory(bad, ranks=None):
     return make
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port(n=None):
+    """A free TCP port, or a list of ``n`` distinct ones."""
+    socks = [socket.socket() for _ in range(n or 1)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        ports = [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+    return ports if n else ports[0]
 
 
-def gloo_worker(rank, world_size, port, argv, bad=(), bad_ranks=None):
-    """torch.multiprocessing.spawn target: one rank of a CPU/gloo run of train.py."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+def gloo_worker(rank, world_size, port, argvs, bad=(), bad_ranks=None, dtype=torch.float32):
+    """torch.multiprocessing.spawn target: one rank of CPU/gloo runs of train.py, one after
+    the other (``argvs``: one argv or a list of them; one spawn amortises the start-up).
+    ``dtype`` is the default dtype, so float64 builds the model and data in float64."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
-    run(parse_args(argv), make_loader=nan_loader_factory(bad, bad_ranks))
+    torch.set_default_dtype(dtype)
+    argvs = [argvs] if isinstance(argvs[0], str) else argvs
+    ports = port if isinstance(port, (list, tuple)) else [port] * len(argvs)
+    for argv, p in zip(argvs, ports, strict=True):
+        # a fresh rendezvous port per run: re-initialising on the port of a destroyed group
+        # can hang while the old store's socket lingers
+        os.environ["MASTER_PORT"] = str(p)
+        run(parse_args(argv), make_loader=nan_loader_factory(bad, bad_ranks))
 
 
-def run_single(argv, bad=()):
+def run_single(argv, bad=(), dtype=torch.float32):
+    """One process. ``dtype=torch.float64`` runs model and data in float64: two computations
+    that differ only in summation order then agree to ~1e-12 instead of fp32's ~1e-4 after a
+    few Adam steps, so comparisons hold on any CPU."""
     torch.set_num_threads(1)
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         os.environ.pop(k, None)
-    return run(parse_args(argv), make_loader=nan_loader_factory(bad))
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        return run(parse_args(argv), make_loader=nan_loader_factory(bad))
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def assert_weights_close(sd_a, sd_b, rtol=1e-4, atol=1e-5, max_outliers=1e-3):

@@ -136,3 +136,21 @@ def test_amp_on_cpu_trains_in_bf16(tmp_path):
     # master weights stay fp32 under autocast
     sd = torch.load(tmp_path / "bf16/checkpoints/epoch_1.pt", weights_only=True)["state_dict"]
     assert all(v.dtype == torch.float32 for v in sd.values() if v.is_floating_point())
+
+
+def test_logged_lr_is_the_one_the_step_used(tmp_path):
+    """results.jsonl's lr/beta1 at step s are the values step s ran with: OneCycle's schedule
+    read before each scheduler.step() (step 1 at lr/25 and beta1 0.95, the peak where the
+    warm-up ends), not the next step's values."""
+    run_single(tiny_argv(tmp_path, "lr", "--lr", "1e-3", "--pct-start", "0.3", samples=80,
+                         batch=8, epochs=1))
+    rows = read_results(tmp_path / "lr")
+    opt = torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=1e-3, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=10, pct_start=0.3)
+    used = []
+    for _ in range(10):
+        used.append((opt.param_groups[0]["lr"], opt.param_groups[0]["betas"][0]))
+        opt.step()
+        sched.step()
+    assert [(r["lr"], r["beta1"]) for r in rows] == used
+    assert used[0] == (pytest.approx(1e-3 / 25), pytest.approx(0.95))

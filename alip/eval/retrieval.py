@@ -96,19 +96,21 @@ def load_annotation(annotation, image_root, split="test"):
 def retrieval_metrics(image_feats, text_feats, text_to_image, recall_k=RECALL_K):
     """R@K in percent both ways from normalised features; ``text_to_image[t]`` is text t's image.
 
-    A query counts at K if any of its positives is among its K highest-scoring candidates
-    (``topk``): clip_benchmark's ``recall_at_k(...) > 0``, without the [rows, K, candidates]
-    one-hot it builds (minutes on CPU for COCO's 25k x 5k; this takes well under a second).
+    A query counts at K if any of its positives is among its K highest-scoring candidates:
+    clip_benchmark's ``recall_at_k(...) > 0``, with one ``topk(K)`` per K as it does (with exact
+    ties -- repeated captions, duplicated images -- ``topk(10)[:1]`` and ``topk(1)`` may pick
+    different tied candidates), without the [rows, K, candidates] one-hot it builds (minutes on
+    CPU for COCO's 25k x 5k; this takes well under a second).
     """
     scores = text_feats @ image_feats.T
     positives = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
     positives[torch.arange(len(scores), device=scores.device), text_to_image.to(scores.device)] = True
     metrics = {}
     for key, s, p in (("i2t", scores.T, positives.T), ("t2i", scores, positives)):
-        top = s.topk(min(max(recall_k), s.shape[1]), dim=1).indices  # K >= #candidates: all of them
-        hits = p.gather(1, top)
         for k in recall_k:
-            metrics[f"{key}_R@{k}"] = 100.0 * hits[:, :k].any(dim=1).sum().item() / len(hits)
+            top = s.topk(min(k, s.shape[1]), dim=1).indices  # K >= #candidates: all of them
+            hits = p.gather(1, top).any(dim=1)
+            metrics[f"{key}_R@{k}"] = 100.0 * hits.sum().item() / len(hits)
     metrics["rsum"] = sum(metrics.values())
     return metrics
 

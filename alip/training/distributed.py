@@ -43,6 +43,16 @@ def all_true(flag, info):
     return bool(t.item())
 
 
+def mean_over_ranks(values, info):
+    """The mean over ranks of a dict of floats (one small all_reduce when distributed)."""
+    if not info.distributed or not values:
+        return values
+    keys = list(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=info.device)
+    dist.all_reduce(t)
+    return dict(zip(keys, (t / info.world_size).tolist()))
+
+
 def all_gather_object(obj, info):
     if not info.distributed:
         return [obj]

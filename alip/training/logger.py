@@ -1,6 +1,7 @@
 """Run logging on rank 0: tqdm progress, TensorBoard scalars, results.jsonl, out.log."""
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -25,6 +26,36 @@ def setup_text_log(run_dir, is_master):
     return log
 
 
+def truncate_results(path, last_step):
+    """Drop the results.jsonl lines past ``last_step`` (and a torn last line), atomically.
+
+    On resume the steps after the checkpoint are run again; without this the file would hold
+    them twice. The rewrite goes to a temporary file that replaces the original.
+    """
+    path = Path(path)
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if record.get("step", 0) > last_step:
+            dropped += 1
+        else:
+            kept.append(line + "\n")
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    return dropped
+
+
 class RunLogger:
     """Step metrics -> tqdm postfix every step, results.jsonl + TensorBoard every N steps."""
 
@@ -35,6 +66,10 @@ class RunLogger:
         self.world_size = world_size
         self.jsonl = self.tb = None
         if is_master:
+            dropped = truncate_results(Path(run_dir) / "results.jsonl", start_step)
+            if dropped:
+                log.info("results.jsonl: dropped %d line(s) past the resumed step %d", dropped,
+                         start_step)
             self.jsonl = open(Path(run_dir) / "results.jsonl", "a")
             if "tensorboard" in (report_to or ""):
                 from torch.utils.tensorboard import SummaryWriter

@@ -10,11 +10,10 @@ from pathlib import Path
 import numpy as np
 import open_clip
 import torch
-from open_clip.loss import ClipLoss
 from open_clip_train.precision import get_autocast
 
 import alip  # noqa: F401  (registers the ALIP-* model configs)
-from alip.loss import ALIPLoss
+from alip.loss import ALIPLoss, GlobalGradClipLoss, local_grad_scale
 from alip.model import TripletEncoder
 
 from . import checkpoint as ckpt
@@ -73,6 +72,10 @@ def check_args(args, info):
                                "--retrieval-image-root")
     if args.zeroshot_frequency and not (args.imagenet_val or args.zeroshot_root):
         raise TrainConfigError("--zeroshot-frequency needs --imagenet-val or --zeroshot-root")
+    if args.ddp_gradients == "global" and args.local_loss and not args.gather_with_grad:
+        # local rows against gathered columns: the columns' gradient lives on the other ranks,
+        # so exact global gradients need the gather's backward (see alip.loss.local_grad_scale)
+        args.gather_with_grad = True
     if args.precision == "amp" and info.device.type == "cpu":
         args.precision = "amp_bf16"  # fp16 autocast on CPU is slow and needs no scaler; use bf16
 
@@ -123,12 +126,15 @@ def default_make_loader(args, info, image_size):
 
 
 def build_loss(args, info):
+    scale = local_grad_scale(info.world_size, args.gather_with_grad, args.ddp_gradients)
     if args.method == "alip":
         return ALIPLoss(gamma=args.alip_gamma, momentum=args.alip_momentum,
                         ema_init=args.alip_ema_init, rank=info.rank, world_size=info.world_size,
-                        local_loss=args.local_loss, gather_with_grad=args.gather_with_grad)
-    return ClipLoss(local_loss=args.local_loss, gather_with_grad=args.gather_with_grad,
-                    cache_labels=True, rank=info.rank, world_size=info.world_size)
+                        local_loss=args.local_loss, gather_with_grad=args.gather_with_grad,
+                        grad_scale=scale)
+    return GlobalGradClipLoss(grad_scale=scale, local_loss=args.local_loss,
+                              gather_with_grad=args.gather_with_grad, cache_labels=True,
+                              rank=info.rank, world_size=info.world_size)
 
 
 def seed_everything(seed):
@@ -350,6 +356,8 @@ def _run(args, info, make_loader):
                 batch_in_epoch += 1
                 if len(micro) < args.accum_freq:
                     continue
+                used = {"lr": optimizer.param_groups[0]["lr"],  # what this step runs with
+                        "beta1": optimizer.param_groups[0]["betas"][0]}
                 metrics = train_step(ctx, micro)
                 micro = []
                 scheduler.step()
@@ -371,8 +379,7 @@ def _run(args, info, make_loader):
                 if info.is_master and (step % args.log_every_n_steps == 0 or step == total_steps):
                     record = {"kind": "train", "step": step, "epoch": epoch,
                               "samples": step * samples_per_step,
-                              "lr": optimizer.param_groups[0]["lr"],
-                              "beta1": optimizer.param_groups[0]["betas"][0],
+                              "lr": used["lr"], "beta1": used["beta1"],
                               "logit_scale": float(clip_model.logit_scale.detach().exp()),
                               "samples_per_s": sps, "samples_per_s_per_gpu": sps / info.world_size,
                               "nonfinite_total": nonfinite_total, "skipped": metrics is None}

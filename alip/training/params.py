@@ -67,6 +67,11 @@ def build_parser():
     a("--alip-ema-init", type=float, default=1.0)
     a("--local-loss", action="store_true", default=False)
     a("--gather-with-grad", action="store_true", default=False)
+    a("--ddp-gradients", choices=("global", "reference"), default="global",
+      help="global: every parameter's gradient equals the single-process gradient of the "
+           "global-batch loss, whatever the number of processes (--local-loss then implies "
+           "--gather-with-grad); reference: open_clip's and the reference's DDP gradients "
+           "(towers 1/W of it, logit_scale in full), so clipping acts on a W-dependent norm.")
     # distributed
     a("--device", default="auto", help="auto (cuda if available, else cpu), cuda, cpu.")
     a("--dist-backend", default=None, help="Default: nccl on CUDA, gloo on CPU.")

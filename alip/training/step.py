@@ -30,7 +30,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from .distributed import DistInfo, all_true
+from .distributed import DistInfo, all_true, mean_over_ranks
 from .optim import clamp_logit_scale
 
 GATE_LOG_KEYS = ("loss_raw", "loss_caption", "s_tc", "s_it", "s_ic", "ema_tc", "ema_it", "ema_ic")
@@ -88,7 +88,7 @@ def _summary(ctx, out):
         vals.update({k: out[k] for k in GATE_LOG_KEYS})
         vals.update({f"{k}_mean": out[k].mean() for k in ("w_sample", "w_text", "w_caption")})
     keys = list(vals)
-    numbers = torch.stack([vals[k].detach().float().reshape(()) for k in keys]).tolist()
+    numbers = torch.stack([vals[k].detach().double().reshape(()) for k in keys]).tolist()
     return dict(zip(keys, numbers))
 
 
@@ -152,6 +152,8 @@ def train_step(ctx, micro_batches):
         ctx.optimizer.zero_grad(set_to_none=True)
         ctx.loss_fn.load_state_dict(snapshot)
         return None
+    # with local_loss each rank's loss covers its own rows; the mean over ranks is the global loss
+    metrics = mean_over_ranks(metrics, ctx.info)
     if ctx.scaler is not None:
         ctx.scaler.unscale_(ctx.optimizer)
     if ctx.grad_clip_norm:
