@@ -1,0 +1,70 @@
+"""What a training method asks of the data: image views (each with an augmentation recipe) and
+text fields / text views, named by the keys of the batch dict the loaders yield.
+
+A loader built for a ``DataSpec`` yields dicts: one float32 ``[B, 3, S, S]`` tensor per image
+view (``spec.image_views[i].name``), one int64 ``[B, 77]`` token tensor per text field (``"raw"``,
+``"caption"``) and per text view (derived from a field by a named transform, e.g. an EDA copy of
+the raw text). The first image view is the one the contrastive loss and evaluation see.
+"""
+from dataclasses import dataclass, field
+
+RECIPES = ("reference", "slip_base", "mocov2", "simclr")
+TEXT_FIELDS = ("raw", "caption")
+
+
+@dataclass(frozen=True)
+class ImageView:
+    """One augmented view of each image. Recipes (alip.data.augment):
+
+    * ``reference`` -- ALIP's DALI pipeline: random area 0.7-1, aspect 0.8-1.25, squash resize,
+      mirror p 0.5;
+    * ``slip_base`` -- SLIP's CLIP view: RandomResizedCrop scale 0.5-1, no flip;
+    * ``mocov2`` -- RandomResizedCrop 0.2-1, ColorJitter(0.4, 0.4, 0.4, 0.1) p 0.8, grayscale
+      p 0.2, Gaussian blur sigma 0.1-2 p 0.5, flip p 0.5 (DeCLIP's views, SLIP-in-DeCLIP's SSL views);
+    * ``simclr`` -- as mocov2 with RandomResizedCrop 0.08-1 (official SLIP's SSL views).
+    All normalise with CLIP's mean/std, as open_clip's evaluation transform does.
+    """
+    name: str = "image"
+    recipe: str = "reference"
+
+    def __post_init__(self):
+        if self.recipe not in RECIPES:
+            raise ValueError(f"image view {self.name!r}: unknown recipe {self.recipe!r}; "
+                             f"known: {RECIPES}")
+
+
+@dataclass(frozen=True)
+class TextView:
+    """A token view derived from a text field on the CPU beside the reader (``transform``
+    names an entry of ``alip.data.text_views.TRANSFORMS``), seeded per sample."""
+    name: str
+    source: str = "raw"
+    transform: str = "identity"
+    options: tuple = ()  # (key, value) pairs for the transform
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    image_views: tuple = (ImageView(),)
+    text_fields: tuple = ("raw", "caption")
+    text_views: tuple = field(default=())
+
+    def __post_init__(self):
+        if not self.image_views:
+            raise ValueError("a DataSpec needs at least one image view")
+        for f in self.text_fields:
+            if f not in TEXT_FIELDS:
+                raise ValueError(f"unknown text field {f!r}; known: {TEXT_FIELDS}")
+        names = [v.name for v in self.image_views] + list(self.text_fields) + [
+            v.name for v in self.text_views]
+        if len(set(names)) != len(names):
+            raise ValueError(f"batch keys must be unique, got {names}")
+
+    @property
+    def keys(self):
+        return ([v.name for v in self.image_views] + list(self.text_fields)
+                + [v.name for v in self.text_views])
+
+
+ALIP_DATA = DataSpec()                                   # today's (image, raw, caption)
+CLIP_DATA = DataSpec(text_fields=("raw",))
