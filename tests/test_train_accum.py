@@ -7,9 +7,10 @@ import pytest
 import torch
 
 import alip  # noqa: F401
-from alip.loss import ALIPLoss
+from alip.methods import get_method
 from alip.model import TripletEncoder
 from alip.training.distributed import DistInfo
+from alip.training.params import parse_args
 from alip.training.step import StepContext, train_step
 from alip.training.synthetic import synthetic_sample
 from test_train_helpers import assert_weights_close, final_state, read_results, run_single, tiny_argv
@@ -17,18 +18,25 @@ from test_train_helpers import assert_weights_close, final_state, read_results, 
 
 def _batch(start, n):
     samples = [synthetic_sample(0, i, 32) for i in range(start, start + n)]
-    return tuple(torch.stack(x) for x in zip(*samples))
+    return dict(zip(("image", "raw", "caption"), (torch.stack(x) for x in zip(*samples))))
+
+
+def _split(batch, *slices):
+    return [{k: v[s] for k, v in batch.items()} for s in slices]
 
 
 def _ctx(method="alip", accum_mode="batch"):
     torch.manual_seed(0)
     model = open_clip.create_model("ALIP-tiny")
-    loss = ALIPLoss() if method == "alip" else open_clip.loss.ClipLoss()
+    args = parse_args(["--method", method])
+    m = get_method(method)(model, args)
     # lr 0: the step leaves the accumulated gradients in .grad for inspection
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     info = DistInfo(0, 0, 1, False, torch.device("cpu"))
-    return StepContext(model=TripletEncoder(model), clip_model=model, loss_fn=loss, optimizer=opt,
-                       info=info, method=method, accum_mode=accum_mode, grad_clip_norm=0)
+    ctx = StepContext(model=m.encoder, criterion=m.criterion, optimizer=opt, info=info,
+                      accum_mode=accum_mode, grad_clip_norm=0)
+    ctx.clip_model = model
+    return ctx
 
 
 def _grads(ctx):
@@ -40,34 +48,36 @@ def test_batch_mode_gradients_equal_one_big_batch(method):
     big, acc = _ctx(method), _ctx(method, "batch")
     b = _batch(0, 16)
     m_big = train_step(big, [b])
-    m_acc = train_step(acc, [tuple(x[:8] for x in b), tuple(x[8:] for x in b)])
+    m_acc = train_step(acc, _split(b, slice(0, 8), slice(8, 16)))
     assert m_acc["loss"] == pytest.approx(m_big["loss"], rel=1e-6)
     g_big, g_acc = _grads(big), _grads(acc)
     assert g_big.keys() == g_acc.keys()
     for k in g_big:  # logit_scale included: its gradient is taken once, not accum_freq times
         torch.testing.assert_close(g_acc[k], g_big[k], rtol=1e-4, atol=1e-7, msg=k)
     if method == "alip":  # the EMAs moved once, with the mean over all 16 samples
-        for k, v in big.loss_fn.state_dict().items():
-            torch.testing.assert_close(acc.loss_fn.state_dict()[k], v, rtol=0, atol=1e-7)
-        assert acc.loss_fn.training
+        for k, v in big.criterion.state_dict().items():
+            torch.testing.assert_close(acc.criterion.state_dict()[k], v, rtol=0, atol=1e-7)
+        assert acc.criterion.training
 
 
 def test_micro_mode_averages_micro_batch_gradients_and_gates_see_each():
     ctx = _ctx("alip", "micro")
     b1, b2 = _batch(0, 8), _batch(8, 8)
-    ref_model, ref_loss = copy.deepcopy(ctx.clip_model), copy.deepcopy(ctx.loss_fn)
+    ref_model, ref_loss = copy.deepcopy(ctx.clip_model), copy.deepcopy(ctx.criterion)
     train_step(ctx, [b1, b2])
     enc = TripletEncoder(ref_model)
     for b in (b1, b2):  # by hand: each micro-batch its own loss, EMA moving each time
-        (ref_loss(*enc(*b))["loss"] / 2).backward()
+        feats = dict(zip(("image", "raw", "caption", "logit_scale"),
+                         enc(b["image"], b["raw"], b["caption"])))
+        (ref_loss(feats)["loss"] / 2).backward()
     for n, p in ref_model.named_parameters():
         torch.testing.assert_close(dict(ctx.clip_model.named_parameters())[n].grad, p.grad,
                                    rtol=1e-5, atol=1e-8, msg=n)
     # two EMA updates: 1 -> m + (1-m) s1 -> ..., not one update with the mean of 16
-    assert torch.equal(ctx.loss_fn.ema_tc, ref_loss.ema_tc)
+    assert torch.equal(ctx.criterion.ema_tc, ref_loss.ema_tc)
     once = _ctx("alip")
-    train_step(once, [tuple(torch.cat(x) for x in zip(b1, b2))])
-    assert not torch.allclose(once.loss_fn.ema_tc, ctx.loss_fn.ema_tc, rtol=0, atol=1e-6)
+    train_step(once, [{k: torch.cat([b1[k], b2[k]]) for k in b1}])
+    assert not torch.allclose(once.criterion.ema_tc, ctx.criterion.ema_tc, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("method", ["alip", "clip"])

@@ -49,10 +49,14 @@ class NaNLoader:
         raise AttributeError(name)
 
     def __iter__(self):
-        for i, (images, raw, cap) in enumerate(self.loader, start=self.start):
+        for i, batch in enumerate(self.loader, start=self.start):
             if (self.epoch, i) in self.bad:
-                images = torch.full_like(images, float("nan"))
-            yield images, raw, cap
+                if isinstance(batch, dict):  # every image view
+                    batch = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+                             for k, v in batch.items()}
+                else:
+                    batch = (torch.full_like(batch[0], float("nan")), *batch[1:])
+            yield batch
 
 
 def nan_loader_factory(bad, ranks=None):

@@ -13,8 +13,7 @@ import torch
 from open_clip_train.precision import get_autocast
 
 import alip  # noqa: F401  (registers the ALIP-* model configs)
-from alip.loss import ALIPLoss, GlobalGradClipLoss, local_grad_scale
-from alip.model import TripletEncoder
+from alip.methods import MethodConfigError, get_method
 
 from . import checkpoint as ckpt
 from .distributed import all_gather_object, barrier, cleanup, init_distributed
@@ -125,16 +124,20 @@ def default_make_loader(args, info, image_size):
                               seed=args.seed, workers=args.workers, device=device, drop_last=True)
 
 
-def build_loss(args, info):
-    scale = local_grad_scale(info.world_size, args.gather_with_grad, args.ddp_gradients)
-    if args.method == "alip":
-        return ALIPLoss(gamma=args.alip_gamma, momentum=args.alip_momentum,
-                        ema_init=args.alip_ema_init, rank=info.rank, world_size=info.world_size,
-                        local_loss=args.local_loss, gather_with_grad=args.gather_with_grad,
-                        grad_scale=scale)
-    return GlobalGradClipLoss(grad_scale=scale, local_loss=args.local_loss,
-                              gather_with_grad=args.gather_with_grad, cache_labels=True,
-                              rank=info.rank, world_size=info.world_size)
+def as_batch_dicts(loader, spec):
+    """Batches as the method's dicts. Loaders that yield the legacy (images, raw, caption)
+    tuple are mapped onto the keys ``image``, ``raw``, ``caption``; a method that asks for more
+    than those needs a loader built for its DataSpec."""
+    legacy = ("image", "raw", "caption")
+    missing = [k for k in spec.keys if k not in legacy]
+    for batch in loader:
+        if isinstance(batch, dict):
+            yield batch
+            continue
+        if missing:
+            raise TrainConfigError(f"the data loader yields (image, raw, caption) tuples, but the "
+                                   f"method also needs {missing}")
+        yield {k: v for k, v in zip(legacy, batch) if k in spec.keys}
 
 
 def seed_everything(seed):
@@ -200,6 +203,11 @@ def run(args, make_loader=None):
 
 def _run(args, info, make_loader):
     check_args(args, info)
+    method_cls = get_method(args.method)
+    try:
+        method_cls.check_args(args)
+    except MethodConfigError as e:
+        raise TrainConfigError(str(e)) from e
     run_dir = prepare_run_dir(args, info)
     log = setup_text_log(run_dir, info.is_master)
     ckpt_dir = run_dir / "checkpoints"
@@ -239,9 +247,10 @@ def _run(args, info, make_loader):
     total_steps = steps_per_epoch * args.epochs
     unused = loader.batches_per_epoch - steps_per_epoch * args.accum_freq
 
-    encoder = TripletEncoder(clip_model, text_mode=args.text_mode).to(info.device)
-    loss_fn = build_loss(args, info).to(info.device)
-    optimizer = build_optimizer(clip_model, args.lr, args.wd, (args.beta1, args.beta2), args.eps,
+    method = method_cls(clip_model, args, rank=info.rank, world_size=info.world_size)
+    encoder = method.encoder.to(info.device)
+    loss_fn = method.criterion.to(info.device)
+    optimizer = build_optimizer(encoder, args.lr, args.wd, (args.beta1, args.beta2), args.eps,
                                 exclude_gain_bias=args.wd_exclude_gain_bias)
     scheduler = build_scheduler(optimizer, args.schedule, args.lr, total_steps,
                                 pct_start=args.pct_start, cycle_momentum=args.cycle_momentum,
@@ -274,6 +283,8 @@ def _run(args, info, make_loader):
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         loss_fn.load_state_dict(state["loss"])
+        if state.get("heads"):
+            method.load_heads_state_dict(state["heads"])
         start_epoch, start_batch, step = state["epoch"], state["batch_in_epoch"], state["step"]
         nonfinite_total = state.get("nonfinite_total", 0)
         rngs = state.get("rng") or []
@@ -293,8 +304,8 @@ def _run(args, info, make_loader):
     encoder.train()
     loss_fn.train()
 
-    ctx = StepContext(model=model, clip_model=clip_model, loss_fn=loss_fn, optimizer=optimizer,
-                      info=info, method=args.method, accum_mode=args.accum_mode,
+    ctx = StepContext(model=model, criterion=loss_fn, optimizer=optimizer, info=info,
+                      after_step=method.after_step, accum_mode=args.accum_mode,
                       grad_clip_norm=args.grad_clip_norm, scaler=scaler,
                       autocast=get_autocast(args.precision, device_type=info.device.type))
 
@@ -323,7 +334,7 @@ def _run(args, info, make_loader):
     def save(tag, epoch, batch_in_epoch, completed_epochs):
         state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "scaler": scaler.state_dict() if scaler is not None else None,
-                 "loss": loss_fn.state_dict(), "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+                 "loss": loss_fn.state_dict(), "heads": method.heads_state_dict(), "epoch": epoch, "batch_in_epoch": batch_in_epoch,
                  "step": step, "nonfinite_total": nonfinite_total,
                  "rng": all_gather_object(ckpt.rng_state(), info),
                  "loader": all_gather_object(loader.state_dict(), info)
@@ -349,7 +360,7 @@ def _run(args, info, make_loader):
             batch_in_epoch, micro = first, []
             last_batch = steps_per_epoch * args.accum_freq
             logger.reset_clock()
-            for batch in loader:
+            for batch in as_batch_dicts(loader, method.data):
                 if batch_in_epoch >= last_batch:
                     break
                 micro.append(batch)

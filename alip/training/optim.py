@@ -1,15 +1,12 @@
-"""AdamW, the learning-rate schedule and the logit_scale clamp of the reference recipe.
+"""AdamW and the learning-rate schedule of the reference recipe.
 
 The reference (deepglint/ALIP train.py) uses ONE AdamW parameter group, so weight decay hits
 every parameter (biases, norms, embeddings, logit_scale); ``exclude_gain_bias=True`` gives
-open_clip's two groups instead. The schedule steps once per optimizer step.
+open_clip's two groups instead. The schedule steps once per optimizer step. The logit_scale
+clamp after each step is the method's (``alip.methods.base.Method.after_step``).
 """
-import math
-
 import torch
 from open_clip_train.scheduler import cosine_lr
-
-LOGIT_SCALE_MAX = math.log(100)
 
 
 def _open_clip_excluded(name, p):
@@ -66,8 +63,3 @@ def build_scheduler(optimizer, schedule, lr, total_steps, pct_start=0.1, cycle_m
         return CosineSchedule(optimizer, lr, warmup, total_steps)
     raise ValueError(f"unknown schedule {schedule!r}")
 
-
-@torch.no_grad()
-def clamp_logit_scale(model):
-    """logit_scale in [0, ln 100] (temperature in [1, 100]) after every optimizer step."""
-    model.logit_scale.clamp_(0, LOGIT_SCALE_MAX)

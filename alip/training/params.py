@@ -9,6 +9,8 @@ from pathlib import Path
 
 import yaml
 
+from alip.methods import get_method, method_names
+
 PRECISIONS = ("amp", "amp_bf16", "amp_bfloat16", "fp32")
 
 
@@ -19,12 +21,11 @@ def build_parser():
     a = p.add_argument
     a("--config", default=None, help="YAML file of flag defaults; command-line flags override it.")
     # what to train
-    a("--method", choices=("alip", "clip"), default="alip",
-      help="alip: ALIPLoss on image/raw-text/caption; clip: open_clip ClipLoss on image/raw text.")
+    a("--method", choices=method_names(), default="alip",
+      help="The training method (alip.methods): alip: ALIPLoss on image/raw-text/caption; "
+           "clip: open_clip ClipLoss on image/raw text; see the README's method table.")
     a("--model", default="ALIP-ViT-B-32", help="open_clip model name (alip registers ALIP-*).")
     a("--pretrained", default=None, help="open_clip pretrained tag or checkpoint path.")
-    a("--text-mode", choices=("separate", "joint"), default="separate",
-      help="ALIP text passes: two trimmed passes, or one 2B pass (alip.model.TripletEncoder).")
     a("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=False,
       help="Activation checkpointing in both towers (the reference forces it on).")
     # data
@@ -61,10 +62,7 @@ def build_parser():
     a("--precision", choices=PRECISIONS, default="amp",
       help="amp: fp16 autocast + GradScaler on CUDA, bf16 autocast on CPU; amp_bf16: bf16.")
     a("--seed", type=int, default=0)
-    # ALIP
-    a("--alip-gamma", type=float, default=2.0)
-    a("--alip-momentum", type=float, default=0.99)
-    a("--alip-ema-init", type=float, default=1.0)
+    # contrastive loss over the processes
     a("--local-loss", action="store_true", default=False)
     a("--gather-with-grad", action="store_true", default=False)
     a("--ddp-gradients", choices=("global", "reference"), default="global",
@@ -107,6 +105,8 @@ def build_parser():
     a("--zeroshot-classnames", default=None, help="File: one class name per line.")
     a("--zeroshot-templates", default=None, help="File: one template per line with {}.")
     a("--eval-batch-size", type=int, default=64)
+    for name in method_names():  # each method's own flags, in its own group
+        get_method(name).add_args(p)
     return p
 
 

@@ -20,8 +20,13 @@ step and one logit_scale clamp per optimizer step (the reference runs the schedu
 clamp every micro-step and never divides the loss).
 
 A step whose features or loss are not finite on ANY rank (all ranks agree through a tiny
-all_reduce) is skipped on every rank: gradients dropped, the ALIP gate EMAs restored to their
-value before the step, no optimizer update. The caller counts these.
+all_reduce) is skipped on every rank: gradients dropped, the buffers of the method's encoder and
+criterion (gate EMAs, memory banks, BatchNorm statistics) restored to their value before the
+step, no optimizer update. The caller counts these.
+
+The step knows no method: it runs ``ctx.model(batch) -> features`` (the method's encoder,
+DDP-wrapped when distributed) and ``ctx.criterion(features) -> {"loss", terms}`` (see
+``alip.methods.base``); batches are dicts of tensors.
 """
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -30,44 +35,38 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from .distributed import DistInfo, all_true, mean_over_ranks
-from .optim import clamp_logit_scale
+from alip.methods.base import scalar
 
-GATE_LOG_KEYS = ("loss_raw", "loss_caption", "s_tc", "s_it", "s_ic", "ema_tc", "ema_it", "ema_ic")
+from .distributed import DistInfo, all_true, mean_over_ranks
 
 
 @dataclass
 class StepContext:
-    model: nn.Module            # what forward runs: DDP(TripletEncoder) or the TripletEncoder
-    clip_model: nn.Module       # the bare open_clip model (logit_scale, parameters)
-    loss_fn: nn.Module          # ALIPLoss or open_clip ClipLoss
+    model: nn.Module            # what forward runs: DDP(method.encoder) or the encoder
+    criterion: nn.Module        # the method's loss terms (no parameters)
     optimizer: torch.optim.Optimizer
     info: DistInfo
-    method: str = "alip"
     accum_mode: str = "batch"
     grad_clip_norm: float = 1.0
     scaler: Optional[torch.amp.GradScaler] = None
     autocast: Callable = nullcontext
+    after_step: Callable = lambda: None  # the method's post-update hook (logit_scale clamp)
 
     @property
     def ddp(self):
         return isinstance(self.model, nn.parallel.DistributedDataParallel)
 
-
-def _forward(ctx, images, raw, cap):
-    if ctx.method == "alip":
-        return ctx.model(images, raw, cap)
-    return ctx.model(images, raw)
-
-
-def _loss(ctx, feats):
-    if ctx.method == "alip":
-        return ctx.loss_fn(*feats)
-    return {"loss": ctx.loss_fn(*feats)}
+    @property
+    def encoder(self):
+        return self.model.module if self.ddp else self.model
 
 
 def _finite(tensors):
     return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
+def _finite_features(feats):
+    return _finite([v for v in feats.values() if v.is_floating_point()])
 
 
 def _backward(ctx, loss):
@@ -81,12 +80,14 @@ def _sync_context(ctx, last):
     return ctx.model.no_sync() if ctx.ddp and not last else nullcontext()
 
 
-def _summary(ctx, out):
-    """Detached scalars to log: losses, gate means/EMAs and mean weights."""
-    vals = {"loss": out["loss"]}
-    if ctx.method == "alip":
-        vals.update({k: out[k] for k in GATE_LOG_KEYS})
-        vals.update({f"{k}_mean": out[k].mean() for k in ("w_sample", "w_text", "w_caption")})
+def _summary(out):
+    """Detached scalars to log: 0-dim entries as they are, the mean of the others."""
+    vals = {}
+    for k, v in out.items():
+        if scalar(v):
+            vals[k] = v
+        elif torch.is_tensor(v) and v.is_floating_point():
+            vals[f"{k}_mean"] = v.mean()
     keys = list(vals)
     numbers = torch.stack([vals[k].detach().double().reshape(()) for k in keys]).tolist()
     return dict(zip(keys, numbers))
@@ -97,52 +98,65 @@ def _accumulate_micro(ctx, micro_batches):
     for j, batch in enumerate(micro_batches):
         with _sync_context(ctx, last=j == n - 1):
             with ctx.autocast():
-                feats = _forward(ctx, *batch)
-            if not all_true(_finite(feats), ctx.info):
+                feats = ctx.model(batch)
+            if not all_true(_finite_features(feats), ctx.info):
                 return None
             with ctx.autocast():
-                out = _loss(ctx, feats)
+                out = ctx.criterion(feats)
             if not all_true(_finite([out["loss"]]), ctx.info):
                 return None
             _backward(ctx, out["loss"] / n)
-        summaries.append(_summary(ctx, out))
+        summaries.append(_summary(out))
     return {k: sum(s[k] for s in summaries) / n for k in summaries[0]}
+
+
+def _whole_batch(cached, j, feats):
+    """Micro-batch j's features (with gradient) in its slot of the cached no-grad features of the
+    whole accumulated batch; 0-dim entries (logit_scale) carry gradient in the first slot only."""
+    whole = {}
+    for k, v in feats.items():
+        if scalar(v):
+            whole[k] = v if j == 0 else v.detach()
+        else:
+            whole[k] = torch.cat([c[k] for c in cached[:j]] + [v] + [c[k] for c in cached[j + 1:]])
+    return whole
 
 
 def _accumulate_batch(ctx, micro_batches):
     n = len(micro_batches)
     with torch.no_grad(), ctx.autocast():
-        cached = [_forward(ctx, *batch) for batch in micro_batches]
-    if not all_true(all(_finite(c) for c in cached), ctx.info):
+        cached = [ctx.model(batch) for batch in micro_batches]
+    if not all_true(all(_finite_features(c) for c in cached), ctx.info):
         return None
     first = None
     try:
         for j, batch in enumerate(micro_batches):
             with _sync_context(ctx, last=j == n - 1):
                 with ctx.autocast():
-                    feats = _forward(ctx, *batch)
-                    whole = [torch.cat([c[k] for c in cached[:j]] + [feats[k]]
-                                       + [c[k] for c in cached[j + 1:]])
-                             for k in range(len(feats) - 1)]
-                    scale = feats[-1] if j == 0 else feats[-1].detach()
-                    ctx.loss_fn.train(j == 0)  # gates: EMA update once per optimizer step
-                    out = _loss(ctx, whole + [scale])
+                    feats = ctx.model(batch)
+                    ctx.criterion.train(j == 0)  # criterion state moves once per optimizer step
+                    out = ctx.criterion(_whole_batch(cached, j, feats))
                 if j == 0:
                     if not all_true(_finite([out["loss"]]), ctx.info):
                         return None
-                    first = _summary(ctx, out)
+                    first = _summary(out)
                 _backward(ctx, out["loss"])
     finally:
-        ctx.loss_fn.train(True)
+        ctx.criterion.train(True)
     return first
 
 
-def train_step(ctx, micro_batches):
-    """One optimizer step over ``micro_batches`` [(images, raw, caption), ...].
+def _buffers(ctx):
+    return [b for m in (ctx.encoder, ctx.criterion) for b in m.buffers()]
 
-    Returns the step's metrics (floats), or None when the step was skipped as non-finite.
+
+def train_step(ctx, micro_batches):
+    """One optimizer step over ``micro_batches`` (a list of batch dicts).
+
+    Returns the step's metrics (floats, averaged over ranks), or None when the step was skipped
+    as non-finite.
     """
-    snapshot = {k: v.clone() for k, v in ctx.loss_fn.state_dict().items()}
+    snapshot = [b.detach().clone() for b in _buffers(ctx)]
     ctx.optimizer.zero_grad(set_to_none=True)
     if ctx.accum_mode == "batch" and len(micro_batches) > 1:
         metrics = _accumulate_batch(ctx, micro_batches)
@@ -150,7 +164,9 @@ def train_step(ctx, micro_batches):
         metrics = _accumulate_micro(ctx, micro_batches)
     if metrics is None:
         ctx.optimizer.zero_grad(set_to_none=True)
-        ctx.loss_fn.load_state_dict(snapshot)
+        with torch.no_grad():
+            for b, saved in zip(_buffers(ctx), snapshot):
+                b.copy_(saved)
         return None
     # with local_loss each rank's loss covers its own rows; the mean over ranks is the global loss
     metrics = mean_over_ranks(metrics, ctx.info)
@@ -164,5 +180,5 @@ def train_step(ctx, micro_batches):
         ctx.scaler.update()
     else:
         ctx.optimizer.step()
-    clamp_logit_scale(ctx.clip_model)
+    ctx.after_step()
     return metrics

@@ -1,0 +1,32 @@
+"""Training methods as plug-ins: one module per method, found by name in ``METHODS``.
+
+A method (``alip.methods.base.Method``) owns what it needs from the data (a ``DataSpec``), its
+trainable heads (inside its ``encoder``, the module the training step runs and DDP wraps, with
+the open_clip model at ``encoder.model``) and its loss terms (its ``criterion``: no parameters,
+state buffers such as gate EMAs or memory banks). The training loop and step know no method
+names: ``--method NAME`` looks the class up here.
+"""
+import importlib
+
+from .base import Method, MethodConfigError
+
+# name -> "module:Class" (imported on first use)
+METHODS = {
+    "clip": "alip.methods.clip:CLIP",
+    "alip": "alip.methods.alip:ALIP",
+}
+
+
+def method_names():
+    return tuple(METHODS)
+
+
+def get_method(name):
+    """The Method class registered as ``name``."""
+    if name not in METHODS:
+        raise MethodConfigError(f"--method: unknown method {name!r}; known: {list(METHODS)}")
+    module, cls = METHODS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+__all__ = ["METHODS", "Method", "MethodConfigError", "get_method", "method_names"]

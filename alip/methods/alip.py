@@ -1,0 +1,58 @@
+"""ALIP: one image tower and ONE shared text tower for the raw web text and the synthetic
+caption, the LCG/DCG gates weighting an adaptive contrastive loss (``alip.loss.ALIPLoss``,
+deepglint/ALIP train.py:106-156, open_alip/loss.py:84-121)."""
+import torch
+
+from ..data.spec import ALIP_DATA
+from ..loss import ALIPLoss, local_grad_scale
+from ..model import TEXT_MODES, encode_text
+from .base import ContrastiveEncoder, Method
+
+
+class ALIPEncoder(ContrastiveEncoder):
+    """Raw text and caption through the same text tower: two passes each trimmed to its own
+    lengths (``separate``) or one 2B pass (``joint``)."""
+
+    def __init__(self, model, text_mode="separate"):
+        super().__init__(model)
+        if text_mode not in TEXT_MODES:
+            raise ValueError(f"text_mode must be one of {TEXT_MODES}, got {text_mode!r}")
+        self.text_mode = text_mode
+
+    def forward(self, batch):
+        raw, cap = batch["raw"], batch["caption"]
+        if self.text_mode == "joint":
+            raw_f, cap_f = encode_text(self.model, torch.cat([raw, cap])).chunk(2)
+        else:
+            raw_f, cap_f = encode_text(self.model, raw), encode_text(self.model, cap)
+        return {"image": self.model.encode_image(batch["image"], normalize=True),
+                "raw": raw_f, "caption": cap_f, "logit_scale": self.model.logit_scale.exp()}
+
+
+class ALIPCriterion(ALIPLoss):
+    def forward(self, feats):
+        return super().forward(feats["image"], feats["raw"], feats["caption"],
+                               feats["logit_scale"])
+
+
+class ALIP(Method):
+    name = "alip"
+    data = ALIP_DATA
+
+    @classmethod
+    def add_args(cls, parser):
+        g = parser.add_argument_group("alip (--method alip)")
+        g.add_argument("--alip-gamma", type=float, default=2.0, help="Gate sharpness gamma.")
+        g.add_argument("--alip-momentum", type=float, default=0.99, help="Gate EMA momentum.")
+        g.add_argument("--alip-ema-init", type=float, default=1.0, help="Gate EMA start value.")
+        g.add_argument("--text-mode", choices=TEXT_MODES, default="separate",
+                       help="Raw text and caption as two trimmed passes, or one 2B pass.")
+
+    def __init__(self, model, args, rank=0, world_size=1):
+        super().__init__(model, args, rank, world_size)
+        self.encoder = ALIPEncoder(model, args.text_mode)
+        self.criterion = ALIPCriterion(
+            gamma=args.alip_gamma, momentum=args.alip_momentum, ema_init=args.alip_ema_init,
+            rank=rank, world_size=world_size, local_loss=args.local_loss,
+            gather_with_grad=args.gather_with_grad,
+            grad_scale=local_grad_scale(world_size, args.gather_with_grad, args.ddp_gradients))

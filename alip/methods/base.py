@@ -1,0 +1,87 @@
+"""The method contract the training step runs, whatever the method.
+
+* ``data`` -- a ``DataSpec``: the image views (with augmentation recipes) and text fields/views
+  the loaders put in each batch dict;
+* ``encoder`` -- an ``nn.Module`` holding the open_clip model at ``.model`` plus the method's
+  trainable heads; ``encoder(batch) -> features``, a dict of tensors: ``[B, ...]`` per-sample
+  features and 0-dim scalars (``logit_scale``). Every trainable parameter is used here, so DDP
+  wraps this module;
+* ``criterion`` -- an ``nn.Module`` without parameters: ``criterion(features) -> {"loss": ...,
+  <named terms>}``. Its buffers (gate EMAs, memory banks) are checkpointed. It should update its
+  state only in ``train()`` mode: gradient accumulation over a whole batch calls it once per
+  micro-batch and keeps it in train mode for the first call only;
+* ``after_step()`` -- called after each optimizer step (the logit_scale clamp).
+
+What it logs: every 0-dim entry of the criterion's output under its key, and the mean of every
+other floating entry as ``<key>_mean``.
+"""
+import math
+
+import torch
+import torch.nn as nn
+
+from ..data.spec import DataSpec
+
+LOGIT_SCALE_MAX = math.log(100)
+
+
+class MethodConfigError(ValueError):
+    """A flag combination the method does not support (raised before any training)."""
+
+
+@torch.no_grad()
+def clamp_logit_scale(model, low=0.0, high=LOGIT_SCALE_MAX, name="logit_scale"):
+    """Clamp the logit-scale parameter (default: temperature in [1, 100], as CLIP/ALIP)."""
+    getattr(model, name).clamp_(low, high)
+
+
+class Method:
+    """Base class; subclasses set ``name``, build ``encoder`` and ``criterion`` in __init__."""
+
+    name = None
+    accum_modes = ("batch", "micro")
+    data = DataSpec()
+
+    def __init__(self, model, args, rank=0, world_size=1):
+        self.model, self.args = model, args
+        self.rank, self.world_size = rank, world_size
+        self.encoder = None
+        self.criterion = None
+
+    @classmethod
+    def add_args(cls, parser):
+        """Method-specific flags (an argparse group); names start with the method name."""
+
+    @classmethod
+    def check_args(cls, args):
+        """Raise MethodConfigError for flags the method cannot honour, before any work."""
+        if args.accum_freq > 1 and args.accum_mode not in cls.accum_modes:
+            raise MethodConfigError(
+                f"--method {cls.name} does not support --accum-mode {args.accum_mode} "
+                f"(supported: {', '.join(cls.accum_modes)})")
+
+    def after_step(self):
+        clamp_logit_scale(self.model)
+
+    def heads_state_dict(self):
+        """The encoder's state outside the open_clip model (trainable heads), for checkpoints."""
+        return {k: v for k, v in self.encoder.state_dict().items() if not k.startswith("model.")}
+
+    def load_heads_state_dict(self, state):
+        missing = [k for k in self.heads_state_dict() if k not in state]
+        if missing:
+            raise KeyError(f"training state lacks the {self.name} heads' keys {missing[:4]}")
+        self.encoder.load_state_dict({**self.encoder.state_dict(), **state})
+
+
+def scalar(x):
+    """True for the 0-dim entries of a features/loss dict (logit_scale, loss terms)."""
+    return torch.is_tensor(x) and x.dim() == 0
+
+
+class ContrastiveEncoder(nn.Module):
+    """Shared piece: the open_clip model at ``.model``; subclasses define forward(batch)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
