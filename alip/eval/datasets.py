@@ -101,6 +101,8 @@ class NamedErrors:
     def __getitem__(self, i):
         try:
             return self.ds[i]
+        except IndexError:  # past the end: the end of iteration, not a bad file
+            raise
         except Exception as e:
             raise ValueError(f"{self.name}: image {self.path_of(i)} cannot be read "
                              f"({type(e).__name__}: {e})") from e
