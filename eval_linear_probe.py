@@ -9,6 +9,7 @@ import sys
 
 from alip.eval.datasets import ALIP_TABLE, canonical_name, dataset_root
 from alip.eval.linear_probe import evaluate_linear_probe
+from alip.eval.cli import run_cli
 from alip.eval.load import add_model_args, load_model_from_args
 from alip.eval.report import table, write_json
 
@@ -44,4 +45,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main, "eval_linear_probe.py"))

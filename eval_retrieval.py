@@ -7,6 +7,7 @@
 import argparse
 import sys
 
+from alip.eval.cli import run_cli
 from alip.eval.load import add_model_args, load_model_from_args
 from alip.eval.report import write_json
 from alip.eval.retrieval import evaluate_retrieval
@@ -39,4 +40,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main, "eval_retrieval.py"))

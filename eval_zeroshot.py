@@ -9,6 +9,7 @@ import argparse
 import sys
 
 from alip.eval.datasets import ALIP_TABLE, canonical_name, dataset_root
+from alip.eval.cli import run_cli
 from alip.eval.load import add_model_args, load_model_from_args
 from alip.eval.report import table, write_json
 from alip.eval.zeroshot import evaluate_zeroshot
@@ -59,4 +60,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main, "eval_zeroshot.py"))

@@ -87,8 +87,7 @@ def test_too_many_nonfinite_in_a_row_stop_the_run(tmp_path, capsys):
     (["--dataset-type", "rec"], "--train-data is required"),
     (["--batch-size", "40"], "--batch-size 40 x 1 processes x --accum-freq 1 needs more samples"),
     (["--accum-freq", "5"], "--accum-freq 5 needs more samples"),
-    (["--batch-size", "0"], "--batch-size must be >= 1"),
-])
+])  # flag ranges (--batch-size 0, ...) stop parse_args itself: tests/test_train_faults.py
 def test_bad_input_fails_before_training(tmp_path, extra, message):
     with pytest.raises(TrainConfigError, match=message.replace("(", r"\(")):
         run_single(tiny_argv(tmp_path, "bad", samples=32, batch=8) + extra)

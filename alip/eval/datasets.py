@@ -4,7 +4,8 @@ Each dataset is read with torchvision's own class (``download=False``) or ImageF
 class names and prompt templates of the CLIP paper as shipped by ``open_clip.zero_shot_metadata``
 (ImageNet) and clip_benchmark's ``en_classnames.json`` / ``en_zeroshot_classification_templates.json``
 (the rest), fixed up the way clip_benchmark's ``build_dataset`` does. A missing dataset is a
-``FileNotFoundError`` naming the path that is missing and the layout expected there.
+``FileNotFoundError`` naming the path that is missing and the layout expected there; an image
+that cannot be read is a ``ValueError`` naming its file.
 """
 import json
 import os
@@ -84,6 +85,40 @@ class _CIFAR100(tvd.CIFAR100):
     train_list = [(f, None) for f, _ in tvd.CIFAR100.train_list]
     test_list = [(f, None) for f, _ in tvd.CIFAR100.test_list]
     meta = {**tvd.CIFAR100.meta, "md5": None}
+
+
+class NamedErrors:
+    """Wraps a dataset so that an item that fails to load raises a ValueError naming its image
+    file (torchvision's classes raise PIL's error without the path); other attributes pass
+    through."""
+
+    def __init__(self, name, ds):
+        self.name, self.ds = name, ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        try:
+            return self.ds[i]
+        except IndexError:  # past the end: the end of iteration, not a bad file
+            raise
+        except Exception as e:
+            raise ValueError(f"{self.name}: image {self.path_of(i)} cannot be read "
+                             f"({type(e).__name__}: {e})") from e
+
+    def path_of(self, i):
+        for attr in ("samples", "_image_files", "_images"):  # ImageFolder, most torchvision sets
+            items = getattr(self.ds, attr, None)
+            if items is not None and i < len(items):
+                item = items[i]
+                return item[0] if isinstance(item, tuple) else item
+        return f"number {i}"
+
+    def __getattr__(self, attr):
+        if attr.startswith("__") or attr in ("ds", "name"):
+            raise AttributeError(attr)
+        return getattr(self.ds, attr)
 
 
 @dataclass
@@ -272,4 +307,4 @@ def build_dataset(name, root, transform=None, split=None, classnames=None, templ
     if len(names) != n_classes:
         raise ValueError(f"{name}: {len(names)} class names for the {n_classes} classes under {root}")
     temps = as_templates(templates) if templates is not None else default_templates(name)
-    return ClassificationSet(name, ds, names, temps, name in MEAN_PER_CLASS)
+    return ClassificationSet(name, NamedErrors(name, ds), names, temps, name in MEAN_PER_CLASS)

@@ -42,6 +42,10 @@ def load_model(model_name=None, pretrained=None, checkpoint=None, device="cpu", 
     if checkpoint is not None:
         if not os.path.isfile(checkpoint):
             raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+        if str(checkpoint).endswith(".state.pt"):
+            raise ValueError(f"checkpoint {checkpoint} is a train.py training state (optimizer, "
+                             f"RNG, ...), not model weights: give "
+                             f"{str(checkpoint)[:-len('.state.pt')]}.pt")
         saved_name = checkpoint_model_name(checkpoint)
         if model_name is None:
             model_name = saved_name

@@ -7,14 +7,18 @@ Layout of RUN_DIR/checkpoints/::
     epoch_3.state.pt   optimizer, scheduler, scaler, loss buffers (ALIP gate EMAs), epoch and
                        batch position, non-finite counters, RNG states of every rank, config
     step_1200.pt / step_1200.state.pt      the same, for --save-every-n-steps
-    index.json         the complete checkpoints, oldest first
+    index.json         the complete checkpoints, oldest first, with the sha256 of each file
 
 Every file is written to a temporary name and renamed, the index last, so a kill at any moment
-leaves the previous complete checkpoint intact; ``--resume latest`` takes the newest entry of
-the index whose files both exist. Only the newest ``keep_last`` training states are kept (and
-the model files of step checkpoints); the model files of epoch checkpoints are always kept.
+leaves the previous complete checkpoint intact. ``find_latest(verify=True)`` (``--resume
+latest``) takes the newest entry of the index whose two files exist and match their sha256,
+saying why it passed over newer ones. Weights that are not finite are never saved. Only the
+newest ``keep_last`` training states are kept (and the model files of step checkpoints); the
+model files of epoch checkpoints are always kept.
 ``open_clip.create_model(name, pretrained="…/epoch_3.pt")`` loads the model file.
+Every error is a ``CheckpointError`` naming the file at fault.
 """
+import hashlib
 import json
 import os
 import random
@@ -24,6 +28,28 @@ import numpy as np
 import torch
 
 INDEX = "index.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file or index that cannot be used; the message names the file."""
+
+
+class CheckpointMissing(CheckpointError, FileNotFoundError):
+    """A checkpoint file that is not there."""
+
+
+def sha256_of(path, chunk=1 << 22):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def nonfinite_weights(state_dict):
+    """Names of the floating-point tensors of ``state_dict`` holding a NaN or inf."""
+    return [k for k, v in state_dict.items()
+            if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
 def _atomic_save(obj, path):
@@ -66,7 +92,38 @@ def read_index(ckpt_dir):
     path = Path(ckpt_dir) / INDEX
     if not path.exists():
         return []
-    return json.loads(path.read_text())
+    try:
+        index = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"checkpoint index {path} is not valid JSON ({e}); move it away "
+                              f"to start over, or restore it") from e
+    if not isinstance(index, list) or not all(
+            isinstance(e, dict) and isinstance(e.get("model"), str)
+            and isinstance(e.get("state"), str) for e in index):
+        raise CheckpointError(f"checkpoint index {path} is not a list of "
+                              f'{{"model": FILE, "state": FILE, ...}} entries')
+    return index
+
+
+def has_checkpoints(ckpt_dir):
+    """Whether ``ckpt_dir`` holds a checkpoint index (a damaged one counts)."""
+    try:
+        return bool(read_index(ckpt_dir))
+    except CheckpointError:
+        return True
+
+
+def verify_entry(ckpt_dir, entry):
+    """None when both files of index ``entry`` exist and match their recorded sha256, else why
+    not (naming the file)."""
+    for role in ("model", "state"):
+        path = Path(ckpt_dir) / entry[role]
+        if not path.is_file():
+            return f"{path} is missing"
+        want = (entry.get("sha256") or {}).get(role)
+        if want is not None and sha256_of(path) != want:
+            return f"{path} does not match its sha256 in {INDEX} (damaged or truncated)"
+    return None
 
 
 def save_checkpoint(ckpt_dir, tag, model_name, model, train_state, epoch, step, keep_last=2):
@@ -77,11 +134,18 @@ def save_checkpoint(ckpt_dir, tag, model_name, model, train_state, epoch, step, 
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     model_file, state_file = f"{tag}.pt", f"{tag}.state.pt"
-    _atomic_save({"state_dict": model.state_dict(), "model": model_name, "epoch": int(epoch),
+    state_dict = model.state_dict()
+    bad = nonfinite_weights(state_dict)
+    if bad:
+        raise CheckpointError(f"not saving {ckpt_dir / model_file}: non-finite weights in "
+                              f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
+    index = [e for e in read_index(ckpt_dir) if e["model"] != model_file]
+    _atomic_save({"state_dict": state_dict, "model": model_name, "epoch": int(epoch),
                   "step": int(step)}, ckpt_dir / model_file)
     _atomic_save(train_state, ckpt_dir / state_file)
-    index = [e for e in read_index(ckpt_dir) if e["model"] != model_file]
-    index.append({"model": model_file, "state": state_file, "epoch": int(epoch), "step": int(step)})
+    index.append({"model": model_file, "state": state_file, "epoch": int(epoch), "step": int(step),
+                  "sha256": {"model": sha256_of(ckpt_dir / model_file),
+                             "state": sha256_of(ckpt_dir / state_file)}})
     # prune: keep the newest keep_last training states; step model files go with their state
     keep = max(int(keep_last), 1)
     for entry in index[:-keep]:
@@ -93,11 +157,36 @@ def save_checkpoint(ckpt_dir, tag, model_name, model, train_state, epoch, step, 
     return ckpt_dir / model_file
 
 
-def find_latest(ckpt_dir):
-    """The model file of the newest complete checkpoint (model and state present), or None."""
+def find_latest(ckpt_dir, verify=False, warn=None):
+    """The model file of the newest complete checkpoint (model and state present; with
+    ``verify`` also matching their sha256), or None. ``warn(msg)`` hears of each newer
+    checkpoint passed over, and why."""
     ckpt_dir = Path(ckpt_dir)
     for entry in reversed(read_index(ckpt_dir)):
-        if (ckpt_dir / entry["model"]).is_file() and (ckpt_dir / entry["state"]).is_file():
+        if verify:
+            why = verify_entry(ckpt_dir, entry)
+        else:
+            why = next((f"{ckpt_dir / entry[r]} is missing" for r in ("model", "state")
+                        if not (ckpt_dir / entry[r]).is_file()), None)
+        if why is None:
+            return ckpt_dir / entry["model"]
+        if warn is not None:
+            warn(f"passing over checkpoint {entry['model']}: {why}")
+    return None
+
+
+def find_good(ckpt_dir):
+    """The newest checkpoint that verifies and whose weights are all finite, or None: what a
+    run stopped by non-finite losses names as its last good checkpoint."""
+    ckpt_dir = Path(ckpt_dir)
+    for entry in reversed(read_index(ckpt_dir)):
+        if verify_entry(ckpt_dir, entry) is not None:
+            continue
+        try:
+            saved = torch.load(ckpt_dir / entry["model"], map_location="cpu", weights_only=True)
+        except Exception:
+            continue
+        if not nonfinite_weights(saved.get("state_dict", {})):
             return ckpt_dir / entry["model"]
     return None
 
@@ -109,14 +198,39 @@ def state_path_for(model_path):
     return model_path.with_name(model_path.name[:-len(".pt")] + ".state.pt")
 
 
+def _load(path, weights_only):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception as e:
+        raise CheckpointError(f"--resume: cannot read checkpoint file {path} "
+                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                              ) from e
+
+
 def load_checkpoint(path):
-    """(model checkpoint dict, training state dict) of a model file or its state file."""
+    """(model checkpoint dict, training state dict) of a model file or its state file.
+
+    The files are checked against the sha256 their index records (when it lists them) and the
+    weights must be finite; every failure is a ``CheckpointError`` naming the file."""
     state_path = state_path_for(path)
     model_path = state_path.with_name(state_path.name[:-len(".state.pt")] + ".pt")
     for p in (model_path, state_path):
         if not p.is_file():
-            raise FileNotFoundError(f"--resume: checkpoint file missing: {p}")
-    model_ckpt = torch.load(model_path, map_location="cpu", weights_only=True)
+            raise CheckpointMissing(f"--resume: checkpoint file missing: {p}")
+    entry = next((e for e in read_index(model_path.parent) if e["model"] == model_path.name), None)
+    why = entry and verify_entry(model_path.parent, entry)
+    if why:
+        raise CheckpointError(f"--resume: {why}")
+    model_ckpt = _load(model_path, weights_only=True)
     # our own file: python/numpy RNG states are not plain tensors
-    state = torch.load(state_path, map_location="cpu", weights_only=False)
+    state = _load(state_path, weights_only=False)
+    if not isinstance(model_ckpt, dict) or not isinstance(model_ckpt.get("state_dict"), dict):
+        raise CheckpointError(f"--resume: {model_path} is not a train.py model file "
+                              f'(no "state_dict")')
+    if not isinstance(state, dict) or "optimizer" not in state:
+        raise CheckpointError(f"--resume: {state_path} is not a train.py training state "
+                              f'(no "optimizer")')
+    bad = nonfinite_weights(model_ckpt["state_dict"])
+    if bad:
+        raise CheckpointError(f"--resume: {model_path} has non-finite weights ({bad[0]} ...)")
     return model_ckpt, state

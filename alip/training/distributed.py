@@ -26,6 +26,10 @@ class DistInfo:
 def init_distributed(device="auto", dist_backend=None, dist_url=None):
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif str(device).startswith("cuda") and not torch.cuda.is_available():
+        # open_clip_train's helper would quietly run on the CPU
+        raise RuntimeError(f"--device {device}: no CUDA GPU is visible (--device auto falls back "
+                           f"to the CPU)")
     r = init_distributed_device_so(device=device, dist_backend=dist_backend, dist_url=dist_url)
     dev = torch.device(r["device"])
     if dev.type == "cuda" and dev.index is None:  # a plain "cuda": name the GPU (DALI, DDP)

@@ -19,7 +19,8 @@ from . import checkpoint as ckpt
 from .distributed import all_gather_object, barrier, cleanup, init_distributed
 from .logger import RunLogger, setup_text_log
 from .optim import build_optimizer, build_scheduler
-from .params import parse_args, resolved_config, write_config
+from .params import (FlagError, check_eval_inputs, check_flags, parse_args, resolved_config,
+                     resume_conflicts, write_config)
 from .step import StepContext, train_step
 from .synthetic import SyntheticLoader
 
@@ -45,7 +46,13 @@ def run_dir_of(args):
 
 def check_args(args, info):
     """Clear errors for what can be checked before building anything."""
-    if args.model not in open_clip.list_models():
+    try:
+        check_flags(args)
+        check_eval_inputs(args)
+    except FlagError as e:
+        raise TrainConfigError(str(e)) from e
+    if args.model not in open_clip.list_models() and not args.model.startswith(("hf-hub:",
+                                                                               "local-dir:")):
         raise TrainConfigError(f"--model: unknown model {args.model!r}; known ALIP models: "
                                f"{[m for m in open_clip.list_models() if m.startswith('ALIP')]}")
     for flag in ("batch_size", "accum_freq", "epochs"):
@@ -97,7 +104,7 @@ def prepare_run_dir(args, info):
             probe.unlink()
         except OSError as e:
             error = f"--logs: cannot write the run directory {run_dir}: {e}"
-        if error is None and args.resume is None and ckpt.read_index(run_dir / "checkpoints"):
+        if error is None and args.resume is None and ckpt.has_checkpoints(run_dir / "checkpoints"):
             error = (f"run directory {run_dir} already has checkpoints; pass --resume latest to "
                      f"continue it, or another --name")
     error = all_gather_object(error, info)[0]
@@ -214,7 +221,7 @@ def _run(args, info, make_loader):
 
     resume_path = None
     if args.resume == "latest":
-        resume_path = ckpt.find_latest(ckpt_dir)
+        resume_path = ckpt.find_latest(ckpt_dir, verify=True, warn=log.warning)
         if resume_path is None:
             log.info("--resume latest: no complete checkpoint in %s, starting fresh", ckpt_dir)
     elif args.resume:
@@ -226,7 +233,7 @@ def _run(args, info, make_loader):
     try:
         clip_model, _, preprocess = open_clip.create_model_and_transforms(
             args.model, pretrained=args.pretrained, device=info.device)
-    except (RuntimeError, FileNotFoundError, ValueError, KeyError) as e:
+    except (RuntimeError, OSError, ValueError, KeyError) as e:
         raise TrainConfigError(f"--model {args.model} --pretrained {args.pretrained}: {e}") from e
     if args.grad_checkpointing:
         clip_model.set_grad_checkpointing(True)
@@ -270,13 +277,11 @@ def _run(args, info, make_loader):
             raise TrainConfigError(f"--resume {resume_path}: checkpoint is a "
                                    f"{model_ckpt['model']!r}, but --model is {args.model!r}")
         old = state.get("config", {})
-        changed = [k for k in ("batch_size", "world_size", "accum_freq", "epochs")
-                   if k in old and old[k] != getattr(args, k)]
+        changed = resume_conflicts(old, args)
         if changed:
             raise TrainConfigError(
-                f"--resume {resume_path}: the data position and schedule depend on "
-                + ", ".join(f"{k} (checkpoint {old[k]}, now {getattr(args, k)})" for k in changed)
-                + "; resume with the same values")
+                f"--resume {resume_path}: the data position, schedule and optimizer state depend "
+                f"on " + ", ".join(changed) + "; resume with the same values")
         clip_model.load_state_dict(model_ckpt["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -332,6 +337,10 @@ def _run(args, info, make_loader):
                        samples_per_step, info.world_size)
 
     def save(tag, epoch, batch_in_epoch, completed_epochs):
+        if nonfinite_run or ckpt.nonfinite_weights(clip_model.state_dict()):
+            log.warning("not saving %s: %s", tag, f"step {step} is in a streak of {nonfinite_run}"
+                        " non-finite step(s)" if nonfinite_run else "the weights are not finite")
+            return
         state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "scaler": scaler.state_dict() if scaler is not None else None,
                  "loss": loss_fn.state_dict(), "heads": method.heads_state_dict(), "epoch": epoch, "batch_in_epoch": batch_in_epoch,
@@ -379,7 +388,7 @@ def _run(args, info, make_loader):
                     log.warning("step %d: non-finite loss, step skipped (%d in a row, %d in total)",
                                 step, nonfinite_run, nonfinite_total)
                     if nonfinite_run > args.max_nonfinite:
-                        latest = ckpt.find_latest(ckpt_dir)
+                        latest = ckpt.find_good(ckpt_dir)
                         raise NonFiniteLossError(
                             f"{nonfinite_run} steps in a row had a non-finite loss (more than "
                             f"--max-nonfinite {args.max_nonfinite}), stopping at step {step}; "
@@ -424,6 +433,6 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         run(args)
-    except (TrainConfigError, NonFiniteLossError) as e:
+    except (TrainConfigError, NonFiniteLossError, ckpt.CheckpointError) as e:
         raise SystemExit(f"train.py: error: {e}")
     return 0

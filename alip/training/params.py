@@ -2,16 +2,112 @@
 
 Flag names mirror ``open_clip_train`` where the concept is the same. Precedence: built-in
 default < ``--config FILE.yaml`` < command line. The YAML keys are flag names with ``-`` or
-``_`` (``batch-size`` or ``batch_size``); an unknown key is an error naming the file and key.
+``_`` (``batch-size`` or ``batch_size``); an unknown key, a value of the wrong type or out of
+range is an error naming the file and key. Every numeric flag has its valid range in
+``RANGES``, checked by ``parse_args`` before anything is built; ``check_eval_inputs`` checks
+the files and directories of the evaluation flags.
 """
 import argparse
+import math
+import os
+import re
 from pathlib import Path
 
+import torch
 import yaml
 
 from alip.methods import get_method, method_names
 
 PRECISIONS = ("amp", "amp_bf16", "amp_bfloat16", "fp32")
+
+# Valid range of every numeric flag, as an interval: "[" / "]" include the bound, "(" / ")"
+# exclude it. NaN is never in range, nor is inf (every upper bound "inf" is open).
+RANGES = {
+    "train_num_samples": "[1, inf)", "workers": "[0, inf)", "batch_size": "[1, inf)",
+    "accum_freq": "[1, inf)", "epochs": "[1, inf)",
+    "lr": "(0, inf)", "wd": "[0, inf)", "beta1": "[0, 1)", "beta2": "[0, 1)", "eps": "(0, inf)",
+    "pct_start": "(0, 1)", "warmup": "[0, inf)", "grad_clip_norm": "[0, inf)",
+    "seed": "[0, 4294967295]",  # numpy's seed range
+    "alip_gamma": "[0, inf)", "alip_momentum": "[0, 1]", "alip_ema_init": "[-1, 1]",
+    "save_frequency": "[0, inf)", "save_every_n_steps": "[0, inf)", "keep_last": "[1, inf)",
+    "log_every_n_steps": "[1, inf)", "max_nonfinite": "[0, inf)", "max_steps": "[1, inf)",
+    "retrieval_frequency": "[0, inf)", "zeroshot_frequency": "[0, inf)",
+    "eval_batch_size": "[1, inf)",
+}
+
+# Flags a resumed run must keep: the data position and schedule depend on the first four; the
+# optimizer and scheduler states restored on resume carry the others (a new value would be
+# overridden by the checkpoint, so it is refused instead of being recorded and not used).
+RESUME_FIXED = ("batch_size", "world_size", "accum_freq", "epochs", "lr", "wd", "beta1",
+                "beta2", "eps", "schedule", "pct_start", "cycle_momentum", "warmup",
+                "wd_exclude_gain_bias", "method")
+
+
+class FlagError(ValueError):
+    """A flag or --config value that is out of range or of the wrong type (message names it)."""
+
+
+def _interval(text):
+    lo_b, lo, hi, hi_b = re.fullmatch(r"([\[(])(\S+), (\S+)([\])])", text).groups()
+    return float(lo), float(hi), lo_b == "[", hi_b == "]"
+
+
+def range_error(dest, value):
+    """Why ``value`` is not a valid ``--dest``, or None."""
+    if dest not in RANGES or value is None:
+        return None
+    lo, hi, lo_in, hi_in = _interval(RANGES[dest])
+    v = float(value)
+    ok = (v > lo or (lo_in and v == lo)) and (v < hi or (hi_in and v == hi))
+    if ok:
+        return None
+    if hi == math.inf:
+        want = f"{'>=' if lo_in else '>'} {lo:g}"
+    else:
+        want = f"in {RANGES[dest]}"
+    return f"must be {'a finite number ' if not math.isfinite(v) else ''}{want}, got {value}"
+
+
+def check_flags(args):
+    """Every numeric flag in its range, and a usable --device; raises FlagError."""
+    for dest in RANGES:
+        why = range_error(dest, getattr(args, dest, None))
+        if why:
+            raise FlagError(f"--{dest.replace('_', '-')} {why}")
+    dev = str(args.device)
+    if dev not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", dev):
+        raise FlagError(f"--device must be auto, cpu, cuda or cuda:N, got {dev!r}")
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        raise FlagError(f"--device {dev}: no CUDA GPU is visible (--device auto falls back to "
+                        f"the CPU)")
+
+
+def check_eval_inputs(args):
+    """The files and directories of the evaluation flags exist (and the retrieval annotation
+    reads), so a bad path fails at start-up, not after the first epoch; raises FlagError."""
+    files = ("retrieval_data", "zeroshot_classnames", "zeroshot_templates")
+    dirs = ("retrieval_image_root", "imagenet_val", "zeroshot_root")
+    for dest in files + dirs:
+        path = getattr(args, dest, None)
+        if path is None:
+            continue
+        exists = os.path.isfile(path) if dest in files else os.path.isdir(path)
+        if not exists:
+            raise FlagError(f"--{dest.replace('_', '-')}: {'file' if dest in files else 'directory'}"
+                            f" not found: {path}")
+    if args.retrieval_data and args.retrieval_image_root:
+        from alip.eval.retrieval import load_annotation
+        try:
+            load_annotation(args.retrieval_data, args.retrieval_image_root)
+        except (ValueError, OSError) as e:
+            raise FlagError(f"--retrieval-data: {e}") from e
+    if args.zeroshot_root and not args.imagenet_val:
+        from alip.eval.datasets import canonical_name, check_layout
+        try:
+            name = canonical_name(args.zeroshot_dataset or "imagefolder")
+            check_layout(name, args.zeroshot_root)
+        except (ValueError, OSError) as e:
+            raise FlagError(f"--zeroshot-dataset/--zeroshot-root: {e}") from e
 
 
 def build_parser():
@@ -124,7 +220,40 @@ def load_yaml(path):
     return data
 
 
+def yaml_value(action, value):
+    """A --config value converted as the flag's parser would; raises FlagError (no file name)."""
+    if value is None:
+        return None
+    if action.choices is not None and value not in action.choices:
+        raise FlagError(f"{value!r} is not one of {list(action.choices)}")
+    if action.nargs == 0:  # store_true / --[no-]flag
+        if not isinstance(value, bool):
+            raise FlagError(f"expected true or false, got {value!r}")
+        return value
+    if action.type in (int, float):
+        if isinstance(value, bool) or isinstance(value, (list, dict)) or (
+                action.type is int and isinstance(value, float) and not value.is_integer()):
+            raise FlagError(f"expected {'an integer' if action.type is int else 'a number'}, "
+                            f"got {value!r}")
+        try:
+            value = action.type(value)
+        except (TypeError, ValueError):
+            raise FlagError(f"expected {'an integer' if action.type is int else 'a number'}, "
+                            f"got {value!r}") from None
+        why = range_error(action.dest, value)
+        if why:
+            raise FlagError(why)
+        return value
+    if action.dest == "train_data" and isinstance(value, list):
+        value = ",".join(map(str, value))
+    if isinstance(value, (list, dict)):
+        raise FlagError(f"expected a single value, got {value!r}")
+    return str(value)
+
+
 def parse_args(argv=None):
+    """Flags (over --config defaults), every numeric one checked against ``RANGES`` and
+    --device checked; a bad value exits with one line naming the flag or the file and key."""
     parser = build_parser()
     pre, _ = parser.parse_known_args(argv)
     if pre.config:
@@ -134,18 +263,26 @@ def parse_args(argv=None):
             dest = str(key).replace("-", "_")
             if dest not in known or dest in ("help", "config"):
                 raise SystemExit(f"--config {pre.config}: unknown key {key!r}")
-            action = known[dest]
-            if action.choices is not None and value not in action.choices:
-                raise SystemExit(f"--config {pre.config}: {key}: {value!r} is not one of "
-                                 f"{list(action.choices)}")
-            if action.type is not None and value is not None:
-                value = action.type(value)
-            defaults[dest] = value
+            try:
+                defaults[dest] = yaml_value(known[dest], value)
+            except FlagError as e:
+                raise SystemExit(f"train.py: error: --config {pre.config}: {key}: {e}") from None
         parser.set_defaults(**defaults)
     args = parser.parse_args(argv)
     if args.precision == "amp_bfloat16":
         args.precision = "amp_bf16"
+    try:
+        check_flags(args)
+    except FlagError as e:
+        raise SystemExit(f"train.py: error: {e}") from None
     return args
+
+
+def resume_conflicts(old_config, args):
+    """The RESUME_FIXED flags whose value differs from the checkpoint's config, as
+    ``name (checkpoint X, now Y)`` strings."""
+    return [f"{k} (checkpoint {old_config[k]}, now {getattr(args, k)})" for k in RESUME_FIXED
+            if k in old_config and old_config[k] != getattr(args, k)]
 
 
 def resolved_config(args):
