@@ -38,6 +38,7 @@ class ALIPCriterion(ALIPLoss):
 class ALIP(Method):
     name = "alip"
     data = ALIP_DATA
+    flag_ranges = {"alip_gamma": "[0, inf)", "alip_momentum": "[0, 1]", "alip_ema_init": "[-1, 1]"}
 
     @classmethod
     def add_args(cls, parser):

@@ -41,6 +41,7 @@ class Method:
     name = None
     accum_modes = ("batch", "micro")
     data = DataSpec()
+    flag_ranges = {}  # dest -> interval ("[0, 1]", "(0, inf)"): checked before any work
 
     def __init__(self, model, args, rank=0, world_size=1):
         self.model, self.args = model, args
@@ -50,7 +51,8 @@ class Method:
 
     @classmethod
     def add_args(cls, parser):
-        """Method-specific flags (an argparse group); names start with the method name."""
+        """Method-specific flags (an argparse group); names start with the method name; every
+        numeric one gets an interval in ``flag_ranges``."""
 
     @classmethod
     def check_args(cls, args):

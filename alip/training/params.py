@@ -28,12 +28,13 @@ RANGES = {
     "lr": "(0, inf)", "wd": "[0, inf)", "beta1": "[0, 1)", "beta2": "[0, 1)", "eps": "(0, inf)",
     "pct_start": "(0, 1)", "warmup": "[0, inf)", "grad_clip_norm": "[0, inf)",
     "seed": "[0, 4294967295]",  # numpy's seed range
-    "alip_gamma": "[0, inf)", "alip_momentum": "[0, 1]", "alip_ema_init": "[-1, 1]",
     "save_frequency": "[0, inf)", "save_every_n_steps": "[0, inf)", "keep_last": "[1, inf)",
     "log_every_n_steps": "[1, inf)", "max_nonfinite": "[0, inf)", "max_steps": "[1, inf)",
     "retrieval_frequency": "[0, inf)", "zeroshot_frequency": "[0, inf)",
     "eval_batch_size": "[1, inf)",
 }
+for _name in method_names():  # each method declares the ranges of its own flags
+    RANGES.update(get_method(_name).flag_ranges)
 
 # Flags a resumed run must keep: the data position and schedule depend on the first four; the
 # optimizer and scheduler states restored on resume carry the others (a new value would be
