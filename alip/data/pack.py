@@ -146,14 +146,12 @@ class ManifestSource:
             if row == []:  # blank line
                 lineno += used
                 continue
-            if reason is None and used > 1 and len(row) != len(self.header):
-                # a quoted newline that does not give a well-formed row: a stray quote, not a
-                # multi-line field; reject the first line and read on from the next
-                reason = (f"unbalanced quote: a quoted field spans {used} lines and leaves "
-                          f"{len(row)} fields (the header has {len(self.header)})")
-                f.seek(pos)
-                f.readline()
-                used = 1
+            if reason is None and used > 1:
+                reason = self._stray_quote(f, pos, used, row)
+                if reason is not None:  # reject the first line, read on from the next
+                    f.seek(pos)
+                    f.readline()
+                    used = 1
             i = len(offsets)
             offsets.append(pos)
             if reason is not None:
@@ -161,6 +159,21 @@ class ManifestSource:
             else:
                 self._check_caption(i, self._csv_dict(row, i, strict=False))
             lineno += used
+
+    def _stray_quote(self, f, pos, used, row):
+        """Why a multi-line record is a stray quote rather than a field with newlines, or None:
+        it does not give the header's number of fields, or one of its later lines is a whole
+        row on its own (the quote swallowed that row)."""
+        n = len(self.header)
+        if len(row) != n:
+            return f"unbalanced quote: a quoted field spans {used} lines and leaves {len(row)} fields (the header has {n})"
+        f.seek(pos)
+        lines = [f.readline() for _ in range(used)]
+        for j, line in enumerate(lines[1:], 1):
+            alone = read_csv_record(io.BytesIO(line), self.fmt, 1)[0]
+            if alone is not None and len(alone) == n:
+                return f"unbalanced quote: the quoted field swallows the next line{'s' if used > 2 else ''}, a row of its own"
+        return None
 
     def __len__(self):
         return len(self.offsets)
