@@ -2,6 +2,7 @@
 
     python data2rec.py --manifest rows.jsonl --image-root imgs/ --output-dir shards/ [--workers 8]
     python data2rec.py --wds 'tars/*.tar' --captions captions.jsonl --output-dir shards/
+    python data2rec.py verify shards/ [--workers 8]      # check every shard; exit 1 on any problem
 
 Writes train-NNNNN.rec/.idx, manifest.json and rejects.jsonl; rerun the same command to complete
 an interrupted run. See alip/data/pack.py for the behaviour.
@@ -22,6 +23,10 @@ def parse_args(argv):
     src.add_argument("--wds", help="glob of img2dataset-style tars (KEY.jpg + KEY.txt [+ KEY.json])")
     src.add_argument("--captions", help="with --wds: JSONL/CSV/TSV of synthetic captions keyed by KEY")
     src.add_argument("--key-col", default="key", help="with --captions: the KEY column")
+    src.add_argument("--max-row-lines", type=int, default=None,
+                     help="CSV: a quoted field may span at most N physical lines (default 8); a record that "
+                          "runs longer (an unbalanced quote) is rejected at its first line and reading goes "
+                          "on at the next line")
     src.add_argument("--caption-fallback", choices=["raw"], default=None,
                      help="use the raw text where a caption is missing or empty (counted), "
                           "instead of stopping (missing) or rejecting the row (empty)")
@@ -46,6 +51,8 @@ def parse_args(argv):
         p.error("give exactly one of --manifest or --wds")
     if args.wds and not args.captions:
         p.error("--wds needs --captions")
+    if args.max_row_lines is not None and args.max_row_lines < 1:
+        p.error("--max-row-lines must be >= 1")
     if args.shard_size < 1 or args.workers < 1 or not 1 <= args.quality <= 100 or args.max_size < 0:
         p.error("--shard-size and --workers must be >= 1, --quality in 1..100, --max-size >= 0")
     try:
@@ -58,9 +65,12 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
-    from alip.data.pack import DataError, ManifestSource, WebDatasetSource, run
+    from alip.data.pack import DEFAULT_MAX_ROW_LINES, DataError, ManifestSource, WebDatasetSource, run
 
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["verify"]:
+        from alip.data.verify import main as verify_main
+        return verify_main(argv[1:], prog="data2rec.py verify")
     try:
         args = parse_args(argv)
     except SystemExit as e:
@@ -68,7 +78,8 @@ def main(argv=None) -> int:
     try:
         if args.manifest:
             source = ManifestSource(args.manifest, args.image_root, args.image_col, args.text_col,
-                                    args.caption_col, args.caption_fallback)
+                                    args.caption_col, args.caption_fallback,
+                                    args.max_row_lines or DEFAULT_MAX_ROW_LINES)
         else:
             source = WebDatasetSource(args.wds, args.captions, args.key_col, args.caption_col,
                                       args.caption_fallback)
@@ -79,6 +90,9 @@ def main(argv=None) -> int:
                 progress=not args.no_progress, part=args.part)
     except (DataError, FileNotFoundError) as e:
         print(f"data2rec: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # reading the inputs: one line naming the file, not a traceback
+        print(f"data2rec: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
         return 1
     if s is None:
         print(f"data2rec: part {args.part[0]}/{args.part[1]} done; other parts still have shards to "

@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 from .augment import AREA, ASPECT, CLIP_MEAN, CLIP_STD
-from .recordio import CONTEXT_LENGTH, RecordReader
+from .recordio import CONTEXT_LENGTH, RecordIOError, RecordReader
+from .verify import require_verified
 
 
 def combined_index(rec_paths, idx_dir=None):
@@ -40,6 +41,12 @@ def combined_index(rec_paths, idx_dir=None):
 
     The .idx keeps each record's key, in file order: with ``cat`` of the same .rec files it is also
     a single-file shard (what the reference ALIP dali.py reads)."""
+    recs, path, counts = _combined_index(rec_paths, idx_dir)
+    return recs, path, sum(counts)
+
+
+def _combined_index(rec_paths, idx_dir=None):
+    """combined_index with the record count of each listed .rec."""
     recs, sizes, keys, offsets = [], [], [], []
     base = 0
     for rec in rec_paths:
@@ -58,13 +65,14 @@ def combined_index(rec_paths, idx_dir=None):
     idx_dir = idx_dir or os.path.join(tempfile.gettempdir(), "alip-dali-idx")
     os.makedirs(idx_dir, exist_ok=True)
     path = os.path.join(idx_dir, h.hexdigest() + ".idx")
+    counts = [len(k) for k in keys]
     keys, offsets = np.concatenate(keys), np.concatenate(offsets)
     if not os.path.exists(path):
         tmp = f"{path}.{os.getpid()}.tmp"
         with open(tmp, "w") as f:
             f.writelines(f"{k}\t{o}\n" for k, o in zip(keys, offsets))
         os.replace(tmp, path)
-    return recs, path, len(offsets)
+    return recs, path, counts
 
 
 def _seed(*parts):
@@ -103,12 +111,33 @@ def build_pipeline(recs, idx_path, batch_size, image_size, shard_id, num_shards,
     return pipe(enable_checkpointing=True, checkpoint=checkpoint)
 
 
+def _named_errors(make_iterator, loader):
+    """DALI's own errors ("nvImageCodec failure", "wrong magic number", ...) name no file: re-raise
+    them as RecordIOError naming the shard files and the range of records this rank was reading.
+    (The iterator already runs the pipeline when it is built, so that is inside too.)"""
+    try:
+        yield from make_iterator()
+    except RuntimeError as e:
+        lo, hi = loader.shard_range(loader.shard_id)
+        files = loader.files_of(lo, hi)
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = next((ln for ln in reversed(lines) if "no longer valid" not in ln), lines[-1] if lines else "")
+        raise RecordIOError(
+            f"DALI failed reading records {lo}..{hi - 1} of {loader.idx_path} (rank {loader.rank}, epoch "
+            f"{loader.epoch}), in {files[0]}" + (f" .. {files[-1]} ({len(files)} files)" if len(files) > 1 else "")
+            + f": {detail}; `python data2rec.py verify` on these files names the record") from e
+
+
 class DaliRecLoader:
     def __init__(self, rec_paths, batch_size, image_size, rank=0, world_size=1, seed=0, workers=2,
-                 device="cpu", drop_last=True, augment=True, shuffle=True, initial_fill=16384):
+                 device="cpu", drop_last=True, augment=True, shuffle=True, initial_fill=16384,
+                 verify=True):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
-        self.recs, self.idx_path, self.num_samples = combined_index(rec_paths)
+        if verify:  # a corrupt JPEG would otherwise kill DALI's decoder mid-epoch, naming nothing
+            require_verified(rec_paths, max(1, workers), rank, world_size)
+        self.recs, self.idx_path, self.shard_counts = _combined_index(rec_paths)
+        self.num_samples = sum(self.shard_counts)
         self.batch_size, self.image_size = batch_size, image_size
         self.rank, self.world_size, self.seed, self.drop_last = rank, world_size, seed, drop_last
         self.threads, self.augment, self.shuffle = max(1, workers), augment, shuffle
@@ -120,6 +149,11 @@ class DaliRecLoader:
         n, W = self.num_samples, world_size
         self.dropped_per_epoch = n - W * batch_size * ((n // W) // batch_size) if drop_last else 0
         self.set_epoch(0)
+
+    def files_of(self, lo, hi):
+        """The .rec files holding records lo..hi-1 of the combined index."""
+        starts = np.cumsum([0] + self.shard_counts)
+        return [r for r, a, b in zip(self.recs, starts[:-1], starts[1:]) if a < hi and b > lo]
 
     def shard_range(self, shard_id):
         n, W = self.num_samples, self.world_size
@@ -162,11 +196,16 @@ class DaliRecLoader:
                               self.shard_id, self.world_size, _seed(self.seed, self.epoch, self.rank),
                               self.threads, self.device_id, self.augment, self.shuffle,
                               min(self.initial_fill, max(1, self.num_samples)), checkpoint=cpt)
-        self._it = DALIGenericIterator([pipe], ["images", "labels"], reader_name="Reader",
-                                       last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False)
+
+        def make_iterator():
+            self._it = DALIGenericIterator([pipe], ["images", "labels"], reader_name="Reader",
+                                           last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False)
+            return self._it
+
+        self._it = None
         self.position, self.replayed_batches = self.start_batch, 0
         try:
-            for b, out in enumerate(self._it, start=self.start_batch if cpt else 0):
+            for b, out in enumerate(_named_errors(make_iterator, self), start=self.start_batch if cpt else 0):
                 if b >= self.batches_per_epoch:
                     break
                 if b < self.start_batch:

@@ -24,21 +24,36 @@ def rec_paths(data):
     return paths
 
 
+def check_index_counts(paths):
+    """Each shard's .idx against the record count manifest.json lists for it (when the dir has
+    one): a .idx that lost or repeats lines is a RecordIOError naming it."""
+    from .recordio import read_index
+    from .verify import check_index_count, idx_path_of, manifest_count
+    for p in paths:
+        if manifest_count(p)[1] is not None:
+            check_index_count(p, len(read_index(idx_path_of(p), os.path.getsize(p))[0]))
+
+
 def build_train_loader(data, backend="torch", batch_size=64, image_size=32, rank=0, world_size=1,
-                       seed=0, workers=2, device="cpu", drop_last=True, augment=True):
+                       seed=0, workers=2, device="cpu", drop_last=True, augment=True, verify_shards=True):
     """A re-iterable loader of (images float32 [B,3,S,S], raw tokens int64 [B,77], caption
     tokens int64 [B,77]) with ``num_samples``, ``batches_per_epoch``, ``dropped_per_epoch`` and
     ``set_epoch(epoch, start_batch=0)``. ``augment=False`` squashes the whole image instead of the
-    random crop + flip (for checks, not training). See torch_reader.py / dali_reader.py."""
+    random crop + flip (for checks, not training). ``verify_shards`` (DALI): check every shard
+    (framing, index, labels, JPEG decode; alip.data.verify) before the first epoch, once per
+    shard version (cached). See torch_reader.py / dali_reader.py."""
     paths = rec_paths(data)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r}: expected one of {BACKENDS}")
+    check_index_counts(paths)
+    kw = {}
     if backend == "torch":
         from .torch_reader import TorchRecLoader as Loader
-    elif backend == "dali":
-        from .dali_reader import DaliRecLoader as Loader
     else:
-        raise ValueError(f"backend {backend!r}: expected one of {BACKENDS}")
+        from .dali_reader import DaliRecLoader as Loader
+        kw = dict(verify=verify_shards)
     loader = Loader(paths, batch_size, int(image_size), rank=rank, world_size=world_size, seed=seed,
-                    workers=workers, device=device, drop_last=drop_last, augment=augment)
+                    workers=workers, device=device, drop_last=drop_last, augment=augment, **kw)
     if loader.batches_per_epoch == 0:
         raise ValueError(f"{data}: {loader.num_samples} records do not fill one batch of {batch_size} on "
                          f"each of {world_size} ranks (drop_last={drop_last}); use a smaller --batch-size")

@@ -15,23 +15,27 @@ empty text, ...). A missing caption stops the run before anything is written unl
 ``--caption-fallback raw``. Rows in = written + rejected, always.
 """
 import csv
+import errno
 import glob
 import io
 import json
 import math
 import os
+import re
 import sys
 import tarfile
+import unicodedata
 from array import array
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .recordio import RecordWriter, pack
 
 TOOL_VERSION = "1"
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
 DEFAULT_TOKENIZER = "ALIP-ViT-B-32"
+DEFAULT_MAX_ROW_LINES = 8  # a CSV record may span this many physical lines (quoted newlines)
 
 
 class DataError(Exception):
@@ -55,40 +59,54 @@ def _csv_kwargs(fmt):
     return dict(delimiter="\t", quoting=csv.QUOTE_NONE) if fmt == "tsv" else dict(delimiter=",")
 
 
-def _csv_rows_with_offsets(f, fmt):
-    """(offset of the row's first line, row) for each csv row from f's position (binary file)."""
-    state = {"start": None}
+def read_csv_record(f, fmt, max_lines):
+    """One CSV/TSV record from binary file f's position: (row, reason, physical lines used).
+
+    (None, None, 0) at the end of the file. A quoted field still open after ``max_lines`` lines
+    or at the end of the file is an unbalanced quote, and so is a csv error (a field over the
+    csv module's size limit): the record is then only its first line, rejected with ``reason``,
+    and f is left at the next line, so one stray quote costs one row, never the rows after it.
+    """
+    start = f.tell()
+    state = {"lines": 0, "cut": False}
 
     def lines():
-        while True:
-            pos = f.tell()
+        while state["lines"] < max_lines:
             line = f.readline()
             if not line:
-                return
-            if state["start"] is None:
-                state["start"] = pos
+                break
+            state["lines"] += 1
             yield line.decode("utf-8", "surrogateescape")
+        state["cut"] = True  # the reader asked for a line past the limit or the end of the file
 
-    reader = csv.reader(lines(), **_csv_kwargs(fmt))
-    while True:
-        state["start"] = None
-        try:
-            row = next(reader)
-        except StopIteration:
-            return
-        yield state["start"], row
+    try:
+        row, reason = next(csv.reader(lines(), **_csv_kwargs(fmt))), None
+    except StopIteration:
+        return None, None, 0
+    except csv.Error as e:
+        row, reason = None, f"unparseable CSV ({e})"
+    if reason is None and state["cut"]:
+        reason = (f"unbalanced quote: a quoted field runs past {max_lines} lines (--max-row-lines)"
+                  if state["lines"] >= max_lines else "unbalanced quote: a quoted field runs to the end of the file")
+    if reason is not None:
+        f.seek(start)
+        f.readline()
+        return None, reason, 1
+    return row, None, state["lines"]
 
 
 class ManifestSource:
     """Rows of a JSONL/CSV/TSV manifest, indexed by byte offset for random access."""
 
     def __init__(self, path, image_root, image_col="image", text_col="text", caption_col="caption",
-                 caption_fallback=None):
+                 caption_fallback=None, max_row_lines=DEFAULT_MAX_ROW_LINES):
         self.path, self.image_root = path, image_root
         self.cols = (image_col, text_col, caption_col)
         self.fmt = manifest_format(path)
         self.caption_fallback = caption_fallback
+        self.max_row_lines = max_row_lines
         self.header = None
+        self.bad_rows = {}  # row -> reason, for rows the scan already knows are broken
         offsets = array("q")
         with open(path, "rb") as f:
             if self.fmt == "jsonl":
@@ -101,25 +119,61 @@ class ManifestSource:
                         offsets.append(pos)
                         self._check_caption(len(offsets) - 1, self._parse_jsonl(line, len(offsets) - 1, strict=False))
             else:
-                rows = _csv_rows_with_offsets(f, self.fmt)
-                first = next(rows, None)
-                if first is None:
-                    raise DataError(f"{path}: empty manifest (a {self.fmt.upper()} needs a header row)")
-                self.header = first[1]
-                for name in (image_col, text_col):
-                    if name not in self.header:
-                        raise DataError(f"{path}: header {self.header} has no column {name!r} "
-                                        f"(set it with --{'image' if name == image_col else 'text'}-col)")
-                if caption_col not in self.header and caption_fallback != "raw":
-                    raise DataError(f"{path}: header {self.header} has no caption column {caption_col!r}; "
-                                    "set --caption-col, or pass --caption-fallback raw to use the raw text")
-                for pos, row in rows:
-                    if not row:
-                        continue
-                    offsets.append(pos)
-                    self._check_caption(len(offsets) - 1, self._csv_dict(row, len(offsets) - 1, strict=False))
+                self._scan_csv(f, offsets)
         self.offsets = np.frombuffer(offsets, np.int64) if len(offsets) else np.zeros(0, np.int64)
         self._f = None
+
+    def _scan_csv(self, f, offsets):
+        """Index the data rows; a row is a record that starts on a new physical line."""
+        path, (image_col, text_col, caption_col) = self.path, self.cols
+        self.header, reason, lineno = read_csv_record(f, self.fmt, self.max_row_lines)
+        if self.header is None:
+            raise DataError(f"{path}: {reason or 'empty manifest'} in the header row "
+                            f"(a {self.fmt.upper()} needs a header row)")
+        for name in (image_col, text_col):
+            if name not in self.header:
+                raise DataError(f"{path}: header {self.header} has no column {name!r} "
+                                f"(set it with --{'image' if name == image_col else 'text'}-col)")
+        if caption_col not in self.header and self.caption_fallback != "raw":
+            raise DataError(f"{path}: header {self.header} has no caption column {caption_col!r}; "
+                            "set --caption-col, or pass --caption-fallback raw to use the raw text")
+        lineno += 1  # the first data line
+        while True:
+            pos = f.tell()
+            row, reason, used = read_csv_record(f, self.fmt, self.max_row_lines)
+            if used == 0:
+                return
+            if row == []:  # blank line
+                lineno += used
+                continue
+            if reason is None and used > 1:
+                reason = self._stray_quote(f, pos, used, row)
+                if reason is not None:  # reject the first line, read on from the next
+                    f.seek(pos)
+                    f.readline()
+                    used = 1
+            i = len(offsets)
+            offsets.append(pos)
+            if reason is not None:
+                self.bad_rows[i] = f"line {lineno}: {reason}"
+            else:
+                self._check_caption(i, self._csv_dict(row, i, strict=False))
+            lineno += used
+
+    def _stray_quote(self, f, pos, used, row):
+        """Why a multi-line record is a stray quote rather than a field with newlines, or None:
+        it does not give the header's number of fields, or one of its later lines is a whole
+        row on its own (the quote swallowed that row)."""
+        n = len(self.header)
+        if len(row) != n:
+            return f"unbalanced quote: a quoted field spans {used} lines and leaves {len(row)} fields (the header has {n})"
+        f.seek(pos)
+        lines = [f.readline() for _ in range(used)]
+        for j, line in enumerate(lines[1:], 1):
+            alone = read_csv_record(io.BytesIO(line), self.fmt, 1)[0]
+            if alone is not None and len(alone) == n:
+                return f"unbalanced quote: the quoted field swallows the next line{'s' if used > 2 else ''}, a row of its own"
+        return None
 
     def __len__(self):
         return len(self.offsets)
@@ -127,7 +181,8 @@ class ManifestSource:
     def describe(self):
         return {"manifest": os.path.abspath(self.path), "format": self.fmt,
                 "image_root": os.path.abspath(self.image_root), "columns": list(self.cols),
-                "bytes": os.path.getsize(self.path)}
+                "bytes": os.path.getsize(self.path),
+                **({"max_row_lines": self.max_row_lines} if self.fmt == "csv" else {})}
 
     def _where(self, i):
         return f"{self.path} row {i}"
@@ -144,6 +199,10 @@ class ManifestSource:
         except json.JSONDecodeError as e:
             if strict:
                 raise Reject(f"malformed JSON line: {e.msg}") from None
+            return None
+        except RecursionError:
+            if strict:
+                raise Reject("malformed JSON line: nested too deeply") from None
             return None
         if not isinstance(obj, dict):
             if strict:
@@ -174,22 +233,39 @@ class ManifestSource:
 
     def read(self, i):
         """(image source, raw text, caption or None) of row i, or raise Reject."""
+        if i in self.bad_rows:
+            raise Reject(self.bad_rows[i])
         if self._f is None:
             self._f = open(self.path, "rb")
         self._f.seek(int(self.offsets[i]))
         if self.fmt == "jsonl":
             obj = self._parse_jsonl(self._f.readline(), i)
         else:
-            obj = self._csv_dict(next(_csv_rows_with_offsets(self._f, self.fmt))[1], i)
+            obj = self._csv_dict(read_csv_record(self._f, self.fmt, self.max_row_lines)[0], i)
         image_col, text_col, caption_col = self.cols
         for name in (image_col, text_col):
             if obj.get(name) is None:
                 raise Reject(f"missing column {name!r}")
-        image = obj[image_col]
-        if not isinstance(image, str) or not image:
-            raise Reject(f"bad image path {image!r}")
-        text, caption = obj[text_col], obj.get(caption_col)
-        return ("file", os.path.join(self.image_root, image)), str(text), (None if caption is None else str(caption))
+        image, text, caption = (_string(obj, name) for name in self.cols)
+        if not image:
+            raise Reject("empty image path")
+        if "\0" in image:
+            raise Reject("image path contains a NUL byte")
+        return ("file", os.path.join(self.image_root, image)), text, caption
+
+
+def _string(obj, name):
+    """obj[name] if it is a string, None if absent or null; any other type is a Reject."""
+    v = obj.get(name)
+    if v is None or isinstance(v, str):
+        return v
+    kind = {bool: "boolean", int: "number", float: "number", list: "list", dict: "object"}.get(type(v), type(v).__name__)
+    raise Reject(f"column {name!r} is a JSON {kind}, not a string")
+
+
+def is_blank(s):
+    """True for text with nothing visible: whitespace, zero-width and other format/control chars."""
+    return all(ch.isspace() or unicodedata.category(ch) in ("Cc", "Cf", "Zs", "Zl", "Zp") for ch in s)
 
 
 class WebDatasetSource:
@@ -252,7 +328,7 @@ class WebDatasetSource:
             text = self._read_member(t, members["txt"]).decode("utf-8")
         except UnicodeDecodeError as e:
             raise Reject(f"non-UTF-8 text ({e.reason} at byte {e.start})") from None
-        return ("tar", self.tars[t], *members[ext]), text, self.captions.get(key)
+        return ("tar", self.tars[t], *members[ext]), text, _string(self.captions, key)
 
 
 def load_captions(path, key_col="key", caption_col="caption"):
@@ -266,12 +342,15 @@ def load_captions(path, key_col="key", caption_col="caption"):
             rows = csv.DictReader(io.TextIOWrapper(f, "utf-8", newline=""), **_csv_kwargs(fmt))
         try:
             for n, row in enumerate(rows):
-                if key_col not in row:
+                if not isinstance(row, dict) or key_col not in row:
                     raise DataError(f"{path} row {n}: no key column {key_col!r} (set --key-col)")
                 if row.get(caption_col) is not None:
-                    out[str(row[key_col])] = str(row[caption_col])
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                    # a caption of the wrong type rejects its sample (in read), never str() of it
+                    out[str(row[key_col])] = row[caption_col]
+        except (UnicodeDecodeError, json.JSONDecodeError, csv.Error) as e:
             raise DataError(f"{path}: unreadable captions file ({e})") from None
+        except RecursionError:
+            raise DataError(f"{path}: unreadable captions file (a JSON line nested too deeply)") from None
     return out
 
 
@@ -287,6 +366,8 @@ def _read_source(src):
             raise Reject(f"missing image file {src[1]}") from None
         except OSError as e:
             raise Reject(f"unreadable image file {src[1]}: {e.strerror}") from None
+        except ValueError as e:  # a NUL byte in the path
+            raise Reject(f"bad image path {src[1]!r}: {e}") from None
     _, tar, offset, size = src
     with open(tar, "rb") as f:
         f.seek(offset)
@@ -315,6 +396,8 @@ def encode_image(data, quality=95, max_size=0, copy_jpeg=False):
                 img.draft("RGB", size)  # DCT-domain downscale, never below `size`
         img.load()
         img = ImageOps.exif_transpose(img)
+        if img.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
+            img = _gray16_to_8(img)
         if img.mode != "RGB":
             img = img.convert("RGB")
         if too_big:
@@ -326,8 +409,18 @@ def encode_image(data, quality=95, max_size=0, copy_jpeg=False):
         return out.getvalue()
     except Reject:
         raise
+    except UnidentifiedImageError:
+        raise Reject("undecodable image: not an image format Pillow knows") from None
     except Exception as e:  # Pillow raises many types for bad files
-        raise Reject(f"undecodable image: {type(e).__name__}: {e}") from None
+        # no object reprs ("<_io.BytesIO object at 0x7f...>"): rejects.jsonl is the same every run
+        raise Reject(f"undecodable image: {type(e).__name__}: {re.sub(' at 0x[0-9a-fA-F]+', '', str(e))}") from None
+
+
+def _gray16_to_8(img):
+    """16-bit grayscale (PNG/TIFF modes I;16*, I) to 8-bit L by scaling 0..65535 to 0..255
+    (Pillow's own convert clips at 255, which leaves such images almost white)."""
+    a = np.asarray(img).astype(np.float64)
+    return Image.fromarray(np.clip(np.rint(a / 257.0), 0, 255).astype(np.uint8), "L")
 
 
 _WORKER = {}
@@ -345,9 +438,9 @@ def process_row(job):
     """job = (key, source, text, caption) -> (key, payload, None) or (key, None, reason)."""
     key, src, text, caption = job
     try:
-        if not text.strip():
+        if is_blank(text):
             raise Reject("empty text")
-        if not caption.strip():
+        if is_blank(caption):
             raise Reject("empty caption")
         jpeg = encode_image(_read_source(src), _WORKER["quality"], _WORKER["max_size"], _WORKER["copy_jpeg"])
         tokens = _WORKER["tokenizer"]([text, caption]).numpy()
@@ -379,7 +472,7 @@ def _jobs(source, keys, caption_fallback, stats, rejects):
         if caption is None and caption_fallback != "raw":
             raise DataError(f"{_row_ref(source, key)}: no caption; pass --caption-fallback raw "
                             "to use the raw text instead")
-        if caption is None or (caption_fallback == "raw" and not caption.strip()):
+        if caption is None or (caption_fallback == "raw" and is_blank(caption)):
             caption = text
             stats["caption_fallbacks"] += 1
         yield key, src, text, caption
@@ -400,9 +493,52 @@ def run(source, output_dir, shard_size=10000, workers=1, quality=95, max_size=0,
     ``part=(i, n)`` builds only shards k with k % n == i, so n machines can share one output dir
     on a shared file system; whichever run finds every shard done writes manifest.json and
     rejects.jsonl, the others return None."""
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        lock = _lock_output_dir(output_dir, part)
+    except OSError as e:
+        raise DataError(f"{e.filename or output_dir}: cannot create or lock the output dir ({e.strerror})") from None
+    try:
+        return _run(source, output_dir, shard_size, workers, quality, max_size, copy_jpeg, shuffle, seed,
+                    caption_fallback, tokenizer, command, progress, part)
+    except OSError as e:
+        raise DataError(f"{e.filename or output_dir}: {e.strerror or e}") from None
+    finally:
+        if lock is not None:
+            lock.close()  # releases the flock (so does the process's death)
+
+
+def _lock_output_dir(output_dir, part):
+    """An exclusive flock on OUTPUT/.data2rec[.part-I-of-N].lock, held for the whole run: a second
+    run into the same dir (and part) stops with an error instead of writing the same files."""
+    import fcntl
+
+    name = ".data2rec.lock" if part == (0, 1) else f".data2rec.part-{part[0]}-of-{part[1]}.lock"
+    path = os.path.join(output_dir, name)
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        f.seek(0)
+        holder = f.read().strip() or "?"
+        f.close()
+        if e.errno in (errno.EAGAIN, errno.EACCES):
+            raise DataError(f"{path}: another data2rec run (pid {holder}) is writing into {output_dir}; "
+                            "wait for it to finish, or use another --output-dir") from None
+        print(f"data2rec: warning: {path}: no file locking here ({e.strerror}); make sure no other run "
+              "writes into this dir", file=sys.stderr)
+        return None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
+def _run(source, output_dir, shard_size, workers, quality, max_size, copy_jpeg, shuffle, seed,
+         caption_fallback, tokenizer, command, progress, part):
     from tqdm import tqdm
 
-    os.makedirs(output_dir, exist_ok=True)
     n = len(source)
     flags = dict(shard_size=shard_size, quality=quality, max_size=max_size, copy_jpeg=copy_jpeg,
                  shuffle=shuffle, seed=seed, caption_fallback=caption_fallback, tokenizer=tokenizer)
@@ -430,22 +566,36 @@ def run(source, output_dir, shard_size=10000, workers=1, quality=95, max_size=0,
     init = (tokenizer, quality, max_size, copy_jpeg)
     pool = None
     if workers > 1:
+        # not multiprocessing.Pool: it replaces a killed worker but never redoes its tasks, so the
+        # run would wait forever; the executor raises BrokenProcessPool instead
         import multiprocessing as mp
-        pool = mp.get_context("fork" if sys.platform == "linux" else "spawn").Pool(
-            workers, _init_worker, init)
-        imap = lambda jobs: pool.imap(process_row, jobs, chunksize=4)  # noqa: E731
+        from concurrent.futures import ProcessPoolExecutor
+        pool = ProcessPoolExecutor(workers, mp.get_context("fork" if sys.platform == "linux" else "spawn"),
+                                   initializer=_init_worker, initargs=init)
+        imap = lambda jobs: pool.map(process_row, jobs, chunksize=4)  # noqa: E731
     else:
         _init_worker(*init)
         imap = lambda jobs: map(process_row, jobs)  # noqa: E731
+    from concurrent.futures.process import BrokenProcessPool
+    k = None
     try:
         for k in todo:
-            _write_shard(output_dir, k, order[k * shard_size:(k + 1) * shard_size], source,
-                         caption_fallback, imap, bar)
+            try:
+                _write_shard(output_dir, k, order[k * shard_size:(k + 1) * shard_size], source,
+                             caption_fallback, imap, bar)
+            except OSError as e:  # full disk, read-only or vanished output dir
+                where = e.filename or os.path.join(output_dir, shard_name(k) + ".rec.partial")
+                raise DataError(f"{where}: cannot write shard {shard_name(k)} ({e.strerror or e})") from None
+    except BrokenProcessPool:
+        raise DataError(
+            f"{os.path.join(output_dir, shard_name(k))}: a worker process died while this shard was "
+            "being built (killed by a signal: the OOM killer? see dmesg); finished shards are kept; rerun "
+            "the same command to build the rest (fewer --workers or a smaller --max-size use less memory)"
+        ) from None
     finally:
         bar.close()
         if pool is not None:
-            pool.terminate()
-            pool.join()
+            pool.shutdown(wait=True, cancel_futures=True)
     if not all(os.path.exists(os.path.join(output_dir, shard_name(k) + ".done.json")) for k in range(num_shards)):
         return None  # other parts still running
     return _finish(output_dir, num_shards, n, plan, command)

@@ -127,9 +127,10 @@ def read_index(idx_path, rec_size=None):
     """(keys, offsets) int64 arrays of an .idx file, in file order.
 
     With ``rec_size`` every offset is checked to lie inside the .rec (an entry past the end is an
-    error naming the .idx file, its line and key).
+    error naming the .idx file, its line and key). A key or offset listed twice is an error
+    naming both lines (a duplicated line would make readers yield that record twice).
     """
-    keys, offsets = [], []
+    keys, offsets, linenos = [], [], []
     with open(idx_path, "rb") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -147,7 +148,16 @@ def read_index(idx_path, rec_size=None):
                     f".rec ({rec_size} bytes): the .rec is truncated or the .idx belongs to another file")
             keys.append(key)
             offsets.append(off)
-    return np.asarray(keys, np.int64), np.asarray(offsets, np.int64)
+            linenos.append(lineno)
+    keys, offsets = np.asarray(keys, np.int64), np.asarray(offsets, np.int64)
+    for name, values in (("key", keys), ("offset", offsets)):
+        order = np.argsort(values, kind="stable")
+        dup = np.flatnonzero(values[order][1:] == values[order][:-1])
+        if len(dup):
+            first, second = sorted((int(order[dup[0]]), int(order[dup[0] + 1])))
+            raise RecordIOError(f"{idx_path}:{linenos[second]}: {name} {int(values[second])} is already on line "
+                                f"{linenos[first]} (duplicated .idx line; rebuild the shard or its .idx)")
+    return keys, offsets
 
 
 def read_framed(f, offset, where):

@@ -128,7 +128,8 @@ def default_make_loader(args, info, image_size):
         data = train_data_paths(data)
     return build_train_loader(data, backend=backend, batch_size=args.batch_size,
                               image_size=image_size, rank=info.rank, world_size=info.world_size,
-                              seed=args.seed, workers=args.workers, device=device, drop_last=True)
+                              seed=args.seed, workers=args.workers, device=device, drop_last=True,
+                              verify_shards=getattr(args, "verify_shards", True))
 
 
 def as_batch_dicts(loader, spec):

@@ -133,6 +133,8 @@ def build_parser():
       help="Dataset size for --dataset-type synthetic.")
     a("--data-backend", choices=("auto", "dali", "torch"), default="auto",
       help="auto: dali on CUDA, torch on CPU.")
+    a("--verify-shards", action=argparse.BooleanOptionalAction, default=True,
+      help="DALI: check every shard (framing, index, JPEG decode) once before the first epoch; cached.")
     a("--workers", type=int, default=4, help="Data workers per process.")
     a("--batch-size", type=int, default=64, help="Batch size per process (per GPU).")
     a("--accum-freq", type=int, default=1, help="Micro-batches per optimizer step.")
