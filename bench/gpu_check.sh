@@ -85,10 +85,11 @@ check train-bf16 train bf16 "$AMP_BF16"
 
 # --- DDP over NCCL on every GPU (gloo x2 in the smoke run) --------------------------------------
 ddp() {
+  # --logs-dir, not --logs: torchrun's parser takes --logs for a prefix of its --logs-specs
   "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NGPU" train.py \
     --train-data "$SHARDS" --model ALIP-demo --batch-size 16 --epochs 1 --max-steps 3 \
     --precision "$AMP_BF16" --device "$DEV" --dist-backend "$BACKEND" --workers 1 \
-    --logs "$WORK/runs" --name ddp --log-every-n-steps 1 --report-to '' &&
+    --logs-dir "$WORK/runs" --name ddp --log-every-n-steps 1 --report-to '' &&
   echo "FIGURE $NGPU processes over $BACKEND: $(grep -c '"loss"' "$WORK/runs/ddp/results.jsonl") logged steps"
 }
 check "ddp-$BACKEND" ddp
