@@ -3,9 +3,11 @@
 * our model configs (``alip/model_configs/*.json``) are registered with
   ``open_clip.add_model_config`` when ``alip`` is imported, so ``open_clip.create_model``
   knows ``ALIP-ViT-B-32`` & co;
-* ``encode_text`` runs a text batch only up to its longest sequence (the rec format pads every
-  text to 77 tokens; with the causal mask and end-of-text pooling the padding tail changes
-  nothing, so dropping it gives the same features for a fraction of the compute);
+* ``encode_text`` computes (almost) none of the padding (the rec format pads every text to 77
+  tokens; with the causal mask and end-of-text pooling the padding tail changes nothing, so
+  skipping it gives the same features): on CUDA all texts go packed through ``varlen_attn``
+  with per-sequence causal attention; elsewhere the batch is sorted into a few length groups,
+  each run trimmed to its own longest text, and the features are put back in batch order;
 * ``TripletEncoder`` is the module a training step calls (and DDP wraps): one image tower and
   ONE shared text tower for both the raw web text and the synthetic caption.
 """
@@ -15,6 +17,8 @@ import open_clip
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from open_clip.transformer import ResidualAttentionBlock
+from torch.utils.checkpoint import checkpoint
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 TEXT_MODES = ("joint", "separate")
@@ -52,23 +56,176 @@ def text_lengths(text, model=None):
     return text.argmax(dim=-1) + 1
 
 
-def encode_text(model, text, normalize=True, trim=True):
-    """``model.encode_text`` that only runs the positions up to the batch's longest text."""
-    tower = _text_tower(model) if trim else None
-    if tower is None:
-        return model.encode_text(text, normalize=normalize)
-    length = int(text_lengths(text, model).max())
+# ---- length groups --------------------------------------------------------------------------
+
+def length_groups(lengths, max_groups=4, pass_tokens=0):
+    """Split a batch into <= ``max_groups`` runs of similar length, each to be run trimmed.
+
+    Rows are sorted by length and cut into contiguous runs; a run costs (rows x its longest
+    length) tokens plus ``pass_tokens`` for the pass itself (launch and per-op overhead, in
+    tokens). The cuts minimise the total cost (a DP over the distinct lengths, <= 77 of them).
+    Returns a list of ``(row_indices, length)``, shortest first; together the rows are a
+    permutation of ``range(len(lengths))``.
+    """
+    lengths = torch.as_tensor(lengths).cpu()
+    order = torch.argsort(lengths, stable=True)
+    values, counts = torch.unique_consecutive(lengths[order], return_counts=True)
+    cum = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]).double()  # rows <= value j-1
+    m = len(values)
+    # cost[i, j]: one pass over the rows of distinct lengths i..j-1, trimmed to values[j-1]
+    val = torch.cat([torch.zeros(1, dtype=torch.long), values]).double()
+    cost = pass_tokens + (cum[None, :] - cum[:, None]) * val[None, :]
+    cost = cost.masked_fill(~torch.ones(m + 1, m + 1, dtype=torch.bool).triu(1), float("inf"))
+    # dp[g][j]: cheapest cover of the first j distinct lengths by exactly g + 1 passes
+    dp, arg = [cost[0]], [torch.zeros(m + 1, dtype=torch.long)]
+    for _ in range(1, min(max_groups, m)):
+        best, i = (dp[-1][:, None] + cost).min(dim=0)  # last pass covers i..j-1
+        dp.append(best)
+        arg.append(i)
+    g = min(range(len(dp)), key=lambda g: (float(dp[g][m]), g))  # ties: fewer passes
+    cuts, j = [m], m
+    for g in range(g, -1, -1):
+        j = int(arg[g][j])
+        cuts.append(j)
+    cuts = cuts[::-1]
+    return [(order[int(cum[a]):int(cum[b])], int(values[b - 1])) for a, b in zip(cuts, cuts[1:])]
+
+
+# ---- the text tower, three ways -------------------------------------------------------------
+
+def _project(tower, x, normalize):
+    proj = tower.text_projection
+    if proj is not None:
+        x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
+    return F.normalize(x, dim=-1) if normalize else x
+
+
+def _encode_trimmed(tower, text, lengths, length):
+    """Pooled (pre-projection) features of rows all shorter than ``length``, run to ``length``."""
     text = text[:, :length]
     cast_dtype = tower.transformer.get_cast_dtype()
     x = tower.token_embedding(text).to(cast_dtype)
     x = x + tower.positional_embedding[:length].to(cast_dtype)
     x = tower.transformer(x, attn_mask=tower.attn_mask[:length, :length])
     x = tower.ln_final(x)
-    x = x[torch.arange(x.shape[0], device=x.device), text_lengths(text, model) - 1]
-    proj = tower.text_projection
-    if proj is not None:
-        x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
-    return F.normalize(x, dim=-1) if normalize else x
+    return x[torch.arange(x.shape[0], device=x.device), lengths - 1]
+
+
+def _encode_grouped(tower, text, lengths, max_groups, pass_tokens=0):
+    """One trimmed pass per length group; features scattered back to the batch order."""
+    groups = length_groups(lengths, max_groups, pass_tokens)
+    if len(groups) == 1:
+        return _encode_trimmed(tower, text, lengths, groups[0][1])
+    order = torch.cat([rows for rows, _ in groups]).to(text.device)
+    feats = torch.cat([_encode_trimmed(tower, text[rows], lengths[rows], length)
+                       for rows, length in ((r.to(text.device), n) for r, n in groups)])
+    return feats[torch.argsort(order)]
+
+
+def _packed_block(blk, x, cu_seq, max_len, attn_fn):
+    """open_clip's ResidualAttentionBlock over packed tokens [T, width], per-sequence causal."""
+    attn = blk.attn
+    tokens, width = x.shape
+    heads = attn.num_heads
+    qkv = F.linear(blk.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
+    q, k, v = qkv.view(tokens, 3, heads, width // heads).unbind(1)
+    o = attn_fn(q, k, v, cu_seq, cu_seq, max_len, max_len, window_size=(-1, 0))
+    x = x + blk.ls_1(attn.out_proj(o.reshape(tokens, width)))
+    return x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+
+
+def _encode_packed(tower, text, lengths, attn_fn):
+    """All rows packed into one [sum(lengths), width] sequence: no padding is computed."""
+    keep = torch.arange(text.shape[1], device=text.device) < lengths[:, None]
+    positions = torch.arange(text.shape[1], device=text.device).expand_as(text)[keep]
+    ends = lengths.cumsum(0)
+    cu_seq = F.pad(ends, (1, 0)).to(torch.int32)
+    max_len = int(lengths.max())
+    cast_dtype = tower.transformer.get_cast_dtype()
+    x = tower.token_embedding(text[keep]).to(cast_dtype)
+    x = x + tower.positional_embedding[positions].to(cast_dtype)
+    for blk in tower.transformer.resblocks:
+        if tower.transformer.grad_checkpointing:
+            x = checkpoint(_packed_block, blk, x, cu_seq, max_len, attn_fn, use_reentrant=False)
+        else:
+            x = _packed_block(blk, x, cu_seq, max_len, attn_fn)
+    return tower.ln_final(x)[ends - 1]  # the end-of-text token closes each sequence
+
+
+def reference_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *,
+                          window_size=(-1, -1), scale=None):
+    """``varlen_attn``'s contract as a loop of SDPA calls, one per sequence (any device/dtype).
+
+    [T, heads, head_dim] packed q/k/v with ``cu_seq_q == cu_seq_k``; ``window_size=(-1, 0)``
+    is causal. For tests and CPU smoke runs of the packed path; slow.
+    """
+    causal = tuple(window_size) == (-1, 0)
+    bounds = cu_seq_q.tolist()
+    out = [F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1) for t in (query, key, value)),
+                                          is_causal=causal, scale=scale).transpose(0, 1)
+           for a, b in zip(bounds, bounds[1:])]
+    return torch.cat(out)
+
+
+def _varlen_attn_fn():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def packed_supported(tower, text):
+    """The packed path needs open_clip's plain blocks, and for varlen_attn (FlashAttention /
+    cuDNN): a CUDA tensor of compute capability >= 8.0 computing in fp16/bf16."""
+    blocks = tower.transformer.resblocks
+    if not all(isinstance(b, ResidualAttentionBlock) and not hasattr(b, "ln_1_kv")
+               and b.attn._qkv_same_embed_dim and b.attn.bias_k is None
+               and not (b.attn.dropout and b.training) for b in blocks):
+        return False
+    if not text.is_cuda or _varlen_attn_fn() is None:
+        return False
+    if torch.cuda.get_device_capability(text.device) < (8, 0):
+        return False
+    dtype = (torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda")
+             else tower.transformer.get_cast_dtype())
+    return dtype in (torch.float16, torch.bfloat16)
+
+
+TEXT_PATHS = ("auto", "packed", "grouped", "trim")
+
+
+def encode_text(model, text, normalize=True, trim=True, *, path="auto", max_groups=4,
+                pass_tokens=0, attn_fn=None):
+    """``model.encode_text`` that computes (almost) no padding; same features.
+
+    ``trim=False`` (or a tower where skipping padding is not exact) runs open_clip's full
+    77-token pass. Otherwise ``path``:
+      ``"packed"``   all texts as one packed sequence with per-sequence causal attention
+                     (``attn_fn``, default ``torch.nn.attention.varlen.varlen_attn``): no padding;
+      ``"grouped"``  rows sorted by length into <= ``max_groups`` passes, each trimmed to its own
+                     longest text (``length_groups``), features put back in the batch order;
+      ``"trim"``     one pass trimmed to the batch's longest text;
+      ``"auto"``     packed where varlen_attn runs (CUDA, sm80+, fp16/bf16), else grouped.
+    """
+    if path not in TEXT_PATHS:
+        raise ValueError(f"path must be one of {TEXT_PATHS}, got {path!r}")
+    tower = _text_tower(model) if trim else None
+    if tower is None:
+        return model.encode_text(text, normalize=normalize)
+    lengths = text_lengths(text, model)
+    if path == "auto":
+        path = "packed" if packed_supported(tower, text) else "grouped"
+    if path == "packed":
+        attn_fn = attn_fn or _varlen_attn_fn()
+        if attn_fn is None:
+            raise RuntimeError("path='packed' needs torch.nn.attention.varlen or an attn_fn")
+        x = _encode_packed(tower, text, lengths, attn_fn)
+    elif path == "grouped":
+        x = _encode_grouped(tower, text, lengths, max_groups, pass_tokens)
+    else:
+        x = _encode_trimmed(tower, text, lengths, int(lengths.max()))
+    return _project(tower, x, normalize)
 
 
 class TripletEncoder(nn.Module):

@@ -5,8 +5,9 @@
         --batch-size 256 --num-images 10000 --workers 8 --precision amp         # on a GPU
 
 Both loops get the same model, the same classifier (open_clip.build_zero_shot_classifier), the
-same DataLoader and batch size, and are timed interleaved (ours, peer, peer, ours, ...) for
---repeats rounds after a warm-up; the median per loop is reported. Two inputs:
+same DataLoader and batch size, and are timed ABBA-interleaved (ours, peer, peer, ours, ...)
+for --repeats rounds after a warm-up (torch threads pinned, --threads); reported: the median
+images/s per loop and median [min-max] of the per-round ratio ours/peer. Two inputs:
   files    a generated ImageFolder of JPEGs (decode + preprocess in DataLoader workers: what a
            real run does)
   tensors  the same images already preprocessed, in memory (the loop itself: model + metrics)
@@ -17,9 +18,9 @@ same DataLoader and batch size, and are timed interleaved (ours, peer, peer, our
 """
 import argparse
 import os
-import statistics
+import sys
 import tempfile
-import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -30,9 +31,12 @@ from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 from torchvision.datasets import ImageFolder
 
-import alip  # noqa: F401
-from alip.eval.features import image_features
-from alip.eval.zeroshot import classification_metrics, zeroshot_classifier
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import _timing  # noqa: E402
+import alip  # noqa: E402,F401
+from alip.eval.features import image_features  # noqa: E402
+from alip.eval.zeroshot import classification_metrics, zeroshot_classifier  # noqa: E402
 
 
 def _accuracy_numpy2(output, target, topk=(1,)):  # open_clip_train's accuracy, float() -> .item()
@@ -59,16 +63,6 @@ def peer(model, classifier, loader, args):
     return oct_zero_shot.run(model, classifier, loader, args)
 
 
-def timed(fn, *a):
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    fn(*a)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - t
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="ALIP-tiny")
@@ -81,7 +75,9 @@ def main():
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--inputs", default="files,tensors")
+    p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
+    threads = _timing.setup(args.threads)
     oct_zero_shot.accuracy = _accuracy_numpy2
     torch.manual_seed(0)
     model, _, preprocess = open_clip.create_model_and_transforms(args.model, precision=args.precision,
@@ -93,7 +89,7 @@ def main():
                                      device=args.device, precision=args.precision)
     peer_args = SimpleNamespace(device=args.device, precision=args.precision, batch_size=args.batch_size)
     print(f"model {args.model}, device {args.device}, precision {args.precision}, batch {args.batch_size}, "
-          f"{args.num_images} images, workers {args.workers}, torch threads {torch.get_num_threads()}")
+          f"{args.num_images} images, workers {args.workers}, {_timing.describe(args.device, threads)}")
     with tempfile.TemporaryDirectory() as tmp:
         make_image_folder(tmp, args.num_images, args.classes, args.image_size)
         folder = ImageFolder(tmp, transform=preprocess)
@@ -109,18 +105,12 @@ def main():
             # same numbers from both loops
             a, (top1, top5) = ours(model, classifier, loader, args), peer(model, classifier, loader, peer_args)
             assert abs(a["top1"] - 100 * top1) < 1e-6 and abs(a["top5"] - 100 * top5) < 1e-6, (a, top1, top5)
-            times = {"ours": [], "peer": []}
-            for r in range(args.repeats):  # ABBA order: neither loop always runs first
-                order = ("ours", "peer") if r % 2 == 0 else ("peer", "ours")
-                for who in order:
-                    fn, a = (ours, args) if who == "ours" else (peer, peer_args)
-                    times[who].append(timed(fn, model, classifier, loader, a))
-            med = {k: statistics.median(v) for k, v in times.items()}
-            ips = {k: args.num_images / v for k, v in med.items()}
+            times = _timing.abba({"ours": lambda: ours(model, classifier, loader, args),
+                                  "peer": lambda: peer(model, classifier, loader, peer_args)},
+                                 args.repeats, args.device, label=kind)
+            ips = {k: args.num_images / _timing.stats(v)[0] for k, v in times.items()}
             print(f"{kind:8s} ours {ips['ours']:9.1f} img/s   open_clip_train {ips['peer']:9.1f} img/s   "
-                  f"ratio ours/peer {ips['ours'] / ips['peer']:.3f}   "
-                  f"(medians of {args.repeats}: {med['ours']:.3f}s vs {med['peer']:.3f}s)")
-
+                  f"ratio ours/peer {_timing.fmt(_timing.ratio(times, 'peer', 'ours'), 3)}", flush=True)
 
 if __name__ == "__main__":
     main()

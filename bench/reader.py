@@ -12,11 +12,11 @@ normalisation) on ONE core:
   torch-rec    build_train_loader(backend="torch", workers=0)
   dali-rec     build_train_loader(backend="dali", device="cpu", workers=1 thread)
 Per-core rate = records / CPU seconds of this process (all its threads), so a reader's helper
-threads are charged to it. Prints the medians and the ratios to imagefolder.
+threads are charged to it. Rounds alternate the reader order (ABBA); prints the median rates
+and median [min-max] of the per-round ratio to imagefolder; one stderr line per round.
 """
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -26,6 +26,8 @@ import torch
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _timing  # noqa: E402
 import data2rec  # noqa: E402
 from alip.data.augment import AREA, ASPECT, CLIP_MEAN, CLIP_STD  # noqa: E402
 from alip.data.loader import build_train_loader  # noqa: E402
@@ -96,7 +98,7 @@ def main():
     p.add_argument("--workers", type=int, default=2, help="data2rec workers for the second timing")
     p.add_argument("--max-size", type=int, default=0, help="data2rec --max-size")
     args = p.parse_args()
-    torch.set_num_threads(1)
+    _timing.setup(1)
     with tempfile.TemporaryDirectory() as root:
         make_data(root, args.images, tuple(args.src_size))
         for w in (1, args.workers):
@@ -114,20 +116,23 @@ def main():
             run_epoch(loader, 0)
         per_core = {k: [] for k in loaders}
         wall = {k: [] for k in loaders}
+        names = list(loaders)
         for r in range(args.rounds):
-            for name, loader in loaders.items():
-                n, cpu, w = run_epoch(loader, r + 1)
+            for name in (names if r % 2 == 0 else names[::-1]):
+                n, cpu, w = run_epoch(loaders[name], r + 1)
                 assert n == args.images, (name, n)
                 per_core[name].append(n / cpu)
                 wall[name].append(n / w)
-        base = statistics.median(per_core["imagefolder"])
+            print(f"[readers] round {r + 1}/{args.rounds}: " + "  ".join(
+                f"{k} {per_core[k][-1]:.0f} rec/s/core" for k in names), file=sys.stderr, flush=True)
+        # ratio of rates = inverse ratio of CPU seconds per record, per round
+        cost = {k: [1 / x for x in v] for k, v in per_core.items()}
         print(f"readers, {args.images} records -> {args.size}px, batch {args.batch_size}, "
-              f"median of {args.rounds} interleaved epochs:")
-        print(f"  {'reader':12s} {'rec/s/core':>10s} {'rec/s wall':>10s} {'x imagefolder':>14s}")
-        for name in loaders:
-            pc = statistics.median(per_core[name])
-            print(f"  {name:12s} {pc:10.0f} {statistics.median(wall[name]):10.0f} {pc / base:14.2f}")
-
+              f"{args.rounds} ABBA-interleaved epochs (median [min-max]):")
+        print(f"  {'reader':12s} {'rec/s/core':>10s} {'rec/s wall':>10s}   x imagefolder")
+        for name in names:
+            print(f"  {name:12s} {_timing.stats(per_core[name])[0]:10.0f} "
+                  f"{_timing.stats(wall[name])[0]:10.0f}   {_timing.fmt(_timing.ratio(cost, 'imagefolder', name))}")
 
 if __name__ == "__main__":
     main()

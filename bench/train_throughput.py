@@ -1,10 +1,13 @@
-"""Training-step throughput: our ALIP step vs our CLIP step vs a reference-style ALIP step.
+"""Training-step throughput: open_clip_train vs our CLIP step vs our ALIP step vs a reference-style one.
 
-    .venv/bin/python bench/train_throughput.py                          # CPU defaults
-    .venv/bin/python bench/train_throughput.py --models ALIP-ViT-B-32 --batch-size 256  # GPU
+    .venv/bin/python bench/train_throughput.py              # CPU defaults, ~6 min on 2 cores
+    .venv/bin/python bench/train_throughput.py --models ALIP-ViT-B-32 --batch-size 256 --texts realistic full  # GPU
 
 A full optimizer step each (forward, loss, backward, grad clip 1.0, AdamW, logit_scale clamp),
-timed interleaved on the same model and batch, in one process:
+on the same model and batch, ABBA-interleaved over --repeats (all sides and text regimes in the
+same loop), in one process:
+  oc-train   open_clip_train.train.train_one_epoch over a one-batch loader: open_clip's own
+             CLIP training step (model forward with output_dict, ClipLoss, padded 77-token text)
   clip       ours: alip.training.step.train_step, --method clip (ClipLoss on raw text,
              trimmed text pass)
   alip       ours: train_step, --method alip (TripletEncoder: two trimmed text passes;
@@ -13,45 +16,70 @@ timed interleaved on the same model and batch, in one process:
              checkpointing always on, two untrimmed 77-token text passes, gates with their
              own gathers of v/t_raw/t_cap plus a gather per path in the loss
              (at world size 1 the gathers cost nothing), per-sample weighted CE
-Prints samples/s and the ratios alip/clip step time (target <= 1.42) and alip-ref/alip
-(target >= 1.15). Texts: "realistic" (web text 5-40 tokens, captions 10-25) and "full" (77).
+Prints samples/s (median) and median [min-max] of the per-repeat ratios: clip/oc-train
+samples/s (target >= 1.3), alip/clip step time, alip-ref/alip step time. Texts: "realistic"
+(YFCC-like raw text, bench/_texts.py; captions 10-25 tokens) and "full" (all 77).
 """
 import argparse
+import logging
 import math
-import statistics
 import sys
-import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
+from open_clip_train.train import train_one_epoch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import _texts  # noqa: E402
+import _timing  # noqa: E402
 import alip  # noqa: E402,F401
 from alip.loss import ALIPLoss, gather_features  # noqa: E402
 from alip.model import TripletEncoder  # noqa: E402
 from alip.training.distributed import DistInfo  # noqa: E402
 from alip.training.step import StepContext, train_step  # noqa: E402
-from alip.training.synthetic import EOT, SOT  # noqa: E402
-
-
-def tokens(lengths, gen):
-    rows = torch.zeros(len(lengths), 77, dtype=torch.long)
-    for i, n in enumerate(lengths):
-        rows[i, 0], rows[i, n - 1] = SOT, EOT
-        rows[i, 1:n - 1] = torch.randint(1, 49000, (n - 2,), generator=gen)
-    return rows
 
 
 def make_batch(b, size, regime, gen):
-    if regime == "full":
-        raw_len = cap_len = [77] * b
-    else:
-        raw_len = torch.randint(5, 41, (b,), generator=gen).tolist()
-        cap_len = torch.randint(10, 26, (b,), generator=gen).tolist()
-    return torch.randn(b, 3, size, size, generator=gen), tokens(raw_len, gen), tokens(cap_len, gen)
+    raw, cap = ("full", "full") if regime == "full" else ("yfcc", "caption")
+    return (torch.randn(b, 3, size, size, generator=gen), _texts.batch(raw, b, gen),
+            _texts.batch(cap, b, gen))
+
+
+class OpenClipTrainStep:
+    """One call = open_clip_train's train_one_epoch over a loader of one batch."""
+
+    class _Loader(list):  # what train_one_epoch reads: data["train"].dataloader & set_epoch
+        num_batches = 1
+
+        def __init__(self, batch):
+            super().__init__([batch[:2]])
+            self.num_samples = len(batch[0])
+            self.dataloader = self
+
+        def set_epoch(self, epoch):
+            pass
+
+    def __init__(self, model, optimizer, scaler, device, precision, batch_size):
+        self.model, self.opt, self.scaler = model, optimizer, scaler
+        self.loss = ClipLoss()
+        self.args = SimpleNamespace(
+            device=str(device), precision=precision,
+            distill=False, accum_freq=1, skip_scheduler=True, horovod=False, grad_clip_norm=1.0,
+            log_every_n_steps=1, rank=0, local_rank=0, world_size=1, batch_size=batch_size,
+            wandb=False)
+
+    def __call__(self, batch):
+        self.model.output_dict = True
+        try:
+            train_one_epoch(self.model, {"train": self._Loader(batch)}, self.loss, 0, self.opt,
+                            self.scaler, None, None, self.args)
+        finally:
+            self.model.output_dict = False
 
 
 class ReferenceALIPStep:
@@ -103,11 +131,6 @@ class ReferenceALIPStep:
         self.model.set_grad_checkpointing(False)
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def bench_model(name, batch_size, device, precision, reps, regimes):
     model = open_clip.create_model(name).to(device)
     size = model.visual.image_size
@@ -125,25 +148,16 @@ def bench_model(name, batch_size, device, precision, reps, regimes):
                            method=m, grad_clip_norm=1.0, scaler=scaler, autocast=autocast)
             for m, loss in (("clip", ClipLoss()), ("alip", ALIPLoss()))}
     ref = ReferenceALIPStep(model, opt, autocast)
+    oc_train = OpenClipTrainStep(model, opt, scaler, device, precision, batch_size)
     gen = torch.Generator().manual_seed(0)
-    rows = []
+    sides = {}
     for regime in regimes:
         batch = tuple(t.to(device) for t in make_batch(batch_size, size, regime, gen))
-        steps = {"clip": lambda: train_step(ctxs["clip"], [batch]),
-                 "alip": lambda: train_step(ctxs["alip"], [batch]),
-                 "alip-ref": lambda: ref(*batch)}
-        times = {k: [] for k in steps}
-        for rep in range(reps + 1):
-            for k, fn in steps.items():
-                sync(device)
-                t0 = time.perf_counter()
-                fn()
-                sync(device)
-                if rep:  # first round is warm-up
-                    times[k].append(time.perf_counter() - t0)
-        med = {k: statistics.median(v) for k, v in times.items()}
-        rows.append((name, regime, med))
-    return rows
+        sides[f"{regime}/oc-train"] = lambda batch=batch: oc_train(batch)
+        sides[f"{regime}/clip"] = lambda batch=batch: train_step(ctxs["clip"], [batch])
+        sides[f"{regime}/alip"] = lambda batch=batch: train_step(ctxs["alip"], [batch])
+        sides[f"{regime}/alip-ref"] = lambda batch=batch: ref(*batch)
+    return _timing.abba(sides, reps, device, label=name)
 
 
 def main(argv=None):
@@ -151,28 +165,35 @@ def main(argv=None):
     on_gpu = torch.cuda.is_available()
     p.add_argument("--models", nargs="+",
                    default=["ALIP-ViT-B-32"] if on_gpu else ["ALIP-demo", "ALIP-ViT-B-32"])
-    p.add_argument("--batch-size", type=int, default=256 if on_gpu else 32)
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="default: 256 on CUDA; on CPU 128 for ALIP-demo and 8 for bigger models")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cuda" if on_gpu else "cpu")
     p.add_argument("--precision", choices=["fp32", "amp", "amp_bf16"],
                    default="amp" if on_gpu else "fp32")
-    p.add_argument("--texts", nargs="+", choices=["realistic", "full"],
-                   default=["realistic", "full"])
+    p.add_argument("--texts", nargs="+", choices=["realistic", "full"], default=None,
+                   help="default: realistic and full on CUDA, realistic on CPU")
     args = p.parse_args(argv)
+    logging.getLogger().setLevel(logging.WARNING)  # open_clip_train logs every step at INFO
     device = torch.device(args.device)
-    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
-             else f"{torch.get_num_threads()} CPU threads")
-    print(f"device {device} ({where}), batch {args.batch_size}, precision {args.precision}, "
-          f"median of {args.reps}")
-    print(f"{'model':<15}{'texts':<11}{'clip s/s':>10}{'alip s/s':>10}{'ref s/s':>10}"
-          f"{'alip/clip':>11}{'ref/alip':>10}")
+    threads = _timing.setup(args.threads)
+    texts = args.texts or (["realistic", "full"] if device.type == "cuda" else ["realistic"])
+    print(f"bench/train_throughput.py on {_timing.describe(device, threads)}, precision "
+          f"{args.precision}; median [min-max] of {args.reps} ABBA repeats")
+    print(f"{'model':<15}{'batch':>6} {'texts':<10}{'oc-train':>9}{'clip':>7}{'alip':>7}{'ref':>7}"
+          f"  (samples/s)  {'clip/oc-train s/s':<19}{'alip/clip time':<19}{'ref/alip time':<19}")
     for name in args.models:
-        for name, regime, med in bench_model(name, args.batch_size, device, args.precision,
-                                             args.reps, args.texts):
-            sps = {k: args.batch_size / v for k, v in med.items()}
-            print(f"{name:<15}{regime:<11}{sps['clip']:10.1f}{sps['alip']:10.1f}"
-                  f"{sps['alip-ref']:10.1f}{med['alip'] / med['clip']:11.2f}"
-                  f"{med['alip-ref'] / med['alip']:10.2f}", flush=True)
+        batch = args.batch_size or (256 if device.type == "cuda" else 128 if name == "ALIP-demo" else 8)
+        times = bench_model(name, batch, device, args.precision, args.reps, texts)
+        for regime in texts:
+            t = {k.split("/")[1]: v for k, v in times.items() if k.startswith(regime + "/")}
+            sps = {k: batch / _timing.stats(v)[0] for k, v in t.items()}
+            print(f"{name:<15}{batch:>6} {regime:<10}{sps['oc-train']:9.1f}{sps['clip']:7.1f}"
+                  f"{sps['alip']:7.1f}{sps['alip-ref']:7.1f}  {'':11}  "
+                  f"{_timing.fmt(_timing.ratio(t, 'oc-train', 'clip')):<19}"
+                  f"{_timing.fmt(_timing.ratio(t, 'alip', 'clip')):<19}"
+                  f"{_timing.fmt(_timing.ratio(t, 'alip-ref', 'alip')):<19}", flush=True)
 
 
 if __name__ == "__main__":

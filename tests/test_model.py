@@ -53,7 +53,7 @@ def test_trimmed_encoding_really_trims(tiny, monkeypatch):
     orig = tiny.transformer.forward
     monkeypatch.setattr(tiny.transformer, "forward",
                         lambda x, attn_mask=None: seen.append(x.shape[1]) or orig(x, attn_mask))
-    encode_text(tiny, tokens)
+    encode_text(tiny, tokens, path="trim")
     assert seen == [int(tokens.argmax(-1).max()) + 1] and seen[0] < 77
 
 

@@ -1,0 +1,171 @@
+"""Length-aware text encoding: the text tower's passes and the ALIP step vs open_clip's CLIP step.
+
+    .venv/bin/python bench/text_encoding.py                  # CPU defaults, ~8 min on 2 cores
+    .venv/bin/python bench/text_encoding.py --step-batch 256 --precision amp_bf16   # on a GPU
+
+Texts: raw web text with YFCC-like lengths (lognormal, median 15 tokens, 0.9% at 77) and
+synthetic captions of 10-25 tokens (bench/_texts.py). Two parts, each ABBA-interleaved over
+--repeats (median [min-max] of the per-repeat ratios):
+
+1. text tower passes at --text-batch (forward; --backward adds the backward pass):
+     padded       open_clip's model.encode_text, every row 77 tokens
+     trim         one pass trimmed to the batch's longest text (alip before issue #15)
+     grouped      rows sorted into <= --max-groups length groups, each trimmed to its longest
+     packed       one packed sequence, per-sequence causal varlen_attn (CUDA); on CPU the
+                  reference attention loop stands in (same math, not the kernel's speed)
+   for raw text and captions, with the tokens each processes / the padded pass's beside the
+   time ratio (and the tokens ratio over 1000 random batches of the same mix);
+2. one training step (forward + backward, towers + loss) at --step-batch: open_clip's CLIP
+   (model(images, raw) + open_clip.loss.ClipLoss: one padded 77-token text pass) vs ALIP
+   (TripletEncoder: raw text and caption, length-aware; ALIPLoss with its gates).
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import open_clip
+import torch
+from open_clip.loss import ClipLoss
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import _texts  # noqa: E402
+import _timing  # noqa: E402
+import alip  # noqa: E402,F401
+from alip.loss import ALIPLoss  # noqa: E402
+from alip.model import (TripletEncoder, encode_text, length_groups,  # noqa: E402
+                        reference_varlen_attn, text_lengths)
+
+
+def tokens_processed(path, lengths, max_groups):
+    if path == "padded":
+        return len(lengths) * 77
+    if path == "trim":
+        return len(lengths) * int(lengths.max())
+    if path == "grouped":
+        return sum(len(rows) * n for rows, n in length_groups(lengths, max_groups))
+    return int(lengths.sum())
+
+
+def mean_tokens_ratio(kind, batch, path, max_groups, batches=1000):
+    gen = torch.Generator().manual_seed(1)
+    ratios = [tokens_processed(path, _texts.lengths(kind, batch, gen), max_groups) / (batch * 77)
+              for _ in range(batches)]
+    return sum(ratios) / len(ratios)
+
+
+def text_part(model, args, device, autocast):
+    gen = torch.Generator().manual_seed(0)
+    texts = {"raw": _texts.batch("yfcc", args.text_batch, gen).to(device),
+             "caption": _texts.batch("caption", args.text_batch, gen).to(device)}
+    attn_fn = None if device.type == "cuda" else reference_varlen_attn
+
+    def run(path, text):
+        def fn():
+            with torch.set_grad_enabled(args.backward), autocast():
+                if path == "padded":
+                    f = model.encode_text(text, normalize=True)
+                else:
+                    f = encode_text(model, text, path=path, max_groups=args.max_groups, attn_fn=attn_fn)
+            if args.backward:
+                f.float().sum().backward()
+                model.zero_grad(set_to_none=True)
+        return fn
+
+    sides = {"padded": run("padded", texts["raw"])}  # same shape for captions: timed once
+    for path in args.paths:
+        if path != "padded":
+            for kind, text in texts.items():
+                sides[f"{kind} {path}"] = run(path, text)
+    for name, fn in sides.items():  # warm-up on 4 rows of the same texts
+        kind, _, path = name.rpartition(" ")
+        run(path, texts[kind or "raw"][:4])()
+    times = _timing.abba(sides, args.repeats, device, warmup=0, label="text passes")
+    print(f"\ntext tower of {args.model}, batch {args.text_batch}, "
+          f"{'forward + backward' if args.backward else 'forward'}; median [min-max] over "
+          f"{args.repeats} ABBA repeats; tokens: this batch (mean over 1000 batches)")
+    print(f"  {'pass':<18}{'s':>9}   {'time / padded':<22}{'tokens / padded':<18}")
+    for name in sides:
+        kind, _, path = name.rpartition(" ")
+        kind = kind or "raw"
+        lens = text_lengths(texts[kind]).cpu()
+        tok = tokens_processed(path, lens, args.max_groups) / (len(lens) * 77)
+        mean = mean_tokens_ratio("yfcc" if kind == "raw" else "caption", args.text_batch, path,
+                                 args.max_groups)
+        print(f"  {name:<18}{_timing.stats(times[name])[0]:9.2f}   "
+              f"{_timing.fmt(_timing.ratio(times, name, 'padded')):<22}{tok:.3f} ({mean:.3f})")
+
+
+def step_part(model, args, device, autocast):
+    gen = torch.Generator().manual_seed(2)
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    images = torch.randn(args.step_batch, 3, size, size, generator=gen).to(device)
+    raw = _texts.batch("yfcc", args.step_batch, gen).to(device)
+    cap = _texts.batch("caption", args.step_batch, gen).to(device)
+    clip_loss, alip_loss, enc = ClipLoss(), ALIPLoss().to(device), TripletEncoder(model)
+
+    def clip():
+        with autocast():
+            loss = clip_loss(*model(images, raw)[:3])
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    def alip_step():
+        with autocast():
+            loss = alip_loss(*enc(images, raw, cap))["loss"]
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    times = _timing.abba({"clip": clip, "alip": alip_step}, args.repeats, device, label="step")
+    lens_raw, lens_cap = text_lengths(raw).cpu(), text_lengths(cap).cpu()
+    path = "packed" if device.type == "cuda" else "grouped"
+    text_tokens = (tokens_processed(path, lens_raw, args.max_groups)
+                   + tokens_processed(path, lens_cap, args.max_groups)) / (args.step_batch * 77)
+    print(f"\ntraining step of {args.model} (forward + backward), batch {args.step_batch}: "
+          f"open_clip CLIP {_timing.stats(times['clip'])[0]:.2f} s, ALIP {_timing.stats(times['alip'])[0]:.2f} s")
+    print(f"  ALIP step / CLIP step: {_timing.fmt(_timing.ratio(times, 'alip', 'clip'))}   "
+          f"(ALIP's two {path} text passes process {text_tokens:.3f}x the tokens of CLIP's padded one)")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    cuda = torch.cuda.is_available()
+    p.add_argument("--model", default="ALIP-ViT-B-32")
+    p.add_argument("--device", default="cuda" if cuda else "cpu")
+    p.add_argument("--precision", choices=["fp32", "amp", "amp_bf16"], default=None,
+                   help="default: amp_bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--text-batch", type=int, default=256)
+    p.add_argument("--step-batch", type=int, default=None, help="default: 256 on CUDA, 16 on CPU")
+    p.add_argument("--backward", action="store_true", default=None,
+                   help="time text passes with backward (default on CUDA)")
+    p.add_argument("--paths", nargs="+", choices=["padded", "trim", "grouped", "packed"], default=None,
+                   help="default: all on CUDA, grouped on CPU")
+    p.add_argument("--max-groups", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--parts", nargs="+", choices=["text", "step"], default=["text", "step"])
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
+    args.step_batch = args.step_batch or (256 if on_gpu else 16)
+    args.backward = on_gpu if args.backward is None else args.backward
+    args.paths = args.paths or (["trim", "grouped", "packed"] if on_gpu else ["grouped"])
+    args.precision = args.precision or ("amp_bf16" if on_gpu else "fp32")
+    threads = _timing.setup(args.threads)
+    dtype = {"amp": torch.float16, "amp_bf16": torch.bfloat16}.get(args.precision)
+
+    def autocast():
+        return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+    print(f"bench/text_encoding.py on {_timing.describe(device, threads)}, precision {args.precision}")
+    torch.manual_seed(0)
+    model = open_clip.create_model(args.model).to(device)
+    if "text" in args.parts:
+        text_part(model, args, device, autocast)
+    if "step" in args.parts:
+        step_part(model, args, device, autocast)
+
+
+if __name__ == "__main__":
+    main()
