@@ -196,3 +196,71 @@ def test_two_gloo_ranks_equal_one_process_with_global_batch(tmp_path):
         # single-process gradient (DDP's average then gives the single-process parameter gradient)
         torch.testing.assert_close(res["grads"][0], world * a.grad[rows], rtol=0, atol=1e-12)
         torch.testing.assert_close(res["grads"][1], world * t.grad[rows], rtol=0, atol=1e-12)
+
+
+# ---------------------------------------------------------------- dense evaluation
+
+def _t(x):
+    return torch.tensor(x, dtype=torch.float64)
+
+
+def test_dense_zeroshot_by_hand():
+    from alip.eval.dense import class_token_matrices, dense_zeroshot_logits
+    # class A: prompts [[1,0],[0,1]] and [[1,0],(pad [0,-1])]; class B: twice [[0,1],(pad [1,0])]
+    prompts = _t([[[[1, 0], [0, 1]], [[1, 0], [0, -1]]],
+                  [[[0, 1], [1, 0]], [[0, 1], [1, 0]]]])
+    mask = torch.tensor([[[T, T], [T, F_]], [[T, F_], [T, F_]]])
+    images = _t([[[1, 0], [0, 1]], [[0, 1], [0, 1]]])
+    # paper: A = [[1,0],[0,.5]] / sqrt(1.25), B = [[0,1]] (second position masked), |B| = 1
+    cls, cls_mask = class_token_matrices(prompts, mask)
+    torch.testing.assert_close(cls[0], _t([[1, 0], [0, 0.5]]) / 1.25 ** 0.5)
+    assert cls_mask.tolist() == [[T, T], [T, F_]]
+    a = 1 / 1.25 ** 0.5
+    expected = _t([[(a + 0.5 * a) / 2, (0 + 1) / 2],  # image 1: patches e1, e2
+                   [0.5 * a, 1.0]])  # image 2: e2 twice
+    logits = dense_zeroshot_logits(images, cls, cls_mask)
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-12)
+    assert logits.argmax(1).tolist() == [0, 1]
+    # reference (padding averaged in): A = [[1,0],[0,0]], B = [[0,1],[1,0]] / sqrt 2 -> image 1 is B
+    cls, cls_mask = class_token_matrices(prompts, mask, mask_padding=False)
+    logits = dense_zeroshot_logits(images, cls, cls_mask)
+    torch.testing.assert_close(logits[0], _t([0.5, 2 ** -0.5]), rtol=0, atol=1e-12)
+    assert logits.argmax(1).tolist() == [1, 1]
+
+
+def test_dense_retrieval_recall_by_hand():
+    from alip.eval.dense import dense_retrieval_metrics
+    images = _t([[[1, 0]], [[0, 1]]])
+    texts = _t([[[1, 0], [0, 1]], [[0.6, 0.8], [0, 1]], [[0.28, 0.96], [0, 1]]])  # t0, t2: padded
+    mask = torch.tensor([[T, F_], [T, T], [T, F_]])
+    text_to_image = torch.tensor([0, 0, 1])
+    m = dense_retrieval_metrics(images, texts, mask, text_to_image, recall_k=(1, 2))
+    # i2t: I0 -> t0 (1.0) hit; I1 -> t1 (1.0) over t2 (0.96) miss, t2 second
+    assert (m["i2t_R@1"], m["i2t_R@2"]) == (50.0, 100.0)
+    # t2i: t0 -> I0 hit; t1 -> I1 (0.9 vs 0.3) miss; t2 -> I1 hit
+    assert m["t2i_R@1"] == pytest.approx(200 / 3) and m["t2i_R@2"] == 100.0
+    # padding counted (reference): t0's pad [0, 1] is I1's best match for t0
+    from alip.eval.dense import dense_scores
+    assert dense_scores(images, texts, None, mask)[1, 0].item() == 0.0
+    assert dense_scores(images, texts, None, torch.ones_like(mask))[1, 0].item() == 1.0
+
+
+def test_dense_scores_trim_and_blocks_do_not_change_scores():
+    from alip.eval.dense import dense_scores
+    img, txt, mask = random_tokens(b=7, length=9, seed=4)
+    mask[:, 6:] = False  # every text shorter than 7 positions: the tail is trimmed
+    full = late_interaction(txt, img, mask, None)
+    torch.testing.assert_close(dense_scores(txt, img, mask, None, chunk_size=2, key_chunk_size=3),
+                               full, rtol=0, atol=1e-12)
+
+
+def test_dense_zeroshot_classifier_from_model():
+    from alip.eval.dense import dense_zeroshot_classifier
+    torch.manual_seed(0)
+    model = open_clip.create_model("ALIP-tiny").eval()
+    head = FILIPHead(64, 64, dense_dim=32)
+    cls, mask = dense_zeroshot_classifier(model, head, open_clip.get_tokenizer("ALIP-tiny"),
+                                          ["dog", "red car"], ["a {}.", "a photo of the {}."])
+    assert cls.shape == (2, 77, 32)
+    torch.testing.assert_close(cls.flatten(1).norm(dim=1), torch.ones(2))
+    assert mask.sum(1).tolist() == [8, 9]  # longest prompt: SOT a photo of the X . EOT

@@ -55,14 +55,25 @@ def dense_tokens(model, images, text, image_ln_post=False):
     ``ln_post`` instead (what CLIPS' decoder reads). Works for open_clip ``CLIP`` and
     ``CustomTextCLIP`` ViT models; call it inside a module's ``forward`` when DDP wraps it.
     """
-    img = model.forward_intermediates(image=images, image_indices=1, image_output_fmt="NLC",
-                                      normalize=True, normalize_intermediates=image_ln_post)
-    txt = model.forward_intermediates(text=text, text_indices=1, normalize=True,
+    image_tokens, image_features = dense_image_tokens(model, images, image_ln_post)
+    text_tokens, text_mask, text_features = dense_text_tokens(model, text)
+    return DenseTokens(image_tokens, text_tokens, text_mask, image_features, text_features)
+
+
+def dense_image_tokens(model, images, ln_post=False):
+    """-> (patch tokens [B, P, width], normalised global image features [B, E])."""
+    out = model.forward_intermediates(image=images, image_indices=1, image_output_fmt="NLC",
+                                      normalize=True, normalize_intermediates=ln_post)
+    return out["image_intermediates"][0], out["image_features"]
+
+
+def dense_text_tokens(model, text):
+    """-> (ln_final tokens [B, L, width], mask [B, L] True up to EOT, normalised features [B, E])."""
+    out = model.forward_intermediates(text=text, text_indices=1, normalize=True,
                                       normalize_intermediates=True)
     positions = torch.arange(text.shape[1], device=text.device)
-    text_mask = positions[None, :] < text_lengths(text, model)[:, None]
-    return DenseTokens(img["image_intermediates"][0], txt["text_intermediates"][0], text_mask,
-                       img["image_features"], txt["text_features"])
+    mask = positions[None, :] < text_lengths(text, model)[:, None]
+    return out["text_intermediates"][0], mask, out["text_features"]
 
 
 class FILIPHead(nn.Module):
@@ -108,25 +119,22 @@ def select_tokens(image_tokens, text_tokens, text_mask=None, k_image=16, k_text=
     return take(image_tokens, img_idx), take(text_tokens, txt_idx), mask.gather(1, txt_idx)
 
 
-def _auto_chunk(query_len, num_keys, key_len):
-    return max(1, CHUNK_ELEMENTS // max(1, query_len * num_keys * key_len))
-
-
 def late_interaction(queries, keys, query_mask=None, key_mask=None, chunk_size=None, key_chunk_size=None):
     """``s[i, l] = mean_{j: query_mask[i, j]} max_{m: key_mask[l, m]} <queries[i, j], keys[l, m]>``.
 
     queries [Nq, Lq, D], keys [Nk, Lk, D] -> [Nq, Nk] in the inputs' dtype. Computed over blocks
-    of ``chunk_size`` query rows x ``key_chunk_size`` key rows (default: all keys, and as many rows
-    as keep a block's [rows, Lq, keys, Lk] similarities under 2**27 elements), so the memory held
-    for backward is max's argmax indices ([Nq, Lq, Nk] int64), never the similarity tensor.
+    of ``chunk_size`` query rows x ``key_chunk_size`` key rows (default: as many keys, then rows,
+    as keep a block's [rows, Lq, keys, Lk] similarities under 2**27 elements: 512 MiB in fp32), so
+    the memory held for backward is max's argmax indices ([Nq, Lq, Nk] int64), never the
+    similarity tensor.
     """
     nq, lq, d = queries.shape
     nk, lk, _ = keys.shape
     if key_mask is not None and not key_mask.any(1).all():
         raise ValueError(f"late_interaction: key rows {torch.nonzero(~key_mask.any(1)).flatten()[:5].tolist()} "
                          "have no unmasked token")
-    key_chunk = key_chunk_size or nk
-    row_chunk = chunk_size or _auto_chunk(lq, min(key_chunk, nk), lk)
+    key_chunk = key_chunk_size or min(nk, max(1, CHUNK_ELEMENTS // (lq * lk)))
+    row_chunk = chunk_size or max(1, CHUNK_ELEMENTS // (lq * key_chunk * lk))
     rows = []
     for r0 in range(0, nq, row_chunk):
         q = queries[r0:r0 + row_chunk]
