@@ -1,0 +1,161 @@
+"""CLIPS' caption decoder and loss terms (UCSC-VLAA/CLIPS open_clip/model.py:267-525,
+transformer.py TextDecoder; methods.md §6). The text views (token reduction) are in
+``alip.text_views``.
+
+The decoder is self-attention only, over ``[image patch tokens ; web-text encoder token outputs ;
+L learnable query tokens]`` (L = 128), with the reference mask: the prefix (image + web text)
+attends bidirectionally within itself and never to the queries; each query sees the whole prefix
+and the queries before it. Query outputs -> ``ln_final`` -> projection to the vocabulary.
+
+How training lines up (the reference's labels are ``caption[:, 1:]``): query ``i`` predicts
+caption token ``i + 1``, i.e. query 0 predicts the first word after SOT, and the query after the
+last word predicts EOT; queries past the caption's end (or past the 76 targets of a 77-token row)
+have padding targets, ignored by the loss. The queries are learned "soft prompts" (CLIPS#1): the
+caption tokens themselves are never fed in, so one forward gives every position's distribution,
+and ``generate`` searches over those per-position distributions (greedy = argmax per position up
+to the first EOT; beam search keeps the ``num_beams`` best prefixes by summed log-probability and
+ranks finished captions by ``score / length**length_penalty``).
+
+The prefix text is what the reference feeds: the web text's ``ln_final`` token outputs with the
+last position dropped (a CoCa leftover: ``token_embs[:, :-1]``), padding positions included. The
+decoder takes any [B, T, text width] here; the method glue chooses. No positional embedding is
+added (the reference adds none: patch tokens carry the vision tower's, text tokens the text
+tower's, and each query is its own parameter).
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from open_clip.coca_model import MultimodalCfg
+from open_clip.transformer import LayerNorm, Transformer
+
+SOT_ID, EOT_ID = 49406, 49407
+_MM = MultimodalCfg()
+
+
+def decoder_mask(prefix_len, num_queries, device=None, dtype=torch.float32):
+    """Additive [S, S] mask (0 = may attend, -inf = blocked), S = prefix_len + num_queries."""
+    size = prefix_len + num_queries
+    blocked = torch.zeros(size, size, dtype=torch.bool, device=device)
+    blocked[:prefix_len, prefix_len:] = True  # the prefix never sees the queries
+    blocked[prefix_len:, prefix_len:] = torch.ones(num_queries, num_queries, dtype=torch.bool,
+                                                   device=device).triu(1)  # causal queries
+    return torch.zeros(size, size, dtype=dtype, device=device).masked_fill(blocked, float("-inf"))
+
+
+class CaptionDecoder(nn.Module):
+    """``forward(image_tokens, text_tokens=None)`` -> logits [B, num_queries, vocab_size].
+
+    image_tokens [B, P, image_width] (the vision tower's patch tokens, e.g.
+    ``alip.methods.filip.dense_image_tokens(model, images, ln_post=True)``), text_tokens
+    [B, T, text_width] or None (image-only captioning). Inputs whose width differs from the
+    decoder's go through a Linear; equal widths pass unchanged, as in the reference. Width, layers,
+    heads, MLP ratio and vocabulary default to open_clip's ``MultimodalCfg``.
+    """
+
+    def __init__(self, image_width, text_width, vocab_size=_MM.vocab_size, width=_MM.width,
+                 layers=_MM.layers, heads=_MM.heads, mlp_ratio=_MM.mlp_ratio, num_queries=128,
+                 act_layer=nn.GELU):
+        super().__init__()
+        self.image_in = nn.Linear(image_width, width) if image_width != width else nn.Identity()
+        self.text_in = nn.Linear(text_width, width) if text_width != width else nn.Identity()
+        self.queries = nn.Parameter(torch.randn(num_queries, width) * 0.02)
+        self.transformer = Transformer(width, layers, heads, mlp_ratio, act_layer=act_layer)
+        self.ln_final = LayerNorm(width)
+        self.head = nn.Linear(width, vocab_size, bias=False)
+
+    @property
+    def num_queries(self):
+        return self.queries.shape[0]
+
+    def forward(self, image_tokens, text_tokens=None):
+        prefix = self.image_in(image_tokens)
+        if text_tokens is not None:
+            prefix = torch.cat([prefix, self.text_in(text_tokens)], dim=1)
+        queries = self.queries.to(prefix.dtype).expand(prefix.shape[0], -1, -1)
+        x = torch.cat([prefix, queries], dim=1)
+        mask = decoder_mask(prefix.shape[1], self.num_queries, x.device, x.dtype)
+        x = self.transformer(x, attn_mask=mask)[:, prefix.shape[1]:]
+        return self.head(self.ln_final(x))
+
+    @torch.no_grad()
+    def generate(self, image_tokens, text_tokens=None, num_beams=1, context_length=77,
+                 length_penalty=1.0, sot_id=SOT_ID, eot_id=EOT_ID):
+        """-> int64 [B, context_length] rows ``[SOT, tokens..., EOT, 0...]`` (open_clip layout:
+        ``open_clip.decode`` reads them). At most ``min(num_queries, context_length - 2)`` tokens
+        are generated; a caption that reaches the limit without EOT gets one appended."""
+        steps = min(self.num_queries, context_length - 2)
+        logp = F.log_softmax(self(image_tokens, text_tokens)[:, :steps].float(), dim=-1)
+        logp[..., sot_id] = float("-inf")  # SOT never inside a caption
+        out = torch.zeros(logp.shape[0], context_length, dtype=torch.long, device=logp.device)
+        for b in range(logp.shape[0]):
+            tokens = _greedy(logp[b], eot_id) if num_beams == 1 else _beam(logp[b], num_beams, eot_id, length_penalty)
+            row = [sot_id] + tokens + [eot_id]
+            out[b, :len(row)] = torch.tensor(row, device=out.device)
+        return out
+
+
+def _greedy(logp, eot_id):
+    tokens = []
+    for t in logp.argmax(dim=-1).tolist():
+        if t == eot_id:
+            break
+        tokens.append(t)
+    return tokens
+
+
+def _beam(logp, num_beams, eot_id, length_penalty):
+    """Beam search over per-position log-probabilities [steps, V]; returns the caption tokens."""
+    beams, finished = [(0.0, [])], []
+    for t in range(logp.shape[0]):
+        top = logp[t].topk(num_beams + 1)
+        candidates = [(score + s, tokens + [tok]) for score, tokens in beams
+                      for s, tok in zip(top.values.tolist(), top.indices.tolist())]
+        candidates.sort(key=lambda c: -c[0])
+        beams = []
+        for score, tokens in candidates:
+            if tokens[-1] == eot_id:
+                finished.append((score / len(tokens) ** length_penalty, tokens[:-1]))
+            elif len(beams) < num_beams:
+                beams.append((score, tokens))
+            if len(beams) == num_beams:
+                break
+        if len(finished) >= num_beams:
+            break
+    finished += [(score / (len(tokens) + 1) ** length_penalty, tokens) for score, tokens in beams]
+    return max(finished, key=lambda f: f[0])[1]
+
+
+def caption_targets(caption, num_queries, pad_id=0):
+    """[B, T] caption token rows -> [B, num_queries] targets: ``caption[:, 1:]`` cut or padded.
+
+    Positions after each row's EOT are set to ``pad_id`` (open_clip rows are already zero there).
+    Caveat of open_clip's vocabulary: id 0 is also the token '!' (without end-of-word), so
+    ``pad_id=0`` ignores it too, as the reference and open_clip's CoCa do; pass ``pad_id=-100``
+    here and to ``caption_loss`` to keep it.
+    """
+    targets = caption[:, 1:1 + num_queries]
+    eot = (caption == EOT_ID).int().argmax(dim=1, keepdim=True)  # EOT at row position eot
+    after = torch.arange(targets.shape[1], device=caption.device)[None] >= eot  # target j = row j+1
+    targets = targets.masked_fill(after, pad_id)
+    if targets.shape[1] < num_queries:
+        targets = F.pad(targets, (0, num_queries - targets.shape[1]), value=pad_id)
+    return targets
+
+
+def caption_loss(logits, targets, pad_id=0):
+    """Mean cross-entropy over the non-padding targets of the batch: logits [B, L, V], targets [B, L]."""
+    if logits.shape[:2] != targets.shape:
+        raise ValueError(f"caption_loss: logits {tuple(logits.shape)} do not line up with targets "
+                         f"{tuple(targets.shape)} (use caption_targets(caption, num_queries))")
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=pad_id)
+
+
+def clips_loss(clip_web, clip_partial, cap, w_con=1.0, w_cap=2.0):
+    """``w_con * (CLIP(image, web) + CLIP(image, partial caption)) / 2 + w_cap * caption CE``.
+
+    The weights are open_clip's CoCa defaults (``--coca-contrastive-loss-weight 1``,
+    ``--coca-caption-loss-weight 2``), which CLIPS' released code uses; the paper's values are
+    unverified. -> {"loss", "loss_contrastive", "loss_caption"} (the last two weighted)."""
+    contrastive = w_con * (clip_web + clip_partial) / 2
+    caption = w_cap * cap
+    return {"loss": contrastive + caption, "loss_contrastive": contrastive, "loss_caption": caption}
