@@ -38,9 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import _texts  # noqa: E402
 import _timing  # noqa: E402
 import alip  # noqa: E402,F401
-from alip.loss import ALIPLoss, gather_features  # noqa: E402
-from alip.model import TripletEncoder  # noqa: E402
+from alip.loss import gather_features  # noqa: E402
+from alip.methods import get_method, method_names  # noqa: E402
 from alip.training.distributed import DistInfo  # noqa: E402
+from alip.training.params import parse_args  # noqa: E402
 from alip.training.step import StepContext, train_step  # noqa: E402
 
 
@@ -131,7 +132,21 @@ class ReferenceALIPStep:
         self.model.set_grad_checkpointing(False)
 
 
-def bench_model(name, batch_size, device, precision, reps, regimes):
+def method_batch(spec, batch, gen):
+    """The batch dict a method's DataSpec asks for: its first image view is the batch's images,
+    further views fresh random images of the same shape; text views copy their source field
+    (their transforms run in the reader, not in the step)."""
+    images, raw, cap = batch
+    out = {spec.image_views[0].name: images}
+    for view in spec.image_views[1:]:
+        out[view.name] = torch.randn(images.shape, generator=gen).to(images.device)
+    fields = {"raw": raw, "caption": cap}
+    out.update({f: fields[f] for f in spec.text_fields})
+    out.update({v.name: fields[v.source].clone() for v in spec.text_views})
+    return out
+
+
+def bench_model(name, batch_size, device, precision, reps, regimes, methods=("clip", "alip")):
     model = open_clip.create_model(name).to(device)
     size = model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
@@ -143,10 +158,16 @@ def bench_model(name, batch_size, device, precision, reps, regimes):
 
     scaler = torch.amp.GradScaler("cuda") if precision == "amp" and device.type == "cuda" else None
     info = DistInfo(0, 0, 1, False, device)
-    enc = TripletEncoder(model, "separate")
-    ctxs = {m: StepContext(model=enc, clip_model=model, loss_fn=loss, optimizer=opt, info=info,
-                           method=m, grad_clip_norm=1.0, scaler=scaler, autocast=autocast)
-            for m, loss in (("clip", ClipLoss()), ("alip", ALIPLoss()))}
+    ctxs, specs = {}, {}
+    for m in methods:  # each method's own encoder (heads included) and criterion, same model
+        method = get_method(m)(model, parse_args(["--method", m, "--model", name]))
+        params = list(method.encoder.parameters())
+        method_opt = opt if m in ("clip", "alip") else torch.optim.AdamW(
+            params, lr=1e-6, betas=(0.9, 0.98), weight_decay=0.2)
+        ctxs[m] = StepContext(model=method.encoder.to(device), criterion=method.criterion.to(device),
+                              optimizer=method_opt, info=info, grad_clip_norm=1.0, scaler=scaler,
+                              autocast=autocast, after_step=method.after_step)
+        specs[m] = method.data
     ref = ReferenceALIPStep(model, opt, autocast)
     oc_train = OpenClipTrainStep(model, opt, scaler, device, precision, batch_size)
     gen = torch.Generator().manual_seed(0)
@@ -154,8 +175,9 @@ def bench_model(name, batch_size, device, precision, reps, regimes):
     for regime in regimes:
         batch = tuple(t.to(device) for t in make_batch(batch_size, size, regime, gen))
         sides[f"{regime}/oc-train"] = lambda batch=batch: oc_train(batch)
-        sides[f"{regime}/clip"] = lambda batch=batch: train_step(ctxs["clip"], [batch])
-        sides[f"{regime}/alip"] = lambda batch=batch: train_step(ctxs["alip"], [batch])
+        for m in methods:
+            views = method_batch(specs[m], batch, gen)
+            sides[f"{regime}/{m}"] = lambda m=m, views=views: train_step(ctxs[m], [views])
         sides[f"{regime}/alip-ref"] = lambda batch=batch: ref(*batch)
     return _timing.abba(sides, reps, device, label=name)
 
@@ -172,6 +194,8 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if on_gpu else "cpu")
     p.add_argument("--precision", choices=["fp32", "amp", "amp_bf16"],
                    default="amp" if on_gpu else "fp32")
+    p.add_argument("--methods", nargs="+", default=None, choices=method_names(),
+                   help="our methods to time (clip and alip always); default: all registered")
     p.add_argument("--texts", nargs="+", choices=["realistic", "full"], default=None,
                    help="default: realistic and full on CUDA, realistic on CPU")
     args = p.parse_args(argv)
@@ -185,7 +209,9 @@ def main(argv=None):
           f"  (samples/s)  {'clip/oc-train s/s':<19}{'alip/clip time':<19}{'ref/alip time':<19}")
     for name in args.models:
         batch = args.batch_size or (256 if device.type == "cuda" else 128 if name == "ALIP-demo" else 8)
-        times = bench_model(name, batch, device, args.precision, args.reps, texts)
+        methods = ["clip", "alip"] + [m for m in (args.methods or method_names())
+                                      if m not in ("clip", "alip")]
+        times = bench_model(name, batch, device, args.precision, args.reps, texts, methods)
         for regime in texts:
             t = {k.split("/")[1]: v for k, v in times.items() if k.startswith(regime + "/")}
             sps = {k: batch / _timing.stats(v)[0] for k, v in t.items()}
@@ -194,6 +220,9 @@ def main(argv=None):
                   f"{_timing.fmt(_timing.ratio(t, 'oc-train', 'clip')):<19}"
                   f"{_timing.fmt(_timing.ratio(t, 'alip', 'clip')):<19}"
                   f"{_timing.fmt(_timing.ratio(t, 'alip-ref', 'alip')):<19}", flush=True)
+            for m in methods[2:]:  # the other methods: step time over our CLIP's
+                print(f"{'':<15}{'':>6} {regime:<10}{m:>9}: {sps[m]:.1f} samples/s, time over "
+                      f"clip {_timing.fmt(_timing.ratio(t, m, 'clip'))}", flush=True)
 
 
 if __name__ == "__main__":

@@ -19,8 +19,8 @@ Both: DDP's ``no_sync`` on all but the last micro-step, one optimizer step, one 
 step and one logit_scale clamp per optimizer step (the reference runs the scheduler and the
 clamp every micro-step and never divides the loss).
 
-A step whose features or loss are not finite on ANY rank (all ranks agree through a tiny
-all_reduce) is skipped on every rank: gradients dropped, the buffers of the method's encoder and
+A step whose features, loss or (without a GradScaler) gradient norm are not finite on ANY rank
+(all ranks agree through a tiny all_reduce, or DDP's averaged gradients) is skipped on every rank: gradients dropped, the buffers of the method's encoder and
 criterion (gate EMAs, memory banks, BatchNorm statistics) restored to their value before the
 step, no optimizer update. The caller counts these.
 
@@ -150,6 +150,15 @@ def _buffers(ctx):
     return [b for m in (ctx.encoder, ctx.criterion) for b in m.buffers()]
 
 
+def _skip(ctx, snapshot):
+    """Drop the gradients and restore the buffers (gate EMAs, memory banks, BN statistics)."""
+    ctx.optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for b, saved in zip(_buffers(ctx), snapshot):
+            b.copy_(saved)
+    return None
+
+
 def train_step(ctx, micro_batches):
     """One optimizer step over ``micro_batches`` (a list of batch dicts).
 
@@ -163,18 +172,21 @@ def train_step(ctx, micro_batches):
     else:
         metrics = _accumulate_micro(ctx, micro_batches)
     if metrics is None:
-        ctx.optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            for b, saved in zip(_buffers(ctx), snapshot):
-                b.copy_(saved)
-        return None
+        return _skip(ctx, snapshot)
     # with local_loss each rank's loss covers its own rows; the mean over ranks is the global loss
     metrics = mean_over_ranks(metrics, ctx.info)
     if ctx.scaler is not None:
         ctx.scaler.unscale_(ctx.optimizer)
+    params = [p for g in ctx.optimizer.param_groups for p in g["params"]]
     if ctx.grad_clip_norm:
-        params = [p for g in ctx.optimizer.param_groups for p in g["params"]]
-        metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, ctx.grad_clip_norm))
+        norm = torch.nn.utils.clip_grad_norm_(params, ctx.grad_clip_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    metrics["grad_norm"] = float(norm)
+    if ctx.scaler is None and not torch.isfinite(norm):
+        # finite loss, non-finite gradient (DDP-averaged, so every rank agrees): skip the step
+        # (with a GradScaler, fp16 overflow is the scaler's business: it skips and rescales)
+        return _skip(ctx, snapshot)
     if ctx.scaler is not None:
         ctx.scaler.step(ctx.optimizer)
         ctx.scaler.update()
