@@ -159,11 +159,12 @@ def mlm_mask(tokens, generator, mask_id=MASK_ID, vocab_size=VOCAB_SIZE,
         the rest of ``chosen`` keeps its token
 
     Deviation: the random replacement is uniform over the vocabulary *without* the special ids
-    (the reference draws from all of it; a random EOT would move EOT pooling). One randint per
-    position is drawn as in the reference, over ``vocab_size - len(special_ids)`` values mapped
-    past the special ids; with the specials at the top of the vocabulary (as here) the same
-    generator state gives the same replacement ids as the reference's draw wherever those are
-    not special. Padding (after the first EOT) is never touched and its labels are -100.
+    (the reference draws from all of it; a random EOT would move EOT pooling): one randint per
+    position over ``vocab_size - len(special_ids)`` values, mapped past the special ids. The
+    draws keep the reference's count and order, so the same generator state gives the
+    reference's chosen / [mask] / random / kept positions (the random ids themselves differ).
+    Padding (after the first EOT) is never touched and its labels are -100. ``generator`` is a
+    CPU ``torch.Generator``; the work is done on the CPU and returned on ``tokens.device``.
     """
     if tokens.dim() != 2:
         raise ValueError(f"mlm_mask: tokens must be [B, L], got {tuple(tokens.shape)}")
