@@ -181,11 +181,16 @@ def test_mlm_draw_order_gives_the_reference_positions():
     tokens = _texts(20, seed=3)
     masked, labels = mlm_mask(tokens, torch.Generator().manual_seed(3))
     g = torch.Generator().manual_seed(3)
+    n_rand = 0
     for r in range(20):
         length = int((tokens[r] == EOT_ID).int().argmax()) + 1
-        chosen, replace, _ = _reference_mask_positions(tokens[r, :length], g)
+        chosen, replace, rand = _reference_mask_positions(tokens[r, :length], g)
         assert torch.equal(labels[r, :length] != -100, chosen)
         assert torch.equal(masked[r, :length] == MASK_ID, replace)
+        # a random id equals the original with p = 1/49406: none does for this seed
+        assert torch.equal(masked[r, :length] != tokens[r, :length], replace | rand)
+        n_rand += int(rand.sum())
+    assert n_rand > 0
 
 
 def test_mlm_mask_rejects_a_row_without_eot():

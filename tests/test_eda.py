@@ -57,6 +57,48 @@ def test_op_invariants_over_many_seeds():
         assert len(inserted.split()) > len(words)
 
 
+# textaugment 2.0 eda.py:56-68 and :105-119, the global ``random`` replaced by ``rng``
+def _textaugment_swap_word(new_words, rng):
+    random_idx_1 = rng.randint(0, len(new_words) - 1)
+    random_idx_2 = random_idx_1
+    counter = 0
+    while random_idx_2 == random_idx_1:
+        random_idx_2 = rng.randint(0, len(new_words) - 1)
+        counter += 1
+        if counter > 3:
+            return new_words
+    new_words[random_idx_1], new_words[random_idx_2] = new_words[random_idx_2], new_words[random_idx_1]
+    return new_words
+
+
+def _textaugment_add_word(new_words, rng):
+    synonyms = list()
+    counter = 0
+    while len(synonyms) < 1:
+        random_word_list = list([word for word in new_words if word not in ta.STOPWORDS])
+        random_word = random_word_list[rng.randint(0, len(random_word_list) - 1)]
+        synonyms = ta.synonyms(random_word, rng)
+        counter += 1
+        if counter >= 10:
+            return new_words
+    random_synonym = synonyms[0]
+    random_idx = rng.randint(0, len(new_words) - 1)
+    new_words.insert(random_idx, random_synonym)
+    return new_words
+
+
+def test_swap_and_insertion_give_up_as_textaugment_does():
+    # two words: 1 in 8 swaps gives up after 3 equal draws; words without synonyms make
+    # insertion retry, and its 10th try gives up whatever it found
+    for seed in range(300):
+        for text in ("dog cat", "dog cat bird"):
+            assert ta.random_swap(text, random.Random(seed)) == " ".join(
+                _textaugment_swap_word(text.split(), random.Random(seed)))
+        text = "qzx1 qzx2 qzx3 qzx4 dog"
+        assert ta.random_insertion(text, random.Random(seed)) == " ".join(
+            _textaugment_add_word(text.split(), random.Random(seed)))
+
+
 def test_edge_cases_keep_the_text():
     rng = random.Random(0)
     for op in ta.ALL_OPS:
