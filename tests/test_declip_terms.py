@@ -60,6 +60,16 @@ def test_nn_loss_equals_hand_computation_and_detaches_the_neighbours():
     assert nn_t.grad is None  # only image->NN-text, the neighbours are constants
 
 
+@pytest.mark.parametrize("call, match", [
+    (lambda a, b: clip_info_nce(a, b[:3], torch.tensor(1.0)), r"clip_info_nce: .*'txt': \(3, 6\)"),
+    (lambda a, b: nn_loss(a, a, b, b[:, :5], torch.tensor(1.0)), r"nn_loss: .*'nn_t_aug': \(4, 5\)"),
+    (lambda a, b: simsiam_loss(a, b, a, b[0]), r"simsiam_loss: .*'z2': \(6,\)"),
+])
+def test_terms_name_mismatched_inputs(call, match):
+    with pytest.raises(ValueError, match=match):
+        call(_unit(4, 6, seed=0), _unit(4, 6, seed=1))
+
+
 # ----------------------------------------------------------------------------------- SimSiam
 
 def test_simsiam_loss_equals_hand_computation():

@@ -54,6 +54,7 @@ def clip_info_nce(img, txt, logit_scale, rank=0, world_size=1):
     caller's business). Each rank's gradient on its local rows is ``world_size`` x the matching
     rows of the single-process gradient, so DDP's average gives the single-process one.
     """
+    _check_same_shape("clip_info_nce", img=img, txt=txt)
     all_img = gather_features(img, rank, world_size, gather_with_grad=True)
     all_txt = gather_features(txt, rank, world_size, gather_with_grad=True)
     labels = _labels(img, rank)
@@ -76,6 +77,7 @@ def nn_loss(img1, img2, nn_t, nn_t_aug, logit_scale, rank=0, world_size=1):
     (``NNMemoryBank.query(x) / (norm + 1e-10)``); gradient reaches the images and
     ``logit_scale``, never the text tower.
     """
+    _check_same_shape("nn_loss", img1=img1, img2=img2, nn_t=nn_t, nn_t_aug=nn_t_aug)
     all_nn = gather_features(nn_t.detach(), rank, world_size)
     all_nn_aug = gather_features(nn_t_aug.detach(), rank, world_size)
     labels = _labels(img1, rank)
@@ -85,6 +87,12 @@ def nn_loss(img1, img2, nn_t, nn_t_aug, logit_scale, rank=0, world_size=1):
                 + F.cross_entropy(logit_scale * img @ all_nn_aug.T, labels)) / 2
 
     return (cie(img1) + cie(img2)) / 2
+
+
+def _check_same_shape(fn, **tensors):
+    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+    if len(set(shapes.values())) != 1 or any(len(s) != 2 for s in shapes.values()):
+        raise ValueError(f"{fn}: inputs must share one [B, D] shape, got {shapes}")
 
 
 def _labels(x, rank):
@@ -135,6 +143,8 @@ def simsiam_loss(p1, p2, z1, z2):
     inputs are the unnormalised projector (z) and predictor (p) outputs; no gradient flows
     into z.
     """
+    _check_same_shape("simsiam_loss", p1=p1, p2=p2, z1=z1, z2=z2)
+
     def d(p, z):
         z = z.detach()
         p = p / p.norm(dim=-1, keepdim=True)
