@@ -14,6 +14,8 @@ from .base import Method, MethodConfigError
 METHODS = {
     "clip": "alip.methods.clip:CLIP",
     "alip": "alip.methods.alip:ALIP",
+    "slip": "alip.methods.slip:SLIP",
+    "declip": "alip.methods.declip:DeCLIP",
 }
 
 

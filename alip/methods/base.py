@@ -55,6 +55,11 @@ class Method:
         numeric one gets an interval in ``flag_ranges``."""
 
     @classmethod
+    def data_spec(cls, args):
+        """The DataSpec for these flags (the loader is built before the method)."""
+        return cls.data
+
+    @classmethod
     def check_args(cls, args):
         """Raise MethodConfigError for flags the method cannot honour, before any work."""
         if args.accum_freq > 1 and args.accum_mode not in cls.accum_modes:

@@ -30,6 +30,10 @@ import torch.nn.functional as F
 
 from alip.loss import gather_features
 
+from ..data.spec import DataSpec, ImageView, TextView
+from ..model import encode_text
+from .base import ContrastiveEncoder, Method, MethodConfigError, clamp_logit_scale
+
 # DeCLIP's vocabulary: open_clip's 49408 BPE ids (SOT 49406, EOT 49407, so open_clip's tokenizer
 # works unchanged) plus <|mask|> = 49408. The reference puts mask at 49406 and shifts SOT/EOT to
 # 49407/49408; the ids differ, the set of special tokens is the same.
@@ -319,3 +323,123 @@ def declip_total(clip, nn_text, simsiam, mlm, weights=LOSS_WEIGHTS):
     loss = loss + simsiam * weights["simsiam"]
     loss = loss + mlm * weights["mlm"]
     return loss + nn_text * weights["nn"]
+
+
+# ------------------------------------------------------------------------------ the method
+
+def capped_scale(logit_scale, cap=100.0):
+    """``exp(p)`` with its forward value capped at ``cap`` and the gradient of the uncapped
+    ``exp`` (DeCLIP's ``logit_scale.data = clamp(exp(p), max=100)``, methods.md §9)."""
+    s = logit_scale.exp()
+    return s + (s.clamp(max=cap) - s).detach()
+
+
+def embed_dim(model):
+    proj = model.text_projection
+    return proj.out_features if isinstance(proj, nn.Linear) else proj.shape[-1]
+
+
+class DeCLIPEncoder(ContrastiveEncoder):
+    """Two image views, the MLM-masked text (its CLIP embedding, as the reference, and its
+    ln_final tokens for the MLM head) and the EDA text view; SimSiam projector/predictor on the
+    projected, unnormalised image embeddings."""
+
+    def __init__(self, model, seed=0, rank=0, mask_id=MASK_ID, vocab_size=VOCAB_SIZE):
+        super().__init__(model)
+        dim, width = embed_dim(model), model.transformer.width
+        self.projector = SimSiamProjector(dim)
+        self.predictor = SimSiamPredictor()
+        self.mlm_head = MLMHead(width, vocab_size)
+        self.mask_id, self.vocab_size = mask_id, vocab_size
+        self.seed, self.rank = seed, rank
+        # masking draws come from (seed, rank, this counter): saved with the heads, restored on
+        # resume and when a non-finite step is skipped, so masks replay exactly
+        self.register_buffer("mlm_draws", torch.zeros((), dtype=torch.long))
+
+    def _mask(self, tokens):
+        gen = torch.Generator().manual_seed(
+            int(torch.randint(2 ** 62, (1,), generator=torch.Generator().manual_seed(
+                self.seed * 1_000_003 + self.rank * 7919 + int(self.mlm_draws) * 104_729))))
+        if self.training:
+            self.mlm_draws += 1
+        return mlm_mask(tokens, gen, mask_id=self.mask_id, vocab_size=self.vocab_size)
+
+    def forward(self, batch):
+        masked, labels = self._mask(batch["raw"])
+        tokens, text = text_tokens_and_features(self.model, masked)
+        picked = labels != -100
+        out = {"text": F.normalize(text, dim=-1),
+               "text_aug": encode_text(self.model, batch["raw_eda"]),
+               "mlm_logits": self.mlm_head(tokens[picked]), "mlm_labels": labels[picked],
+               "logit_scale": capped_scale(self.model.logit_scale)}
+        for i, view in enumerate(("image", "image_aug"), start=1):
+            e = self.model.encode_image(batch[view], normalize=False)
+            z = self.projector(e)
+            out[f"img{i}"], out[f"z{i}"], out[f"p{i}"] = F.normalize(e, dim=-1), z, self.predictor(z)
+        return out
+
+
+class DeCLIPCriterion(nn.Module):
+    """``0.4 L_clip + 0.2 L_simsiam + 0.2 L_mlm + 0.2 L_nn`` (``declip_total``) with the
+    per-process NN memory bank; the bank moves only in train mode."""
+
+    def __init__(self, dim, bank_size=2 ** 16, rank=0, world_size=1, seed=0):
+        super().__init__()
+        self.rank, self.world_size = rank, world_size
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + rank)
+        self.bank = NNMemoryBank(dim, bank_size, generator=gen)
+
+    def forward(self, f):
+        s, r, w = f["logit_scale"], self.rank, self.world_size
+        clip = sum(clip_info_nce(img, txt, s, r, w) for img in (f["img1"], f["img2"])
+                   for txt in (f["text"], f["text_aug"])) / 4
+        nn_t = self.bank.query(f["text"], update=False)
+        nn_aug = self.bank.query(f["text_aug"], update=self.training)
+        if self.training:
+            self.bank.enqueue(f["text"])
+        renorm = lambda x: x / (x.norm(dim=1, keepdim=True) + 1e-10)  # noqa: E731 (reference)
+        nn_text = nn_loss(f["img1"], f["img2"], renorm(nn_t).to(s.dtype),
+                          renorm(nn_aug).to(s.dtype), s, r, w)
+        simsiam = simsiam_loss(f["p1"], f["p2"], f["z1"], f["z2"])
+        mlm = mlm_loss(f["mlm_logits"], f["mlm_labels"])
+        return {"loss": declip_total(clip, nn_text, simsiam, mlm), "loss_clip": clip,
+                "loss_nn": nn_text, "loss_simsiam": simsiam, "loss_mlm": mlm}
+
+
+class DeCLIP(Method):
+    """DeCLIP (Sense-GVT/DeCLIP; YFCC15M ViT-B/32 IN-1K 43.2): multi-view CLIP over two MoCo-v2
+    image views x {masked text, EDA text}, NN text supervision from a memory bank, SimSiam on
+    the image embeddings and MLM on the shared causal text tower.
+
+    Needs a model whose vocabulary has the mask token (``DeCLIP-ViT-B-32``, ``DeCLIP-tiny``:
+    vocab 49409, mask 49408, open_clip's SOT/EOT). BatchNorm in SimSiam's heads: micro-batch
+    accumulation only.
+    """
+
+    name = "declip"
+    accum_modes = ("micro",)
+    flag_ranges = {"declip_bank_size": "[1, inf)"}
+    data = DataSpec(image_views=(ImageView("image", "mocov2"), ImageView("image_aug", "mocov2")),
+                    text_fields=("raw",),
+                    text_views=(TextView("raw_eda", source="raw", transform="eda"),))
+
+    @classmethod
+    def add_args(cls, parser):
+        g = parser.add_argument_group("declip (--method declip)")
+        g.add_argument("--declip-bank-size", type=int, default=2 ** 16,
+                       help="NN memory bank entries per process (reference: 2^16).")
+
+    def __init__(self, model, args, rank=0, world_size=1):
+        super().__init__(model, args, rank, world_size)
+        vocab = model.token_embedding.num_embeddings if hasattr(model, "token_embedding") else 0
+        if vocab < VOCAB_SIZE:
+            raise MethodConfigError(
+                f"--method declip needs a text vocabulary with the mask token {MASK_ID} "
+                f"({VOCAB_SIZE} entries); --model {args.model} has {vocab}: use DeCLIP-ViT-B-32 "
+                f"or DeCLIP-tiny")
+        self.encoder = DeCLIPEncoder(model, seed=args.seed, rank=rank)
+        self.criterion = DeCLIPCriterion(embed_dim(model), args.declip_bank_size,
+                                         rank, world_size, seed=args.seed)
+
+    def after_step(self):
+        clamp_logit_scale(self.model, 3.0, 6.0)  # the parameter, as the reference (before step too)

@@ -15,7 +15,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from alip.loss import gather_features
+from alip.loss import gather_features, local_grad_scale
+
+from ..data.spec import DataSpec, ImageView
+from ..model import encode_text
+from .base import LOGIT_SCALE_MAX, ContrastiveEncoder, Method, MethodConfigError, clamp_logit_scale
+from .clip import CLIPCriterion
 
 
 def simclr_loss(q_a, q_b, temperature=0.1, rank=0, world_size=1):
@@ -94,3 +99,102 @@ def vit_pooled_features(visual, images):
     x = visual.transformer(x)
     pooled, _ = visual._pool(x)
     return pooled
+
+
+# ------------------------------------------------------------------------------ the method
+
+SLIP_VIEWS = {  # --slip-views: the base (CLIP) view's recipe and the two SSL views' recipe
+    "declip": ("slip_base", "mocov2"),    # as the DeCLIP benchmark ran it (methods.md §2b)
+    "official": ("slip_base", "simclr"),  # facebookresearch/SLIP (methods.md §2a)
+}
+
+
+class SLIPEncoder(ContrastiveEncoder):
+    """CLIP features of the base view and raw text, and the SSL head's outputs for the two
+    augmented views (the pooled ViT feature before ``proj`` through ``SLIPHead``)."""
+
+    def __init__(self, model, mlp_dim=4096, out_dim=256):
+        super().__init__(model)
+        width = vit_pooled_features_width(model.visual)
+        self.head = SLIPHead(width, mlp_dim, out_dim)
+
+    def forward(self, batch):
+        q = [self.head(vit_pooled_features(self.model.visual, batch[v]))
+             for v in ("image_aug1", "image_aug2")]
+        return {"image": self.model.encode_image(batch["image"], normalize=True),
+                "raw": encode_text(self.model, batch["raw"]),
+                "ssl_a": q[0], "ssl_b": q[1], "logit_scale": self.model.logit_scale.exp()}
+
+
+def vit_pooled_features_width(visual):
+    if not hasattr(visual, "proj") or visual.proj is None:
+        raise MethodConfigError("--method slip needs an open_clip ViT image tower with a "
+                                "projection (the SSL head reads the feature before it)")
+    return visual.proj.shape[0]
+
+
+class SLIPCriterion(nn.Module):
+    """``L = clip + ssl_scale * simclr`` (SLIP losses.py:104-131; DeCLIP slip.py:268-285)."""
+
+    def __init__(self, ssl_scale=1.0, ssl_temp=0.1, rank=0, world_size=1, clip_kwargs=None):
+        super().__init__()
+        self.ssl_scale, self.ssl_temp = float(ssl_scale), float(ssl_temp)
+        self.rank, self.world_size = rank, world_size
+        self.clip = CLIPCriterion(**(clip_kwargs or {}))
+
+    def forward(self, feats):
+        clip = self.clip(feats)["loss"]
+        ssl = simclr_loss(feats["ssl_a"], feats["ssl_b"], self.ssl_temp, self.rank,
+                          self.world_size)
+        return {"loss": clip + self.ssl_scale * ssl, "loss_clip": clip, "loss_ssl": ssl}
+
+
+class SLIP(Method):
+    """SLIP (facebookresearch/SLIP; the DeCLIP benchmark's ViT-B/32 YFCC15M row, IN-1K 34.3):
+    CLIP on a base view + ``ssl_scale`` x SimCLR on two augmented views through a 3-layer MLP.
+
+    The SSL head has BatchNorm: gradient accumulation runs micro-batch by micro-batch
+    (``--accum-mode micro``), since a whole-batch re-encode would normalise per micro-batch and
+    update the running statistics twice. Under DDP on CUDA its BatchNorm is synced
+    (``SyncBatchNorm``); with gloo on CPU it stays per-process BatchNorm.
+    """
+
+    name = "slip"
+    accum_modes = ("micro",)
+    flag_ranges = {"slip_ssl_scale": "[0, inf)", "slip_ssl_temp": "(0, inf)",
+                   "slip_mlp_dim": "[1, inf)", "slip_emb_dim": "[1, inf)"}
+
+    @classmethod
+    def add_args(cls, parser):
+        g = parser.add_argument_group("slip (--method slip)")
+        g.add_argument("--slip-views", choices=tuple(SLIP_VIEWS), default="declip",
+                       help="declip: base RRC 0.5-1 + two MoCo-v2 views (the DeCLIP benchmark's "
+                            "SLIP, the 34.3 row); official: SimCLR views (RRC 0.08-1)")
+        g.add_argument("--slip-ssl-scale", type=float, default=1.0, help="Weight of SimCLR.")
+        g.add_argument("--slip-ssl-temp", type=float, default=0.1, help="SimCLR temperature.")
+        g.add_argument("--slip-mlp-dim", type=int, default=4096, help="SSL head hidden width.")
+        g.add_argument("--slip-emb-dim", type=int, default=256, help="SSL head output width.")
+
+    @classmethod
+    def data_spec(cls, args):
+        base, ssl = SLIP_VIEWS[args.slip_views]
+        return DataSpec(image_views=(ImageView("image", base), ImageView("image_aug1", ssl),
+                                     ImageView("image_aug2", ssl)), text_fields=("raw",))
+
+    def __init__(self, model, args, rank=0, world_size=1):
+        super().__init__(model, args, rank, world_size)
+        self.data = self.data_spec(args)
+        self.encoder = SLIPEncoder(model, args.slip_mlp_dim, args.slip_emb_dim)
+        if world_size > 1 and next(model.parameters()).is_cuda:
+            self.encoder.head = nn.SyncBatchNorm.convert_sync_batchnorm(self.encoder.head)
+        self.criterion = SLIPCriterion(
+            args.slip_ssl_scale, args.slip_ssl_temp, rank, world_size,
+            clip_kwargs=dict(grad_scale=local_grad_scale(world_size, args.gather_with_grad,
+                                                         args.ddp_gradients),
+                             local_loss=args.local_loss, gather_with_grad=args.gather_with_grad,
+                             cache_labels=True, rank=rank, world_size=world_size))
+        # the DeCLIP benchmark clamps the logit parameter to [3, 6]; official SLIP to [0, ln 100]
+        self.logit_range = (3.0, 6.0) if args.slip_views == "declip" else (0.0, LOGIT_SCALE_MAX)
+
+    def after_step(self):
+        clamp_logit_scale(self.model, *self.logit_range)

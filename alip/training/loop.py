@@ -262,7 +262,7 @@ def _run(args, info, make_loader):
                                 exclude_gain_bias=args.wd_exclude_gain_bias)
     scheduler = build_scheduler(optimizer, args.schedule, args.lr, total_steps,
                                 pct_start=args.pct_start, cycle_momentum=args.cycle_momentum,
-                                warmup=args.warmup)
+                                warmup=args.warmup, warmup_start_lr=args.warmup_start_lr)
     scaler = None
     if args.precision == "amp" and info.device.type == "cuda":
         scaler = torch.amp.GradScaler("cuda", growth_interval=200)  # as the reference

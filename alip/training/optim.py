@@ -5,6 +5,8 @@ every parameter (biases, norms, embeddings, logit_scale); ``exclude_gain_bias=Tr
 open_clip's two groups instead. The schedule steps once per optimizer step. The logit_scale
 clamp after each step is the method's (``alip.methods.base.Method.after_step``).
 """
+import math
+
 import torch
 from open_clip_train.scheduler import cosine_lr
 
@@ -49,8 +51,31 @@ class CosineSchedule:
         self.adjust(self.step_count)
 
 
+class LinearWarmupCosine(CosineSchedule):
+    """The DeCLIP toolbox's "cosine" (prototype/lr_scheduler/scheduler.py:41-230): linear from
+    ``start_lr`` to ``lr`` over ``warmup`` steps, then cosine from ``lr`` to 0 at
+    ``total_steps`` (SLIP/DeCLIP recipes: 1e-4 -> peak over 2,500 steps)."""
+
+    def __init__(self, optimizer, lr, warmup, total_steps, start_lr):
+        self.optimizer, self.lr, self.warmup = optimizer, lr, warmup
+        self.total, self.start_lr = total_steps, start_lr
+        self.step_count = 0
+        self.adjust = self._adjust
+        self.adjust(0)
+
+    def _adjust(self, step):
+        if step < self.warmup:
+            lr = self.start_lr + (self.lr - self.start_lr) * step / self.warmup
+        else:
+            done = (step - self.warmup) / max(1, self.total - self.warmup)
+            lr = 0.5 * (1 + math.cos(math.pi * min(done, 1.0))) * self.lr
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+
 def build_scheduler(optimizer, schedule, lr, total_steps, pct_start=0.1, cycle_momentum=True,
-                    warmup=0):
+                    warmup=0, warmup_start_lr=None):
     if total_steps < 1:
         raise ValueError(f"the schedule needs at least one optimizer step, got {total_steps}")
     if schedule == "onecycle":
@@ -59,6 +84,8 @@ def build_scheduler(optimizer, schedule, lr, total_steps, pct_start=0.1, cycle_m
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=lr, total_steps=total_steps, pct_start=pct_start,
             cycle_momentum=cycle_momentum)
+    if schedule == "cosine" and warmup_start_lr is not None:
+        return LinearWarmupCosine(optimizer, lr, warmup, total_steps, warmup_start_lr)
     if schedule == "cosine":
         return CosineSchedule(optimizer, lr, warmup, total_steps)
     raise ValueError(f"unknown schedule {schedule!r}")

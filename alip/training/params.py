@@ -26,7 +26,8 @@ RANGES = {
     "train_num_samples": "[1, inf)", "workers": "[0, inf)", "batch_size": "[1, inf)",
     "accum_freq": "[1, inf)", "epochs": "[1, inf)",
     "lr": "(0, inf)", "wd": "[0, inf)", "beta1": "[0, 1)", "beta2": "[0, 1)", "eps": "(0, inf)",
-    "pct_start": "(0, 1)", "warmup": "[0, inf)", "grad_clip_norm": "[0, inf)",
+    "pct_start": "(0, 1)", "warmup": "[0, inf)", "warmup_start_lr": "[0, inf)",
+    "grad_clip_norm": "[0, inf)",
     "seed": "[0, 4294967295]",  # numpy's seed range
     "save_frequency": "[0, inf)", "save_every_n_steps": "[0, inf)", "keep_last": "[1, inf)",
     "log_every_n_steps": "[1, inf)", "max_nonfinite": "[0, inf)", "max_steps": "[1, inf)",
@@ -41,7 +42,7 @@ for _name in method_names():  # each method declares the ranges of its own flags
 # overridden by the checkpoint, so it is refused instead of being recorded and not used).
 RESUME_FIXED = ("batch_size", "world_size", "accum_freq", "epochs", "lr", "wd", "beta1",
                 "beta2", "eps", "schedule", "pct_start", "cycle_momentum", "warmup",
-                "wd_exclude_gain_bias", "method")
+                "warmup_start_lr", "wd_exclude_gain_bias", "method")
 
 
 class FlagError(ValueError):
@@ -157,6 +158,9 @@ def build_parser():
     a("--cycle-momentum", action=argparse.BooleanOptionalAction, default=True,
       help="OneCycleLR beta1 cycling 0.95 -> 0.85 -> 0.95 (torch default, as the reference).")
     a("--warmup", type=int, default=10000, help="Linear warm-up steps for --schedule cosine.")
+    a("--warmup-start-lr", type=float, default=None,
+      help="--schedule cosine: warm up linearly from this lr (the DeCLIP toolbox's schedule, "
+           "1e-4 in its SLIP/DeCLIP recipes) then cosine to 0; default: open_clip's warm-up.")
     a("--grad-clip-norm", type=float, default=1.0, help="Gradient-norm clip; 0 disables.")
     a("--precision", choices=PRECISIONS, default="amp",
       help="amp: fp16 autocast + GradScaler on CUDA, bf16 autocast on CPU; amp_bf16: bf16.")

@@ -1,0 +1,166 @@
+"""The method plug-ins: registry, contract, and each method's loss = its terms as specified
+(the terms themselves are checked against hand computations in test_{slip,declip}_terms.py)."""
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+
+import alip  # noqa: F401
+from alip.methods import METHODS, MethodConfigError, get_method
+from alip.methods.declip import (capped_scale, clip_info_nce, declip_total, mlm_loss, nn_loss,
+                                 simsiam_loss)
+from alip.methods.slip import simclr_loss
+from alip.training.distributed import DistInfo
+from alip.training.params import parse_args
+from alip.training.step import StepContext, train_step
+
+MODELS = {"clip": "ALIP-tiny", "alip": "ALIP-tiny", "slip": "ALIP-tiny", "declip": "DeCLIP-tiny"}
+TEXTS = ["a red circle on a white background", "two blue squares", "a star", "three green crosses",
+         "a small yellow diamond at the top", "a cat", "circle", "a large black triangle"]
+
+
+def build(name, *flags):
+    torch.manual_seed(0)
+    model = open_clip.create_model(MODELS[name])
+    args = parse_args(["--method", name, "--model", MODELS[name], "--declip-bank-size", "32",
+                       *flags])
+    return get_method(name)(model, args), args
+
+
+def batch_for(spec, n=8, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    tokens = open_clip.get_tokenizer("ALIP-tiny")(TEXTS[:n])
+    b = {v.name: torch.randn(n, 3, 32, 32, generator=gen) for v in spec.image_views}
+    b.update({f: tokens.clone() for f in spec.text_fields})
+    b.update({v.name: tokens.flip(0) for v in spec.text_views})  # another text view
+    return b
+
+
+def test_registry_and_flags():
+    assert set(METHODS) >= {"clip", "alip", "slip", "declip"}
+    for name in METHODS:
+        cls = get_method(name)
+        assert cls.name == name
+        assert parse_args(["--method", name]).method == name
+    with pytest.raises(MethodConfigError, match="unknown method 'nope'"):
+        get_method("nope")
+
+
+@pytest.mark.parametrize("name", ["clip", "alip", "slip", "declip"])
+def test_contract_one_step_trains_every_trainable_parameter(name):
+    method, args = build(name)
+    spec = method.data
+    opt = torch.optim.SGD(method.encoder.parameters(), lr=0.1)
+    ctx = StepContext(model=method.encoder, criterion=method.criterion, optimizer=opt,
+                      info=DistInfo(0, 0, 1, False, torch.device("cpu")), accum_mode="micro",
+                      after_step=method.after_step)
+    before = {k: v.clone() for k, v in method.encoder.state_dict().items()}
+    metrics = train_step(ctx, [batch_for(spec)])
+    assert metrics is not None and "loss" in metrics and "grad_norm" in metrics
+    moved = {k for k, p in method.encoder.named_parameters() if not torch.equal(p, before[k])}
+    # every trainable parameter takes part (a bias right before a BatchNorm gets an exactly zero
+    # gradient, so "has a gradient" rather than "moved")
+    for k, p in method.encoder.named_parameters():
+        assert p.grad is not None, k
+    assert {"model.visual.conv1.weight", "model.transformer.resblocks.0.attn.in_proj_weight",
+            "model.logit_scale"} <= moved
+    heads = {k for k in dict(method.encoder.named_parameters()) if not k.startswith("model.")}
+    assert {k for k in heads if "bias" not in k} <= moved
+    # the heads' state travels with the training state, and loads back
+    state = method.heads_state_dict()
+    assert all(not k.startswith("model.") for k in state)
+    method.load_heads_state_dict(state)
+
+
+def test_slip_loss_is_clip_plus_scaled_simclr():
+    method, _ = build("slip", "--slip-ssl-scale", "0.5")
+    feats = method.encoder(batch_for(method.data))
+    out = method.criterion(feats)
+    clip = open_clip.loss.ClipLoss()(feats["image"], feats["raw"], feats["logit_scale"])
+    ssl = simclr_loss(feats["ssl_a"], feats["ssl_b"], 0.1)
+    torch.testing.assert_close(out["loss"], clip + 0.5 * ssl)
+    assert feats["ssl_a"].shape == (8, 256)
+    # the head reads the pooled ViT feature before proj: head(pooled) for the aug views
+    assert method.data.keys == ["image", "image_aug1", "image_aug2", "raw"]
+    assert [v.recipe for v in method.data.image_views] == ["slip_base", "mocov2", "mocov2"]
+
+
+def test_slip_official_views_and_logit_clamps():
+    method, args = build("slip", "--slip-views", "official")
+    assert [v.recipe for v in method.data.image_views] == ["slip_base", "simclr", "simclr"]
+    with torch.no_grad():
+        method.model.logit_scale.fill_(9.0)
+    method.after_step()
+    assert method.model.logit_scale.item() == pytest.approx(4.6052, abs=1e-4)
+    declip_view, _ = build("slip")
+    with torch.no_grad():
+        declip_view.model.logit_scale.fill_(2.0)
+    declip_view.after_step()
+    assert declip_view.model.logit_scale.item() == 3.0  # the DeCLIP benchmark's [3, 6]
+
+
+def test_declip_loss_is_the_weighted_sum_of_its_terms_and_the_bank_moves_in_train_mode():
+    method, _ = build("declip")
+    crit = method.criterion
+    feats = method.encoder(batch_for(method.data))
+    bank_before = crit.bank.bank.clone()
+    s = feats["logit_scale"]
+    clip = sum(clip_info_nce(i, t, s) for i in (feats["img1"], feats["img2"])
+               for t in (feats["text"], feats["text_aug"])) / 4
+
+    def nn_of(x):  # top-1 by cosine in the bank as it is now, renormalised as the reference
+        row = bank_before[(F.normalize(x, dim=1) @ F.normalize(bank_before, dim=1).T).argmax(1)]
+        return row / (row.norm(dim=1, keepdim=True) + 1e-10)
+
+    expected = declip_total(clip, nn_loss(feats["img1"], feats["img2"], nn_of(feats["text"]),
+                                          nn_of(feats["text_aug"]), s),
+                            simsiam_loss(feats["p1"], feats["p2"], feats["z1"], feats["z2"]),
+                            mlm_loss(feats["mlm_logits"], feats["mlm_labels"]))
+    crit.eval()
+    out = crit(feats)
+    assert torch.equal(crit.bank.bank, bank_before) and int(crit.bank.ptr) == 0
+    torch.testing.assert_close(out["loss"], expected)
+    crit.train()
+    crit(feats)  # enqueue order: t_aug first (query with update), then t: 2B rows
+    torch.testing.assert_close(crit.bank.bank[:8], feats["text_aug"].detach())
+    torch.testing.assert_close(crit.bank.bank[8:16], feats["text"].detach())
+    assert int(crit.bank.ptr) == 16
+
+
+def test_declip_masks_the_text_it_embeds_and_masks_replay_after_a_restore():
+    method, _ = build("declip")
+    b = batch_for(method.data)
+    enc = method.encoder
+    draws = enc.mlm_draws.clone()
+    first = enc(b)
+    assert int(enc.mlm_draws) == int(draws) + 1
+    assert first["mlm_labels"].numel() > 0  # something was masked (15% of ~50 tokens)
+    enc.mlm_draws.copy_(draws)  # what a resume or a skipped step restores
+    again = enc(b)
+    assert torch.equal(first["mlm_labels"], again["mlm_labels"])
+    torch.testing.assert_close(first["text"], again["text"])
+
+
+def test_declip_logit_scale_cap_is_forward_only():
+    p = torch.tensor(5.0, requires_grad=True)
+    s = capped_scale(p)
+    assert s.item() == 100.0
+    s.backward()
+    assert p.grad.item() == pytest.approx(torch.tensor(5.0).exp().item())
+
+
+def test_declip_needs_the_mask_token():
+    model = open_clip.create_model("ALIP-tiny")
+    args = parse_args(["--method", "declip", "--model", "ALIP-tiny"])
+    with pytest.raises(MethodConfigError, match="mask token 49408.*DeCLIP-tiny"):
+        get_method("declip")(model, args)
+
+
+@pytest.mark.parametrize("name", ["slip", "declip"])
+def test_batch_accumulation_is_refused_for_batchnorm_heads(tmp_path, name):
+    from alip.training.loop import TrainConfigError, run
+    args = parse_args(["--method", name, "--model", MODELS[name], "--dataset-type", "synthetic",
+                       "--train-num-samples", "32", "--batch-size", "4", "--accum-freq", "2",
+                       "--accum-mode", "batch", "--device", "cpu", "--logs", str(tmp_path)])
+    with pytest.raises(TrainConfigError, match=f"--method {name} does not support --accum-mode batch"):
+        run(args)
