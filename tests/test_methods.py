@@ -14,7 +14,8 @@ from alip.training.distributed import DistInfo
 from alip.training.params import parse_args
 from alip.training.step import StepContext, train_step
 
-MODELS = {"clip": "ALIP-tiny", "alip": "ALIP-tiny", "slip": "ALIP-tiny", "declip": "DeCLIP-tiny"}
+MODELS = {"clip": "ALIP-tiny", "alip": "ALIP-tiny", "slip": "ALIP-tiny", "declip": "DeCLIP-tiny",
+          "filip": "ALIP-tiny", "defilip": "DeCLIP-tiny"}
 TEXTS = ["a red circle on a white background", "two blue squares", "a star", "three green crosses",
          "a small yellow diamond at the top", "a cat", "circle", "a large black triangle"]
 
@@ -37,7 +38,7 @@ def batch_for(spec, n=8, seed=0):
 
 
 def test_registry_and_flags():
-    assert set(METHODS) >= {"clip", "alip", "slip", "declip"}
+    assert set(METHODS) >= set(MODELS)
     for name in METHODS:
         cls = get_method(name)
         assert cls.name == name
@@ -46,7 +47,7 @@ def test_registry_and_flags():
         get_method("nope")
 
 
-@pytest.mark.parametrize("name", ["clip", "alip", "slip", "declip"])
+@pytest.mark.parametrize("name", sorted(MODELS))
 def test_contract_one_step_trains_every_trainable_parameter(name):
     method, args = build(name)
     spec = method.data
@@ -60,10 +61,13 @@ def test_contract_one_step_trains_every_trainable_parameter(name):
     moved = {k for k, p in method.encoder.named_parameters() if not torch.equal(p, before[k])}
     # every trainable parameter takes part (a bias right before a BatchNorm gets an exactly zero
     # gradient, so "has a gradient" rather than "moved")
-    for k, p in method.encoder.named_parameters():
-        assert p.grad is not None, k
+    outside = ({"model.visual.ln_post", "model.visual.proj", "model.text_projection",
+                "model.logit_scale"} if name == "filip" else
+               {"model.visual.ln_post", "model.visual.proj"} if name == "defilip" else set())
+    for k, p in method.encoder.named_parameters():  # FILIP's dense loss leaves the global heads
+        assert (p.grad is not None) or any(k.startswith(o) for o in outside), k
     assert {"model.visual.conv1.weight", "model.transformer.resblocks.0.attn.in_proj_weight",
-            "model.logit_scale"} <= moved
+            } <= moved
     heads = {k for k in dict(method.encoder.named_parameters()) if not k.startswith("model.")}
     assert {k for k in heads if "bias" not in k} <= moved
     # the heads' state travels with the training state, and loads back
@@ -164,3 +168,28 @@ def test_batch_accumulation_is_refused_for_batchnorm_heads(tmp_path, name):
                        "--accum-mode", "batch", "--device", "cpu", "--logs", str(tmp_path)])
     with pytest.raises(TrainConfigError, match=f"--method {name} does not support --accum-mode batch"):
         run(args)
+
+
+def test_filip_and_defilip_losses_are_their_terms():
+    from alip.methods.filip import filip_loss
+    method, _ = build("filip", "--filip-k-text", "4")
+    f = method.encoder(batch_for(method.data))
+    assert f["image_tokens"].shape == (8, 16, 256) and f["text_tokens"].shape == (8, 77, 256)
+    expected = filip_loss(f["image_tokens"], f["text_tokens"], f["text_mask"],
+                          f["logit_scale_dense"], k_image=16, k_text=4)["loss"]
+    torch.testing.assert_close(method.criterion(f)["loss"], expected)
+    ref, _ = build("filip", "--filip-padding", "reference")
+    assert ref.criterion.kw["mask_padding"] is False
+
+    method, _ = build("defilip")
+    f = method.encoder(batch_for(method.data))
+    method.criterion.eval()  # the bank stays put, so the DeCLIP part can be recomputed
+    out = method.criterion(f)
+    declip = method.criterion.declip(f)["loss"]
+    dense = filip_loss(f["image_tokens"], f["text_tokens"], f["text_mask"],
+                       f["logit_scale_dense"])["loss"]
+    torch.testing.assert_close(out["loss"], declip + 0.2 * dense)
+    with torch.no_grad():
+        method.encoder.dense.logit_scale.fill_(7.0)
+    method.after_step()
+    assert method.encoder.dense.logit_scale.item() == 6.0

@@ -16,6 +16,8 @@ METHODS = {
     "alip": "alip.methods.alip:ALIP",
     "slip": "alip.methods.slip:SLIP",
     "declip": "alip.methods.declip:DeCLIP",
+    "filip": "alip.methods.filip:FILIP",
+    "defilip": "alip.methods.defilip:DeFILIP",
 }
 
 

@@ -42,6 +42,8 @@ class Method:
     accum_modes = ("batch", "micro")
     data = DataSpec()
     flag_ranges = {}  # dest -> interval ("[0, 1]", "(0, inf)"): checked before any work
+    scoring = "global"  # how its checkpoints are evaluated: global embeddings or dense tokens
+    find_unused_parameters = False  # DDP: True when some model parameters are outside the loss
 
     def __init__(self, model, args, rank=0, world_size=1):
         self.model, self.args = model, args

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from alip.loss import gather_features
 
 from ..data.spec import DataSpec, ImageView, TextView
-from ..model import encode_text
+from ..model import encode_text, text_lengths
 from .base import ContrastiveEncoder, Method, MethodConfigError, clamp_logit_scale
 
 # DeCLIP's vocabulary: open_clip's 49408 BPE ids (SOT 49406, EOT 49407, so open_clip's tokenizer
@@ -365,6 +365,11 @@ class DeCLIPEncoder(ContrastiveEncoder):
         return mlm_mask(tokens, gen, mask_id=self.mask_id, vocab_size=self.vocab_size)
 
     def forward(self, batch):
+        return self.encode(batch)[0]
+
+    def encode(self, batch, image_tokens=False):
+        """-> (features, extras): extras holds the masked text's ln_final tokens and mask, and
+        with ``image_tokens`` view 1's patch tokens before ln_post (for DeFILIP)."""
         masked, labels = self._mask(batch["raw"])
         tokens, text = text_tokens_and_features(self.model, masked)
         picked = labels != -100
@@ -372,11 +377,19 @@ class DeCLIPEncoder(ContrastiveEncoder):
                "text_aug": encode_text(self.model, batch["raw_eda"]),
                "mlm_logits": self.mlm_head(tokens[picked]), "mlm_labels": labels[picked],
                "logit_scale": capped_scale(self.model.logit_scale)}
+        positions = torch.arange(masked.shape[1], device=masked.device)
+        extras = {"text_tokens": tokens,
+                  "text_mask": positions[None] < text_lengths(masked, self.model)[:, None]}
         for i, view in enumerate(("image", "image_aug"), start=1):
-            e = self.model.encode_image(batch[view], normalize=False)
+            if i == 1 and image_tokens:
+                r = self.model.forward_intermediates(image=batch[view], image_indices=1,
+                                                     image_output_fmt="NLC", normalize=False)
+                e, extras["image_tokens"] = r["image_features"], r["image_intermediates"][0]
+            else:
+                e = self.model.encode_image(batch[view], normalize=False)
             z = self.projector(e)
             out[f"img{i}"], out[f"z{i}"], out[f"p{i}"] = F.normalize(e, dim=-1), z, self.predictor(z)
-        return out
+        return out, extras
 
 
 class DeCLIPCriterion(nn.Module):

@@ -31,6 +31,9 @@ import torch.nn.functional as F
 from alip.loss import gather_features
 from alip.model import text_lengths
 
+from ..data.spec import CLIP_DATA
+from .base import Method, MethodConfigError, clamp_logit_scale
+
 DENSE_DIM = 256
 LOGIT_SCALE_INIT = math.log(1 / 0.07)
 LOGIT_SCALE_MIN, LOGIT_SCALE_MAX = 3.0, 6.0
@@ -226,3 +229,93 @@ def mask_input_tokens(tokens, mask_id, vocab_size, generator=None, prob=0.15,
     allowed = ids[~torch.isin(ids, special)]
     random_ids = allowed[torch.randint(len(allowed), tokens.shape, generator=generator, device=tokens.device)]
     return torch.where(to_random, random_ids, tokens.masked_fill(to_mask, mask_id))
+
+
+# ------------------------------------------------------------------------------ the method
+
+class FILIPEncoder(nn.Module):
+    """Dense tokens of the image and the raw text (one pass per tower) through ``FILIPHead``."""
+
+    def __init__(self, model, dense_dim=DENSE_DIM, input_mask=False, seed=0, rank=0):
+        super().__init__()
+        self.model = model
+        self.head = FILIPHead(model.visual.transformer.width, model.transformer.width, dense_dim)
+        self.input_mask, self.seed, self.rank = input_mask, seed, rank
+        self.register_buffer("mask_draws", torch.zeros((), dtype=torch.long))
+
+    def _maybe_mask(self, text):
+        if not self.input_mask:
+            return text
+        gen = torch.Generator(device=text.device).manual_seed(
+            self.seed * 1_000_003 + self.rank * 7919 + int(self.mask_draws) * 104_729)
+        if self.training:
+            self.mask_draws += 1
+        vocab = self.model.token_embedding.num_embeddings
+        return mask_input_tokens(text, vocab - 1, vocab, generator=gen)
+
+    def forward(self, batch):
+        d = dense_tokens(self.model, batch["image"], self._maybe_mask(batch["raw"]))
+        image_tokens, text_tokens = self.head(d.image_tokens, d.text_tokens)
+        return {"image_tokens": image_tokens, "text_tokens": text_tokens, "text_mask": d.text_mask,
+                "logit_scale_dense": self.head.logit_scale.exp()}
+
+
+class FILIPCriterion(nn.Module):
+    def __init__(self, k_image=16, k_text=16, mask_padding=True, rank=0, world_size=1,
+                 chunk_size=None):
+        super().__init__()
+        self.kw = dict(k_image=k_image, k_text=k_text, mask_padding=mask_padding, rank=rank,
+                       world_size=world_size, gather_with_grad=True, chunk_size=chunk_size)
+
+    def forward(self, f):
+        return filip_loss(f["image_tokens"], f["text_tokens"], f["text_mask"],
+                          f["logit_scale_dense"], **self.kw)
+
+
+def add_filip_args(g, prefix="filip"):
+    g.add_argument(f"--{prefix}-k-image", type=int, default=16,
+                   help="Image tokens selected per sample before the gather.")
+    g.add_argument(f"--{prefix}-k-text", type=int, default=16,
+                   help="Text tokens selected per sample before the gather.")
+    g.add_argument(f"--{prefix}-padding", choices=("paper", "reference"), default="paper",
+                   help="paper: padding text tokens are masked out of the maxima, means and "
+                        "selection (FILIP paper); reference: all 77 positions count (DeCLIP#31).")
+    g.add_argument(f"--{prefix}-chunk-size", type=int, default=None,
+                   help="Rows per chunk of the dense logits (default: by memory, 2^27 products).")
+
+
+class FILIP(Method):
+    """FILIP as the DeCLIP toolbox implements it (YFCC15M ViT-B/32 IN-1K 39.5): token-wise late
+    interaction between the ViT's patch tokens and the text tower's ln_final tokens, each through
+    a Linear to 256-d; symmetric InfoNCE on the dense logits with weight 1 (the reference's
+    zero-weight global CLIP loss is not computed)."""
+
+    name = "filip"
+    data = CLIP_DATA
+    scoring = "dense"
+    find_unused_parameters = True  # ln_post / proj / text_projection: outside the dense loss
+    flag_ranges = {"filip_k_image": "[1, inf)", "filip_k_text": "[1, inf)",
+                   "filip_chunk_size": "[1, inf)"}
+
+    @classmethod
+    def add_args(cls, parser):
+        g = parser.add_argument_group("filip (--method filip; defilip shares these flags)")
+        add_filip_args(g)
+        g.add_argument("--filip-input-mask", action="store_true", default=False,
+                       help="The reference's stray 15%% input masking of the text (an unused MLM "
+                            "setting; needs a vocabulary with a mask token: DeCLIP-* models).")
+
+    def __init__(self, model, args, rank=0, world_size=1):
+        super().__init__(model, args, rank, world_size)
+        if args.filip_input_mask and model.token_embedding.num_embeddings < 49409:
+            raise MethodConfigError("--filip-input-mask needs a vocabulary with a mask token "
+                                    f"(DeCLIP-* models); --model {args.model} has none")
+        self.encoder = FILIPEncoder(model, input_mask=args.filip_input_mask, seed=args.seed,
+                                    rank=rank)
+        self.criterion = FILIPCriterion(args.filip_k_image, args.filip_k_text,
+                                        args.filip_padding == "paper", rank, world_size,
+                                        args.filip_chunk_size)
+
+    def after_step(self):
+        self.encoder.head.clamp_logit_scale_()  # [3, 6], as the reference (methods.md §9)
+        clamp_logit_scale(self.model)

@@ -306,7 +306,8 @@ def _run(args, info, make_loader):
     if info.distributed:
         device_ids = [info.device.index] if info.device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(
-            encoder, device_ids=device_ids, static_graph=args.ddp_static_graph)
+            encoder, device_ids=device_ids, static_graph=args.ddp_static_graph,
+            find_unused_parameters=method.find_unused_parameters)
     encoder.train()
     loss_fn.train()
 
