@@ -25,21 +25,31 @@ def rec_paths(data):
 
 
 def build_train_loader(data, backend="torch", batch_size=64, image_size=32, rank=0, world_size=1,
-                       seed=0, workers=2, device="cpu", drop_last=True, augment=True):
+                       seed=0, workers=2, device="cpu", drop_last=True, augment=True, spec=None):
     """A re-iterable loader of (images float32 [B,3,S,S], raw tokens int64 [B,77], caption
     tokens int64 [B,77]) with ``num_samples``, ``batches_per_epoch``, ``dropped_per_epoch`` and
     ``set_epoch(epoch, start_batch=0)``. ``augment=False`` squashes the whole image instead of the
-    random crop + flip (for checks, not training). See torch_reader.py / dali_reader.py."""
+    random crop + flip (for checks, not training). See torch_reader.py / dali_reader.py.
+
+    With ``spec`` (an ``alip.data.spec.DataSpec``) it yields dicts keyed by ``spec.keys`` instead:
+    one float32 [B,3,S,S] per image view (its recipe's augmentation), int64 [B,77] per text field
+    and text view."""
     paths = rec_paths(data)
-    if backend == "torch":
-        from .torch_reader import TorchRecLoader as Loader
-    elif backend == "dali":
-        from .dali_reader import DaliRecLoader as Loader
-    else:
+    if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r}: expected one of {BACKENDS}")
+    Loader = _loader_class(backend, spec)
+    extra = {} if spec is None else {"spec": spec}
     loader = Loader(paths, batch_size, int(image_size), rank=rank, world_size=world_size, seed=seed,
-                    workers=workers, device=device, drop_last=drop_last, augment=augment)
+                    workers=workers, device=device, drop_last=drop_last, augment=augment, **extra)
     if loader.batches_per_epoch == 0:
         raise ValueError(f"{data}: {loader.num_samples} records do not fill one batch of {batch_size} on "
                          f"each of {world_size} ranks (drop_last={drop_last}); use a smaller --batch-size")
     return loader
+
+
+def _loader_class(backend, spec):
+    if backend == "torch":
+        from .torch_reader import TorchRecLoader, TorchViewLoader
+        return TorchRecLoader if spec is None else TorchViewLoader
+    from .dali_reader import DaliRecLoader, DaliViewLoader
+    return DaliRecLoader if spec is None else DaliViewLoader
