@@ -184,6 +184,13 @@ class DaliRecLoader:
 
 # ---- DataSpec batches: dicts of named views ------------------------------------------------
 
+def _uniform(lo, hi):
+    """fn.random.uniform over [lo, hi), or the constant when the range is a point (DALI's
+    uniform refuses an empty range)."""
+    from nvidia.dali import fn
+    return fn.random.uniform(range=[lo, hi]) if hi > lo else float(lo)
+
+
 def _dali_view(images, recipe, size, augment):
     """One image view of decoded HWC uint8 images with DALI ops, recipe as augment.Recipe:
     random_resized_crop; color_twist with the jitter factors under a per-sample coin (saturation
@@ -202,13 +209,12 @@ def _dali_view(images, recipe, size, augment):
             on = fn.random.coin_flip(probability=r.jitter_p)
             b, c, s, h = r.jitter
             colour = 1.0 - fn.random.coin_flip(probability=r.gray_p)
-            v = fn.color_twist(v, brightness=1.0 + on * fn.random.uniform(range=[-b, b]),
-                               contrast=1.0 + on * fn.random.uniform(range=[-c, c]),
-                               saturation=(1.0 + on * fn.random.uniform(range=[-s, s])) * colour,
-                               hue=on * fn.random.uniform(range=[-360 * h, 360 * h]))
+            v = fn.color_twist(v, brightness=1.0 + on * _uniform(-b, b), contrast=1.0 + on * _uniform(-c, c),
+                               saturation=(1.0 + on * _uniform(-s, s)) * colour,
+                               hue=on * _uniform(-360 * h, 360 * h))
         if r.blur_p:
             if fn.random.coin_flip(probability=r.blur_p, dtype=types.BOOL):
-                v = fn.gaussian_blur(v, sigma=fn.random.uniform(range=list(r.blur_sigma)))
+                v = fn.gaussian_blur(v, sigma=_uniform(*r.blur_sigma))
             else:
                 v = v
     mirror = fn.random.coin_flip(probability=r.flip) if augment and r.flip else 0
