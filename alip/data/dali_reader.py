@@ -27,11 +27,13 @@ import hashlib
 import math
 import os
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
-from .augment import AREA, ASPECT, CLIP_MEAN, CLIP_STD
+from . import text_views
+from .augment import AREA, ASPECT, CLIP_MEAN, CLIP_STD, RECIPE_PARAMS
 from .recordio import CONTEXT_LENGTH, RecordIOError, RecordReader
 from .verify import require_verified
 
@@ -217,3 +219,184 @@ class DaliRecLoader:
                        labels[:, CONTEXT_LENGTH:].contiguous())
         finally:
             del pipe  # self._it keeps it until the next epoch, for state_dict() after a break
+
+
+# ---- DataSpec batches: dicts of named views ------------------------------------------------
+
+def _uniform(lo, hi):
+    """fn.random.uniform over [lo, hi), or the constant when the range is a point (DALI's
+    uniform refuses an empty range)."""
+    from nvidia.dali import fn
+    return fn.random.uniform(range=[lo, hi]) if hi > lo else float(lo)
+
+
+def _dali_view(images, recipe, size, augment):
+    """One image view of decoded HWC uint8 images with DALI ops, recipe as augment.Recipe:
+    random_resized_crop; color_twist with the jitter factors under a per-sample coin (saturation
+    0 under the gray coin: DALI's YIQ saturation at 0 is the 0.299/0.587/0.114 luma, torchvision's
+    grayscale); gaussian_blur with a random sigma under a coin; mirror and CLIP mean/std."""
+    from nvidia.dali import fn, types
+
+    r = RECIPE_PARAMS[recipe]
+    if not augment:
+        v = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR, antialias=True)
+    else:
+        v = fn.random_resized_crop(images, size=[size, size], random_area=list(r.area),
+                                   random_aspect_ratio=list(r.aspect), num_attempts=r.attempts,
+                                   interp_type=types.INTERP_LINEAR, antialias=True)
+        if r.jitter_p or r.gray_p:
+            on = fn.random.coin_flip(probability=r.jitter_p)
+            b, c, s, h = r.jitter
+            colour = 1.0 - fn.random.coin_flip(probability=r.gray_p)
+            v = fn.color_twist(v, brightness=1.0 + on * _uniform(-b, b), contrast=1.0 + on * _uniform(-c, c),
+                               saturation=(1.0 + on * _uniform(-s, s)) * colour,
+                               hue=on * _uniform(-360 * h, 360 * h))
+        if r.blur_p:
+            if fn.random.coin_flip(probability=r.blur_p, dtype=types.BOOL):
+                v = fn.gaussian_blur(v, sigma=_uniform(*r.blur_sigma))
+            else:
+                v = v
+    mirror = fn.random.coin_flip(probability=r.flip) if augment and r.flip else 0
+    return fn.crop_mirror_normalize(v, dtype=types.FLOAT, output_layout="CHW",
+                                    mean=[255 * m for m in CLIP_MEAN], std=[255 * s for s in CLIP_STD],
+                                    mirror=mirror)
+
+
+def build_view_pipeline(recs, idx_path, batch_size, image_size, shard_id, num_shards, seed, threads,
+                        recipes, device_id=None, augment=True, shuffle=True, initial_fill=16384,
+                        checkpoint=None, source_info=False):
+    """Like build_pipeline, for several views: decode once (``mixed`` on GPU), one branch of ops
+    per view. Outputs: the views (on the decode device), the labels on the CPU (the text views
+    are made there), and with ``source_info`` each record's "<file> at index <offset>" padded
+    with zeros to the batch's longest."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    gpu = device_id is not None
+    kw = dict(device_memory_padding=211025920, host_memory_padding=140544512) if gpu else {}
+
+    @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=device_id, seed=seed,
+                  prefetch_queue_depth=3 if gpu else 2, exec_dynamic=True, enable_conditionals=True)
+    def pipe():
+        jpegs, labels = fn.readers.mxnet(
+            path=recs, index_path=[idx_path], num_shards=num_shards, shard_id=shard_id,
+            random_shuffle=shuffle, initial_fill=initial_fill, pad_last_batch=True,
+            seed=seed, name="Reader")
+        images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB, **kw)
+        outs = [_dali_view(images, r, image_size, augment) for r in recipes] + [labels]
+        if source_info:
+            outs.append(fn.pad(fn.get_property(jpegs, key="source_info"), fill_value=0))
+        return tuple(outs)
+
+    return pipe(enable_checkpointing=True, checkpoint=checkpoint)
+
+
+class SourceIndex:
+    """DALI's source_info "<file> at index <byte offset>" -> the record's index in the
+    concatenation of ``rec_paths`` (the torch reader's numbering, so both backends seed a
+    record's text views alike)."""
+
+    def __init__(self, rec_paths):
+        self.files, start = {}, 0
+        for p in rec_paths:
+            offsets = RecordReader(p).offsets
+            order = np.argsort(offsets, kind="stable")
+            self.files[str(p)] = (offsets[order], order + start)
+            start += len(offsets)
+
+    def __call__(self, info):
+        path, _, offset = info.rpartition(" at index ")
+        if path not in self.files:
+            raise ValueError(f"DALI source_info {info!r}: not one of the loader's shards")
+        offsets, index = self.files[path]
+        j = int(np.searchsorted(offsets, int(offset)))
+        if j == len(offsets) or offsets[j] != int(offset):
+            raise ValueError(f"DALI source_info {info!r}: no record starts at that offset in {path}")
+        return int(index[j])
+
+
+class DaliViewLoader(DaliRecLoader):
+    """DaliRecLoader yielding ``spec.keys`` dicts. Text views run in a thread pool of
+    ``text_threads`` beside the pipeline, one batch ahead: batch b+1's transforms run while the
+    caller works on batch b (the pipeline checkpoint after b is kept for ``state_dict``)."""
+
+    def __init__(self, rec_paths, batch_size, image_size, spec, text_threads=4, **kw):
+        text_views.check(spec.text_views)
+        self.spec, self.text_threads = spec, text_threads
+        super().__init__(rec_paths, batch_size, image_size, **kw)
+        self.sources = SourceIndex(rec_paths) if spec.text_views else None
+        self.token_device = torch.device("cpu" if self.device_id is None else f"cuda:{self.device_id}")
+
+    def set_epoch(self, epoch, start_batch=0):
+        super().set_epoch(epoch, start_batch)
+        self._saved_checkpoint = None
+
+    def state_dict(self):
+        if not self.spec.text_views:
+            return super().state_dict()
+        cpt = self._saved_checkpoint if self.position < self.batches_per_epoch else None
+        return {"epoch": self.epoch, "batch": self.position, "dali_checkpoint": cpt}
+
+    def _fields(self, out):
+        """DALI outputs -> the batch dict without text views, and the CPU token fields."""
+        labels = out["labels"].long()
+        fields = {"raw": labels[:, :CONTEXT_LENGTH].contiguous(), "caption": labels[:, CONTEXT_LENGTH:].contiguous()}
+        batch = {v.name: out[f"view{k}"] for k, v in enumerate(self.spec.image_views)}
+        batch.update((f, fields[f].to(self.token_device)) for f in self.spec.text_fields)
+        return batch, fields
+
+    def _submit_text(self, pool, out, fields):
+        """Text views of one batch as futures over chunks of its samples."""
+        infos = [bytes(row).rstrip(b"\0").decode() for row in out["source"].numpy()]
+        indices = [self.sources(i) for i in infos]
+        n = len(indices)
+        step = max(1, math.ceil(n / self.text_threads))
+        return [pool.submit(text_views.apply_batch, self.spec.text_views,
+                            {k: f[lo:lo + step] for k, f in fields.items()}, self.seed, self.epoch,
+                            indices[lo:lo + step]) for lo in range(0, n, step)]
+
+    def _finish(self, b, batch, futures, checkpoint):
+        parts = [f.result() for f in futures]
+        for v in self.spec.text_views:
+            batch[v.name] = torch.cat([p[v.name] for p in parts]).to(self.token_device)
+        self.position, self._saved_checkpoint = b + 1, checkpoint
+        return batch
+
+    def __iter__(self):
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        cpt, self._checkpoint = self._checkpoint, None
+        n_views, text = len(self.spec.image_views), bool(self.spec.text_views)
+        pipe = build_view_pipeline(self.recs, self.idx_path, self.batch_size, self.image_size,
+                                   self.shard_id, self.world_size, _seed(self.seed, self.epoch, self.rank),
+                                   self.threads, [v.recipe for v in self.spec.image_views], self.device_id,
+                                   self.augment, self.shuffle, min(self.initial_fill, max(1, self.num_samples)),
+                                   checkpoint=cpt, source_info=text)
+        names = [f"view{k}" for k in range(n_views)] + ["labels"] + (["source"] if text else [])
+        self._it = DALIGenericIterator([pipe], names, reader_name="Reader",
+                                       last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False)
+        self.position, self.replayed_batches = self.start_batch, 0
+        pool = ThreadPoolExecutor(self.text_threads, thread_name_prefix="alip-text") if text else None
+        pending = None
+        try:
+            for b, out in enumerate(self._it, start=self.start_batch if cpt else 0):
+                if b >= self.batches_per_epoch:
+                    break
+                if b < self.start_batch:
+                    self.replayed_batches += 1
+                    continue
+                batch, fields = self._fields(out[0])
+                if not text:
+                    self.position = b + 1
+                    yield batch
+                    continue
+                futures = self._submit_text(pool, out[0], fields)
+                after_b = self._it.checkpoints()[0] if b + 1 < self.batches_per_epoch else None
+                if pending is not None:
+                    yield self._finish(*pending)
+                pending = (b, batch, futures, after_b)
+            if pending is not None:
+                yield self._finish(*pending)
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+            del pipe

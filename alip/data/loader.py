@@ -35,26 +35,37 @@ def check_index_counts(paths):
 
 
 def build_train_loader(data, backend="torch", batch_size=64, image_size=32, rank=0, world_size=1,
-                       seed=0, workers=2, device="cpu", drop_last=True, augment=True, verify_shards=True):
+                       seed=0, workers=2, device="cpu", drop_last=True, augment=True,
+                       verify_shards=True, spec=None):
     """A re-iterable loader of (images float32 [B,3,S,S], raw tokens int64 [B,77], caption
     tokens int64 [B,77]) with ``num_samples``, ``batches_per_epoch``, ``dropped_per_epoch`` and
     ``set_epoch(epoch, start_batch=0)``. ``augment=False`` squashes the whole image instead of the
     random crop + flip (for checks, not training). ``verify_shards`` (DALI): check every shard
     (framing, index, labels, JPEG decode; alip.data.verify) before the first epoch, once per
-    shard version (cached). See torch_reader.py / dali_reader.py."""
+    shard version (cached). See torch_reader.py / dali_reader.py.
+
+    With ``spec`` (an ``alip.data.spec.DataSpec``) it yields dicts keyed by ``spec.keys`` instead:
+    one float32 [B,3,S,S] per image view (its recipe's augmentation), int64 [B,77] per text field
+    and text view."""
     paths = rec_paths(data)
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r}: expected one of {BACKENDS}")
     check_index_counts(paths)
-    kw = {}
-    if backend == "torch":
-        from .torch_reader import TorchRecLoader as Loader
-    else:
-        from .dali_reader import DaliRecLoader as Loader
-        kw = dict(verify=verify_shards)
+    Loader = _loader_class(backend, spec)
+    extra = {} if spec is None else {"spec": spec}
+    if backend == "dali":
+        extra["verify"] = verify_shards
     loader = Loader(paths, batch_size, int(image_size), rank=rank, world_size=world_size, seed=seed,
-                    workers=workers, device=device, drop_last=drop_last, augment=augment, **kw)
+                    workers=workers, device=device, drop_last=drop_last, augment=augment, **extra)
     if loader.batches_per_epoch == 0:
         raise ValueError(f"{data}: {loader.num_samples} records do not fill one batch of {batch_size} on "
                          f"each of {world_size} ranks (drop_last={drop_last}); use a smaller --batch-size")
     return loader
+
+
+def _loader_class(backend, spec):
+    if backend == "torch":
+        from .torch_reader import TorchRecLoader, TorchViewLoader
+        return TorchRecLoader if spec is None else TorchViewLoader
+    from .dali_reader import DaliRecLoader, DaliViewLoader
+    return DaliRecLoader if spec is None else DaliViewLoader

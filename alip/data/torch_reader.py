@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .augment import eval_transform, sample_rng, train_transform
+from . import text_views
+from .augment import eval_transform, image_views, sample_rng, train_transform, view_rngs
 from .recordio import RecordIOError, RecordReader
 
 
@@ -87,7 +88,7 @@ class TorchRecLoader:
                  device="cpu", drop_last=True, augment=True):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
-        self.dataset = RecDataset(rec_paths, image_size, seed, augment)
+        self.dataset = self.make_dataset(rec_paths, image_size, seed, augment)
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.seed, self.drop_last = seed, drop_last
         self.num_samples = len(self.dataset)
@@ -105,6 +106,9 @@ class TorchRecLoader:
             self.dataset, batch_sampler=self._batches, num_workers=workers,
             pin_memory=str(device).startswith("cuda"), persistent_workers=workers > 0,
             prefetch_factor=4 if workers > 0 else None)
+
+    def make_dataset(self, rec_paths, image_size, seed, augment):
+        return RecDataset(rec_paths, image_size, seed, augment)
 
     def set_epoch(self, epoch, start_batch=0):
         if not 0 <= start_batch <= self.batches_per_epoch:
@@ -128,3 +132,45 @@ class TorchRecLoader:
         for batch in self._loader:
             self.position += 1
             yield batch
+
+
+# ---- DataSpec batches: dicts of named views ------------------------------------------------
+
+class ViewDataset(RecDataset):
+    """Record i -> {key: tensor} for a ``DataSpec``: every image view from one decode (view k's
+    randomness from ``view_rngs(seed, epoch, i, ...)[k]``), the asked-for text fields, and the
+    text views (transformed here, in the DataLoader worker)."""
+
+    def __init__(self, rec_paths, image_size, spec, seed=0, augment=True):
+        super().__init__(rec_paths, image_size, seed, augment)
+        self.spec = spec
+        self.recipes = [v.recipe for v in spec.image_views]
+
+    def __getitem__(self, item):
+        i, epoch = item
+        rec = self.record(i)
+        rngs = view_rngs(self.seed, epoch, i, len(self.recipes)) if self.augment else None
+        try:
+            images = image_views(Image.open(io.BytesIO(rec.jpeg)), self.image_size, self.recipes, rngs)
+        except Exception as e:
+            s = int(np.searchsorted(self.starts, i, side="right")) - 1
+            raise RecordIOError(f"{self.readers[s].rec_path}: record key {rec.key}: "
+                                f"undecodable image ({e})") from e
+        fields = {"raw": torch.from_numpy(rec.raw_tokens), "caption": torch.from_numpy(rec.caption_tokens)}
+        out = {v.name: x for v, x in zip(self.spec.image_views, images)}
+        out.update((f, fields[f]) for f in self.spec.text_fields)
+        out.update((v.name, text_views.apply(v, fields[v.source], self.seed, epoch, i))
+                   for v in self.spec.text_views)
+        return out
+
+
+class TorchViewLoader(TorchRecLoader):
+    """TorchRecLoader yielding ``spec.keys`` dicts (same order, exactly-once and resume rules)."""
+
+    def __init__(self, rec_paths, batch_size, image_size, spec, **kw):
+        text_views.check(spec.text_views)
+        self.spec = spec
+        super().__init__(rec_paths, batch_size, image_size, **kw)
+
+    def make_dataset(self, rec_paths, image_size, seed, augment):
+        return ViewDataset(rec_paths, image_size, self.spec, seed, augment)

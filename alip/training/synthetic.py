@@ -6,8 +6,15 @@ Sample ``i`` is a fixed function of (seed, i): a N(0,1) image and two token rows
 the samples in a permutation of (seed, epoch); global batch ``b`` is positions
 ``[b*B*W, (b+1)*B*W)`` of it and rank ``r`` gets the ``r``-th slice of B, so W processes with
 batch B see exactly the batches of one process with batch W*B.
+
+With a ``DataSpec`` it yields dicts keyed by ``spec.keys``: the first image view is sample i's
+image, view k > 0 another N(0,1) image fixed by (seed, i, k) (no augmentation; the views only
+need to differ), the asked-for token rows, and the text views through their registered
+transforms, seeded by (seed, epoch, i, view name) as in the readers.
 """
 import torch
+
+from alip.data import text_views
 
 SOT, EOT, CONTEXT = 49406, 49407, 77
 
@@ -29,13 +36,16 @@ def synthetic_sample(seed, index, image_size):
 
 class SyntheticLoader:
     def __init__(self, num_samples, batch_size, image_size, rank=0, world_size=1, seed=0,
-                 device="cpu"):
+                 device="cpu", spec=None):
         self.num_samples, self.batch_size, self.image_size = num_samples, batch_size, image_size
         self.rank, self.world_size, self.seed, self.device = rank, world_size, seed, device
         global_batch = batch_size * world_size
         self.batches_per_epoch = num_samples // global_batch
         self.dropped_per_epoch = num_samples - self.batches_per_epoch * global_batch
         self.epoch, self.start_batch = 0, 0
+        if spec is not None:
+            text_views.check(spec.text_views)
+        self.spec = spec
 
     def set_epoch(self, epoch, start_batch=0):
         self.epoch, self.start_batch = epoch, start_batch
@@ -52,4 +62,19 @@ class SyntheticLoader:
             samples = [synthetic_sample(self.seed, int(i), self.image_size)
                        for i in order[first:first + b]]
             images, raw, cap = (torch.stack(x) for x in zip(*samples))
-            yield images.to(self.device), raw.to(self.device), cap.to(self.device)
+            if self.spec is None:
+                yield images.to(self.device), raw.to(self.device), cap.to(self.device)
+            else:
+                indices = [int(i) for i in order[first:first + b]]
+                yield {k: v.to(self.device) for k, v in self._views(images, raw, cap, indices).items()}
+
+    def _views(self, images, raw, cap, indices):
+        fields = {"raw": raw, "caption": cap}
+        out = {self.spec.image_views[0].name: images}
+        for k, v in enumerate(self.spec.image_views[1:], start=1):
+            out[v.name] = torch.stack([torch.randn(
+                images.shape[1:], generator=torch.Generator().manual_seed(
+                    (self.seed * 1_000_003 + i) * 131 + k)) for i in indices])
+        out.update((f, fields[f]) for f in self.spec.text_fields)
+        out.update(text_views.apply_batch(self.spec.text_views, fields, self.seed, self.epoch, indices))
+        return out
