@@ -208,3 +208,20 @@ def main(argv):
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+
+
+_TOKENIZER = None
+
+
+def eda_tokens(tokens, rng, sot_id=49406, eot_id=49407, context_length=77):
+    """EDA as a text view on a token row (``alip.data.text_views``): the BPE ids between SOT and
+    the first EOT decoded with open_clip's tokenizer, ``eda`` applied, re-tokenised to 77 ids.
+    Runs in the loader workers (torch) or the thread pool beside DALI."""
+    global _TOKENIZER
+    if _TOKENIZER is None:
+        from open_clip.tokenizer import SimpleTokenizer
+        _TOKENIZER = SimpleTokenizer(context_length=context_length)
+    ids = tokens.tolist()
+    end = ids.index(eot_id) if eot_id in ids else len(ids)
+    text = _TOKENIZER.decode([i for i in ids[1 if ids and ids[0] == sot_id else 0:end]]).strip()
+    return _TOKENIZER([eda(text, rng) if text else text])[0]

@@ -30,6 +30,8 @@ import torch.nn.functional as F
 
 from alip.loss import gather_features
 
+from .. import text_aug
+from ..data import text_views
 from ..data.spec import DataSpec, ImageView, TextView
 from ..model import encode_text, text_lengths
 from .base import ContrastiveEncoder, Method, MethodConfigError, clamp_logit_scale
@@ -326,6 +328,9 @@ def declip_total(clip, nn_text, simsiam, mlm, weights=LOSS_WEIGHTS):
 
 
 # ------------------------------------------------------------------------------ the method
+
+text_views.register("eda", text_aug.eda_tokens)  # DeCLIP's EDA text view (before any fork)
+
 
 def capped_scale(logit_scale, cap=100.0):
     """``exp(p)`` with its forward value capped at ``cap`` and the gradient of the uncapped

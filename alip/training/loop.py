@@ -114,11 +114,13 @@ def prepare_run_dir(args, info):
 
 
 def default_make_loader(args, info, image_size):
+    """The loader of the method's DataSpec (dict batches: its image views, text fields/views)."""
     device = str(info.device)
+    spec = get_method(args.method).data_spec(args)
     if args.dataset_type == "synthetic":
         return SyntheticLoader(args.train_num_samples, args.batch_size, image_size,
                                rank=info.rank, world_size=info.world_size, seed=args.seed,
-                               device=device)
+                               device=device, spec=spec)
     from alip.data.loader import build_train_loader
     backend = args.data_backend
     if backend == "auto":
@@ -129,7 +131,7 @@ def default_make_loader(args, info, image_size):
     return build_train_loader(data, backend=backend, batch_size=args.batch_size,
                               image_size=image_size, rank=info.rank, world_size=info.world_size,
                               seed=args.seed, workers=args.workers, device=device, drop_last=True,
-                              verify_shards=getattr(args, "verify_shards", True))
+                              verify_shards=getattr(args, "verify_shards", True), spec=spec)
 
 
 def as_batch_dicts(loader, spec):
