@@ -301,3 +301,27 @@ def test_synthetic_loader_spec(tmp_path):
     for b, d in enumerate(big):
         for k in spec.keys:
             assert torch.equal(d[k], torch.cat([ranks[0][b][k], ranks[1][b][k]]))
+
+
+@pytest.mark.parametrize("spec", [None, SLIP], ids=["tuple", "views"])
+def test_dali_checkpoint_restores_after_other_pipelines_were_built(shards, spec):
+    """A resume builds its pipeline after however many others the process built (other epochs,
+    other loaders): DALI checkpoints name the ops whose state they hold, so every random op has
+    an explicit name (auto-generated names count the process's pipelines and would not match)."""
+    kw = dict(backend="dali", batch_size=3, image_size=SIZE, seed=5, workers=1, spec=spec)
+    as_dict = (lambda b: b) if spec else (lambda b: dict(enumerate(b)))
+    first = build_train_loader(shards, **kw)
+    first.set_epoch(1)
+    it = iter(first)
+    for _ in range(2):
+        next(it)
+    state = first.state_dict()
+    rest_ref = [as_dict(b) for b in it]
+    for e in range(3):  # more pipelines built in this process before the restore
+        other = build_train_loader(shards, **kw)
+        other.set_epoch(e)
+        next(iter(other))
+    resumed = build_train_loader(shards, **kw)
+    resumed.load_state_dict(state)
+    rest = [as_dict(b) for b in resumed]
+    assert len(rest) == len(rest_ref) > 0 and all(same(a, b) for a, b in zip(rest_ref, rest))

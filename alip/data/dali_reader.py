@@ -99,15 +99,16 @@ def build_pipeline(recs, idx_path, batch_size, image_size, shard_id, num_shards,
         if augment:
             images = fn.decoders.image_random_crop(
                 jpegs, device=dev, output_type=types.RGB, random_area=list(AREA),
-                random_aspect_ratio=list(ASPECT), num_attempts=100, **kw)
+                random_aspect_ratio=list(ASPECT), num_attempts=100, name="decode_crop", **kw)
         else:
-            images = fn.decoders.image(jpegs, device=dev, output_type=types.RGB, **kw)
+            images = fn.decoders.image(jpegs, device=dev, output_type=types.RGB, name="decode",
+                                       **kw)
         images = fn.resize(images, resize_x=image_size, resize_y=image_size,
-                           interp_type=types.INTERP_LINEAR, antialias=True)
+                           interp_type=types.INTERP_LINEAR, antialias=True, name="resize")
         images = fn.crop_mirror_normalize(
-            images, dtype=types.FLOAT, output_layout="CHW",
+            images, dtype=types.FLOAT, output_layout="CHW", name="normalize",
             mean=[255 * m for m in CLIP_MEAN], std=[255 * s for s in CLIP_STD],
-            mirror=fn.random.coin_flip(probability=0.5) if augment else 0)
+            mirror=fn.random.coin_flip(probability=0.5, name="mirror") if augment else 0)
         return images, labels.gpu() if gpu else labels
 
     return pipe(enable_checkpointing=True, checkpoint=checkpoint)
@@ -223,41 +224,49 @@ class DaliRecLoader:
 
 # ---- DataSpec batches: dicts of named views ------------------------------------------------
 
-def _uniform(lo, hi):
+def _uniform(lo, hi, name):
     """fn.random.uniform over [lo, hi), or the constant when the range is a point (DALI's
     uniform refuses an empty range)."""
     from nvidia.dali import fn
-    return fn.random.uniform(range=[lo, hi]) if hi > lo else float(lo)
+    return fn.random.uniform(range=[lo, hi], name=name) if hi > lo else float(lo)
 
 
-def _dali_view(images, recipe, size, augment):
+def _dali_view(images, recipe, size, augment, tag="v0"):
     """One image view of decoded HWC uint8 images with DALI ops, recipe as augment.Recipe:
     random_resized_crop; color_twist with the jitter factors under a per-sample coin (saturation
     0 under the gray coin: DALI's YIQ saturation at 0 is the 0.299/0.587/0.114 luma, torchvision's
-    grayscale); gaussian_blur with a random sigma under a coin; mirror and CLIP mean/std."""
+    grayscale); gaussian_blur with a random sigma under a coin; mirror and CLIP mean/std.
+
+    Every random op is named after ``tag`` (the view): a DALI checkpoint names the ops whose
+    state it holds, and auto-generated names count the pipelines built in the process, so a
+    checkpoint would not restore into a pipeline built after a different number of others."""
     from nvidia.dali import fn, types
 
     r = RECIPE_PARAMS[recipe]
     if not augment:
-        v = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR, antialias=True)
+        v = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR,
+                      antialias=True, name=f"{tag}_resize")
     else:
         v = fn.random_resized_crop(images, size=[size, size], random_area=list(r.area),
                                    random_aspect_ratio=list(r.aspect), num_attempts=r.attempts,
-                                   interp_type=types.INTERP_LINEAR, antialias=True)
+                                   interp_type=types.INTERP_LINEAR, antialias=True,
+                                   name=f"{tag}_crop")
         if r.jitter_p or r.gray_p:
-            on = fn.random.coin_flip(probability=r.jitter_p)
+            on = fn.random.coin_flip(probability=r.jitter_p, name=f"{tag}_jitter_coin")
             b, c, s, h = r.jitter
-            colour = 1.0 - fn.random.coin_flip(probability=r.gray_p)
-            v = fn.color_twist(v, brightness=1.0 + on * _uniform(-b, b), contrast=1.0 + on * _uniform(-c, c),
-                               saturation=(1.0 + on * _uniform(-s, s)) * colour,
-                               hue=on * _uniform(-360 * h, 360 * h))
+            colour = 1.0 - fn.random.coin_flip(probability=r.gray_p, name=f"{tag}_gray_coin")
+            v = fn.color_twist(v, name=f"{tag}_twist", brightness=1.0 + on * _uniform(-b, b, f"{tag}_brightness"),
+                               contrast=1.0 + on * _uniform(-c, c, f"{tag}_contrast"),
+                               saturation=(1.0 + on * _uniform(-s, s, f"{tag}_saturation")) * colour,
+                               hue=on * _uniform(-360 * h, 360 * h, f"{tag}_hue"))
         if r.blur_p:
-            if fn.random.coin_flip(probability=r.blur_p, dtype=types.BOOL):
-                v = fn.gaussian_blur(v, sigma=_uniform(*r.blur_sigma))
+            if fn.random.coin_flip(probability=r.blur_p, dtype=types.BOOL, name=f"{tag}_blur_coin"):
+                v = fn.gaussian_blur(v, sigma=_uniform(*r.blur_sigma, f"{tag}_blur_sigma"),
+                                     name=f"{tag}_blur")
             else:
                 v = v
-    mirror = fn.random.coin_flip(probability=r.flip) if augment and r.flip else 0
-    return fn.crop_mirror_normalize(v, dtype=types.FLOAT, output_layout="CHW",
+    mirror = fn.random.coin_flip(probability=r.flip, name=f"{tag}_mirror") if augment and r.flip else 0
+    return fn.crop_mirror_normalize(v, dtype=types.FLOAT, output_layout="CHW", name=f"{tag}_normalize",
                                     mean=[255 * m for m in CLIP_MEAN], std=[255 * s for s in CLIP_STD],
                                     mirror=mirror)
 
@@ -281,8 +290,10 @@ def build_view_pipeline(recs, idx_path, batch_size, image_size, shard_id, num_sh
             path=recs, index_path=[idx_path], num_shards=num_shards, shard_id=shard_id,
             random_shuffle=shuffle, initial_fill=initial_fill, pad_last_batch=True,
             seed=seed, name="Reader")
-        images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB, **kw)
-        outs = [_dali_view(images, r, image_size, augment) for r in recipes] + [labels]
+        images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB,
+                                   name="decode", **kw)
+        outs = [_dali_view(images, r, image_size, augment, f"v{i}")
+                for i, r in enumerate(recipes)] + [labels]
         if source_info:
             outs.append(fn.pad(fn.get_property(jpegs, key="source_info"), fill_value=0))
         return tuple(outs)
