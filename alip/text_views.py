@@ -145,3 +145,9 @@ class TextView:
 
     def __repr__(self):
         return f"TextView(strategy={self.strategy!r}, k={self.k}, seed={self.seed}, epoch={self.epoch})"
+
+
+def reduce_row(tokens, rng, strategy, k):
+    """``reduce_tokens`` on one row with the sample's own generator: the registered
+    ``alip.data.text_views`` transform "reduce" (options strategy, k), seeded per sample."""
+    return reduce_tokens(tokens[None], strategy, k, [rng.getrandbits(63)])[0]

@@ -15,7 +15,7 @@ from alip.training.params import parse_args
 from alip.training.step import StepContext, train_step
 
 MODELS = {"clip": "ALIP-tiny", "alip": "ALIP-tiny", "slip": "ALIP-tiny", "declip": "DeCLIP-tiny",
-          "filip": "ALIP-tiny", "defilip": "DeCLIP-tiny"}
+          "filip": "ALIP-tiny", "defilip": "DeCLIP-tiny", "clips": "ALIP-tiny"}
 TEXTS = ["a red circle on a white background", "two blue squares", "a star", "three green crosses",
          "a small yellow diamond at the top", "a cat", "circle", "a large black triangle"]
 
@@ -63,7 +63,8 @@ def test_contract_one_step_trains_every_trainable_parameter(name):
     # gradient, so "has a gradient" rather than "moved")
     outside = ({"model.visual.ln_post", "model.visual.proj", "model.text_projection",
                 "model.logit_scale"} if name == "filip" else
-               {"model.visual.ln_post", "model.visual.proj"} if name == "defilip" else set())
+               {"model.visual.ln_post", "model.visual.proj"} if name == "defilip" else
+               {"model.text_projection"} if name == "clips" else set())
     for k, p in method.encoder.named_parameters():  # FILIP's dense loss leaves the global heads
         assert (p.grad is not None) or any(k.startswith(o) for o in outside), k
     assert {"model.visual.conv1.weight", "model.transformer.resblocks.0.attn.in_proj_weight",
@@ -193,3 +194,39 @@ def test_filip_and_defilip_losses_are_their_terms():
         method.encoder.dense.logit_scale.fill_(7.0)
     method.after_step()
     assert method.encoder.dense.logit_scale.item() == 6.0
+
+
+
+def test_clips_loss_is_the_weighted_terms_and_it_captions():
+    from alip.methods.clips import caption_loss
+    method, _ = build("clips", "--clips-w-cap", "3", "--caption-tokens", "3")
+    assert method.data.keys == ["image", "raw", "caption", "caption_view"]
+    b = batch_for(method.data)
+    b["caption_view"] = b["caption"][:, :5].clone()
+    f = method.encoder(b)
+    clip = open_clip.loss.ClipLoss()
+    web = clip(f["image"], f["raw"], f["logit_scale"])
+    partial = clip(f["image"], f["caption_partial"], f["logit_scale"])
+    cap = caption_loss(f["caption_logits"], f["caption_targets"])
+    out = method.criterion(f)
+    torch.testing.assert_close(out["loss"], (web + partial) / 2 + 3 * cap)
+    # the partial caption is what the text tower embedded, the full caption what is predicted
+    full = method.encoder.model.encode_text(b["caption"], normalize=True)
+    assert not torch.allclose(f["caption_partial"], full, atol=1e-3)
+    assert torch.equal(f["caption_targets"][:, 0], b["caption"][:, 1])
+    rows = method.encoder.caption(b["image"][:2], b["raw"][:2], num_beams=2)
+    texts = [open_clip.decode(r) for r in rows]
+    assert all(t.startswith("<start_of_text>") and "<end_of_text>" in t for t in texts)
+
+
+def test_alip_with_subcaptions_encodes_the_caption_view():
+    method, _ = build("alip", "--caption-view", "subcaption", "--caption-tokens", "4")
+    view = [v for v in method.data.text_views if v.name == "caption_view"][0]
+    assert dict(view.options) == {"strategy": "subcaption", "k": 4}
+    b = batch_for(method.data)
+    b["caption_view"] = b["caption"].clone()
+    b["caption_view"][:, 3:] = 0
+    b["caption_view"][:, 2] = 49407  # a one-word view: SOT, word, EOT
+    f = method.encoder(b)
+    torch.testing.assert_close(f["caption"], method.encoder.model.encode_text(b["caption_view"],
+                                                                              normalize=True))

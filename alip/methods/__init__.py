@@ -18,6 +18,7 @@ METHODS = {
     "declip": "alip.methods.declip:DeCLIP",
     "filip": "alip.methods.filip:FILIP",
     "defilip": "alip.methods.defilip:DeFILIP",
+    "clips": "alip.methods.clips:CLIPS",
 }
 
 

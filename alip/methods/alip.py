@@ -6,7 +6,7 @@ import torch
 from ..data.spec import ALIP_DATA
 from ..loss import ALIPLoss, local_grad_scale
 from ..model import TEXT_MODES, encode_text
-from .base import ContrastiveEncoder, Method
+from .base import CAPTION_VIEW, ContrastiveEncoder, Method, with_caption_view
 
 
 class ALIPEncoder(ContrastiveEncoder):
@@ -20,7 +20,8 @@ class ALIPEncoder(ContrastiveEncoder):
         self.text_mode = text_mode
 
     def forward(self, batch):
-        raw, cap = batch["raw"], batch["caption"]
+        raw = batch["raw"]
+        cap = batch.get(CAPTION_VIEW, batch["caption"])  # --caption-view: a partial caption
         if self.text_mode == "joint":
             raw_f, cap_f = encode_text(self.model, torch.cat([raw, cap])).chunk(2)
         else:
@@ -49,8 +50,13 @@ class ALIP(Method):
         g.add_argument("--text-mode", choices=TEXT_MODES, default="separate",
                        help="Raw text and caption as two trimmed passes, or one 2B pass.")
 
+    @classmethod
+    def data_spec(cls, args):
+        return with_caption_view(ALIP_DATA, args)
+
     def __init__(self, model, args, rank=0, world_size=1):
         super().__init__(model, args, rank, world_size)
+        self.data = self.data_spec(args)
         self.encoder = ALIPEncoder(model, args.text_mode)
         self.criterion = ALIPCriterion(
             gamma=args.alip_gamma, momentum=args.alip_momentum, ema_init=args.alip_ema_init,

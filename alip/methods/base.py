@@ -20,7 +20,23 @@ import math
 import torch
 import torch.nn as nn
 
-from ..data.spec import DataSpec
+from .. import text_views as token_views
+from ..data import text_views
+from ..data.spec import DataSpec, TextView
+
+text_views.register("reduce", token_views.reduce_row)  # CLIPS' token reduction as a text view
+CAPTION_VIEW = "caption_view"
+
+
+def with_caption_view(spec, args):
+    """``spec`` plus the partial-caption view of ``--caption-view STRATEGY --caption-tokens K``
+    (truncate / random / block / subcaption, alip.text_views), batch key ``caption_view``; the
+    spec unchanged for ``--caption-view full``."""
+    if getattr(args, "caption_view", "full") == "full":
+        return spec
+    view = TextView(CAPTION_VIEW, "caption", "reduce",
+                    (("strategy", args.caption_view), ("k", args.caption_tokens)))
+    return DataSpec(spec.image_views, spec.text_fields, spec.text_views + (view,))
 
 LOGIT_SCALE_MAX = math.log(100)
 

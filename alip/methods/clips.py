@@ -28,6 +28,12 @@ import torch.nn.functional as F
 from open_clip.coca_model import MultimodalCfg
 from open_clip.transformer import LayerNorm, Transformer
 
+from ..data.spec import ALIP_DATA
+from ..loss import GlobalGradClipLoss, local_grad_scale
+from ..model import encode_text
+from .base import CAPTION_VIEW, ContrastiveEncoder, Method, with_caption_view
+from .filip import dense_image_tokens, dense_text_tokens
+
 SOT_ID, EOT_ID = 49406, 49407
 _MM = MultimodalCfg()
 
@@ -159,3 +165,101 @@ def clips_loss(clip_web, clip_partial, cap, w_con=1.0, w_cap=2.0):
     contrastive = w_con * (clip_web + clip_partial) / 2
     caption = w_cap * cap
     return {"loss": contrastive + caption, "loss_contrastive": contrastive, "loss_caption": caption}
+
+
+# ------------------------------------------------------------------------------ the method
+
+class CLIPSEncoder(ContrastiveEncoder):
+    """Image: patch tokens after ln_post (decoder prefix) and the global feature, one pass; web
+    text: ln_final tokens (prefix, last position dropped as the reference) and its global
+    feature, one pass; the partial caption (``caption_view``) through the same text tower; the
+    decoder's logits for the full caption."""
+
+    def __init__(self, model, decoder):
+        super().__init__(model)
+        self.decoder = decoder
+
+    def forward(self, batch):
+        image_tokens, image = dense_image_tokens(self.model, batch["image"], ln_post=True)
+        text_tokens, _, raw = dense_text_tokens(self.model, batch["raw"])
+        partial = batch.get(CAPTION_VIEW, batch["caption"])
+        return {"image": image, "raw": raw, "caption_partial": encode_text(self.model, partial),
+                "caption_logits": self.decoder(image_tokens, text_tokens[:, :-1]),
+                "caption_targets": caption_targets(batch["caption"], self.decoder.num_queries),
+                "logit_scale": self.model.logit_scale.exp()}
+
+    @torch.no_grad()
+    def caption(self, images, raw=None, num_beams=1):
+        """Caption images (optionally with their web text) with the trained decoder: int64 rows
+        that ``open_clip.decode`` reads."""
+        image_tokens, _ = dense_image_tokens(self.model, images, ln_post=True)
+        text_tokens = dense_text_tokens(self.model, raw)[0][:, :-1] if raw is not None else None
+        return self.decoder.generate(image_tokens, text_tokens, num_beams=num_beams)
+
+
+class CLIPSCriterion(nn.Module):
+    def __init__(self, w_con, w_cap, clip_kwargs):
+        super().__init__()
+        self.w_con, self.w_cap = w_con, w_cap
+        self.clip = GlobalGradClipLoss(**clip_kwargs)
+
+    def forward(self, f):
+        web = self.clip(f["image"], f["raw"], f["logit_scale"])
+        partial = self.clip(f["image"], f["caption_partial"], f["logit_scale"])
+        cap = caption_loss(f["caption_logits"], f["caption_targets"])
+        return clips_loss(web, partial, cap, self.w_con, self.w_cap)
+
+
+class CLIPS(Method):
+    """CLIPS (UCSC-VLAA/CLIPS, arXiv 2411.16828; methods.md §6): contrastive on (image, web text)
+    and (image, partial synthetic caption: ``--caption-view``, default subcaption K=32) plus an
+    autoregressive-style decoder predicting the full synthetic caption from the image patch tokens
+    and the web text's token outputs through learnable queries. The text tower and tokenizer are
+    open_clip's (the CLIPS BERT-uncased configuration is not supported: its tokenizer needs a
+    download)."""
+
+    name = "clips"
+    find_unused_parameters = True  # the text tower's projection is unused by the decoder prefix
+    flag_ranges = {"clips_w_con": "[0, inf)", "clips_w_cap": "[0, inf)",
+                   "clips_queries": "[1, 75]", "clips_decoder_layers": "[1, inf)",
+                   "clips_decoder_width": "[1, inf)", "clips_decoder_heads": "[1, inf)"}
+
+    @classmethod
+    def add_args(cls, parser):
+        g = parser.add_argument_group("clips (--method clips; the partial caption is "
+                                      "--caption-view/--caption-tokens)")
+        g.add_argument("--clips-w-con", type=float, default=1.0,
+                       help="Weight of the two contrastive terms' mean (open_clip CoCa default).")
+        g.add_argument("--clips-w-cap", type=float, default=2.0,
+                       help="Weight of the caption loss (open_clip CoCa default).")
+        g.add_argument("--clips-queries", type=int, default=75,
+                       help="Learnable query tokens (the caption positions predicted; the "
+                            "reference's 128 exceeds the 76 targets of a 77-token row).")
+        g.add_argument("--clips-decoder-width", type=int, default=None,
+                       help="Decoder width (default: the text tower's).")
+        g.add_argument("--clips-decoder-layers", type=int, default=None,
+                       help="Decoder layers (default: the text tower's).")
+        g.add_argument("--clips-decoder-heads", type=int, default=None,
+                       help="Decoder heads (default: the text tower's).")
+
+    @classmethod
+    def data_spec(cls, args):
+        args.caption_view = "subcaption" if args.caption_view == "full" else args.caption_view
+        return with_caption_view(ALIP_DATA, args)
+
+    def __init__(self, model, args, rank=0, world_size=1):
+        super().__init__(model, args, rank, world_size)
+        self.data = self.data_spec(args)
+        text = model.transformer
+        decoder = CaptionDecoder(
+            model.visual.transformer.width, text.width,
+            vocab_size=model.token_embedding.num_embeddings,
+            width=args.clips_decoder_width or text.width,
+            layers=args.clips_decoder_layers or text.layers,
+            heads=args.clips_decoder_heads or model.transformer.resblocks[0].attn.num_heads,
+            num_queries=args.clips_queries)
+        self.encoder = CLIPSEncoder(model, decoder)
+        self.criterion = CLIPSCriterion(args.clips_w_con, args.clips_w_cap, dict(
+            grad_scale=local_grad_scale(world_size, args.gather_with_grad, args.ddp_gradients),
+            local_loss=args.local_loss, gather_with_grad=args.gather_with_grad,
+            cache_labels=True, rank=rank, world_size=world_size))

@@ -32,7 +32,7 @@ RANGES = {
     "save_frequency": "[0, inf)", "save_every_n_steps": "[0, inf)", "keep_last": "[1, inf)",
     "log_every_n_steps": "[1, inf)", "max_nonfinite": "[0, inf)", "max_steps": "[1, inf)",
     "retrieval_frequency": "[0, inf)", "zeroshot_frequency": "[0, inf)",
-    "eval_batch_size": "[1, inf)",
+    "eval_batch_size": "[1, inf)", "caption_tokens": "[1, 75]",
 }
 for _name in method_names():  # each method declares the ranges of its own flags
     RANGES.update(get_method(_name).flag_ranges)
@@ -138,6 +138,12 @@ def build_parser():
       help="DALI: check every shard (framing, index, JPEG decode) once before the first epoch; cached.")
     a("--workers", type=int, default=4, help="Data workers per process.")
     a("--batch-size", type=int, default=64, help="Batch size per process (per GPU).")
+    a("--caption-view", choices=("full", "truncate", "random", "block", "subcaption"),
+      default="full", help="Feed the text encoder a reduced synthetic caption (CLIPS' token "
+      "reduction, alip.text_views): truncate = first K tokens, random = K random tokens in "
+      "order, block = one random span of K, subcaption = whole random sentences up to K; seeded "
+      "per sample. Methods that read the caption (alip, clips) use it.")
+    a("--caption-tokens", type=int, default=32, help="K of --caption-view.")
     a("--accum-freq", type=int, default=1, help="Micro-batches per optimizer step.")
     a("--accum-mode", choices=("batch", "micro"), default="batch",
       help="batch: loss and gates over the whole accumulated batch (== one batch of "
