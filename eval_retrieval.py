@@ -8,7 +8,7 @@ import argparse
 import sys
 
 from alip.eval.cli import run_cli
-from alip.eval.load import add_model_args, load_model_from_args
+from alip.eval.load import add_model_args, dense_head_from_args, load_model_from_args
 from alip.eval.report import write_json
 from alip.eval.retrieval import evaluate_retrieval
 
@@ -25,10 +25,12 @@ def main(argv=None):
     p.add_argument("--output", default=None, help="write the metrics (and the settings) as JSON here")
     args = p.parse_args(argv)
     model, preprocess, tokenizer = load_model_from_args(args)
+    dense_head = dense_head_from_args(args)
     metrics = evaluate_retrieval(model, preprocess, tokenizer, args.annotation, args.image_root,
                                  split=args.split, caption_prefix=args.caption_prefix,
                                  batch_size=args.batch_size, device=args.device,
-                                 workers=args.workers, precision=args.precision)
+                                 workers=args.workers, precision=args.precision,
+                                 dense_head=dense_head)
     name = args.name or args.annotation
     print(f"{name} ({args.split}), image->text / text->image, caption prefix {args.caption_prefix!r}")
     print("| R@1 | R@5 | R@10 | rsum |\n|---|---|---|---|")

@@ -10,7 +10,7 @@ import sys
 
 from alip.eval.datasets import ALIP_TABLE, canonical_name, dataset_root
 from alip.eval.cli import run_cli
-from alip.eval.load import add_model_args, load_model_from_args
+from alip.eval.load import add_model_args, dense_head_from_args, load_model_from_args
 from alip.eval.report import table, write_json
 from alip.eval.zeroshot import evaluate_zeroshot
 
@@ -33,6 +33,7 @@ def main(argv=None):
     if len(names) > 1 and (args.classnames or args.templates):
         p.error("--classnames / --templates apply to a single dataset")
     model, preprocess, tokenizer = load_model_from_args(args)
+    dense_head = dense_head_from_args(args)
     results, skipped = {}, {}
     for name in names:
         try:
@@ -40,7 +41,8 @@ def main(argv=None):
                                   dataset_root(args.root, name, args.imagenet_root),
                                   batch_size=args.batch_size, device=args.device, workers=args.workers,
                                   precision=args.precision, classnames=args.classnames,
-                                  templates=args.templates, split=args.split)
+                                  templates=args.templates, split=args.split,
+                                  dense_head=dense_head)
         except FileNotFoundError as e:
             if not args.skip_missing:
                 raise

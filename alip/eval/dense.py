@@ -19,7 +19,7 @@ working memory beside the token tensors themselves.
 import torch
 import torch.nn.functional as F
 
-from alip.methods.filip import dense_text_tokens, late_interaction
+from alip.methods.filip import dense_image_tokens, dense_text_tokens, late_interaction
 
 RECALL_K = (1, 5, 10)
 
@@ -75,17 +75,9 @@ def dense_zeroshot_classifier(model, head, tokenizer, classnames, templates, dev
 
 def recall_from_scores(i2t, t2i, text_to_image, recall_k=RECALL_K):
     """R@K in percent from image->text [Ni, Nt] and text->image [Nt, Ni] score matrices, with the
-    definitions and tie order of ``alip.eval.retrieval.retrieval_metrics`` (``topk``)."""
-    text_to_image = text_to_image.to(i2t.device)
-    positives = torch.zeros(t2i.shape, dtype=torch.bool, device=t2i.device)
-    positives[torch.arange(len(t2i), device=t2i.device), text_to_image] = True
-    metrics = {}
-    for key, s, p in (("i2t", i2t, positives.T), ("t2i", t2i, positives)):
-        hits = p.gather(1, s.topk(min(max(recall_k), s.shape[1]), dim=1).indices)
-        for k in recall_k:
-            metrics[f"{key}_R@{k}"] = 100.0 * hits[:, :k].any(dim=1).sum().item() / len(hits)
-    metrics["rsum"] = sum(metrics.values())
-    return metrics
+    definitions and tie order of ``alip.eval.retrieval.retrieval_metrics`` (one ``topk`` per K)."""
+    from .retrieval import recall_at_k
+    return recall_at_k(i2t, t2i, text_to_image, recall_k)
 
 
 def dense_retrieval_metrics(image_tokens, text_tokens, text_mask, text_to_image, recall_k=RECALL_K,
@@ -97,3 +89,46 @@ def dense_retrieval_metrics(image_tokens, text_tokens, text_mask, text_to_image,
     i2t = dense_scores(image_tokens, text_tokens, None, text_mask, **chunks)
     t2i = dense_scores(text_tokens, image_tokens, text_mask, None, **chunks)
     return recall_from_scores(i2t, t2i, text_to_image, recall_k)
+
+
+class DenseView(torch.nn.Module):
+    """An open_clip model + its ``FILIPHead`` seen through the global-feature interface the
+    evaluators batch, gather and cast: ``encode_image`` returns each image's per-token normalised
+    dense tokens flattened ([B, P*D]), ``encode_text`` each text's with padding rows zeroed
+    ([B, L*D]); ``unflatten`` turns them back into [N, tokens, D] plus the mask of real tokens."""
+
+    def __init__(self, model, head):
+        super().__init__()
+        self.model, self.head = model, head
+
+    def encode_image(self, images, normalize=True):
+        tokens = dense_image_tokens(self.model, images)[0]
+        return F.normalize(self.head.image_proj(tokens), dim=-1).flatten(1)
+
+    def encode_text(self, text, normalize=True):
+        tokens, mask, _ = dense_text_tokens(self.model, text)
+        tokens = F.normalize(self.head.text_proj(tokens), dim=-1) * mask[..., None]
+        return tokens.flatten(1)
+
+    def unflatten(self, flat):
+        """[N, T*D] (the evaluators L2-normalise the flat vector) -> per-token normalised
+        [N, T, D] and the mask of real (non-zero) tokens."""
+        tokens = flat.reshape(flat.shape[0], -1, self.head.image_proj.out_features)
+        return F.normalize(tokens, dim=-1), tokens.abs().sum(-1) > 0
+
+
+def dense_head_from_state(state):
+    """A ``FILIPHead`` from the ``eval_heads["dense"]`` state_dict a FILIP/DeFILIP checkpoint
+    carries (its widths read from the weights)."""
+    from alip.methods.filip import FILIPHead
+    head = FILIPHead(state["image_proj.weight"].shape[1], state["text_proj.weight"].shape[1],
+                     state["image_proj.weight"].shape[0])
+    head.load_state_dict(state)
+    return head.eval()
+
+
+def load_dense_head(checkpoint):
+    """The dense head saved in a train.py model file, or None (a global-scoring checkpoint)."""
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    heads = saved.get("eval_heads") if isinstance(saved, dict) else None
+    return dense_head_from_state(heads["dense"]) if heads and "dense" in heads else None

@@ -87,9 +87,28 @@ def add_model_args(parser):
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--batch-size", type=int, default=64)
     g.add_argument("--workers", type=int, default=4, help="DataLoader worker processes")
+    g.add_argument("--scoring", choices=("auto", "global", "dense"), default="auto",
+                   help="auto: the checkpoint's method decides (dense for FILIP/DeFILIP, whose "
+                        "model files carry the dense head; global otherwise); global: one "
+                        "embedding per image/text (any checkpoint, FILIP's too); dense: FILIP's "
+                        "token-wise scores (needs a FILIP/DeFILIP checkpoint)")
     return parser
 
 
 def load_model_from_args(args):
     return load_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint,
                       device=args.device, precision=args.precision)
+
+
+def dense_head_from_args(args):
+    """The FILIPHead to score with, or None for global scoring (``--scoring``)."""
+    if args.scoring == "global":
+        return None
+    head = None
+    if args.checkpoint is not None:
+        from .dense import load_dense_head
+        head = load_dense_head(args.checkpoint)
+    if args.scoring == "dense" and head is None:
+        raise ValueError(f"--scoring dense: {args.checkpoint or args.pretrained or args.model} "
+                         "carries no dense head (only FILIP/DeFILIP train.py checkpoints do)")
+    return None if head is None else head.to(args.device)

@@ -103,10 +103,15 @@ def retrieval_metrics(image_feats, text_feats, text_to_image, recall_k=RECALL_K)
     CPU for COCO's 25k x 5k; this takes well under a second).
     """
     scores = text_feats @ image_feats.T
-    positives = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-    positives[torch.arange(len(scores), device=scores.device), text_to_image.to(scores.device)] = True
+    return recall_at_k(scores.T, scores, text_to_image, recall_k)
+
+
+def recall_at_k(i2t, t2i, text_to_image, recall_k=RECALL_K):
+    """R@K both ways from image->text [Ni, Nt] and text->image [Nt, Ni] scores (global or dense)."""
+    positives = torch.zeros(t2i.shape, dtype=torch.bool, device=t2i.device)
+    positives[torch.arange(len(t2i), device=t2i.device), text_to_image.to(t2i.device)] = True
     metrics = {}
-    for key, s, p in (("i2t", scores.T, positives.T), ("t2i", scores, positives)):
+    for key, s, p in (("i2t", i2t, positives.T), ("t2i", t2i, positives)):
         for k in recall_k:
             top = s.topk(min(k, s.shape[1]), dim=1).indices  # K >= #candidates: all of them
             hits = p.gather(1, top).any(dim=1)
@@ -117,13 +122,17 @@ def retrieval_metrics(image_feats, text_feats, text_to_image, recall_k=RECALL_K)
 
 def evaluate_retrieval(model, preprocess, tokenizer, annotation, image_root, split="test",
                        caption_prefix="", batch_size=64, device="cpu", workers=0, precision="fp32",
-                       recall_k=RECALL_K, distributed=False):
+                       recall_k=RECALL_K, distributed=False, dense_head=None):
     """-> {"i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum"} (percent).
 
     ``distributed=True``: every rank of the initialised process group calls this; each encodes
-    1/world of the images and captions; all ranks get the result."""
+    1/world of the images and captions; all ranks get the result. ``dense_head`` (a FILIPHead):
+    FILIP's token-wise scores (alip.eval.dense) instead of global embeddings."""
     paths, captions, text_to_image = load_annotation(annotation, image_root, split)
     model = unwrap(model)
+    if dense_head is not None:
+        from .dense import DenseView
+        model = DenseView(model, dense_head.to(device))
     with eval_mode(model):
         loader = make_loader(ImageFiles(paths, preprocess), batch_size, workers, device,
                              distributed=distributed)
@@ -132,4 +141,9 @@ def evaluate_retrieval(model, preprocess, tokenizer, annotation, image_root, spl
         texts = text_features(model, tokenizer, [caption_prefix + c for c in captions],
                               batch_size=max(batch_size, 256), device=device, precision=precision,
                               distributed=distributed)
+    if dense_head is not None:
+        from .dense import dense_scores
+        (img, _), (txt, mask) = model.unflatten(images), model.unflatten(texts)
+        return recall_at_k(dense_scores(img, txt, None, mask), dense_scores(txt, img, mask, None),
+                           text_to_image, recall_k)
     return retrieval_metrics(images, texts, text_to_image, recall_k)

@@ -47,7 +47,7 @@ def classification_metrics(logits, targets):
 
 def evaluate_zeroshot(model, preprocess, tokenizer, dataset, root, batch_size=64, device="cpu",
                       workers=0, precision="fp32", classnames=None, templates=None, split=None,
-                      distributed=False):
+                      distributed=False, dense_head=None):
     """Zero-shot classification of ``dataset`` (a name in alip.eval.datasets.DATASETS) under ``root``.
 
     ``classnames`` / ``templates``: lists or files (one entry per line, templates with ``{}``);
@@ -56,17 +56,30 @@ def evaluate_zeroshot(model, preprocess, tokenizer, dataset, root, batch_size=64
     (percentages; ``uses_mean_per_class`` is 1.0 for Pets, Flowers, Caltech101 and Aircraft,
     whose headline number is mean_per_class, else 0.0). ``distributed=True``: every rank of the
     initialised process group calls this; each encodes 1/world of the images; all get the result.
+    ``dense_head`` (a FILIPHead): FILIP's token-wise zero-shot (class = prompt-averaged token
+    matrix, Frobenius-normalised; score = mean over patches of max over class tokens).
     """
     data = build_dataset(dataset, root, preprocess, split=split, classnames=classnames,
                          templates=templates)
     model = unwrap(model)
     with eval_mode(model):
+        if dense_head is not None:
+            from .dense import DenseView
+            model = DenseView(model, dense_head.to(device))
         loader = make_loader(data.dataset, batch_size, workers, device, distributed=distributed)
         features, targets = image_features(model, loader, device=device, precision=precision,
                                            distributed=distributed)
-        classifier = zeroshot_classifier(model, tokenizer, data.classnames, data.templates,
-                                         device=device, precision=precision)
-    logits = 100.0 * features @ classifier.to(features.device)
+        if dense_head is not None:
+            from .dense import dense_zeroshot_classifier, dense_zeroshot_logits
+            with torch.inference_mode():
+                classes, mask = dense_zeroshot_classifier(model.model, model.head, tokenizer,
+                                                          data.classnames, data.templates, device)
+            logits = dense_zeroshot_logits(model.unflatten(features)[0], classes.to(features),
+                                           mask.to(features.device))
+        else:
+            classifier = zeroshot_classifier(model, tokenizer, data.classnames, data.templates,
+                                             device=device, precision=precision)
+            logits = 100.0 * features @ classifier.to(features.device)
     metrics = classification_metrics(logits, targets)
     metrics["uses_mean_per_class"] = float(data.mean_per_class)
     metrics["num_images"] = float(len(targets))

@@ -88,6 +88,15 @@ class Method:
     def after_step(self):
         clamp_logit_scale(self.model)
 
+    def dense_head(self):
+        """The module dense (token-wise) scoring needs (FILIP's), or None for global scoring."""
+        return None
+
+    def eval_heads(self):
+        """What evaluation needs beyond the open_clip model, stored in the model file (small)."""
+        head = self.dense_head()
+        return {} if head is None else {"dense": head.state_dict()}
+
     def heads_state_dict(self):
         """The encoder's state outside the open_clip model (trainable heads), for checkpoints."""
         return {k: v for k, v in self.encoder.state_dict().items() if not k.startswith("model.")}

@@ -59,6 +59,9 @@ class DeFILIP(DeCLIP):
                                            args.defilip_padding == "paper", rank, world_size,
                                            args.defilip_chunk_size))
 
+    def dense_head(self):
+        return self.encoder.dense
+
     def after_step(self):
         super().after_step()
         self.encoder.dense.clamp_logit_scale_()

@@ -316,6 +316,9 @@ class FILIP(Method):
                                         args.filip_padding == "paper", rank, world_size,
                                         args.filip_chunk_size)
 
+    def dense_head(self):
+        return self.encoder.head
+
     def after_step(self):
         self.encoder.head.clamp_logit_scale_()  # [3, 6], as the reference (methods.md §9)
         clamp_logit_scale(self.model)

@@ -126,10 +126,13 @@ def verify_entry(ckpt_dir, entry):
     return None
 
 
-def save_checkpoint(ckpt_dir, tag, model_name, model, train_state, epoch, step, keep_last=2):
+def save_checkpoint(ckpt_dir, tag, model_name, model, train_state, epoch, step, keep_last=2,
+                    extra=None):
     """Write ``{tag}.pt`` (model) and ``{tag}.state.pt`` (training state); rank 0 only.
 
-    ``model`` is the bare open_clip model (not the DDP wrapper). Returns the model file path.
+    ``model`` is the bare open_clip model (not the DDP wrapper); ``extra`` adds keys to the model
+    file (the method's name and what its evaluation needs, e.g. FILIP's dense head), which
+    open_clip's loader ignores. Returns the model file path.
     """
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -141,7 +144,7 @@ def save_checkpoint(ckpt_dir, tag, model_name, model, train_state, epoch, step, 
                               f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
     index = [e for e in read_index(ckpt_dir) if e["model"] != model_file]
     _atomic_save({"state_dict": state_dict, "model": model_name, "epoch": int(epoch),
-                  "step": int(step)}, ckpt_dir / model_file)
+                  "step": int(step), **(extra or {})}, ckpt_dir / model_file)
     _atomic_save(train_state, ckpt_dir / state_file)
     index.append({"model": model_file, "state": state_file, "epoch": int(epoch), "step": int(step),
                   "sha256": {"model": sha256_of(ckpt_dir / model_file),

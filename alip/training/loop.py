@@ -165,7 +165,7 @@ def _due(frequency, epoch, epochs):
     return bool(frequency) and (epoch % frequency == 0 or epoch == epochs)
 
 
-def evaluate(args, clip_model, preprocess, epoch, info):
+def evaluate(args, clip_model, preprocess, epoch, info, dense_head=None):
     results = {}
     if not info.is_master:
         return results
@@ -178,7 +178,8 @@ def evaluate(args, clip_model, preprocess, epoch, info):
             m = evaluate_retrieval(clip_model, preprocess, tokenizer, args.retrieval_data,
                                    args.retrieval_image_root,
                                    caption_prefix=args.retrieval_caption_prefix,
-                                   batch_size=args.eval_batch_size, device=device)
+                                   batch_size=args.eval_batch_size, device=device,
+                                   dense_head=dense_head)
             results.update({f"retrieval/{k}": v for k, v in m.items()})
         if _due(args.zeroshot_frequency, epoch, args.epochs):
             from alip.eval.zeroshot import evaluate_zeroshot
@@ -192,7 +193,8 @@ def evaluate(args, clip_model, preprocess, epoch, info):
             if args.zeroshot_templates:
                 kw["templates"] = Path(args.zeroshot_templates).read_text().splitlines()
             m = evaluate_zeroshot(clip_model, preprocess, tokenizer, dataset, root,
-                                  batch_size=args.eval_batch_size, device=device, **kw)
+                                  batch_size=args.eval_batch_size, device=device,
+                                  dense_head=dense_head, **kw)
             results.update({f"zeroshot/{k}": v for k, v in m.items()})
     finally:
         clip_model.train()
@@ -355,7 +357,9 @@ def _run(args, info, make_loader):
                  "config": resolved_config(args), "model": args.model}
         if info.is_master:
             path = ckpt.save_checkpoint(ckpt_dir, tag, args.model, clip_model, state,
-                                        completed_epochs, step, keep_last=args.keep_last)
+                                        completed_epochs, step, keep_last=args.keep_last,
+                                        extra={"method": args.method,
+                                               "eval_heads": method.eval_heads()})
             log.info("saved %s", path)
         barrier(info)
 
@@ -421,7 +425,7 @@ def _run(args, info, make_loader):
             epoch += 1
             if (args.save_frequency and epoch % args.save_frequency == 0) or epoch == args.epochs:
                 save(f"epoch_{epoch}", epoch, 0, epoch)
-            results = evaluate(args, clip_model, preprocess, epoch, info)
+            results = evaluate(args, clip_model, preprocess, epoch, info, method.dense_head())
             if results and info.is_master:
                 log.info("epoch %d eval: %s", epoch,
                          " ".join(f"{k}={v:.2f}" for k, v in results.items()))
