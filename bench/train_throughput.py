@@ -160,7 +160,12 @@ def bench_model(name, batch_size, device, precision, reps, regimes, methods=("cl
     info = DistInfo(0, 0, 1, False, device)
     ctxs, specs = {}, {}
     for m in methods:  # each method's own encoder (heads included) and criterion, same model
-        method = get_method(m)(model, parse_args(["--method", m, "--model", name]))
+        m_model, m_name = model, name
+        if m in ("declip", "defilip"):  # they need the mask token: the DeCLIP-* twin config
+            m_name = name.replace("ALIP-", "DeCLIP-")
+            m_model = open_clip.create_model(m_name).to(device)
+        method = get_method(m)(m_model, parse_args(["--method", m, "--model", m_name,
+                                                    "--declip-bank-size", "4096"]))
         params = list(method.encoder.parameters())
         method_opt = opt if m in ("clip", "alip") else torch.optim.AdamW(
             params, lr=1e-6, betas=(0.9, 0.98), weight_decay=0.2)
