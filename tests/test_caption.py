@@ -32,6 +32,15 @@ TINY_COCA = {"embed_dim": 32, "custom_text": True,
                                 "attn_pooler_heads": 2}}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Generation is many tiny ops: on a shared 2-core box, 2 OpenMP threads run it ~40x slower than 1."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def coca_dir(tmp_path_factory):
     """A tiny random-init CoCa saved as an open_clip local-dir model (config + weights)."""
@@ -242,7 +251,7 @@ def test_sigkill_midway_then_rerun_is_byte_identical(manifest, coca_dir, clean, 
     root, path = manifest
     args = ["--manifest", path, "--image-root", root] + coca_args(coca_dir)
     killed = str(tmp_path / "killed")
-    env = dict(os.environ, **{caption_run.KILL_HOOK: "2"})
+    env = dict(os.environ, OMP_NUM_THREADS="1", **{caption_run.KILL_HOOK: "2"})
     proc = subprocess.run([sys.executable, "caption.py", *args, "--output-dir", killed], cwd=REPO, env=env,
                           timeout=300, capture_output=True)
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
@@ -258,18 +267,41 @@ def _rank_main(rank, world, argv):
     assert caption.main(argv) == 0
 
 
-def test_two_ranks_and_two_parts_give_the_same_captions_as_one(manifest, coca_dir, clean, tmp_path):
+def test_ranks_and_parts_split_the_chunks_and_give_the_same_bytes(manifest, coca_dir, clean, tmp_path,
+                                                                   monkeypatch, capsys):
     root, path = manifest
-    args = ["--manifest", path, "--image-root", root] + coca_args(coca_dir)
-    one = clean
-    two = str(tmp_path / "two")
-    torch.multiprocessing.spawn(_rank_main, args=(2, args + ["--output-dir", two]), nprocs=2, join=True)
-    assert outputs(two) == outputs(one)
+    args = ["--manifest", path, "--image-root", root] + coca_args(coca_dir)  # 3 chunks of 4 rows
+    ranks = str(tmp_path / "ranks")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert caption.main(args + ["--output-dir", ranks]) == 0
+    assert "rank 1/2 done; other processes still have chunks" in capsys.readouterr().out
+    assert sorted(os.listdir(os.path.join(ranks, "chunks"))) == ["chunk-000001.json"] and not outputs(ranks)
+    monkeypatch.setenv("RANK", "0")
+    assert caption.main(args + ["--output-dir", ranks]) == 0
+    assert outputs(ranks) == outputs(clean)
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.delenv("RANK")
     parts = str(tmp_path / "parts")
     assert caption.main(args + ["--output-dir", parts, "--part", "1/2"]) == 0
-    assert not outputs(parts)  # part 0 still to do
+    assert sorted(os.listdir(os.path.join(parts, "chunks"))) == ["chunk-000001.json"] and not outputs(parts)
     assert caption.main(args + ["--output-dir", parts, "--part", "0/2"]) == 0
-    assert outputs(parts) == outputs(one)
+    assert outputs(parts) == outputs(clean)
+
+
+def _rank_main(rank, world, argv):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    assert caption.main(argv) == 0
+
+
+@pytest.mark.slow
+def test_two_spawned_ranks_give_the_same_captions_as_one(manifest, coca_dir, clean, tmp_path):
+    root, path = manifest
+    two = str(tmp_path / "two")
+    argv = ["--manifest", path, "--image-root", root, "--output-dir", two] + coca_args(coca_dir)
+    torch.multiprocessing.spawn(_rank_main, args=(2, argv), nprocs=2, join=True)
+    assert outputs(two) == outputs(clean)
 
 
 def test_caption_then_data2rec_then_rec_input(manifest, coca_dir, clean, tmp_path, capsys):
@@ -311,7 +343,8 @@ def test_wds_caption_data2rec_train_end_to_end(coca_dir, tmp_path, capsys):
     proc = subprocess.run([sys.executable, "train.py", "--model", "ALIP-tiny", "--train-data", shards,
                            "--batch-size", "4", "--epochs", "1", "--max-steps", "2", "--precision", "fp32",
                            "--device", "cpu", "--workers", "0", "--logs", logs, "--name", "n", "--report-to", "",
-                           "--method", "alip"], cwd=REPO, capture_output=True, timeout=600)
+                           "--method", "alip"], cwd=REPO, capture_output=True, timeout=600,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
     steps = [json.loads(line) for line in open(os.path.join(logs, "n", "results.jsonl")) if '"loss"' in line]
     assert steps and all(s["loss"] == s["loss"] for s in steps)
