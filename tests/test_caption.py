@@ -17,20 +17,12 @@ import data2rec
 from alip.caption import run as caption_run
 from alip.caption.backends import GenSettings, build_captioner
 from alip.caption.sources import ManifestRows
+from alip.caption.tiny import save_tiny_blip, save_tiny_coca
 from alip.data.recordio import RecordReader
 from data_fixtures import image, jpeg_bytes, make_manifest_dataset, make_wds_dataset, text_of, write_manifest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOOD = 10  # good images per dataset; each dataset adds one missing and one corrupt image
-
-TINY_COCA = {"embed_dim": 32, "custom_text": True,
-             "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16,
-                            "attentional_pool": True, "attn_pooler_heads": 2, "output_tokens": True},
-             "text_cfg": {"context_length": 76, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1,
-                          "embed_cls": True, "output_tokens": True},
-             "multimodal_cfg": {"context_length": 76, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1,
-                                "attn_pooler_heads": 2}}
-
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
@@ -44,41 +36,13 @@ def one_thread():
 @pytest.fixture(scope="module")
 def coca_dir(tmp_path_factory):
     """A tiny random-init CoCa saved as an open_clip local-dir model (config + weights)."""
-    import open_clip
-
-    cfgs = tmp_path_factory.mktemp("cfg")
-    (cfgs / "coca-tiny-test.json").write_text(json.dumps(TINY_COCA))
-    open_clip.add_model_config(str(cfgs))
-    torch.manual_seed(0)
-    model = open_clip.create_model("coca-tiny-test")
-    # open_clip leaves the decoder's output projection uninitialised (torch.empty, zeros here):
-    # every logit would be 0 and "greedy" would sample among ties
-    torch.nn.init.normal_(model.text_decoder.text_projection, std=32 ** -0.5)
-    d = tmp_path_factory.mktemp("coca")
-    (d / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_COCA, "preprocess_cfg": {}}))
-    torch.save(model.state_dict(), d / "open_clip_pytorch_model.bin")
-    return f"local-dir:{d}"
+    return save_tiny_coca(str(tmp_path_factory.mktemp("coca")))
 
 
 @pytest.fixture(scope="module")
 def blip_dir(tmp_path_factory):
-    """A tiny random-init BLIP captioner with a WordPiece tokenizer built in code, saved with its processor."""
-    from transformers import (BertTokenizerFast, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor,
-                              BlipProcessor)
-
-    d = tmp_path_factory.mktemp("blip")
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"] + \
-        "a an the cat dog red blue picture of photo on with small big tree sky".split()
-    (d / "vocab.txt").write_text("\n".join(words) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(d / "vocab.txt"), bos_token="[DEC]")
-    BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tok).save_pretrained(d)
-    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
-    cfg = BlipConfig(text_config=dict(small, vocab_size=len(words), encoder_hidden_size=32, bos_token_id=5,
-                                      sep_token_id=3, pad_token_id=0, max_position_embeddings=64),
-                     vision_config=dict(small, image_size=32, patch_size=8))
-    torch.manual_seed(0)
-    BlipForConditionalGeneration(cfg).save_pretrained(d)
-    return str(d)
+    """A tiny random-init BLIP with a WordPiece tokenizer built in code, saved with its processor."""
+    return save_tiny_blip(str(tmp_path_factory.mktemp("blip")))
 
 
 def add_broken_rows(root, rows):
@@ -257,7 +221,9 @@ def test_sigkill_midway_then_rerun_is_byte_identical(manifest, coca_dir, clean, 
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
     assert len(glob.glob(os.path.join(killed, "chunks", "chunk-*.json"))) == 2  # of 3
     assert not glob.glob(os.path.join(killed, "chunks", "*.tmp")) and not outputs(killed)
+    finished = {p: os.stat(p).st_mtime_ns for p in glob.glob(os.path.join(killed, "chunks", "chunk-*.json"))}
     assert caption.main(args + ["--output-dir", killed]) == 0
+    assert {p: os.stat(p).st_mtime_ns for p in finished} == finished  # finished chunks were not redone
     assert outputs(killed) == outputs(clean) and len(outputs(clean)) == 3
 
 
