@@ -63,7 +63,11 @@ class CocaCaptioner:
 
     def __init__(self, model, pretrained, gen, device="cpu", precision="fp32"):
         import open_clip
+        from open_clip import coca_model
 
+        if not coca_model._has_transformers:
+            raise ValueError("open_clip's CoCa.generate needs transformers <= 4.56 (it imports BeamSearchScorer; "
+                             "requirements.txt pins transformers==4.56.2)")
         if gen.prompt:
             raise ValueError("--prompt: the open_clip CoCa backend captions without a prompt")
         if gen.decoding == "beam" and gen.num_beams < 2:
@@ -137,9 +141,10 @@ class HFCaptioner:
     """A transformers image-to-text model (BLIP, BLIP-2, GIT, Florence-2, VisionEncoderDecoder...).
 
     Local directory or hub id; ``AutoProcessor`` (else image processor + tokenizer); batched
-    ``generate``; bf16 on GPU by default. Decoder-only models return the prompt before the new
-    tokens: those are cut off. Text-prefix captioners (BLIP, GIT) keep the prompt as the caption's
-    start, as their model cards show it.
+    ``generate(pixel_values, [input_ids of --prompt])``; bf16 on GPU by default. The output is
+    decoded whole, as the model cards do: text-prefix captioners (BLIP, GIT) start the caption with
+    the prompt, encoder-decoders (Florence-2 with ``--prompt "<CAPTION>"``, VisionEncoderDecoder)
+    return only new text. Chat VLMs need their chat template and image tokens: use ``vllm``.
     """
 
     name = "hf"
@@ -191,10 +196,6 @@ class HFCaptioner:
         pixel_values = pixel_values.to(self.device, self.dtype, non_blocking=True)
         prompt = self._prompt_ids(len(pixel_values))
         out = self.model.generate(pixel_values=pixel_values, **(prompt or {}), **self._generate_kwargs())
-        if prompt is not None and not self.model.config.is_encoder_decoder:
-            n = prompt["input_ids"].shape[1]
-            if out.shape[1] >= n and torch.equal(out[:, :n], prompt["input_ids"]):
-                out = out[:, n:]  # decoder-only: generate echoes the prompt
         return self.tokenizer.batch_decode(out, skip_special_tokens=True)
 
 

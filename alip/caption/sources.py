@@ -30,6 +30,14 @@ def _read(src):
         return f.read(size)
 
 
+def _forget_handles_after_fork(obj, reset):
+    """data2rec's sources open their files lazily and keep them; a DataLoader worker forked after
+    the parent read must not share that handle (one file offset for all processes)."""
+    if getattr(obj, "_pid", None) != os.getpid():
+        reset()
+        obj._pid = os.getpid()
+
+
 class ManifestRows:
     """Rows of a JSONL/CSV/TSV manifest (data2rec's ``ManifestSource``); key = row number."""
 
@@ -47,6 +55,7 @@ class ManifestRows:
         return i
 
     def image_bytes(self, i):
+        _forget_handles_after_fork(self, lambda: setattr(self.rows, "_f", None))
         src, _, _ = self.rows.read(i)
         return _read(src)
 
@@ -82,6 +91,7 @@ class TarRows:
         return self.rows.items[i][0]
 
     def image_bytes(self, i):
+        _forget_handles_after_fork(self, lambda: setattr(self.rows, "_files", {}))
         src, _, _ = self.rows.read(i)
         return _read(src)
 
