@@ -23,9 +23,10 @@ from alip.data.pack import DataError
 TOOL_VERSION = "1"
 
 
-def _atomic_write(path, text):
+def _atomic_write(path, text, errors="strict"):
+    """Write to a per-process temporary name, fsync, rename: whole or absent, whoever else writes it."""
     tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with open(tmp, "w", encoding="utf-8", errors=errors, newline="") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
@@ -141,12 +142,7 @@ def write_captioned_manifest(output_dir, source, caption_of_row):
                 continue
             cells = dict(zip(ms.header, row), **{col: caption_of_row.get(i, "")})
             writer.writerow([cells.get(h, "") for h in header])
-    with open(os.path.join(output_dir, name + ".tmp"), "w", encoding="utf-8", errors="surrogateescape",
-              newline="") as f:
-        f.write(out.getvalue())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(os.path.join(output_dir, name + ".tmp"), os.path.join(output_dir, name))
+    _atomic_write(os.path.join(output_dir, name), out.getvalue(), errors="surrogateescape")
     return name
 
 
