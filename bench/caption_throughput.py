@@ -140,7 +140,7 @@ def main():
     print(f"{'variant':<12} {'median img/s':>12} {'min':>8} {'max':>8}")
     for name in names:
         ips = sorted(args.num_images / t for t in times[name])
-        print(f"{name:<12} {statistics.median(ips):>12.1f} {ips[0]:>8.1f} {ips[-1]:>8.1f}")
+        print(f"{name:<12} {statistics.median(ips):>12.3g} {ips[0]:>8.3g} {ips[-1]:>8.3g}")
     ratio = statistics.median(times["coca e2e"]) / statistics.median(times["coca model"])
     print(f"coca e2e / model time: {ratio:.3f} (target <= 1.2 on a GPU: the data path must not be the bottleneck)")
 

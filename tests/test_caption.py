@@ -245,7 +245,7 @@ def test_ranks_and_parts_split_the_chunks_and_give_the_same_bytes(manifest, coca
     assert sorted(os.listdir(os.path.join(ranks, "chunks"))) == ["chunk-000001.json"] and not outputs(ranks)
     monkeypatch.setenv("RANK", "0")
     assert caption.main(args + ["--output-dir", ranks]) == 0
-    assert outputs(ranks) == outputs(clean)
+    assert outputs(ranks) == outputs(clean) and len(outputs(ranks)) == 3
     monkeypatch.delenv("WORLD_SIZE")
     monkeypatch.delenv("RANK")
     parts = str(tmp_path / "parts")
@@ -267,7 +267,7 @@ def test_two_spawned_ranks_give_the_same_captions_as_one(manifest, coca_dir, cle
     two = str(tmp_path / "two")
     argv = ["--manifest", path, "--image-root", root, "--output-dir", two] + coca_args(coca_dir)
     torch.multiprocessing.spawn(_rank_main, args=(2, argv), nprocs=2, join=True)
-    assert outputs(two) == outputs(clean)
+    assert outputs(two) == outputs(clean) and len(outputs(two)) == 3
 
 
 def test_caption_then_data2rec_then_rec_input(manifest, coca_dir, clean, tmp_path, capsys):
