@@ -1,8 +1,11 @@
 """Generate synthetic captions for images (ALIP step 2), resumable, over ranks and machines.
 
-    python caption.py --manifest rows.jsonl --image-root imgs/ --output-dir caps/ --model coca_ViT-L-14 --pretrained FILE
-    python caption.py --wds 'tars/*.tar' --output-dir caps/ --backend hf --model Salesforce/blip-image-captioning-large
-    torchrun --nproc-per-node 8 caption.py --rec shards/ --output-dir caps/ --backend vllm --model Qwen/Qwen2.5-VL-3B-Instruct
+    python caption.py --manifest rows.jsonl --image-root imgs/ --output-dir caps/ \
+        --model coca_ViT-L-14 --pretrained FILE
+    python caption.py --wds 'tars/*.tar' --output-dir caps/ --backend hf \
+        --model Salesforce/blip-image-captioning-large
+    torchrun --nproc-per-node 8 caption.py --rec shards/ --output-dir caps/ --backend vllm \
+        --model Qwen/Qwen2.5-VL-3B-Instruct --decoding greedy
 
 Writes captions.jsonl (data2rec --captions), failed.jsonl, captions.json (captioner, settings,
 counts) and, for a manifest, captioned.<ext> (data2rec --manifest). Rerun the same command to

@@ -182,6 +182,23 @@ def test_empty_generations_are_failures_counted_not_dropped(tmp_path):
     assert [c[1] for c in cells] == [text_of(i) for i in range(12)]
 
 
+def test_unparseable_manifest_rows_fail_and_are_copied_as_they_were(tmp_path):
+    root = str(tmp_path)
+    path = make_manifest_dataset(root, 4)
+    lines = open(path).read().splitlines(keepends=True)
+    lines[1] = '{"image": "images/0001.jpg", "text": broken\n'
+    open(path, "w").writelines(lines)
+    s = caption_run.caption_dataset(ManifestRows(path, root), _Echo(empty_every=10**6), GenSettings(),
+                                    str(tmp_path / "out"), batch_size=4, workers=0, progress=False)
+    assert (s["captioned"], s["failed"]) == (3, 1)
+    (bad,) = read_jsonl(str(tmp_path / "out" / "failed.jsonl"))
+    assert bad["key"] == 1 and bad["reason"].startswith("malformed JSON line")
+    copy = open(tmp_path / "out" / "captioned.jsonl").read().splitlines(keepends=True)
+    assert len(copy) == 4 and copy[1] == lines[1]
+    assert [json.loads(copy[i])["caption"] for i in (0, 2, 3)] == [c["caption"] for c in
+                                                                   read_jsonl(str(tmp_path / "out" / "captions.jsonl"))]
+
+
 def test_rerun_with_other_settings_is_refused(manifest, coca_dir, clean, tmp_path, capsys):
     root, path = manifest
     out = str(tmp_path / "caps")

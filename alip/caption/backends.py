@@ -159,11 +159,12 @@ class HFCaptioner:
             self.processor = transformers.AutoProcessor.from_pretrained(model, trust_remote_code=trust_remote_code)
         except (OSError, ValueError, TypeError):
             self.processor = None
+        remote = dict(trust_remote_code=trust_remote_code)
         image_processor = getattr(self.processor, "image_processor", None)
         if image_processor is None:
-            image_processor = transformers.AutoImageProcessor.from_pretrained(model, trust_remote_code=trust_remote_code)
+            image_processor = transformers.AutoImageProcessor.from_pretrained(model, **remote)
         tokenizer = getattr(self.processor, "tokenizer", None)
-        self.tokenizer = tokenizer or transformers.AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+        self.tokenizer = tokenizer or transformers.AutoTokenizer.from_pretrained(model, **remote)
         self.model = _load_hf_model(model, dtype, trust_remote_code).to(self.device).eval()
         self.preprocess = _HFImages(image_processor)
         self.dtype = dtype

@@ -44,7 +44,8 @@ def save_tiny_blip(d, seed=0):
     with open(os.path.join(d, "vocab.txt"), "w") as f:
         f.write("\n".join(BLIP_WORDS) + "\n")
     tok = BertTokenizerFast(vocab_file=os.path.join(d, "vocab.txt"), bos_token="[DEC]")
-    BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tok).save_pretrained(d)
+    images = BlipImageProcessor(size={"height": 32, "width": 32})
+    BlipProcessor(image_processor=images, tokenizer=tok).save_pretrained(d)
     small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
     cfg = BlipConfig(text_config=dict(small, vocab_size=len(BLIP_WORDS), encoder_hidden_size=32, bos_token_id=5,
                                       sep_token_id=3, pad_token_id=0, max_position_embeddings=64),
