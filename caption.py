@@ -106,7 +106,7 @@ def main(argv=None) -> int:
                             chunk_size=args.chunk_size, workers=args.workers, part=args.part, rank=rank,
                             world_size=world, command=shlex.join(["caption.py", *argv]),
                             progress=not args.no_progress and rank == 0)
-    except (DataError, ValueError, FileNotFoundError) as e:
+    except (DataError, ValueError, OSError) as e:  # bad input, missing files/models, unwritable output
         print(f"caption: error: {e}", file=sys.stderr)
         return 1
     if s is None:
