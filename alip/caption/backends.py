@@ -1,0 +1,274 @@
+"""Captioner backends, one interface: a batch of preprocessed images -> list of caption strings.
+
+Each backend has
+* ``preprocess(pil_image)``: runs in the DataLoader workers (picklable), returns one item;
+* ``collate(items)``: the batch the model takes;
+* ``__call__(batch) -> list[str]``: one raw caption per image (empty strings allowed; the
+  pipeline counts those as failures);
+* ``describe()``: what is recorded in the output (model, weights, precision).
+
+``open_clip`` (CoCa, the default), ``hf`` (transformers image-to-text models), ``vllm`` (chat
+VLMs; imported only when asked for).
+"""
+from dataclasses import asdict, dataclass
+
+import torch
+
+DECODINGS = ("greedy", "beam", "sample")
+
+
+@dataclass(frozen=True)
+class GenSettings:
+    """Generation settings; every field changes the captions, so all are recorded and checked."""
+    decoding: str = "beam"
+    num_beams: int = 3
+    max_new_tokens: int = 30
+    min_new_tokens: int = 5
+    temperature: float = 1.0
+    top_p: float = 0.9
+    repetition_penalty: float = 1.0
+    prompt: str = ""
+    seed: int = 0
+
+    def check(self):
+        if self.decoding not in DECODINGS:
+            raise ValueError(f"--decoding {self.decoding!r}: one of {DECODINGS}")
+        if self.max_new_tokens < 1 or not 0 <= self.min_new_tokens < self.max_new_tokens:
+            raise ValueError(f"need --max-new-tokens >= 1 and 0 <= --min-new-tokens < --max-new-tokens "
+                             f"(got {self.max_new_tokens}, {self.min_new_tokens})")
+        if self.decoding == "beam" and self.num_beams < 1:
+            raise ValueError(f"--num-beams {self.num_beams}: must be >= 1")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.repetition_penalty <= 0:
+            raise ValueError("need --temperature > 0, 0 < --top-p <= 1, --repetition-penalty > 0")
+        return self
+
+    def asdict(self):
+        return asdict(self)
+
+
+def _autocast(device, precision):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if dtype is None:
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# open_clip CoCa
+
+class CocaCaptioner:
+    """open_clip CoCa (``coca_ViT-B-32``, ``coca_ViT-L-14`` or any CoCa config) via ``model.generate``."""
+
+    name = "open_clip"
+
+    def __init__(self, model, pretrained, gen, device="cpu", precision="fp32"):
+        import open_clip
+        from open_clip import coca_model
+
+        if not coca_model._has_transformers:
+            raise ValueError("open_clip's CoCa.generate needs transformers <= 4.56 (it imports BeamSearchScorer; "
+                             "requirements.txt pins transformers==4.56.2)")
+        if gen.prompt:
+            raise ValueError("--prompt: the open_clip CoCa backend captions without a prompt")
+        if gen.decoding == "beam" and gen.num_beams < 2:
+            raise ValueError("--decoding beam with open_clip CoCa needs --num-beams >= 2 (or --decoding greedy)")
+        self.model_name, self.pretrained, self.gen = model, pretrained, gen
+        self.device, self.precision = torch.device(device), precision
+        try:
+            self.model, _, self.preprocess = open_clip.create_model_and_transforms(
+                model, pretrained=pretrained or None, device=self.device)
+        except RuntimeError as e:
+            raise ValueError(f"--model {model} --pretrained {pretrained}: {e}") from None
+        if not hasattr(self.model, "generate") or not hasattr(self.model, "text_decoder"):
+            raise ValueError(f"--model {model} is not a CoCa model (no text decoder to caption with)")
+        self.model.eval()
+        self._decode = open_clip.decode
+
+    def describe(self):
+        return {"backend": self.name, "model": self.model_name, "pretrained": self.pretrained,
+                "precision": self.precision}
+
+    def collate(self, items):
+        return torch.stack(items)
+
+    def _generate_kwargs(self):
+        g = self.gen
+        kw = dict(seq_len=g.max_new_tokens + 1, min_seq_len=g.min_new_tokens + 1,  # +1: the start token
+                  repetition_penalty=g.repetition_penalty, temperature=g.temperature)
+        if g.decoding == "beam":
+            return dict(kw, generation_type="beam_search", num_beams=g.num_beams, num_beam_groups=1)
+        if g.decoding == "greedy":  # top-1 filtering: the sampled token is the argmax
+            return dict(kw, generation_type="top_k", top_k=1)
+        return dict(kw, generation_type="top_p", top_p=g.top_p)
+
+    @torch.no_grad()
+    def __call__(self, images):
+        images = images.to(self.device, non_blocking=True)
+        with _autocast(self.device, self.precision):
+            tokens = self.model.generate(images, **self._generate_kwargs())
+        return [self._decode(t).split("<end_of_text>")[0].replace("<start_of_text>", "") for t in tokens]
+
+
+# ----------------------------------------------------------------------------------------------
+# transformers image-to-text models
+
+def _load_hf_model(name, dtype, trust_remote_code):
+    import transformers
+
+    errors = []
+    for cls in ("AutoModelForImageTextToText", "AutoModelForVision2Seq", "AutoModelForCausalLM"):
+        auto = getattr(transformers, cls, None)
+        if auto is None:
+            continue
+        try:
+            return auto.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code)
+        except ValueError as e:  # "Unrecognized configuration class ..." for this auto class
+            errors.append(f"{cls}: {str(e).splitlines()[0]}")
+    raise ValueError(f"--model {name}: no image-to-text model class fits it ({'; '.join(errors)})")
+
+
+class _HFImages:
+    """Picklable per-image preprocessing with the model's image processor."""
+
+    def __init__(self, image_processor):
+        self.image_processor = image_processor
+
+    def __call__(self, img):
+        return self.image_processor(images=img, return_tensors="pt")["pixel_values"][0]
+
+
+class HFCaptioner:
+    """A transformers image-to-text model (BLIP, BLIP-2, GIT, Florence-2, VisionEncoderDecoder...).
+
+    Local directory or hub id; ``AutoProcessor`` (else image processor + tokenizer); batched
+    ``generate(pixel_values, [input_ids of --prompt])``; bf16 on GPU by default. The output is
+    decoded whole, as the model cards do: text-prefix captioners (BLIP, GIT) start the caption with
+    the prompt, encoder-decoders (Florence-2 with ``--prompt "<CAPTION>"``, VisionEncoderDecoder)
+    return only new text. Chat VLMs need their chat template and image tokens: use ``vllm``.
+    """
+
+    name = "hf"
+
+    def __init__(self, model, gen, device="cpu", precision="fp32", trust_remote_code=False):
+        import transformers
+
+        self.model_name, self.gen = model, gen
+        self.device, self.precision = torch.device(device), precision
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+        try:
+            self.processor = transformers.AutoProcessor.from_pretrained(model, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError, TypeError):
+            self.processor = None
+        remote = dict(trust_remote_code=trust_remote_code)
+        image_processor = getattr(self.processor, "image_processor", None)
+        if image_processor is None:
+            image_processor = transformers.AutoImageProcessor.from_pretrained(model, **remote)
+        tokenizer = getattr(self.processor, "tokenizer", None)
+        self.tokenizer = tokenizer or transformers.AutoTokenizer.from_pretrained(model, **remote)
+        self.model = _load_hf_model(model, dtype, trust_remote_code).to(self.device).eval()
+        self.preprocess = _HFImages(image_processor)
+        self.dtype = dtype
+
+    def describe(self):
+        return {"backend": self.name, "model": self.model_name, "model_class": type(self.model).__name__,
+                "precision": self.precision}
+
+    def collate(self, items):
+        return torch.stack(items)
+
+    def _prompt_ids(self, n):
+        if not self.gen.prompt:
+            return None
+        ids = self.tokenizer([self.gen.prompt] * n, return_tensors="pt", add_special_tokens=True)
+        return {k: v.to(self.device) for k, v in ids.items() if k in ("input_ids", "attention_mask")}
+
+    def _generate_kwargs(self):
+        g = self.gen
+        kw = dict(max_new_tokens=g.max_new_tokens, min_new_tokens=g.min_new_tokens,
+                  repetition_penalty=g.repetition_penalty)
+        if g.decoding == "beam":
+            return dict(kw, do_sample=False, num_beams=g.num_beams)
+        if g.decoding == "greedy":
+            return dict(kw, do_sample=False, num_beams=1)
+        return dict(kw, do_sample=True, temperature=g.temperature, top_p=g.top_p, num_beams=1)
+
+    @torch.no_grad()
+    def __call__(self, pixel_values):
+        pixel_values = pixel_values.to(self.device, self.dtype, non_blocking=True)
+        prompt = self._prompt_ids(len(pixel_values))
+        out = self.model.generate(pixel_values=pixel_values, **(prompt or {}), **self._generate_kwargs())
+        return self.tokenizer.batch_decode(out, skip_special_tokens=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# vLLM (chat VLMs: Qwen2-VL / Qwen2.5-VL, LLaVA, ...)
+
+DEFAULT_VLM_PROMPT = "Describe this image in one sentence."
+
+
+def _identity(img):
+    return img
+
+
+class VLLMCaptioner:
+    """A chat VLM served in-process by vLLM (optional dependency, imported here only).
+
+    Each image becomes one chat turn ``[image, prompt]`` through the model's own chat template
+    (``LLM.chat``), so the prompt is model-agnostic. Greedy or sampling (vLLM's beam search is a
+    separate API and not wired in).
+    """
+
+    name = "vllm"
+
+    def __init__(self, model, gen, precision="bf16", max_model_len=4096, gpu_memory_utilization=0.9,
+                 trust_remote_code=False):
+        try:
+            import vllm
+        except ImportError:
+            raise ValueError("--backend vllm needs vLLM (`pip install vllm`, a CUDA machine); "
+                             "it is an optional extra, not installed here") from None
+        if gen.decoding == "beam":
+            raise ValueError("--backend vllm: use --decoding greedy or sample (beam search is not wired in)")
+        self.model_name, self.gen, self.precision = model, gen, precision
+        self.prompt = gen.prompt or DEFAULT_VLM_PROMPT
+        self.llm = vllm.LLM(model=model, dtype={"bf16": "bfloat16", "fp16": "float16"}.get(precision, "float32"),
+                            max_model_len=max_model_len, limit_mm_per_prompt={"image": 1},
+                            gpu_memory_utilization=gpu_memory_utilization, seed=gen.seed,
+                            trust_remote_code=trust_remote_code)
+        g = gen
+        self.sampling = vllm.SamplingParams(
+            max_tokens=g.max_new_tokens, min_tokens=g.min_new_tokens, repetition_penalty=g.repetition_penalty,
+            temperature=0.0 if g.decoding == "greedy" else g.temperature,
+            top_p=1.0 if g.decoding == "greedy" else g.top_p, seed=g.seed)
+        self.preprocess = _identity
+
+    def describe(self):
+        import vllm
+        return {"backend": self.name, "model": self.model_name, "precision": self.precision,
+                "prompt_used": self.prompt, "vllm_version": vllm.__version__}
+
+    def collate(self, items):
+        return list(items)
+
+    def __call__(self, images):
+        conversations = [[{"role": "user", "content": [{"type": "image_pil", "image_pil": img},
+                                                       {"type": "text", "text": self.prompt}]}]
+                         for img in images]
+        outs = self.llm.chat(conversations, self.sampling, use_tqdm=False)
+        return [o.outputs[0].text for o in outs]
+
+
+BACKENDS = ("open_clip", "hf", "vllm")
+
+
+def build_captioner(backend, model, pretrained, gen, device="cpu", precision="fp32", trust_remote_code=False):
+    gen.check()
+    if backend == "open_clip":
+        return CocaCaptioner(model, pretrained, gen, device, precision)
+    if pretrained:
+        raise ValueError(f"--pretrained is for the open_clip backend; --backend {backend} takes weights via --model")
+    if backend == "hf":
+        return HFCaptioner(model, gen, device, precision, trust_remote_code)
+    if backend == "vllm":
+        return VLLMCaptioner(model, gen, precision, trust_remote_code=trust_remote_code)
+    raise ValueError(f"--backend {backend!r}: one of {BACKENDS}")

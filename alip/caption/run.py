@@ -1,0 +1,136 @@
+"""The captioning run: rows -> DataLoader workers (read + decode + preprocess) -> captioner -> chunks.
+
+Rows are cut into chunks of ``chunk_size`` consecutive rows; chunk c belongs to part
+``c % N`` of ``--part I/N`` and, within a part, to rank ``j % W`` of its W processes (j = the
+chunk's position in the part). Each process captions its chunks in batches that never straddle
+a chunk, so a chunk's captions do not depend on who made them, and writes each chunk whole.
+No collectives: any process that finds every chunk written assembles the output (identical
+bytes whoever does it).
+"""
+import io
+import math
+import os
+import re
+import signal
+
+import torch
+from PIL import Image, ImageOps
+
+from . import writer
+from .sources import Reject
+
+KILL_HOOK = "ALIP_CAPTION_TEST_KILL_AFTER_CHUNKS"  # tests: SIGKILL this process after k chunks
+
+
+def decode_image(data):
+    """RGB PIL image, EXIF orientation applied (as data2rec stores it); raise Reject if undecodable."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        return img.convert("RGB") if img.mode != "RGB" else img
+    except Exception as e:  # Pillow raises many types for bad files
+        msg = re.sub(r" ?<[^<>]* at 0x[0-9a-f]+>", "", str(e))  # no memory addresses: same bytes every run
+        raise Reject(f"undecodable image: {type(e).__name__}: {msg}") from None
+
+
+class RowImages(torch.utils.data.Dataset):
+    """Row i -> (i, preprocessed image, None) or (i, None, reason). Runs in DataLoader workers."""
+
+    def __init__(self, source, preprocess):
+        self.source, self.preprocess = source, preprocess
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, i):
+        try:
+            img = decode_image(self.source.image_bytes(i))
+        except Reject as e:
+            return i, None, str(e)
+        try:
+            return i, self.preprocess(img), None
+        except Exception as e:
+            return i, None, f"preprocessing failed: {type(e).__name__}: {e}"
+
+
+def _collate(items):
+    return items
+
+
+def my_chunks(num_chunks, part, rank, world_size):
+    i, n = part
+    return list(range(i, num_chunks, n))[rank::world_size]
+
+
+def clean(caption):
+    """One line, single spaces: captions go into JSONL/TSV and tokenizers."""
+    return " ".join(caption.split())
+
+
+def caption_batch(captioner, items, source, seed):
+    """[(row, key, caption)], [(row, key, reason, where)] for one batch of dataset items."""
+    good = [(i, x) for i, x, err in items if err is None]
+    failed = [(i, source.key(i), err, source.where(i)) for i, x, err in items if err is not None]
+    captions = []
+    if good:
+        torch.manual_seed(seed * 1_000_003 + good[0][0])  # sampling: fixed per batch, not per process
+        texts = captioner(captioner.collate([x for _, x in good]))
+        if len(texts) != len(good):
+            raise RuntimeError(f"captioner returned {len(texts)} captions for {len(good)} images")
+        for (i, _), text in zip(good, texts):
+            text = clean(text)
+            if text:
+                captions.append((i, source.key(i), text))
+            else:
+                failed.append((i, source.key(i), "empty caption generated", source.where(i)))
+    return captions, failed
+
+
+def caption_dataset(source, captioner, gen, output_dir, batch_size=64, chunk_size=1000, workers=4,
+                    part=(0, 1), rank=0, world_size=1, command=None, progress=True):
+    """Caption this process's share of ``source`` into ``output_dir``; returns the summary when
+    every chunk is written (then captions.jsonl & co are assembled), else None."""
+    from tqdm import tqdm
+
+    n = len(source)
+    settings = {"captioner": captioner.describe(), "generation": gen.asdict(),
+                "batch_size": batch_size, "chunk_size": chunk_size}
+    plan = {"tool_version": writer.TOOL_VERSION, "rows": n, "inputs": source.describe(), "settings": settings}
+    writer.check_plan(output_dir, plan)
+    num_chunks = max(1, math.ceil(n / chunk_size))
+    todo = [c for c in my_chunks(num_chunks, part, rank, world_size) if not writer.chunk_done(output_dir, c)]
+    batches, chunk_of_batch = [], []
+    for c in todo:
+        rows = list(range(c * chunk_size, min(n, (c + 1) * chunk_size)))
+        for b in range(0, len(rows), batch_size):
+            batches.append(rows[b:b + batch_size])
+            chunk_of_batch.append(c)
+    loader = torch.utils.data.DataLoader(
+        RowImages(source, captioner.preprocess), batch_sampler=batches, collate_fn=_collate,
+        num_workers=workers, pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers else None,
+        persistent_workers=False)
+    kill_after = int(os.environ.get(KILL_HOOK, "0"))
+    bar = tqdm(total=sum(map(len, batches)), unit="img", desc=f"caption rank {rank}",
+               disable=not progress, smoothing=0.05)
+    done_chunks, acc = 0, ([], [])
+    try:
+        for b, items in enumerate(loader):
+            captions, failed = caption_batch(captioner, items, source, gen.seed)
+            acc[0].extend(captions)
+            acc[1].extend(failed)
+            bar.update(len(items))
+            c = chunk_of_batch[b]
+            if b + 1 == len(batches) or chunk_of_batch[b + 1] != c:
+                writer.write_chunk(output_dir, c, c * chunk_size, min(n, (c + 1) * chunk_size), *acc)
+                acc = ([], [])
+                done_chunks += 1
+                if done_chunks == kill_after:
+                    os.kill(os.getpid(), signal.SIGKILL)
+    finally:
+        bar.close()
+    if n == 0 and not writer.chunk_done(output_dir, 0) and 0 in my_chunks(1, part, rank, world_size):
+        writer.write_chunk(output_dir, 0, 0, 0, [], [])
+    if not all(writer.chunk_done(output_dir, c) for c in range(num_chunks)):
+        return None
+    return writer.assemble(output_dir, num_chunks, n, source, plan, command)

@@ -1,0 +1,151 @@
+"""The rows to caption: a manifest, webdataset tars, or existing rec shards.
+
+Reading is data2rec's own (``alip.data.pack`` / ``alip.data.recordio``), so caption.py sees the
+same rows, in the same order, with the same reasons for the bad ones. Every source gives
+``len(source)`` rows; ``source.key(i)`` is what the captions file is keyed by (data2rec's key:
+the manifest row number, the tar sample name, the record key) and ``source.image_bytes(i)``
+returns the encoded image or raises ``Reject`` with the reason.
+"""
+import glob
+import os
+import tempfile
+
+from alip.data.pack import DataError, ManifestSource, Reject, WebDatasetSource  # noqa: F401
+from alip.data.recordio import RecordIOError, RecordReader
+
+
+def _read(src):
+    """Bytes of a data2rec image source: ("file", path) or ("tar", path, offset, size)."""
+    if src[0] == "file":
+        try:
+            with open(src[1], "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            raise Reject(f"missing image file {src[1]}") from None
+        except OSError as e:
+            raise Reject(f"unreadable image file {src[1]}: {e.strerror}") from None
+    _, tar, offset, size = src
+    with open(tar, "rb") as f:
+        f.seek(offset)
+        return f.read(size)
+
+
+def _forget_handles_after_fork(obj, reset):
+    """data2rec's sources open their files lazily and keep them; a DataLoader worker forked after
+    the parent read must not share that handle (one file offset for all processes)."""
+    if getattr(obj, "_pid", None) != os.getpid():
+        reset()
+        obj._pid = os.getpid()
+
+
+class ManifestRows:
+    """Rows of a JSONL/CSV/TSV manifest (data2rec's ``ManifestSource``); key = row number."""
+
+    kind = "manifest"
+
+    def __init__(self, path, image_root=".", image_col="image", text_col="text", caption_col="caption"):
+        # caption_fallback="raw": the caption column may be absent, it is what we are making
+        self.rows = ManifestSource(path, image_root, image_col, text_col, caption_col, caption_fallback="raw")
+        self.path, self.caption_col = path, caption_col
+
+    def __len__(self):
+        return len(self.rows)
+
+    def key(self, i):
+        return i
+
+    def image_bytes(self, i):
+        _forget_handles_after_fork(self, lambda: setattr(self.rows, "_f", None))
+        src, _, _ = self.rows.read(i)
+        return _read(src)
+
+    def where(self, i):
+        return {"source": self.path, "row": i}
+
+    def describe(self):
+        return self.rows.describe()
+
+
+class TarRows:
+    """img2dataset-style tars (data2rec's ``WebDatasetSource``); key = the sample name."""
+
+    kind = "wds"
+
+    def __init__(self, pattern):
+        with tempfile.TemporaryDirectory() as d:  # WebDatasetSource wants a captions file: none yet
+            empty = os.path.join(d, "none.jsonl")
+            open(empty, "w").close()
+            self.rows = WebDatasetSource(pattern, empty, caption_fallback="raw")
+        self.pattern = pattern
+        seen = {}
+        for key, t, _ in self.rows.items:
+            if key in seen:
+                raise DataError(f"sample key {key!r} is in both {self.rows.tars[seen[key]]} and "
+                                f"{self.rows.tars[t]}: captions are keyed by sample name, keys must be unique")
+            seen[key] = t
+
+    def __len__(self):
+        return len(self.rows)
+
+    def key(self, i):
+        return self.rows.items[i][0]
+
+    def image_bytes(self, i):
+        _forget_handles_after_fork(self, lambda: setattr(self.rows, "_files", {}))
+        src, _, _ = self.rows.read(i)
+        return _read(src)
+
+    def where(self, i):
+        key, t, _ = self.rows.items[i]
+        return {"source": self.rows.tars[t], "sample": key}
+
+    def describe(self):
+        tars = self.rows.tars
+        return {"wds": self.pattern, "tars": [os.path.abspath(t) for t in tars],
+                "tar_bytes": sum(os.path.getsize(t) for t in tars)}
+
+
+class RecRows:
+    """The images already packed in rec shards (``DIR`` or a glob of .rec); key = record key."""
+
+    kind = "rec"
+
+    def __init__(self, spec):
+        paths = sorted(glob.glob(os.path.join(spec, "*.rec"))) if os.path.isdir(spec) else sorted(glob.glob(spec))
+        if not paths:
+            raise DataError(f"--rec {spec!r}: no .rec files")
+        try:
+            self.readers = [RecordReader(p) for p in paths]
+        except RecordIOError as e:
+            raise DataError(str(e)) from None
+        self.spec = spec
+        self.index = [(s, j) for s, r in enumerate(self.readers) for j in range(len(r))]
+        seen = {}
+        for s, r in enumerate(self.readers):
+            for k in r.keys.tolist():
+                if k in seen:
+                    raise DataError(f"record key {k} is in both {self.readers[seen[k]].rec_path} and "
+                                    f"{r.rec_path}: captions are keyed by record key, keys must be unique")
+                seen[k] = s
+
+    def __len__(self):
+        return len(self.index)
+
+    def key(self, i):
+        s, j = self.index[i]
+        return int(self.readers[s].keys[j])
+
+    def image_bytes(self, i):
+        s, j = self.index[i]
+        try:
+            return self.readers[s][j].jpeg
+        except RecordIOError as e:
+            raise Reject(str(e)) from None
+
+    def where(self, i):
+        s, j = self.index[i]
+        return {"source": self.readers[s].rec_path, "record": int(self.readers[s].keys[j])}
+
+    def describe(self):
+        return {"rec": self.spec, "shards": [os.path.abspath(r.rec_path) for r in self.readers],
+                "bytes": sum(os.path.getsize(r.rec_path) for r in self.readers)}

@@ -1,0 +1,158 @@
+"""The output directory: plan, chunk files, and the assembled captions.
+
+Layout of ``OUT/``::
+
+    plan.json              input + every setting that changes a caption; a rerun must match it
+    chunks/chunk-NNNNNN.json   rows [start, end): their captions and failures; complete or absent
+    captions.jsonl         {"key", "caption"} per captioned row, in input order (data2rec --captions)
+    failed.jsonl           {"key", "reason", "source", row|sample|record} per row without a caption
+    captioned.<ext>        manifest inputs only: the manifest with the caption column filled
+    captions.json          the sidecar: captioner, generation settings, counts, command
+
+Chunks are written to a temporary name, fsynced and renamed, so a killed run leaves each chunk
+whole or absent; the assembled files depend only on the chunks, so the same input and settings
+give the same bytes however the run was split, interrupted or spread over ranks and machines.
+"""
+import csv
+import io
+import json
+import os
+
+from alip.data.pack import DataError
+
+TOOL_VERSION = "1"
+
+
+def _atomic_write(path, text, errors="strict"):
+    """Write to a per-process temporary name, fsync, rename: whole or absent, whoever else writes it."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8", errors=errors, newline="") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def check_plan(output_dir, plan):
+    """Write plan.json, or refuse if the directory holds another input's or settings' captions."""
+    os.makedirs(os.path.join(output_dir, "chunks"), exist_ok=True)
+    path = os.path.join(output_dir, "plan.json")
+    text = json.dumps(plan, indent=1, sort_keys=True)
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)
+        if old != json.loads(text):
+            diff = sorted(k for k in set(old["settings"]) | set(plan["settings"])
+                          if old["settings"].get(k) != plan["settings"].get(k))
+            what = f"settings {diff}" if diff else "input"
+            raise DataError(f"{output_dir} holds captions made with another {what} ({path}); "
+                            "use a new --output-dir or delete that one")
+    else:
+        _atomic_write(path, text)
+
+
+def chunk_path(output_dir, c):
+    return os.path.join(output_dir, "chunks", f"chunk-{c:06d}.json")
+
+
+def chunk_done(output_dir, c):
+    return os.path.exists(chunk_path(output_dir, c))
+
+
+def write_chunk(output_dir, c, start, end, captions, failed):
+    """captions: [(row, key, caption)], failed: [(row, key, reason, where)], rows start..end-1 each once."""
+    rows = sorted([r for r, _, _ in captions] + [r for r, *_ in failed])
+    if rows != list(range(start, end)):
+        raise RuntimeError(f"chunk {c}: rows {start}..{end - 1} but got {len(rows)} results")
+    doc = {"start": start, "end": end,
+           "captions": sorted([r, k, cap] for r, k, cap in captions),
+           "failed": sorted(([r, k, reason, where] for r, k, reason, where in failed), key=lambda x: x[0])}
+    _atomic_write(chunk_path(output_dir, c), json.dumps(doc, ensure_ascii=False))
+
+
+def read_chunks(output_dir, num_chunks):
+    captions, failed = [], []
+    for c in range(num_chunks):
+        with open(chunk_path(output_dir, c), encoding="utf-8") as f:
+            doc = json.load(f)
+        captions.extend(doc["captions"])
+        failed.extend(doc["failed"])
+    return captions, failed
+
+
+def _jsonl(rows):
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
+def assemble(output_dir, num_chunks, n, source, plan, command):
+    """Write captions.jsonl, failed.jsonl, captioned.<ext> (manifests) and captions.json."""
+    captions, failed = read_chunks(output_dir, num_chunks)
+    if len(captions) + len(failed) != n:
+        raise RuntimeError(f"{output_dir}: {n} rows in but {len(captions)} captioned + {len(failed)} failed")
+    _atomic_write(os.path.join(output_dir, "captions.jsonl"),
+                  _jsonl({"key": k, "caption": cap} for _, k, cap in captions))
+    _atomic_write(os.path.join(output_dir, "failed.jsonl"),
+                  _jsonl({"key": k, "reason": reason, **where} for _, k, reason, where in failed))
+    outputs = {"captions": "captions.jsonl", "failed": "failed.jsonl"}
+    if source.kind == "manifest":
+        outputs["manifest"] = write_captioned_manifest(output_dir, source, {r: cap for r, _, cap in captions})
+    reasons = {}
+    for _, _, reason, _ in failed:
+        kind = " ".join(w for w in reason.split(":")[0].split() if os.sep not in w)  # no paths
+        reasons[kind] = reasons.get(kind, 0) + 1
+    import alip
+    summary = {"tool": "alip caption", "tool_version": TOOL_VERSION, "alip_version": alip.__version__,
+               "command": command, "inputs": plan["inputs"], **plan["settings"],
+               "rows_in": n, "captioned": len(captions), "failed": len(failed),
+               "failure_kinds": dict(sorted(reasons.items())), "outputs": outputs}
+    _atomic_write(os.path.join(output_dir, "captions.json"), json.dumps(summary, indent=1, ensure_ascii=False))
+    return summary
+
+
+def write_captioned_manifest(output_dir, source, caption_of_row):
+    """A copy of the input manifest with the caption column set, row for row (data2rec --manifest).
+
+    Rows without a caption keep their line but get caption null (JSONL) or "" (CSV/TSV), so
+    data2rec stops (JSONL) or rejects them (CSV/TSV), or with ``--caption-fallback raw`` uses the
+    raw text, counted. Rows caption.py could not parse are copied byte for byte.
+    """
+    ms = source.rows
+    col = source.caption_col
+    with open(ms.path, "rb") as f:
+        data = f.read()
+    bounds = list(map(int, ms.offsets)) + [len(data)]
+    ext = os.path.splitext(ms.path)[1].lower()
+    name = "captioned" + ext
+    out = io.StringIO(newline="")
+    if ms.fmt == "jsonl":
+        for i in range(len(ms)):
+            out.write(_jsonl_row(data[bounds[i]:bounds[i + 1]], col, caption_of_row.get(i)))
+    else:
+        kw = dict(delimiter="\t", quoting=csv.QUOTE_NONE, escapechar=None) if ms.fmt == "tsv" else dict(delimiter=",")
+        header = list(ms.header)
+        if col not in header:
+            header.append(col)
+        writer = csv.writer(out, lineterminator="\n", **kw)
+        writer.writerow(header)
+        for i in range(len(ms)):
+            raw = data[bounds[i]:bounds[i + 1]]
+            row = next(csv.reader(io.StringIO(raw.decode("utf-8", "surrogateescape"), newline=""), **kw), None)
+            if row is None or len(row) != len(ms.header):
+                out.write(raw.decode("utf-8", "surrogateescape"))  # unparseable: as it was
+                continue
+            cells = dict(zip(ms.header, row), **{col: caption_of_row.get(i, "")})
+            writer.writerow([cells.get(h, "") for h in header])
+    _atomic_write(os.path.join(output_dir, name), out.getvalue(), errors="surrogateescape")
+    return name
+
+
+def _jsonl_row(raw, col, caption):
+    line = raw.rstrip(b"\r\n")
+    try:
+        obj = json.loads(line.decode("utf-8"))
+        if not isinstance(obj, dict):
+            raise ValueError
+    except ValueError:
+        return raw.decode("utf-8", "surrogateescape") if raw.endswith(b"\n") else raw.decode("utf-8", "surrogateescape") + "\n"
+    obj[col] = caption
+    return json.dumps(obj, ensure_ascii=False) + "\n"

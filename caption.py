@@ -1,0 +1,122 @@
+"""Generate synthetic captions for images (ALIP step 2), resumable, over ranks and machines.
+
+    python caption.py --manifest rows.jsonl --image-root imgs/ --output-dir caps/ \
+        --model coca_ViT-L-14 --pretrained FILE
+    python caption.py --wds 'tars/*.tar' --output-dir caps/ --backend hf \
+        --model Salesforce/blip-image-captioning-large
+    torchrun --nproc-per-node 8 caption.py --rec shards/ --output-dir caps/ --backend vllm \
+        --model Qwen/Qwen2.5-VL-3B-Instruct --decoding greedy
+
+Writes captions.jsonl (data2rec --captions), failed.jsonl, captions.json (captioner, settings,
+counts) and, for a manifest, captioned.<ext> (data2rec --manifest). Rerun the same command to
+complete an interrupted run. See alip/caption/ for the behaviour.
+"""
+import argparse
+import os
+import shlex
+import sys
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="caption.py", description=__doc__.split("\n")[0])
+    src = p.add_argument_group("input (exactly one)")
+    src.add_argument("--manifest", help="JSONL, CSV or TSV with an image path column (as data2rec reads it)")
+    src.add_argument("--image-root", default=".", help="directory the manifest's image paths are relative to")
+    src.add_argument("--image-col", default="image")
+    src.add_argument("--text-col", default="text")
+    src.add_argument("--caption-col", default="caption", help="column the captioned manifest copy fills")
+    src.add_argument("--wds", help="glob of img2dataset-style tars (KEY.jpg + KEY.txt)")
+    src.add_argument("--rec", help="a directory (or glob) of rec shards: caption the images already packed")
+    m = p.add_argument_group("captioner")
+    m.add_argument("--backend", default="open_clip", choices=["open_clip", "hf", "vllm"])
+    m.add_argument("--model", default="coca_ViT-L-14",
+                   help="open_clip CoCa name | transformers/vLLM hub id or local directory")
+    m.add_argument("--pretrained", default="",
+                   help="open_clip backend: a local file or an open_clip tag / hf-hub name (needs network)")
+    m.add_argument("--trust-remote-code", action="store_true", help="hf/vllm: models with their own code (Florence-2)")
+    m.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if present, else cpu), cpu, cuda:N")
+    m.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto: bf16 on GPU, fp32 on CPU")
+    g = p.add_argument_group("generation (recorded; a rerun must use the same)")
+    g.add_argument("--decoding", default="beam", choices=["greedy", "beam", "sample"])
+    g.add_argument("--num-beams", type=int, default=3)
+    g.add_argument("--max-new-tokens", type=int, default=30)
+    g.add_argument("--min-new-tokens", type=int, default=5)
+    g.add_argument("--temperature", type=float, default=1.0, help="--decoding sample")
+    g.add_argument("--top-p", type=float, default=0.9, help="--decoding sample")
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--prompt", default="", help="hf: text prefix / question; vllm: the user turn")
+    g.add_argument("--seed", type=int, default=0, help="--decoding sample: seeds each batch")
+    o = p.add_argument_group("run")
+    o.add_argument("--output-dir", required=True)
+    o.add_argument("--batch-size", type=int, default=64)
+    o.add_argument("--chunk-size", type=int, default=1000, help="rows per chunk file (the unit of resume)")
+    o.add_argument("--workers", type=int, default=4, help="DataLoader processes reading and decoding images")
+    o.add_argument("--part", default="0/1", metavar="I/N", help="caption only chunks c with c %% N == I")
+    o.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    if sum(map(bool, (args.manifest, args.wds, args.rec))) != 1:
+        p.error("give exactly one of --manifest, --wds or --rec")
+    if args.batch_size < 1 or args.chunk_size < 1 or args.workers < 0:
+        p.error("--batch-size and --chunk-size must be >= 1, --workers >= 0")
+    try:
+        i, n = (int(x) for x in args.part.split("/"))
+        assert 0 <= i < n
+    except (ValueError, AssertionError):
+        p.error(f"--part {args.part!r}: expected I/N with 0 <= I < N")
+    args.part = (i, n)
+    return args
+
+
+def resolve_device(device, precision, local_rank):
+    import torch
+
+    if device == "auto":
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    if precision == "auto":
+        precision = "bf16" if device.startswith("cuda") else "fp32"
+    return device, precision
+
+
+def main(argv=None) -> int:
+    from alip.caption.backends import GenSettings, build_captioner
+    from alip.caption.run import caption_dataset
+    from alip.caption.sources import DataError, ManifestRows, RecRows, TarRows
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device, precision = resolve_device(args.device, args.precision, int(os.environ.get("LOCAL_RANK", 0)))
+    gen = GenSettings(args.decoding, args.num_beams, args.max_new_tokens, args.min_new_tokens, args.temperature,
+                      args.top_p, args.repetition_penalty, args.prompt, args.seed)
+    try:
+        gen.check()
+        if args.manifest:
+            source = ManifestRows(args.manifest, args.image_root, args.image_col, args.text_col, args.caption_col)
+        elif args.wds:
+            source = TarRows(args.wds)
+        else:
+            source = RecRows(args.rec)
+        captioner = build_captioner(args.backend, args.model, args.pretrained, gen, device, precision,
+                                    args.trust_remote_code)
+        s = caption_dataset(source, captioner, gen, args.output_dir, batch_size=args.batch_size,
+                            chunk_size=args.chunk_size, workers=args.workers, part=args.part, rank=rank,
+                            world_size=world, command=shlex.join(["caption.py", *argv]),
+                            progress=not args.no_progress and rank == 0)
+    except (DataError, ValueError, OSError) as e:  # bad input, missing files/models, unwritable output
+        print(f"caption: error: {e}", file=sys.stderr)
+        return 1
+    if s is None:
+        print(f"caption: part {args.part[0]}/{args.part[1]} rank {rank}/{world} done; other processes still "
+              "have chunks to caption (the one that writes the last chunk assembles the output)")
+        return 0
+    print(f"caption: rows in {s['rows_in']} = captioned {s['captioned']} + failed {s['failed']} "
+          f"({args.output_dir}/captions.jsonl; failed.jsonl lists the failed rows)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,336 @@
+"""caption.py: sources, backends (tiny random-init CoCa and BLIP, saved and loaded like real ones),
+failures listed and counted, kill + rerun byte-identical, ranks, caption.py -> data2rec -> train."""
+import glob
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+
+import pytest
+import torch
+
+import caption
+import data2rec
+from alip.caption import run as caption_run
+from alip.caption.backends import GenSettings, build_captioner
+from alip.caption.sources import ManifestRows
+from alip.caption.tiny import save_tiny_blip, save_tiny_coca
+from alip.data.recordio import RecordReader
+from data_fixtures import image, jpeg_bytes, make_manifest_dataset, make_wds_dataset, text_of, write_manifest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GOOD = 10  # good images per dataset; each dataset adds one missing and one corrupt image
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Generation is many tiny ops: on a shared 2-core box, 2 OpenMP threads run it ~40x slower than 1."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def coca_dir(tmp_path_factory):
+    """A tiny random-init CoCa saved as an open_clip local-dir model (config + weights)."""
+    return save_tiny_coca(str(tmp_path_factory.mktemp("coca")))
+
+
+@pytest.fixture(scope="module")
+def blip_dir(tmp_path_factory):
+    """A tiny random-init BLIP with a WordPiece tokenizer built in code, saved with its processor."""
+    return save_tiny_blip(str(tmp_path_factory.mktemp("blip")))
+
+
+def add_broken_rows(root, rows):
+    """One missing file and one corrupt JPEG (header zeroed) appended to the manifest rows."""
+    data = bytearray(jpeg_bytes(image(99)))
+    data[:64] = bytes(64)
+    with open(os.path.join(root, "images", "corrupt.jpg"), "wb") as f:
+        f.write(data)
+    return rows + [{"image": "images/missing.jpg", "text": "gone"},
+                   {"image": "images/corrupt.jpg", "text": "bad bytes"}]
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("man"))
+    path = make_manifest_dataset(root, GOOD)
+    rows = [dict(json.loads(line), caption=None) for line in open(path)]  # no captions yet
+    for r in rows:
+        del r["caption"]
+    return root, write_manifest(root, add_broken_rows(root, rows), name="rows")
+
+
+@pytest.fixture(scope="module")
+def clean(manifest, coca_dir, tmp_path_factory):
+    """One uninterrupted single-process run over the manifest: the reference output."""
+    root, path = manifest
+    out = str(tmp_path_factory.mktemp("clean"))
+    assert caption.main(["--manifest", path, "--image-root", root, "--output-dir", out] + coca_args(coca_dir)) == 0
+    return out
+
+
+def coca_args(coca_dir, *extra):
+    return ["--model", coca_dir, "--decoding", "greedy", "--max-new-tokens", "8", "--min-new-tokens", "2",
+            "--batch-size", "3", "--chunk-size", "4", "--workers", "0", "--no-progress", *extra]
+
+
+def read_jsonl(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def outputs(out, names=("captions.jsonl", "failed.jsonl", "captioned.jsonl")):
+    return {n: open(os.path.join(out, n), "rb").read() for n in names if os.path.exists(os.path.join(out, n))}
+
+
+def test_manifest_with_coca_captions_good_rows_and_lists_broken(manifest, coca_dir, clean):
+    root, path = manifest
+    out = clean
+    caps = read_jsonl(os.path.join(out, "captions.jsonl"))
+    assert [c["key"] for c in caps] == list(range(GOOD))
+    assert all(isinstance(c["caption"], str) and c["caption"].strip() == c["caption"] != "" for c in caps)
+    failed = read_jsonl(os.path.join(out, "failed.jsonl"))
+    assert [(f["key"], f["reason"].split(" ")[0:2]) for f in failed] == [
+        (GOOD, ["missing", "image"]), (GOOD + 1, ["undecodable", "image:"])]
+    assert failed[0]["source"] == path and failed[0]["row"] == GOOD
+    side = json.load(open(os.path.join(out, "captions.json")))
+    assert (side["rows_in"], side["captioned"], side["failed"]) == (GOOD + 2, GOOD, 2)
+    assert side["captioner"] == {"backend": "open_clip", "model": coca_dir, "pretrained": "", "precision": "fp32"}
+    assert side["generation"]["decoding"] == "greedy" and side["generation"]["max_new_tokens"] == 8
+    copy = read_jsonl(os.path.join(out, "captioned.jsonl"))
+    assert [r["caption"] for r in copy] == [c["caption"] for c in caps] + [None, None]
+    assert [r["image"] for r in copy] == [json.loads(line)["image"] for line in open(path)]
+    # the same model through the library gives the same captions as the CLI wrote
+    gen = GenSettings(decoding="greedy", max_new_tokens=8, min_new_tokens=2)
+    cap = build_captioner("open_clip", coca_dir, "", gen)
+    src = ManifestRows(path, root)
+    imgs = [cap.preprocess(caption_run.decode_image(src.image_bytes(i))) for i in range(3)]
+    assert [caption_run.clean(t) for t in cap(cap.collate(imgs))] == [c["caption"] for c in caps[:3]]
+
+
+def test_tars_with_hf_blip_keyed_by_sample_name(blip_dir, tmp_path, capsys):
+    pattern, _ = make_wds_dataset(str(tmp_path), 6, per_tar=3)
+    with tarfile.open(str(tmp_path / "wds" / "00002.tar"), "w") as tar:  # one sample with a broken JPEG
+        for name, data in (("bad.jpg", b"\xff\xd8 not a jpeg"), ("bad.txt", b"text")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    out = str(tmp_path / "caps")
+    argv = ["--wds", pattern, "--output-dir", out, "--backend", "hf", "--model", blip_dir, "--decoding", "beam",
+            "--num-beams", "2", "--max-new-tokens", "6", "--min-new-tokens", "2", "--prompt", "a picture of",
+            "--batch-size", "4", "--chunk-size", "5", "--workers", "1", "--no-progress"]
+    assert caption.main(argv) == 0
+    assert "rows in 7 = captioned 6 + failed 1" in capsys.readouterr().out
+    caps = read_jsonl(os.path.join(out, "captions.jsonl"))
+    assert [c["key"] for c in caps] == [f"{i:09d}" for i in range(6)]
+    assert all(c["caption"].startswith("a picture of ") and len(c["caption"]) > 13 for c in caps)
+    (bad,) = read_jsonl(os.path.join(out, "failed.jsonl"))
+    assert bad["key"] == "bad" and bad["reason"].startswith("undecodable image") and bad["sample"] == "bad"
+    side = json.load(open(os.path.join(out, "captions.json")))
+    assert side["captioner"]["model_class"] == "BlipForConditionalGeneration"
+    assert side["generation"]["prompt"] == "a picture of" and side["generation"]["num_beams"] == 2
+    # -> data2rec: the failed sample has no caption, so it needs the fallback; it is then rejected
+    shards = str(tmp_path / "shards")
+    args = ["--wds", pattern, "--captions", os.path.join(out, "captions.jsonl"), "--output-dir", shards,
+            "--no-progress"]
+    assert data2rec.main(args) == 1 and "no caption for 1 of 7" in capsys.readouterr().err
+    assert data2rec.main(args + ["--caption-fallback", "raw"]) == 0
+    assert "written 6 + rejected 1" in capsys.readouterr().out
+
+
+class _Echo:
+    """A fake captioner: row-dependent text, empty for some images."""
+    name = "echo"
+
+    def __init__(self, empty_every=3):
+        self.empty_every = empty_every
+        self.preprocess = lambda img: torch.tensor(img.getpixel((0, 0)), dtype=torch.float64)
+
+    def describe(self):
+        return {"backend": "echo"}
+
+    def collate(self, items):
+        return torch.stack(items)
+
+    def __call__(self, x):
+        return ["  " if int(v[2]) % self.empty_every == 0 else f"pixel\t{int(v[0])}\n {int(v[1])}" for v in x]
+
+
+def test_empty_generations_are_failures_counted_not_dropped(tmp_path):
+    root = str(tmp_path)
+    path = make_manifest_dataset(root, 12, fmt="tsv")
+    src = ManifestRows(path, root)
+    cap = _Echo()
+    s = caption_run.caption_dataset(src, cap, GenSettings(), str(tmp_path / "out"), batch_size=5, chunk_size=7,
+                                    workers=0, progress=False)
+    empty = [i for i in range(12) if caption_run.decode_image(src.image_bytes(i)).getpixel((0, 0))[2] % 3 == 0]
+    assert 0 < len(empty) < 12
+    assert s["rows_in"] == 12 and s["failed"] == len(empty) and s["captioned"] == 12 - len(empty)
+    assert s["failure_kinds"] == {"empty caption generated": len(empty)}
+    caps = read_jsonl(str(tmp_path / "out" / "captions.jsonl"))
+    assert all("\t" not in c["caption"] and "\n" not in c["caption"] for c in caps)  # one line, TSV-safe
+    # the TSV copy: header kept, caption column filled, "" where none; data2rec reads it
+    lines = open(tmp_path / "out" / "captioned.tsv").read().splitlines()
+    assert lines[0] == "image\ttext\tcaption" and len(lines) == 13
+    cells = [line.split("\t") for line in lines[1:]]
+    assert [c[2] == "" for c in cells] == [i in empty for i in range(12)]
+    assert [c[1] for c in cells] == [text_of(i) for i in range(12)]
+
+
+def test_unparseable_manifest_rows_fail_and_are_copied_as_they_were(tmp_path):
+    root = str(tmp_path)
+    path = make_manifest_dataset(root, 4)
+    lines = open(path).read().splitlines(keepends=True)
+    lines[1] = '{"image": "images/0001.jpg", "text": broken\n'
+    open(path, "w").writelines(lines)
+    s = caption_run.caption_dataset(ManifestRows(path, root), _Echo(empty_every=10**6), GenSettings(),
+                                    str(tmp_path / "out"), batch_size=4, workers=0, progress=False)
+    assert (s["captioned"], s["failed"]) == (3, 1)
+    (bad,) = read_jsonl(str(tmp_path / "out" / "failed.jsonl"))
+    assert bad["key"] == 1 and bad["reason"].startswith("malformed JSON line")
+    copy = open(tmp_path / "out" / "captioned.jsonl").read().splitlines(keepends=True)
+    assert len(copy) == 4 and copy[1] == lines[1]
+    assert [json.loads(copy[i])["caption"] for i in (0, 2, 3)] == [c["caption"] for c in
+                                                                   read_jsonl(str(tmp_path / "out" / "captions.jsonl"))]
+
+
+def test_rerun_with_other_settings_is_refused(manifest, coca_dir, clean, tmp_path, capsys):
+    root, path = manifest
+    out = str(tmp_path / "caps")
+    shutil.copytree(clean, out)
+    base = ["--manifest", path, "--image-root", root, "--output-dir", out]
+    before = outputs(out)
+    assert caption.main(base + coca_args(coca_dir, "--max-new-tokens", "9")) == 1
+    err = capsys.readouterr().err
+    assert "caption: error:" in err and "settings ['generation']" in err
+    assert outputs(out) == before
+    assert caption.main(base + coca_args(coca_dir)) == 0  # same settings: nothing to do, same bytes
+    assert outputs(out) == before
+
+
+def test_bad_flags_and_missing_vllm_are_one_line_errors(manifest, coca_dir, tmp_path, capsys):
+    root, path = manifest
+    base = ["--manifest", path, "--image-root", root, "--output-dir", str(tmp_path / "x")]
+    assert caption.main(base + coca_args(coca_dir, "--prompt", "hi")) == 1
+    assert "--prompt" in capsys.readouterr().err
+    assert caption.main(base + ["--model", "RN50", "--workers", "0"]) == 1
+    assert "not a CoCa model" in capsys.readouterr().err
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        assert caption.main(base + ["--backend", "vllm", "--model", "x", "--decoding", "greedy"]) == 1
+        assert "pip install vllm" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "x" / "plan.json")
+
+
+def test_sigkill_midway_then_rerun_is_byte_identical(manifest, coca_dir, clean, tmp_path):
+    root, path = manifest
+    args = ["--manifest", path, "--image-root", root] + coca_args(coca_dir)
+    killed = str(tmp_path / "killed")
+    env = dict(os.environ, OMP_NUM_THREADS="1", **{caption_run.KILL_HOOK: "2"})
+    proc = subprocess.run([sys.executable, "caption.py", *args, "--output-dir", killed], cwd=REPO, env=env,
+                          timeout=300, capture_output=True)
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    assert len(glob.glob(os.path.join(killed, "chunks", "chunk-*.json"))) == 2  # of 3
+    assert not glob.glob(os.path.join(killed, "chunks", "*.tmp")) and not outputs(killed)
+    finished = {p: os.stat(p).st_mtime_ns for p in glob.glob(os.path.join(killed, "chunks", "chunk-*.json"))}
+    assert caption.main(args + ["--output-dir", killed]) == 0
+    assert {p: os.stat(p).st_mtime_ns for p in finished} == finished  # finished chunks were not redone
+    assert outputs(killed) == outputs(clean) and len(outputs(clean)) == 3
+
+
+def _rank_main(rank, world, argv):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    assert caption.main(argv) == 0
+
+
+def test_ranks_and_parts_split_the_chunks_and_give_the_same_bytes(manifest, coca_dir, clean, tmp_path,
+                                                                   monkeypatch, capsys):
+    root, path = manifest
+    args = ["--manifest", path, "--image-root", root] + coca_args(coca_dir)  # 3 chunks of 4 rows
+    ranks = str(tmp_path / "ranks")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert caption.main(args + ["--output-dir", ranks]) == 0
+    assert "rank 1/2 done; other processes still have chunks" in capsys.readouterr().out
+    assert sorted(os.listdir(os.path.join(ranks, "chunks"))) == ["chunk-000001.json"] and not outputs(ranks)
+    monkeypatch.setenv("RANK", "0")
+    assert caption.main(args + ["--output-dir", ranks]) == 0
+    assert outputs(ranks) == outputs(clean) and len(outputs(ranks)) == 3
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.delenv("RANK")
+    parts = str(tmp_path / "parts")
+    assert caption.main(args + ["--output-dir", parts, "--part", "1/2"]) == 0
+    assert sorted(os.listdir(os.path.join(parts, "chunks"))) == ["chunk-000001.json"] and not outputs(parts)
+    assert caption.main(args + ["--output-dir", parts, "--part", "0/2"]) == 0
+    assert outputs(parts) == outputs(clean)
+
+
+def _rank_main(rank, world, argv):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    assert caption.main(argv) == 0
+
+
+@pytest.mark.slow
+def test_two_spawned_ranks_give_the_same_captions_as_one(manifest, coca_dir, clean, tmp_path):
+    root, path = manifest
+    two = str(tmp_path / "two")
+    argv = ["--manifest", path, "--image-root", root, "--output-dir", two] + coca_args(coca_dir)
+    torch.multiprocessing.spawn(_rank_main, args=(2, argv), nprocs=2, join=True)
+    assert outputs(two) == outputs(clean) and len(outputs(two)) == 3
+
+
+def test_caption_then_data2rec_then_rec_input(manifest, coca_dir, clean, tmp_path, capsys):
+    root, path = manifest
+    caps = clean
+    shards = str(tmp_path / "shards")
+    # the two failed rows have no caption: data2rec names them unless told to fall back (counted)
+    assert data2rec.main(["--manifest", os.path.join(caps, "captioned.jsonl"), "--image-root", root,
+                          "--output-dir", shards, "--no-progress"]) == 1
+    assert "no caption" in capsys.readouterr().err
+    assert data2rec.main(["--manifest", os.path.join(caps, "captioned.jsonl"), "--image-root", root,
+                          "--output-dir", shards, "--no-progress", "--caption-fallback", "raw", "--copy-jpeg"]) == 0
+    assert f"written {GOOD} + rejected 2" in capsys.readouterr().out
+    import open_clip
+    tok = open_clip.get_tokenizer("ALIP-ViT-B-32")
+    want = {c["key"]: c["caption"] for c in read_jsonl(os.path.join(caps, "captions.jsonl"))}
+    recs = {r.key: r for p in glob.glob(os.path.join(shards, "*.rec")) for r in RecordReader(p)}
+    assert sorted(recs) == sorted(want)
+    for k, r in recs.items():
+        assert r.caption_tokens.tolist() == tok([want[k]])[0].tolist()
+    # captioning the packed shards (--copy-jpeg: the same JPEG bytes): keyed by record key, the same
+    # images in the same batches (the shards are shuffled, so batches are formed anew: 1 per batch)
+    again = str(tmp_path / "again")
+    assert caption.main(["--rec", shards, "--output-dir", again] + coca_args(coca_dir, "--batch-size", "1")) == 0
+    got = {c["key"]: c["caption"] for c in read_jsonl(os.path.join(again, "captions.jsonl"))}
+    alone = str(tmp_path / "alone")  # the manifest again, also one image per batch
+    assert caption.main(["--manifest", path, "--image-root", root, "--output-dir", alone]
+                        + coca_args(coca_dir, "--batch-size", "1")) == 0
+    assert got == {c["key"]: c["caption"] for c in read_jsonl(os.path.join(alone, "captions.jsonl"))}
+
+
+@pytest.mark.slow
+def test_wds_caption_data2rec_train_end_to_end(coca_dir, tmp_path, capsys):
+    pattern, _ = make_wds_dataset(str(tmp_path / "in"), 8, per_tar=4)
+    caps = str(tmp_path / "caps")
+    assert caption.main(["--wds", pattern, "--output-dir", caps] + coca_args(coca_dir)) == 0
+    shards = str(tmp_path / "shards")
+    assert data2rec.main(["--wds", pattern, "--captions", os.path.join(caps, "captions.jsonl"),
+                          "--output-dir", shards, "--no-progress"]) == 0
+    assert "written 8 + rejected 0" in capsys.readouterr().out
+    logs = str(tmp_path / "logs")
+    proc = subprocess.run([sys.executable, "train.py", "--model", "ALIP-tiny", "--train-data", shards,
+                           "--batch-size", "4", "--epochs", "1", "--max-steps", "2", "--precision", "fp32",
+                           "--device", "cpu", "--workers", "0", "--logs", logs, "--name", "n", "--report-to", "",
+                           "--method", "alip"], cwd=REPO, capture_output=True, timeout=600,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    steps = [json.loads(line) for line in open(os.path.join(logs, "n", "results.jsonl")) if '"loss"' in line]
+    assert steps and all(s["loss"] == s["loss"] for s in steps)
