@@ -213,10 +213,22 @@ def test_clips_loss_is_the_weighted_terms_and_it_captions():
     # the partial caption is what the text tower embedded, the full caption what is predicted
     full = method.encoder.model.encode_text(b["caption"], normalize=True)
     assert not torch.allclose(f["caption_partial"], full, atol=1e-3)
-    assert torch.equal(f["caption_targets"][:, 0], b["caption"][:, 1])
+    from alip.methods.clips import caption_targets
+    full_targets = caption_targets(b["caption"], method.encoder.decoder.num_queries)
+    assert torch.equal(f["caption_targets"][0], full_targets[full_targets != 0])
+    assert full_targets[0, 0] == b["caption"][0, 1]
+    # the projection on the target positions only == the full logits there
+    logits = method.encoder.decoder(*_prefix(method, b))
+    torch.testing.assert_close(f["caption_logits"][0], logits[full_targets != 0])
     rows = method.encoder.caption(b["image"][:2], b["raw"][:2], num_beams=2)
     texts = [open_clip.decode(r) for r in rows]
     assert all(t.startswith("<start_of_text>") and "<end_of_text>" in t for t in texts)
+
+
+def _prefix(method, b):
+    from alip.methods.filip import dense_image_tokens, dense_text_tokens
+    image_tokens, _ = dense_image_tokens(method.model, b["image"], ln_post=True)
+    return image_tokens, dense_text_tokens(method.model, b["raw"])[0][:, :-1]
 
 
 def test_alip_with_subcaptions_encodes_the_caption_view():

@@ -74,6 +74,11 @@ class CaptionDecoder(nn.Module):
         return self.queries.shape[0]
 
     def forward(self, image_tokens, text_tokens=None):
+        return self.head(self.features(image_tokens, text_tokens))
+
+    def features(self, image_tokens, text_tokens=None):
+        """The queries' outputs after ``ln_final`` ([B, num_queries, width]), before the
+        vocabulary projection (training projects only the positions that have a target)."""
         prefix = self.image_in(image_tokens)
         if text_tokens is not None:
             prefix = torch.cat([prefix, self.text_in(text_tokens)], dim=1)
@@ -81,7 +86,7 @@ class CaptionDecoder(nn.Module):
         x = torch.cat([prefix, queries], dim=1)
         mask = decoder_mask(prefix.shape[1], self.num_queries, x.device, x.dtype)
         x = self.transformer(x, attn_mask=mask)[:, prefix.shape[1]:]
-        return self.head(self.ln_final(x))
+        return self.ln_final(x)
 
     @torch.no_grad()
     def generate(self, image_tokens, text_tokens=None, num_beams=1, context_length=77,
@@ -183,9 +188,12 @@ class CLIPSEncoder(ContrastiveEncoder):
         image_tokens, image = dense_image_tokens(self.model, batch["image"], ln_post=True)
         text_tokens, _, raw = dense_text_tokens(self.model, batch["raw"])
         partial = batch.get(CAPTION_VIEW, batch["caption"])
+        targets = caption_targets(batch["caption"], self.decoder.num_queries)
+        keep = targets != 0  # project to the vocabulary only where a target is (padding is most)
+        hidden = self.decoder.features(image_tokens, text_tokens[:, :-1])
         return {"image": image, "raw": raw, "caption_partial": encode_text(self.model, partial),
-                "caption_logits": self.decoder(image_tokens, text_tokens[:, :-1]),
-                "caption_targets": caption_targets(batch["caption"], self.decoder.num_queries),
+                "caption_logits": self.decoder.head(hidden[keep])[None],
+                "caption_targets": targets[keep][None],
                 "logit_scale": self.model.logit_scale.exp()}
 
     @torch.no_grad()
