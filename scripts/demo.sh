@@ -3,15 +3,21 @@
 #
 #   ./scripts/demo.sh                            # ALIP, then the CLIP baseline on the same data
 #   DEMO_METHODS=alip ./scripts/demo.sh          # ALIP only
+#   DEMO_METHODS=all ./scripts/demo.sh           # every method (alip.methods), same data and recipe
 #
 # Outputs go to demo_output/ (DEMO_OUT): the world (shards, retrieval and classification splits),
-# one run directory per method (checkpoints, results.jsonl, TensorBoard), and the eval JSONs.
+# one run directory per method (checkpoints, results.jsonl, TensorBoard), the eval JSONs, and
+# report.md with loss.png, recall.png and gates.png (ALIP's gates by noise label).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup_env.sh
 PY=.venv/bin/python
 OUT=${DEMO_OUT:-demo_output}
 METHODS=${DEMO_METHODS:-alip clip}
+if [ "$METHODS" = all ]; then
+  METHODS=$($PY -c "from alip.methods import method_names; print(' '.join(method_names()))")
+fi
+START=$(date +%s)
 WORLD=$OUT/world
 
 if [ ! -f "$WORLD/demo_world.json" ]; then
@@ -35,19 +41,7 @@ for method in $METHODS; do
     --workers 0 --output "$OUT/zeroshot_$method.json"
 done
 
-$PY - "$OUT" "$WORLD" $METHODS <<'EOF'
-import json, sys
-out, world, methods = sys.argv[1], sys.argv[2], sys.argv[3:]
-ann = json.load(open(f"{world}/retrieval/dataset_demo.json"))
-test = [im for im in ann["images"] if im["split"] == "test"]
-n_img, n_txt = len(test), sum(len(im["sentences"]) for im in test)
-classes = len(open(f"{world}/classify/classnames.txt").read().split("\n")) - 1
-print(f"\nDemo results on held-out data ({n_img} images, {n_txt} captions, {classes} classes)")
-print(f"{'method':<8}{'I->T R@1':>10}{'T->I R@1':>10}{'zero-shot top-1':>17}")
-print(f"{'chance':<8}{100 * 5 / n_txt:>10.1f}{100 / n_img:>10.1f}{100 / classes:>17.1f}")
-for m in methods:
-    r = json.load(open(f"{out}/retrieval_{m}.json"))["metrics"]
-    z = json.load(open(f"{out}/zeroshot_{m}.json"))["metrics"]
-    z = z if "top1" in z else next(iter(z.values()))
-    print(f"{m:<8}{r['i2t_R@1']:>10.1f}{r['t2i_R@1']:>10.1f}{z['top1']:>17.1f}")
-EOF
+echo "== report"
+$PY -m alip.eval.demo_report --out "$OUT" --world "$WORLD" --methods $METHODS \
+  --seconds $(( $(date +%s) - START )) --machine "$(nproc) CPU cores"
+echo "(written to $OUT/report.md with its plots)"

@@ -1,0 +1,44 @@
+"""Every method trains on the demo world and beats chance on held-out retrieval (FILIP and
+DeFILIP scored densely, as their checkpoints ask). Slow: about a minute per method on 2 cores
+(./scripts/test.sh -m slow)."""
+import json
+
+import pytest
+
+from alip.eval.dense import load_dense_head
+from alip.eval.load import load_model
+from alip.eval.retrieval import evaluate_retrieval
+from alip.methods import METHODS
+from test_train_helpers import run_single
+
+MODELS = {"declip": "DeCLIP-demo", "defilip": "DeCLIP-demo"}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from alip.data import demo_world
+    root = tmp_path_factory.mktemp("world")
+    demo_world.generate(root, num_train=1536, num_test=100, image_size=32,
+                        classify_train_per_class=0, classify_val_per_class=1, shard_size=512,
+                        progress=False)
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_method_beats_chance_on_held_out_retrieval(tmp_path, world, method):
+    run_single(["--config", f"configs/demo_{method}.yaml", "--train-data", str(world / "shards"),
+                "--model", MODELS.get(method, "ALIP-demo"), "--epochs", "3", "--batch-size", "64",
+                "--workers", "0", "--logs", str(tmp_path), "--name", method, "--report-to", "",
+                "--device", "cpu", "--declip-bank-size", "1024"])
+    ckpt = str(tmp_path / method / "checkpoints/epoch_3.pt")
+    model, preprocess, tokenizer = load_model(checkpoint=ckpt)
+    head = load_dense_head(ckpt)
+    assert (head is not None) == (method in ("filip", "defilip"))
+    m = evaluate_retrieval(model, preprocess, tokenizer, str(world / "retrieval/dataset_demo.json"),
+                           str(world / "retrieval"), dense_head=head)
+    ann = json.loads((world / "retrieval/dataset_demo.json").read_text())
+    n_img = sum(im["split"] == "test" for im in ann["images"])
+    chance_r5 = 100 * 5 / n_img  # text->image R@5 of a random ranking
+    print(method, {k: round(v, 1) for k, v in m.items()})
+    assert m["t2i_R@5"] > 2 * chance_r5, m
