@@ -28,7 +28,8 @@ def parse_args(argv):
     src.add_argument("--wds", help="glob of img2dataset-style tars (KEY.jpg + KEY.txt)")
     src.add_argument("--rec", help="a directory (or glob) of rec shards: caption the images already packed")
     m = p.add_argument_group("captioner")
-    m.add_argument("--backend", default="open_clip", choices=["open_clip", "hf", "vllm"])
+    m.add_argument("--backend", default="open_clip", choices=["open_clip", "hf", "vllm", "clips"],
+                   help="clips: --model is the model file of a train.py --method clips run")
     m.add_argument("--model", default="coca_ViT-L-14",
                    help="open_clip CoCa name | transformers/vLLM hub id or local directory")
     m.add_argument("--pretrained", default="",

@@ -334,3 +334,33 @@ def test_wds_caption_data2rec_train_end_to_end(coca_dir, tmp_path, capsys):
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
     steps = [json.loads(line) for line in open(os.path.join(logs, "n", "results.jsonl")) if '"loss"' in line]
     assert steps and all(s["loss"] == s["loss"] for s in steps)
+
+
+def test_clips_checkpoint_trained_here_captions_through_caption_py(manifest, tmp_path):
+    """The 4th backend: a --method clips model file (its decoder travels in the model file)
+    captions a manifest; every row is captioned or listed as failed (a barely trained decoder may
+    emit EOT at once: an empty caption is a counted failure)."""
+    from test_train_helpers import run_single, tiny_argv
+    run_single(tiny_argv(tmp_path, "clips", "--method", "clips", "--clips-queries", "12",
+                         samples=16, batch=8))
+    ckpt = str(tmp_path / "clips/checkpoints/epoch_1.pt")
+    root, path = manifest
+    out = str(tmp_path / "caps")
+    assert caption.main(["--manifest", path, "--image-root", root, "--output-dir", out,
+                         "--backend", "clips", "--model", ckpt, "--decoding", "beam",
+                         "--num-beams", "2", "--max-new-tokens", "8", "--min-new-tokens", "0",
+                         "--batch-size", "3", "--chunk-size", "4", "--workers", "0",
+                         "--no-progress"]) == 0
+    side = json.load(open(os.path.join(out, "captions.json")))
+    assert side["rows_in"] == GOOD + 2 == side["captioned"] + side["failed"]
+    assert side["captioner"]["backend"] == "clips"
+    gen = GenSettings(decoding="greedy", max_new_tokens=8, min_new_tokens=0)
+    cap = build_captioner("clips", ckpt, "", gen)
+    src = ManifestRows(path, root)
+    texts = cap(cap.collate([cap.preprocess(caption_run.decode_image(src.image_bytes(i)))
+                             for i in range(3)]))
+    assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
+    with pytest.raises(ValueError, match="not a CLIPS checkpoint"):
+        from test_train_helpers import run_single as rs
+        rs(tiny_argv(tmp_path, "alip", samples=16, batch=8))
+        build_captioner("clips", str(tmp_path / "alip/checkpoints/epoch_1.pt"), "", gen)

@@ -258,7 +258,55 @@ class VLLMCaptioner:
         return [o.outputs[0].text for o in outs]
 
 
-BACKENDS = ("open_clip", "hf", "vllm")
+class CLIPSCaptioner:
+    """A CLIPS model trained here (``train.py --method clips``): its caption decoder over the
+    image's patch tokens (image only: web text is not part of this interface), greedy or beam."""
+
+    name = "clips"
+
+    def __init__(self, checkpoint, gen, device="cpu", precision="fp32"):
+        import open_clip
+
+        from alip.methods.clips import decoder_from_eval_heads
+        try:
+            saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError) as e:
+            raise ValueError(f"--model {checkpoint}: not a readable train.py checkpoint ({e})") from None
+        heads = saved.get("eval_heads", {}) if isinstance(saved, dict) else {}
+        if saved.get("method") != "clips" or "decoder" not in heads:
+            raise ValueError(f"--model {checkpoint}: not a CLIPS checkpoint of train.py (--backend "
+                             f"clips needs the model file of a --method clips run)")
+        if gen.decoding == "sample" or gen.prompt:
+            raise ValueError("--backend clips: greedy or beam decoding, no prompt")
+        self.checkpoint, self.gen = checkpoint, gen
+        self.device, self.precision = torch.device(device), precision
+        self.model, _, self.preprocess = open_clip.create_model_and_transforms(
+            saved["model"], pretrained=checkpoint, device=self.device)
+        self.model.eval()
+        self.decoder = decoder_from_eval_heads(heads).to(self.device)
+        self._decode = open_clip.decode
+
+    def describe(self):
+        return {"backend": self.name, "model": self.checkpoint, "pretrained": None,
+                "precision": self.precision}
+
+    def collate(self, items):
+        return torch.stack(items)
+
+    @torch.no_grad()
+    def __call__(self, images):
+        from alip.methods.filip import dense_image_tokens
+        images = images.to(self.device, non_blocking=True)
+        beams = self.gen.num_beams if self.gen.decoding == "beam" else 1
+        with _autocast(self.device, self.precision):
+            tokens = dense_image_tokens(self.model, images, ln_post=True)[0]
+            rows = self.decoder.generate(tokens, None, num_beams=beams,
+                                         context_length=min(77, self.gen.max_new_tokens + 2))
+        return [self._decode(r).split("<end_of_text>")[0].replace("<start_of_text>", "").strip()
+                for r in rows]
+
+
+BACKENDS = ("open_clip", "hf", "vllm", "clips")
 
 
 def build_captioner(backend, model, pretrained, gen, device="cpu", precision="fp32", trust_remote_code=False):
@@ -271,4 +319,6 @@ def build_captioner(backend, model, pretrained, gen, device="cpu", precision="fp
         return HFCaptioner(model, gen, device, precision, trust_remote_code)
     if backend == "vllm":
         return VLLMCaptioner(model, gen, precision, trust_remote_code=trust_remote_code)
+    if backend == "clips":
+        return CLIPSCaptioner(model, gen, device, precision)
     raise ValueError(f"--backend {backend!r}: one of {BACKENDS}")

@@ -62,6 +62,9 @@ class CaptionDecoder(nn.Module):
                  layers=_MM.layers, heads=_MM.heads, mlp_ratio=_MM.mlp_ratio, num_queries=128,
                  act_layer=nn.GELU):
         super().__init__()
+        self.config = dict(image_width=image_width, text_width=text_width, vocab_size=vocab_size,
+                           width=width, layers=layers, heads=heads, mlp_ratio=mlp_ratio,
+                           num_queries=num_queries)  # what rebuilds it (CLIPS model files)
         self.image_in = nn.Linear(image_width, width) if image_width != width else nn.Identity()
         self.text_in = nn.Linear(text_width, width) if text_width != width else nn.Identity()
         self.queries = nn.Parameter(torch.randn(num_queries, width) * 0.02)
@@ -271,3 +274,17 @@ class CLIPS(Method):
             grad_scale=local_grad_scale(world_size, args.gather_with_grad, args.ddp_gradients),
             local_loss=args.local_loss, gather_with_grad=args.gather_with_grad,
             cache_labels=True, rank=rank, world_size=world_size))
+
+    def eval_heads(self):
+        return clips_eval_heads(self.encoder.decoder)
+
+
+def clips_eval_heads(decoder):
+    """What captioning with a trained CLIPS model needs beside the open_clip weights."""
+    return {"decoder": decoder.state_dict(), "decoder_config": dict(decoder.config)}
+
+
+def decoder_from_eval_heads(heads):
+    decoder = CaptionDecoder(**heads["decoder_config"])
+    decoder.load_state_dict(heads["decoder"])
+    return decoder.eval()
