@@ -184,7 +184,18 @@ def bench_model(name, batch_size, device, precision, reps, regimes, methods=("cl
             views = method_batch(specs[m], batch, gen)
             sides[f"{regime}/{m}"] = lambda m=m, views=views: train_step(ctxs[m], [views])
         sides[f"{regime}/alip-ref"] = lambda batch=batch: ref(*batch)
-    return _timing.abba(sides, reps, device, label=name)
+    times = _timing.abba(sides, reps, device, label=name)
+    if device.type == "cuda":  # peak memory of one step per side (FILIP's dense logits vs CLIP)
+        for key, fn in sides.items():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            fn()
+            torch.cuda.synchronize()
+            PEAK_MEMORY[key] = torch.cuda.max_memory_allocated()
+    return times
+
+
+PEAK_MEMORY = {}  # side -> bytes (CUDA only)
 
 
 def main(argv=None):
@@ -226,8 +237,11 @@ def main(argv=None):
                   f"{_timing.fmt(_timing.ratio(t, 'alip', 'clip')):<19}"
                   f"{_timing.fmt(_timing.ratio(t, 'alip-ref', 'alip')):<19}", flush=True)
             for m in methods[2:]:  # the other methods: step time over our CLIP's
+                mem = PEAK_MEMORY.get(f"{regime}/{m}")
+                mem = (f", peak memory {mem / 2**30:.2f} GiB = "
+                       f"{mem / PEAK_MEMORY[regime + '/clip']:.2f}x clip's") if mem else ""
                 print(f"{'':<15}{'':>6} {regime:<10}{m:>9}: {sps[m]:.1f} samples/s, time over "
-                      f"clip {_timing.fmt(_timing.ratio(t, m, 'clip'))}", flush=True)
+                      f"clip {_timing.fmt(_timing.ratio(t, m, 'clip'))}{mem}", flush=True)
 
 
 if __name__ == "__main__":
