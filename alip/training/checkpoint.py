@@ -62,7 +62,7 @@ def _atomic_save(obj, path):
     os.replace(tmp, path)
 
 
-def _atomic_write_text(text, path):
+def atomic_write_text(text, path):
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
@@ -156,7 +156,7 @@ def save_checkpoint(ckpt_dir, tag, model_name, model, train_state, epoch, step, 
                                           else [])):
             (ckpt_dir / name).unlink(missing_ok=True)
     index = [e for e in index if (ckpt_dir / e["model"]).exists()]
-    _atomic_write_text(json.dumps(index, indent=1), ckpt_dir / INDEX)
+    atomic_write_text(json.dumps(index, indent=1), ckpt_dir / INDEX)
     return ckpt_dir / model_file
 
 

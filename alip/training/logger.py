@@ -1,12 +1,13 @@
 """Run logging on rank 0: tqdm progress, TensorBoard scalars, results.jsonl, out.log."""
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 
 from tqdm import tqdm
+
+from .checkpoint import atomic_write_text
 
 log = logging.getLogger("alip.train")
 
@@ -47,12 +48,7 @@ def truncate_results(path, last_step):
         else:
             kept.append(line + "\n")
     if dropped:
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write_text("".join(kept), path)
     return dropped
 
 
