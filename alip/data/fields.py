@@ -30,10 +30,17 @@ def manifest_fields(rec_path):
     return path, tuple(fields)
 
 
-def shard_fields(rec_path):
+def shard_fields(rec_path, manifests=None):
     """The field names of one shard, in label order, or None for a shard with no records and no
-    manifest (nothing to read, nothing to name)."""
-    _, fields = manifest_fields(rec_path)
+    manifest (nothing to read, nothing to name). ``manifests``: a dict caching manifest_fields
+    per directory across calls."""
+    d = os.path.dirname(os.path.abspath(rec_path))
+    if manifests is None or d not in manifests:
+        found = manifest_fields(rec_path)[1]
+        if manifests is None:
+            manifests = {}
+        manifests[d] = found
+    fields = manifests[d]
     if fields is not None:
         return fields
     reader = RecordReader(rec_path, check=False)
@@ -50,9 +57,9 @@ def shard_fields(rec_path):
 
 def shards_layout(rec_paths):
     """The field names shared by all shards; shards of different layouts are an error naming two."""
-    layout, first = None, None
+    layout, first, manifests = None, None, {}
     for p in rec_paths:
-        fields = shard_fields(p)
+        fields = shard_fields(p, manifests)
         if fields is None:
             continue
         if layout is None:
