@@ -20,6 +20,10 @@ def parse_args(argv):
     src.add_argument("--image-col", default="image")
     src.add_argument("--text-col", default="text")
     src.add_argument("--caption-col", default="caption")
+    src.add_argument("--text-fields", default="raw,caption", metavar="raw,caption[,F...]",
+                     help="the label's text fields in order: raw (--text-col / KEY.txt), caption "
+                          "(--caption-col) and any extra field F, read from the manifest's column F "
+                          "(--wds: the --captions file's column F); a missing or empty F rejects the row")
     src.add_argument("--wds", help="glob of img2dataset-style tars (KEY.jpg + KEY.txt [+ KEY.json])")
     src.add_argument("--captions", help="with --wds: JSONL/CSV/TSV of synthetic captions keyed by KEY")
     src.add_argument("--key-col", default="key", help="with --captions: the KEY column")
@@ -61,6 +65,12 @@ def parse_args(argv):
     except (ValueError, AssertionError):
         p.error(f"--part {args.part!r}: expected I/N with 0 <= I < N")
     args.part = (i, n)
+    args.text_fields = tuple(f.strip() for f in args.text_fields.split(","))
+    from alip.data.pack import DataError, check_text_fields
+    try:
+        check_text_fields(args.text_fields, [f for f in args.text_fields if f not in ("raw", "caption")])
+    except DataError as e:
+        p.error(str(e))
     return args
 
 
@@ -75,19 +85,20 @@ def main(argv=None) -> int:
         args = parse_args(argv)
     except SystemExit as e:
         return int(e.code or 0)
+    extra = tuple(f for f in args.text_fields if f not in ("raw", "caption"))
     try:
         if args.manifest:
             source = ManifestSource(args.manifest, args.image_root, args.image_col, args.text_col,
                                     args.caption_col, args.caption_fallback,
-                                    args.max_row_lines or DEFAULT_MAX_ROW_LINES)
+                                    args.max_row_lines or DEFAULT_MAX_ROW_LINES, extra)
         else:
             source = WebDatasetSource(args.wds, args.captions, args.key_col, args.caption_col,
-                                      args.caption_fallback)
+                                      args.caption_fallback, extra)
         s = run(source, args.output_dir, shard_size=args.shard_size, workers=args.workers,
                 quality=args.quality, max_size=args.max_size, copy_jpeg=args.copy_jpeg,
                 shuffle=not args.no_shuffle, seed=args.seed, caption_fallback=args.caption_fallback,
                 tokenizer=args.tokenizer, command=shlex.join(["data2rec.py", *argv]),
-                progress=not args.no_progress, part=args.part)
+                progress=not args.no_progress, part=args.part, text_fields=args.text_fields)
     except (DataError, FileNotFoundError) as e:
         print(f"data2rec: error: {e}", file=sys.stderr)
         return 1

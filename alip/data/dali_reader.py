@@ -34,7 +34,9 @@ import torch
 
 from . import text_views
 from .augment import AREA, ASPECT, CLIP_MEAN, CLIP_STD, RECIPE_PARAMS
+from .fields import resolve
 from .recordio import CONTEXT_LENGTH, RecordIOError, RecordReader
+from .spec import DEFAULT_TEXT_FIELDS
 from .verify import require_verified
 
 
@@ -137,6 +139,7 @@ class DaliRecLoader:
                  verify=True):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+        self.field_rows, self.layout = resolve([str(p) for p in rec_paths], self.wanted_fields())
         if verify:  # a corrupt JPEG would otherwise kill DALI's decoder mid-epoch, naming nothing
             require_verified(rec_paths, max(1, workers), rank, world_size)
         self.recs, self.idx_path, self.shard_counts = _combined_index(rec_paths)
@@ -152,6 +155,18 @@ class DaliRecLoader:
         n, W = self.num_samples, world_size
         self.dropped_per_epoch = n - W * batch_size * ((n // W) // batch_size) if drop_last else 0
         self.set_epoch(0)
+
+    def wanted_fields(self):
+        return DEFAULT_TEXT_FIELDS
+
+    def split_labels(self, labels):
+        """int64 [B, 77*N] labels -> {field: int64 [B, 77]} for the wanted fields."""
+        if labels.shape[1] != CONTEXT_LENGTH * len(self.layout):
+            raise RecordIOError(f"labels of {labels.shape[1]} floats in {self.idx_path} (rank {self.rank}, "
+                                f"epoch {self.epoch}), but the shards' layout is {list(self.layout)}: "
+                                "`python data2rec.py verify` names the record")
+        return {f: labels[:, CONTEXT_LENGTH * k:CONTEXT_LENGTH * (k + 1)].contiguous()
+                for f, k in self.field_rows.items()}
 
     def files_of(self, lo, hi):
         """The .rec files holding records lo..hi-1 of the combined index."""
@@ -214,10 +229,9 @@ class DaliRecLoader:
                 if b < self.start_batch:
                     self.replayed_batches += 1
                     continue
-                labels = out[0]["labels"].long()
+                fields = self.split_labels(out[0]["labels"].long())
                 self.position = b + 1
-                yield (out[0]["images"], labels[:, :CONTEXT_LENGTH].contiguous(),
-                       labels[:, CONTEXT_LENGTH:].contiguous())
+                yield out[0]["images"], fields["raw"], fields["caption"]
         finally:
             del pipe  # self._it keeps it until the next epoch, for state_dict() after a break
 
@@ -331,11 +345,14 @@ class DaliViewLoader(DaliRecLoader):
     caller works on batch b (the pipeline checkpoint after b is kept for ``state_dict``)."""
 
     def __init__(self, rec_paths, batch_size, image_size, spec, text_threads=4, **kw):
-        text_views.check(spec.text_views)
+        text_views.check(spec.text_views, spec.fields_read)  # transforms; the shards' fields in resolve
         self.spec, self.text_threads = spec, text_threads
         super().__init__(rec_paths, batch_size, image_size, **kw)
         self.sources = SourceIndex(rec_paths) if spec.text_views else None
         self.token_device = torch.device("cpu" if self.device_id is None else f"cuda:{self.device_id}")
+
+    def wanted_fields(self):
+        return self.spec.fields_read
 
     def set_epoch(self, epoch, start_batch=0):
         super().set_epoch(epoch, start_batch)
@@ -349,8 +366,7 @@ class DaliViewLoader(DaliRecLoader):
 
     def _fields(self, out):
         """DALI outputs -> the batch dict without text views, and the CPU token fields."""
-        labels = out["labels"].long()
-        fields = {"raw": labels[:, :CONTEXT_LENGTH].contiguous(), "caption": labels[:, CONTEXT_LENGTH:].contiguous()}
+        fields = self.split_labels(out["labels"].long())
         batch = {v.name: out[f"view{k}"] for k, v in enumerate(self.spec.image_views)}
         batch.update((f, fields[f].to(self.token_device)) for f in self.spec.text_fields)
         return batch, fields

@@ -10,8 +10,11 @@ disjoint shard sets into one shared output dir.
 
 Inputs: a manifest (JSONL / CSV / TSV, header row for CSV/TSV) or webdataset tars
 (``KEY.jpg`` + ``KEY.txt``) plus a captions file keyed by KEY.
+Text fields: ``raw`` (the text column / KEY.txt) and ``caption`` always, plus any extra field F
+(``--text-fields raw,caption,F``) read from the manifest's column F, or the captions file's column
+F for tars; the label holds their tokens in the given order.
 Outcomes per row: a record, or a line in ``rejects.jsonl`` (missing file, undecodable image,
-empty text, ...). A missing caption stops the run before anything is written unless
+empty text, a missing or empty extra field, ...). A missing caption stops the run before anything is written unless
 ``--caption-fallback raw``. Rows in = written + rejected, always.
 """
 import csv
@@ -30,7 +33,7 @@ from array import array
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .recordio import RecordWriter, pack
+from .recordio import DEFAULT_FIELDS, RecordWriter, pack_fields
 
 TOOL_VERSION = "1"
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
@@ -99,9 +102,11 @@ class ManifestSource:
     """Rows of a JSONL/CSV/TSV manifest, indexed by byte offset for random access."""
 
     def __init__(self, path, image_root, image_col="image", text_col="text", caption_col="caption",
-                 caption_fallback=None, max_row_lines=DEFAULT_MAX_ROW_LINES):
+                 caption_fallback=None, max_row_lines=DEFAULT_MAX_ROW_LINES, extra_fields=()):
         self.path, self.image_root = path, image_root
         self.cols = (image_col, text_col, caption_col)
+        self.extra = tuple(extra_fields)  # extra text fields, each read from its own column
+        self._extra_seen = dict.fromkeys(self.extra, 0)
         self.fmt = manifest_format(path)
         self.caption_fallback = caption_fallback
         self.max_row_lines = max_row_lines
@@ -122,6 +127,10 @@ class ManifestSource:
                 self._scan_csv(f, offsets)
         self.offsets = np.frombuffer(offsets, np.int64) if len(offsets) else np.zeros(0, np.int64)
         self._f = None
+        absent = [f for f, n in self._extra_seen.items() if n == 0]
+        if absent and len(self.offsets) > len(self.bad_rows):
+            raise DataError(f"{path}: no row has a value in column {absent[0]!r} (--text-fields names "
+                            f"{list(self.extra)} as extra columns)")
 
     def _scan_csv(self, f, offsets):
         """Index the data rows; a row is a record that starts on a new physical line."""
@@ -134,6 +143,9 @@ class ManifestSource:
             if name not in self.header:
                 raise DataError(f"{path}: header {self.header} has no column {name!r} "
                                 f"(set it with --{'image' if name == image_col else 'text'}-col)")
+        for name in self.extra:
+            if name not in self.header:
+                raise DataError(f"{path}: header {self.header} has no column {name!r} (named by --text-fields)")
         if caption_col not in self.header and self.caption_fallback != "raw":
             raise DataError(f"{path}: header {self.header} has no caption column {caption_col!r}; "
                             "set --caption-col, or pass --caption-fallback raw to use the raw text")
@@ -181,6 +193,7 @@ class ManifestSource:
     def describe(self):
         return {"manifest": os.path.abspath(self.path), "format": self.fmt,
                 "image_root": os.path.abspath(self.image_root), "columns": list(self.cols),
+                **({"extra_columns": list(self.extra)} if self.extra else {}),
                 "bytes": os.path.getsize(self.path),
                 **({"max_row_lines": self.max_row_lines} if self.fmt == "csv" else {})}
 
@@ -225,7 +238,11 @@ class ManifestSource:
         return dict(zip(self.header, row))
 
     def _check_caption(self, i, obj):
-        if obj is None or self.caption_fallback == "raw":
+        if obj is None:
+            return
+        for name in self.extra:
+            self._extra_seen[name] += obj.get(name) is not None
+        if self.caption_fallback == "raw":
             return
         if obj.get(self.cols[2]) is None:
             raise DataError(f"{self._where(i)}: no caption (column {self.cols[2]!r}); "
@@ -233,6 +250,11 @@ class ManifestSource:
 
     def read(self, i):
         """(image source, raw text, caption or None) of row i, or raise Reject."""
+        return self.read_fields(i)[:3]
+
+    def read_fields(self, i):
+        """(image source, raw text, caption or None, {extra field: text or None}) of row i, or
+        raise Reject."""
         if i in self.bad_rows:
             raise Reject(self.bad_rows[i])
         if self._f is None:
@@ -251,7 +273,8 @@ class ManifestSource:
             raise Reject("empty image path")
         if "\0" in image:
             raise Reject("image path contains a NUL byte")
-        return ("file", os.path.join(self.image_root, image)), text, caption
+        extras = {name: _string(obj, name) for name in self.extra}
+        return ("file", os.path.join(self.image_root, image)), text, caption, extras
 
 
 def _string(obj, name):
@@ -271,8 +294,10 @@ def is_blank(s):
 class WebDatasetSource:
     """img2dataset-style tars (KEY.jpg + KEY.txt [+ KEY.json]) plus a captions file keyed by KEY."""
 
-    def __init__(self, pattern, captions_path, key_col="key", caption_col="caption", caption_fallback=None):
+    def __init__(self, pattern, captions_path, key_col="key", caption_col="caption", caption_fallback=None,
+                 extra_fields=()):
         self.pattern, self.captions_path = pattern, captions_path
+        self.extra = tuple(extra_fields)  # extra text fields, each from its column of the captions file
         self.tars = sorted(glob.glob(pattern))
         if not self.tars:
             raise DataError(f"--wds {pattern!r} matches no files")
@@ -292,7 +317,13 @@ class WebDatasetSource:
                 raise DataError(f"{path}: not a readable tar ({e})") from None
             for prefix in sorted(groups):
                 self.items.append((os.path.basename(prefix), t, groups[prefix]))
-        self.captions = load_captions(captions_path, key_col, caption_col)
+        columns = load_columns(captions_path, key_col, (caption_col,) + self.extra)
+        self.captions = columns[caption_col]
+        self.extra_values = {name: columns[name] for name in self.extra}
+        absent = [name for name, v in self.extra_values.items() if not v]
+        if absent and self.items:
+            raise DataError(f"{captions_path}: no row has a value in column {absent[0]!r} (--text-fields "
+                            f"names {list(self.extra)} as extra columns)")
         if caption_fallback != "raw":
             missing = [k for k, _, _ in self.items if k not in self.captions]
             if missing:
@@ -330,11 +361,22 @@ class WebDatasetSource:
             raise Reject(f"non-UTF-8 text ({e.reason} at byte {e.start})") from None
         return ("tar", self.tars[t], *members[ext]), text, _string(self.captions, key)
 
+    def read_fields(self, i):
+        """read(i) + {extra field: text or None} from the captions file."""
+        key = self.items[i][0]
+        return (*self.read(i), {name: _string(v, key) for name, v in self.extra_values.items()})
+
 
 def load_captions(path, key_col="key", caption_col="caption"):
     """{key: caption} from a JSONL, CSV or TSV captions file."""
+    return load_columns(path, key_col, (caption_col,))[caption_col]
+
+
+def load_columns(path, key_col="key", cols=("caption",)):
+    """{column: {key: value}} from a JSONL, CSV or TSV captions file (rows without a value in a
+    column are absent from its dict), in one pass."""
     fmt = manifest_format(path)
-    out = {}
+    out = {c: {} for c in cols}
     with open(path, "rb") as f:
         if fmt == "jsonl":
             rows = (json.loads(line) for line in f if line.strip())
@@ -344,9 +386,10 @@ def load_captions(path, key_col="key", caption_col="caption"):
             for n, row in enumerate(rows):
                 if not isinstance(row, dict) or key_col not in row:
                     raise DataError(f"{path} row {n}: no key column {key_col!r} (set --key-col)")
-                if row.get(caption_col) is not None:
-                    # a caption of the wrong type rejects its sample (in read), never str() of it
-                    out[str(row[key_col])] = row[caption_col]
+                for c in cols:
+                    if row.get(c) is not None:
+                        # a value of the wrong type rejects its sample (in read), never str() of it
+                        out[c][str(row[key_col])] = row[c]
         except (UnicodeDecodeError, json.JSONDecodeError, csv.Error) as e:
             raise DataError(f"{path}: unreadable captions file ({e})") from None
         except RecursionError:
@@ -435,22 +478,39 @@ def _init_worker(tokenizer_name, quality, max_size, copy_jpeg):
 
 
 def process_row(job):
-    """job = (key, source, text, caption) -> (key, payload, None) or (key, None, reason)."""
-    key, src, text, caption = job
+    """job = (key, source, texts) with texts ((field, text or None), ...) in label order
+    -> (key, payload, None) or (key, None, reason)."""
+    key, src, texts = job
     try:
-        if is_blank(text):
-            raise Reject("empty text")
-        if is_blank(caption):
-            raise Reject("empty caption")
+        texts = dict(texts)
+        for name in ("raw", "caption", *texts):  # today's reasons first: "empty text", "empty caption"
+            if texts[name] is None:
+                raise Reject(f"missing {name} (no value in column {name!r})")
+            if is_blank(texts[name]):
+                raise Reject("empty text" if name == "raw" else f"empty {name}")
         jpeg = encode_image(_read_source(src), _WORKER["quality"], _WORKER["max_size"], _WORKER["copy_jpeg"])
-        tokens = _WORKER["tokenizer"]([text, caption]).numpy()
-        return key, pack(key, tokens[0], tokens[1], jpeg), None
+        tokens = _WORKER["tokenizer"](list(texts.values())).numpy()
+        return key, pack_fields(key, tokens, jpeg), None
     except Reject as e:
         return key, None, str(e)
 
 
 # ----------------------------------------------------------------------------------------------
 # the run
+
+def check_text_fields(text_fields, extra=()):
+    """``text_fields`` must hold raw and caption once each, other names being distinct identifiers
+    that are exactly the source's extra columns ``extra``; else a DataError."""
+    fields = list(text_fields)
+    bad = [f for f in fields if not isinstance(f, str) or not f.isidentifier()]
+    if bad:
+        raise DataError(f"--text-fields: {bad[0]!r} is not a field name (letters, digits, _)")
+    if len(set(fields)) != len(fields) or "raw" not in fields or "caption" not in fields:
+        raise DataError(f"--text-fields {','.join(fields)}: needs raw and caption once each, "
+                        "every field once (e.g. raw,caption,generated)")
+    if [f for f in fields if f not in DEFAULT_FIELDS] != list(extra):
+        raise DataError(f"--text-fields {','.join(fields)}: the source reads extra columns {list(extra)}")
+
 
 def shard_name(k):
     return f"train-{k:05d}"
@@ -460,12 +520,12 @@ def plan_order(n, shuffle, seed):
     return np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
 
 
-def _jobs(source, keys, caption_fallback, stats, rejects):
+def _jobs(source, keys, caption_fallback, stats, rejects, text_fields=DEFAULT_FIELDS):
     """Jobs for the worker pool; rows that fail to parse go straight to rejects."""
     for key in keys:
         key = int(key)
         try:
-            src, text, caption = source.read(key)
+            src, text, caption, extras = source.read_fields(key)
         except Reject as e:
             rejects.append({"key": key, "reason": str(e), **_row_ref(source, key)})
             continue
@@ -475,7 +535,8 @@ def _jobs(source, keys, caption_fallback, stats, rejects):
         if caption is None or (caption_fallback == "raw" and is_blank(caption)):
             caption = text
             stats["caption_fallbacks"] += 1
-        yield key, src, text, caption
+        texts = {"raw": text, "caption": caption, **extras}
+        yield key, src, tuple((f, texts[f]) for f in text_fields)
 
 
 def _row_ref(source, key):
@@ -487,8 +548,11 @@ def _row_ref(source, key):
 
 def run(source, output_dir, shard_size=10000, workers=1, quality=95, max_size=0, copy_jpeg=False,
         shuffle=True, seed=0, caption_fallback=None, tokenizer=DEFAULT_TOKENIZER, command=None,
-        progress=True, part=(0, 1)):
+        progress=True, part=(0, 1), text_fields=DEFAULT_FIELDS):
     """Write (or complete) the shards in ``output_dir``; returns the summary dict (manifest.json).
+
+    ``text_fields``: the label's fields in order, ``raw`` and ``caption`` among them; any other
+    name is an extra field the source reads (its ``extra`` columns).
 
     ``part=(i, n)`` builds only shards k with k % n == i, so n machines can share one output dir
     on a shared file system; whichever run finds every shard done writes manifest.json and
@@ -500,7 +564,7 @@ def run(source, output_dir, shard_size=10000, workers=1, quality=95, max_size=0,
         raise DataError(f"{e.filename or output_dir}: cannot create or lock the output dir ({e.strerror})") from None
     try:
         return _run(source, output_dir, shard_size, workers, quality, max_size, copy_jpeg, shuffle, seed,
-                    caption_fallback, tokenizer, command, progress, part)
+                    caption_fallback, tokenizer, command, progress, part, tuple(text_fields))
     except OSError as e:
         raise DataError(f"{e.filename or output_dir}: {e.strerror or e}") from None
     finally:
@@ -536,12 +600,16 @@ def _lock_output_dir(output_dir, part):
 
 
 def _run(source, output_dir, shard_size, workers, quality, max_size, copy_jpeg, shuffle, seed,
-         caption_fallback, tokenizer, command, progress, part):
+         caption_fallback, tokenizer, command, progress, part, text_fields):
     from tqdm import tqdm
+
+    check_text_fields(text_fields, getattr(source, "extra", ()))
 
     n = len(source)
     flags = dict(shard_size=shard_size, quality=quality, max_size=max_size, copy_jpeg=copy_jpeg,
                  shuffle=shuffle, seed=seed, caption_fallback=caption_fallback, tokenizer=tokenizer)
+    if text_fields != DEFAULT_FIELDS:  # only then: an output dir of an older version still resumes
+        flags["text_fields"] = list(text_fields)
     plan = {"tool_version": TOOL_VERSION, "rows": n, "inputs": source.describe(), "flags": flags}
     plan_path = os.path.join(output_dir, "plan.json")
     plan_text = json.dumps(plan, indent=1, sort_keys=True)
@@ -582,7 +650,7 @@ def _run(source, output_dir, shard_size, workers, quality, max_size, copy_jpeg, 
         for k in todo:
             try:
                 _write_shard(output_dir, k, order[k * shard_size:(k + 1) * shard_size], source,
-                             caption_fallback, imap, bar)
+                             caption_fallback, imap, bar, text_fields)
             except OSError as e:  # full disk, read-only or vanished output dir
                 where = e.filename or os.path.join(output_dir, shard_name(k) + ".rec.partial")
                 raise DataError(f"{where}: cannot write shard {shard_name(k)} ({e.strerror or e})") from None
@@ -601,14 +669,14 @@ def _run(source, output_dir, shard_size, workers, quality, max_size, copy_jpeg, 
     return _finish(output_dir, num_shards, n, plan, command)
 
 
-def _write_shard(output_dir, k, keys, source, caption_fallback, imap, bar):
+def _write_shard(output_dir, k, keys, source, caption_fallback, imap, bar, text_fields=DEFAULT_FIELDS):
     base = os.path.join(output_dir, shard_name(k))
     stats = {"caption_fallbacks": 0}
     rejects = []
     with RecordWriter(base + ".rec.partial", base + ".idx.partial") as w:
         # the jobs are listed here, in this thread: Pool.imap would run a generator in its task
         # thread, racing the parse-time rejects it appends against the end of this loop
-        jobs = list(_jobs(source, keys, caption_fallback, stats, rejects))
+        jobs = list(_jobs(source, keys, caption_fallback, stats, rejects, text_fields))
         processed = 0
         for key, payload, reason in imap(jobs):
             if payload is None:
@@ -648,12 +716,15 @@ def _finish(output_dir, num_shards, n, plan, command):
     if written + len(rejects) != n:
         raise RuntimeError(f"{output_dir}: {n} rows in but {written} written + {len(rejects)} rejected")
     import alip
+    fields = plan["flags"].get("text_fields", DEFAULT_FIELDS)
     summary = {
         "tool": "alip data2rec", "tool_version": TOOL_VERSION, "alip_version": alip.__version__,
         "command": command, "inputs": plan["inputs"], "flags": plan["flags"],
         "tokenizer": f"open_clip.get_tokenizer({plan['flags']['tokenizer']!r}) (CLIP BPE, SOT 49406, EOT 49407, pad 0)",
         "context_length": 77,
-        "label_layout": "IRHeader flag=154, 154 float32: raw-text tokens [0:77] | caption tokens [77:154]",
+        "text_fields": list(fields),
+        "label_layout": f"IRHeader flag={77 * len(fields)}, {77 * len(fields)} float32: " + " | ".join(
+            f"{f} tokens [{77 * k}:{77 * (k + 1)}]" for k, f in enumerate(fields)),
         "rows_in": n, "total_records": written, "rejected": len(rejects), "caption_fallbacks": fallbacks,
         "shards": shards,
     }

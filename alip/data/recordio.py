@@ -10,10 +10,13 @@ reader), exactly as dmlc does, so mxnet, DALI and this module read each other's 
 
 Payload (``mx.recordio.pack`` with an array label)::
 
-    IRHeader '<IfQQ' (flag=154, label=0.0, id=key, id2=0) | 154 float32 | JPEG bytes
+    IRHeader '<IfQQ' (flag=77*N, label=0.0, id=key, id2=0) | 77*N float32 | JPEG bytes
 
-The 154 floats are ALIP's label: open_clip tokens of the raw web text [0:77] and of the synthetic
-caption [77:154] (token ids < 2**24, so float32 holds them exactly).
+The 77*N floats are the label: open_clip tokens of N text fields, 77 each, in the shard's field
+order (token ids < 2**24, so float32 holds them exactly). ALIP's layout is N=2: the raw web text
+[0:77] and the synthetic caption [77:154]; RWKV-CLIP's shards carry N=3 (raw, caption,
+generated). Which field is which is in the shard dir's manifest.json (``text_fields``), else it
+follows from the label length (``LAYOUTS``).
 
 The ``.idx`` file has one ``key\\toffset`` line per record (offset of the record's first byte).
 """
@@ -26,7 +29,10 @@ import numpy as np
 MAGIC = 0xCED7230A
 MAGIC_BYTES = struct.pack("<I", MAGIC)
 CONTEXT_LENGTH = 77
-LABEL_LEN = 2 * CONTEXT_LENGTH
+LABEL_LEN = 2 * CONTEXT_LENGTH  # ALIP's layout: raw | caption
+DEFAULT_FIELDS = ("raw", "caption")
+# label length -> field names, for shards without a manifest.json naming them
+LAYOUTS = {2 * CONTEXT_LENGTH: DEFAULT_FIELDS, 3 * CONTEXT_LENGTH: ("raw", "caption", "generated")}
 IR_FORMAT = "<IfQQ"
 IR_SIZE = struct.calcsize(IR_FORMAT)  # 24
 MAX_PART = (1 << 29) - 1
@@ -63,32 +69,61 @@ def frame(payload: bytes) -> bytes:
 
 
 def pack(key: int, raw_tokens, caption_tokens, jpeg: bytes) -> bytes:
-    """The record payload: IRHeader + 154 float32 label + JPEG bytes."""
-    label = np.concatenate([np.asarray(raw_tokens), np.asarray(caption_tokens)]).astype("<f4")
+    """The record payload in ALIP's layout: IRHeader + 154 float32 label + JPEG bytes."""
+    label = np.concatenate([np.asarray(raw_tokens), np.asarray(caption_tokens)])
     if label.size != LABEL_LEN:
         raise ValueError(f"record {key}: expected 2x{CONTEXT_LENGTH} tokens, got {label.size}")
-    return struct.pack(IR_FORMAT, LABEL_LEN, 0.0, key, 0) + label.tobytes() + bytes(jpeg)
+    return pack_fields(key, label.reshape(2, CONTEXT_LENGTH), jpeg)
+
+
+def pack_fields(key: int, tokens, jpeg: bytes) -> bytes:
+    """The record payload of N text fields: IRHeader(flag=77*N) + tokens [N, 77] as float32 + JPEG."""
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 2 or tokens.shape[0] < 1 or tokens.shape[1] != CONTEXT_LENGTH:
+        raise ValueError(f"record {key}: expected tokens of shape [N, {CONTEXT_LENGTH}], got {tokens.shape}")
+    label = tokens.astype("<f4").reshape(-1)
+    return struct.pack(IR_FORMAT, label.size, 0.0, key, 0) + label.tobytes() + bytes(jpeg)
 
 
 @dataclass
 class Record:
     key: int
-    raw_tokens: np.ndarray  # int64 [77]
-    caption_tokens: np.ndarray  # int64 [77]
+    tokens: np.ndarray  # int64 [N, 77]: the text fields in the shard's order
     jpeg: bytes
+
+    @property
+    def raw_tokens(self):  # field 0 in ALIP's layout (and RWKV-CLIP's)
+        return self.tokens[0]
+
+    @property
+    def caption_tokens(self):  # field 1 in ALIP's layout (and RWKV-CLIP's)
+        return self.tokens[1]
+
+
+def label_fields(flag):
+    """N for an IRHeader flag of 77*N (N >= 1), else None."""
+    return flag // CONTEXT_LENGTH if flag > 0 and flag % CONTEXT_LENGTH == 0 else None
 
 
 def unpack(payload: bytes, where="record") -> Record:
     if len(payload) < IR_SIZE:
         raise RecordIOError(f"{where}: {len(payload)} bytes is shorter than the IRHeader")
     flag, _, key, _ = struct.unpack_from(IR_FORMAT, payload)
-    if flag != LABEL_LEN:
-        raise RecordIOError(f"{where}: IRHeader flag is {flag}, expected {LABEL_LEN} (ALIP layout)")
-    end = IR_SIZE + 4 * LABEL_LEN
+    n = label_fields(flag)
+    if n is None:
+        raise RecordIOError(f"{where}: IRHeader flag is {flag}, expected 77*N label floats (N text fields)")
+    end = IR_SIZE + 4 * flag
     if len(payload) < end:
-        raise RecordIOError(f"{where}: payload too short for a {LABEL_LEN}-float label")
-    tokens = np.frombuffer(payload, "<f4", LABEL_LEN, IR_SIZE).astype(np.int64)
-    return Record(key, tokens[:CONTEXT_LENGTH], tokens[CONTEXT_LENGTH:], payload[end:])
+        raise RecordIOError(f"{where}: payload too short for a {flag}-float label")
+    tokens = np.frombuffer(payload, "<f4", flag, IR_SIZE).astype(np.int64).reshape(n, CONTEXT_LENGTH)
+    return Record(key, tokens, payload[end:])
+
+
+def label_length(payload: bytes, where="record"):
+    """The IRHeader flag (label length) of a payload, without decoding the rest."""
+    if len(payload) < IR_SIZE:
+        raise RecordIOError(f"{where}: {len(payload)} bytes is shorter than the IRHeader")
+    return struct.unpack_from(IR_FORMAT, payload)[0]
 
 
 class RecordWriter:

@@ -2,14 +2,20 @@
 text fields / text views, named by the keys of the batch dict the loaders yield.
 
 A loader built for a ``DataSpec`` yields dicts: one float32 ``[B, 3, S, S]`` tensor per image
-view (``spec.image_views[i].name``), one int64 ``[B, 77]`` token tensor per text field (``"raw"``,
-``"caption"``) and per text view (derived from a field by a named transform, e.g. an EDA copy of
+view (``spec.image_views[i].name``), one int64 ``[B, 77]`` token tensor per text field (any name
+the shards carry: ``"raw"``, ``"caption"``, RWKV-CLIP's ``"generated"``, ...; the loaders check
+them against the shards at construction) and per text view (derived from a field by a named transform, e.g. an EDA copy of
 the raw text). The first image view is the one the contrastive loss and evaluation see.
 """
 from dataclasses import dataclass, field
 
 RECIPES = ("reference", "slip_base", "mocov2", "simclr")
-TEXT_FIELDS = ("raw", "caption")
+DEFAULT_TEXT_FIELDS = ("raw", "caption")  # ALIP's; the set of field names is open
+
+
+def check_field_name(name, what="text field"):
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"{what} {name!r}: expected a name like 'raw', 'caption' or 'generated'")
 
 
 @dataclass(frozen=True)
@@ -46,19 +52,25 @@ class TextView:
 @dataclass(frozen=True)
 class DataSpec:
     image_views: tuple = (ImageView(),)
-    text_fields: tuple = ("raw", "caption")
+    text_fields: tuple = DEFAULT_TEXT_FIELDS
     text_views: tuple = field(default=())
 
     def __post_init__(self):
         if not self.image_views:
             raise ValueError("a DataSpec needs at least one image view")
         for f in self.text_fields:
-            if f not in TEXT_FIELDS:
-                raise ValueError(f"unknown text field {f!r}; known: {TEXT_FIELDS}")
+            check_field_name(f)
+        for v in self.text_views:
+            check_field_name(v.source, f"text view {v.name!r}: source field")
         names = [v.name for v in self.image_views] + list(self.text_fields) + [
             v.name for v in self.text_views]
         if len(set(names)) != len(names):
             raise ValueError(f"batch keys must be unique, got {names}")
+
+    @property
+    def fields_read(self):
+        """The text fields the loader reads: the asked-for fields and the text views' sources."""
+        return tuple(dict.fromkeys(list(self.text_fields) + [v.source for v in self.text_views]))
 
     @property
     def keys(self):

@@ -12,7 +12,7 @@ import zlib
 import torch
 
 from .augment import _mix64
-from .spec import TEXT_FIELDS
+from .spec import DEFAULT_TEXT_FIELDS
 
 
 def identity(tokens, rng):
@@ -39,15 +39,16 @@ def text_rng(seed, epoch, index, name):
     return random.Random(x)
 
 
-def check(text_views):
-    """Fail before any data is read if a view names an unknown transform or source field."""
+def check(text_views, fields=DEFAULT_TEXT_FIELDS):
+    """Fail before any data is read if a view names an unknown transform or a source field not in
+    ``fields`` (the fields the data has)."""
     for v in text_views:
         if v.transform not in TRANSFORMS:
             raise ValueError(f"text view {v.name!r}: unknown transform {v.transform!r}; "
                              f"registered: {sorted(TRANSFORMS)}")
-        if v.source not in TEXT_FIELDS:
+        if v.source not in fields:
             raise ValueError(f"text view {v.name!r}: unknown source field {v.source!r}; "
-                             f"known: {TEXT_FIELDS}")
+                             f"the data has {list(fields)}")
 
 
 def apply(view, tokens, seed, epoch, index):
@@ -60,7 +61,7 @@ def apply(view, tokens, seed, epoch, index):
 
 
 def apply_batch(text_views, fields, seed, epoch, indices):
-    """Every text view of a batch: fields {"raw"/"caption": int64 [B,77]} + record indices ->
+    """Every text view of a batch: fields {name: int64 [B,77]} + record indices ->
     {view name: int64 [B,77]}."""
     return {v.name: torch.stack([apply(v, fields[v.source][j], seed, epoch, int(i))
                                  for j, i in enumerate(indices)]) if len(indices) else

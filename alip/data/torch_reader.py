@@ -16,26 +16,39 @@ from PIL import Image
 
 from . import text_views
 from .augment import eval_transform, image_views, sample_rng, train_transform, view_rngs
+from .fields import resolve
 from .recordio import RecordIOError, RecordReader
+from .spec import DEFAULT_TEXT_FIELDS
 
 
 class RecDataset(torch.utils.data.Dataset):
     """Record i of the concatenated shards -> (image [3,S,S], raw tokens [77], caption tokens [77]).
 
     Indexed by (i, epoch) pairs so the augmentation is a function of (seed, epoch, i).
+    ``wanted`` text fields are looked up in the shards' layout (alip.data.fields) here, so a
+    field the shards lack fails before anything is read.
     """
 
-    def __init__(self, rec_paths, image_size, seed=0, augment=True):
+    def __init__(self, rec_paths, image_size, seed=0, augment=True, wanted=DEFAULT_TEXT_FIELDS):
         self.readers = [RecordReader(p) for p in rec_paths]
         self.starts = np.cumsum([0] + [len(r) for r in self.readers])
         self.image_size, self.seed, self.augment = image_size, seed, augment
+        self.field_rows, self.layout = resolve([r.rec_path for r in self.readers], wanted)
 
     def __len__(self):
         return int(self.starts[-1])
 
     def record(self, i):
         s = int(np.searchsorted(self.starts, i, side="right")) - 1
-        return self.readers[s][i - int(self.starts[s])]
+        rec = self.readers[s][i - int(self.starts[s])]
+        if len(rec.tokens) != len(self.layout):
+            raise RecordIOError(f"{self.readers[s].rec_path}: record key {rec.key}: {len(rec.tokens)} text "
+                                f"fields, but the shards' layout is {list(self.layout)}")
+        return rec
+
+    def fields(self, rec):
+        """{field: int64 [77]} of the wanted fields of a record."""
+        return {f: torch.from_numpy(rec.tokens[k]) for f, k in self.field_rows.items()}
 
     def __getitem__(self, item):
         i, epoch = item
@@ -50,7 +63,8 @@ class RecDataset(torch.utils.data.Dataset):
             s = int(np.searchsorted(self.starts, i, side="right")) - 1
             raise RecordIOError(f"{self.readers[s].rec_path}: record key {rec.key}: "
                                 f"undecodable image ({e})") from e
-        return x, torch.from_numpy(rec.raw_tokens), torch.from_numpy(rec.caption_tokens)
+        fields = self.fields(rec)
+        return x, fields["raw"], fields["caption"]
 
 
 def rank_indices(n, epoch, seed, rank, world_size, batch_size, drop_last):
@@ -142,7 +156,7 @@ class ViewDataset(RecDataset):
     text views (transformed here, in the DataLoader worker)."""
 
     def __init__(self, rec_paths, image_size, spec, seed=0, augment=True):
-        super().__init__(rec_paths, image_size, seed, augment)
+        super().__init__(rec_paths, image_size, seed, augment, wanted=spec.fields_read)
         self.spec = spec
         self.recipes = [v.recipe for v in spec.image_views]
 
@@ -156,7 +170,7 @@ class ViewDataset(RecDataset):
             s = int(np.searchsorted(self.starts, i, side="right")) - 1
             raise RecordIOError(f"{self.readers[s].rec_path}: record key {rec.key}: "
                                 f"undecodable image ({e})") from e
-        fields = {"raw": torch.from_numpy(rec.raw_tokens), "caption": torch.from_numpy(rec.caption_tokens)}
+        fields = self.fields(rec)
         out = {v.name: x for v, x in zip(self.spec.image_views, images)}
         out.update((f, fields[f]) for f in self.spec.text_fields)
         out.update((v.name, text_views.apply(v, fields[v.source], self.seed, epoch, i))
@@ -168,7 +182,7 @@ class TorchViewLoader(TorchRecLoader):
     """TorchRecLoader yielding ``spec.keys`` dicts (same order, exactly-once and resume rules)."""
 
     def __init__(self, rec_paths, batch_size, image_size, spec, **kw):
-        text_views.check(spec.text_views)
+        text_views.check(spec.text_views, spec.fields_read)  # transforms; the shards' fields in resolve
         self.spec = spec
         super().__init__(rec_paths, batch_size, image_size, **kw)
 

@@ -7,8 +7,9 @@ Per shard (``.rec`` + ``.idx``), every problem is reported as ``FILE: record key
 * index: one .idx line per record, each offset the start of a record, no key or offset twice,
   no record missing from the .idx, the count equal to manifest.json's for the shard when the
   dir has one;
-* payload: IRHeader flag 154 and 154 float32 label values that are token ids (integers in
-  0..2**24);
+* payload: IRHeader flag 77*N and 77*N float32 label values that are token ids (integers in
+  0..2**24), N the number of ``text_fields`` in manifest.json (without one: the same N in every
+  record of the shard);
 * image: a JPEG that Pillow decodes to the last scan (at 1/8 scale in the DCT domain: all
   entropy-coded data is read, the inverse DCT is cheap), so a zeroed header, a truncated file
   or a non-JPEG is found here and never reaches DALI's decoder.
@@ -28,9 +29,10 @@ import sys
 
 import numpy as np
 
-from .recordio import (IR_FORMAT, IR_SIZE, LABEL_LEN, MAGIC, MAX_PART, RecordIOError, read_index)
+from .fields import manifest_fields
+from .recordio import CONTEXT_LENGTH, IR_FORMAT, IR_SIZE, MAGIC, MAX_PART, RecordIOError, label_fields, read_index
 
-VERSION = 1  # bump when the checks change: older cache entries are then ignored
+VERSION = 2  # bump when the checks change: older cache entries are then ignored
 MAX_LISTED = 20  # problems printed per shard by the CLI (all are counted)
 
 
@@ -94,20 +96,26 @@ def _walk(f, size):
         yield start, struct.pack("<I", MAGIC).join(parts), None
 
 
-def check_payload(payload, decode=True):
-    """None if the payload is a good ALIP record, else what is wrong with it."""
+def check_payload(payload, decode=True, label_len=None):
+    """None if the payload is a good record, else what is wrong with it. ``label_len``: the
+    label length the shard's layout gives (None: any 77*N)."""
     from PIL import Image
 
-    if len(payload) < IR_SIZE + 4 * LABEL_LEN:
-        return f"payload of {len(payload)} bytes is too short for the IRHeader and a {LABEL_LEN}-float label"
+    if len(payload) < IR_SIZE:
+        return f"payload of {len(payload)} bytes is too short for the IRHeader"
     flag = struct.unpack_from(IR_FORMAT, payload)[0]
-    if flag != LABEL_LEN:
-        return f"IRHeader flag is {flag}, expected {LABEL_LEN} (2 x 77 tokens)"
-    label = np.frombuffer(payload, "<f4", LABEL_LEN, IR_SIZE)
+    if label_fields(flag) is None:
+        return f"IRHeader flag is {flag}, expected 77*N label floats (N text fields)"
+    if label_len is not None and flag != label_len:
+        return (f"IRHeader flag is {flag}, expected {label_len} ({label_len // CONTEXT_LENGTH} text fields "
+                "x 77 tokens)")
+    if len(payload) < IR_SIZE + 4 * flag:
+        return f"payload of {len(payload)} bytes is too short for the IRHeader and a {flag}-float label"
+    label = np.frombuffer(payload, "<f4", flag, IR_SIZE)
     if not (np.isfinite(label).all() and (label == np.floor(label)).all()
             and label.min() >= 0 and label.max() < 2 ** 24):
-        return "label is not 154 token ids (non-integer, negative or non-finite floats)"
-    jpeg = payload[IR_SIZE + 4 * LABEL_LEN:]
+        return f"label is not {flag} token ids (non-integer, negative or non-finite floats)"
+    jpeg = payload[IR_SIZE + 4 * flag:]
     if not decode:
         return None
     try:
@@ -133,8 +141,10 @@ def check_shard(rec_path, decode=True):
     try:
         keys, offsets = read_index(idx_path, size)  # also: entries past the end,: malformed lines, duplicate keys/offsets
         check_index_count(rec_path, len(keys))
+        fields = manifest_fields(rec_path)[1]
     except RecordIOError as e:
         return 0, [str(e)]
+    label_len = CONTEXT_LENGTH * len(fields) if fields else None  # else: the shard's first record's
     key_at = dict(zip(offsets.tolist(), keys.tolist()))
     problems, seen, walked_to = [], set(), size
     with open(rec_path, "rb") as f:
@@ -154,7 +164,9 @@ def check_shard(rec_path, decode=True):
                 continue
             seen.add(start)
             last_key = key
-            bad = check_payload(payload, decode)
+            bad = check_payload(payload, decode, label_len)
+            if label_len is None and not bad:
+                label_len = struct.unpack_from(IR_FORMAT, payload)[0]
             if bad:
                 problems.append(f"{rec_path}: record key {key}: {bad}")
     for off, key in key_at.items():
