@@ -12,6 +12,9 @@ from alip.methods import METHODS
 from test_train_helpers import run_single
 
 MODELS = {"declip": "DeCLIP-demo", "defilip": "DeCLIP-demo"}
+# DeCLIP and DeFILIP learn the contrastive task more slowly here (two MoCo-v2 views of 32-px
+# images, the contrastive term weighted 0.4): at 3 epochs they measured 1.7x / 1.3x chance
+EPOCHS = {"declip": 6, "defilip": 6}
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +35,11 @@ def test_method_beats_chance_on_held_out_retrieval(tmp_path, world, method):
         method, extra = "alip", ["--caption-view", "subcaption", "--caption-tokens", "8"]
     run_single(["--config", f"configs/demo_{method}.yaml", *extra,
                 "--train-data", str(world / "shards"),
-                "--model", MODELS.get(method, "ALIP-demo"), "--epochs", "3", "--batch-size", "64",
+                "--model", MODELS.get(method, "ALIP-demo"), "--epochs", str(EPOCHS.get(method, 3)),
+                "--batch-size", "64",
                 "--workers", "0", "--logs", str(tmp_path), "--name", method, "--report-to", "",
                 "--device", "cpu", "--declip-bank-size", "1024"])
-    ckpt = str(tmp_path / method / "checkpoints/epoch_3.pt")
+    ckpt = str(tmp_path / method / f"checkpoints/epoch_{EPOCHS.get(method, 3)}.pt")
     model, preprocess, tokenizer = load_model(checkpoint=ckpt)
     head = load_dense_head(ckpt)
     assert (head is not None) == (method in ("filip", "defilip"))
