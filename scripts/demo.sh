@@ -4,6 +4,7 @@
 #   ./scripts/demo.sh                            # ALIP, then the CLIP baseline on the same data
 #   DEMO_METHODS=alip ./scripts/demo.sh          # ALIP only
 #   DEMO_METHODS=all ./scripts/demo.sh           # every method (alip.methods), same data and recipe
+#   DEMO_QUICK=1 ./scripts/demo.sh               # 2 epochs instead of 4 (a first look)
 #
 # Outputs go to demo_output/ (DEMO_OUT): the world (shards, retrieval and classification splits),
 # one run directory per method (checkpoints, results.jsonl, TensorBoard), the eval JSONs, and
@@ -19,6 +20,10 @@ if [ "$METHODS" = all ]; then
 fi
 START=$(date +%s)
 WORLD=$OUT/world
+TRAIN_ARGS=()
+if [ "${DEMO_QUICK:-0}" = 1 ]; then
+  TRAIN_ARGS=(--epochs 2)
+fi
 
 if [ ! -f "$WORLD/demo_world.json" ]; then
   echo "== generating the demo world in $WORLD"
@@ -29,7 +34,7 @@ for method in $METHODS; do
   run=$OUT/runs/demo-$method
   rm -rf "$run"   # a fresh run each time; train.py --resume latest continues an interrupted one
   echo "== training --method $method ($run)"
-  $PY train.py --config "configs/demo_$method.yaml" --train-data "$WORLD/shards" \
+  $PY train.py --config "configs/demo_$method.yaml" --train-data "$WORLD/shards" "${TRAIN_ARGS[@]}" \
     --logs "$OUT/runs" --name "demo-$method"
   ckpt=$(ls -v "$run"/checkpoints/epoch_*.pt | grep -v '\.state\.pt$' | tail -n 1)
   echo "== evaluating $ckpt"
