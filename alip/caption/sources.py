@@ -10,24 +10,8 @@ import glob
 import os
 import tempfile
 
-from alip.data.pack import DataError, ManifestSource, Reject, WebDatasetSource  # noqa: F401
+from alip.data.pack import DataError, ManifestSource, Reject, WebDatasetSource, read_source  # noqa: F401
 from alip.data.recordio import RecordIOError, RecordReader
-
-
-def _read(src):
-    """Bytes of a data2rec image source: ("file", path) or ("tar", path, offset, size)."""
-    if src[0] == "file":
-        try:
-            with open(src[1], "rb") as f:
-                return f.read()
-        except FileNotFoundError:
-            raise Reject(f"missing image file {src[1]}") from None
-        except OSError as e:
-            raise Reject(f"unreadable image file {src[1]}: {e.strerror}") from None
-    _, tar, offset, size = src
-    with open(tar, "rb") as f:
-        f.seek(offset)
-        return f.read(size)
 
 
 def _forget_handles_after_fork(obj, reset):
@@ -57,7 +41,7 @@ class ManifestRows:
     def image_bytes(self, i):
         _forget_handles_after_fork(self, lambda: setattr(self.rows, "_f", None))
         src, _, _ = self.rows.read(i)
-        return _read(src)
+        return read_source(src)
 
     def where(self, i):
         return {"source": self.path, "row": i}
@@ -93,7 +77,7 @@ class TarRows:
     def image_bytes(self, i):
         _forget_handles_after_fork(self, lambda: setattr(self.rows, "_files", {}))
         src, _, _ = self.rows.read(i)
-        return _read(src)
+        return read_source(src)
 
     def where(self, i):
         key, t, _ = self.rows.items[i]

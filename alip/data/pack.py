@@ -400,7 +400,8 @@ def load_columns(path, key_col="key", cols=("caption",)):
 # ----------------------------------------------------------------------------------------------
 # per-row work (runs in the worker processes)
 
-def _read_source(src):
+def read_source(src):
+    """Bytes of an image source: ("file", path) or ("tar", path, offset, size); Reject on failure."""
     if src[0] == "file":
         try:
             with open(src[1], "rb") as f:
@@ -488,7 +489,7 @@ def process_row(job):
                 raise Reject(f"missing {name} (no value in column {name!r})")
             if is_blank(texts[name]):
                 raise Reject("empty text" if name == "raw" else f"empty {name}")
-        jpeg = encode_image(_read_source(src), _WORKER["quality"], _WORKER["max_size"], _WORKER["copy_jpeg"])
+        jpeg = encode_image(read_source(src), _WORKER["quality"], _WORKER["max_size"], _WORKER["copy_jpeg"])
         tokens = _WORKER["tokenizer"](list(texts.values())).numpy()
         return key, pack_fields(key, tokens, jpeg), None
     except Reject as e:
