@@ -11,6 +11,8 @@
 * ``TripletEncoder`` is the module a training step calls (and DDP wraps): one image tower and
   ONE shared text tower for both the raw web text and the synthetic caption.
 """
+import functools
+import inspect
 from pathlib import Path
 
 import open_clip
@@ -167,12 +169,25 @@ def reference_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *
     return torch.cat(out)
 
 
+@functools.lru_cache(maxsize=None)
 def _varlen_attn_fn():
+    """``varlen_attn`` called with ``window_size=(-1, 0)`` for causal attention. torch 2.9 named
+    that ``is_causal=True`` (and had no ``window_size``); such a torch gets a thin adapter."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
-    return varlen_attn
+    if "window_size" in inspect.signature(varlen_attn).parameters:
+        return varlen_attn
+
+    def causal_only(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, *, window_size=(-1, -1), scale=None):
+        if tuple(window_size) not in ((-1, -1), (-1, 0)):
+            raise ValueError(f"this torch's varlen_attn has no sliding window: {window_size}")
+        if scale is not None:
+            raise ValueError("this torch's varlen_attn takes no scale")
+        return varlen_attn(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k,
+                           is_causal=tuple(window_size) == (-1, 0))
+    return causal_only
 
 
 def packed_supported(tower, text):

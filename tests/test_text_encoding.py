@@ -171,3 +171,28 @@ def test_towers_where_skipping_padding_is_not_exact_keep_the_full_pass(change, m
 def test_unknown_path_is_an_error():
     with pytest.raises(ValueError, match="path"):
         encode_text(tiny_model(), tokens([3]), path="fast")
+
+
+def test_a_torch_whose_varlen_attn_takes_is_causal_gets_an_adapter(monkeypatch):
+    # torch 2.9's varlen_attn(..., is_causal=False); 2.10+ has window_size=(-1, 0) for causal
+    import torch.nn.attention.varlen as varlen
+    from alip import model as alip_model
+
+    def old_varlen_attn(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+        window = (-1, 0) if is_causal else (-1, -1)
+        return reference_varlen_attn(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, window_size=window)
+
+    monkeypatch.setattr(varlen, "varlen_attn", old_varlen_attn)
+    alip_model._varlen_attn_fn.cache_clear()
+    try:
+        fn = alip_model._varlen_attn_fn()
+        q, k, v = torch.randn(3, 7, 2, 4, dtype=torch.float64).unbind(0)
+        cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+        for window in ((-1, 0), (-1, -1)):
+            torch.testing.assert_close(
+                fn(q, k, v, cu, cu, 4, 4, window_size=window),
+                reference_varlen_attn(q, k, v, cu, cu, 4, 4, window_size=window))
+        with pytest.raises(ValueError, match="sliding window"):
+            fn(q, k, v, cu, cu, 4, 4, window_size=(2, 0))
+    finally:
+        alip_model._varlen_attn_fn.cache_clear()

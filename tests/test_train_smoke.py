@@ -153,3 +153,19 @@ def test_logged_lr_is_the_one_the_step_used(tmp_path):
         sched.step()
     assert [(r["lr"], r["beta1"]) for r in rows] == used
     assert used[0] == (pytest.approx(1e-3 / 25), pytest.approx(0.95))
+
+
+def test_data_backend_auto_reads_with_torch_where_dali_is_missing(monkeypatch, caplog):
+    import importlib.util
+
+    from alip.training.loop import resolve_data_backend
+    assert resolve_data_backend("auto", "cpu") == "torch"
+    assert resolve_data_backend("dali", "cpu") == "dali"  # asked for: kept (its own error if absent)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: real(n, *a) if n != "nvidia.dali" else None)
+    with caplog.at_level("WARNING"):
+        assert resolve_data_backend("auto", "cuda") == "torch"
+    assert "nvidia-dali is not installed" in caplog.text
+    monkeypatch.setattr(importlib.util, "find_spec", real)
+    if real("nvidia") is not None and real("nvidia.dali") is not None:
+        assert resolve_data_backend("auto", "cuda:0") == "dali"

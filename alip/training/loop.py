@@ -3,6 +3,8 @@
 ``main(argv)`` is train.py. ``run(args, make_loader=None)`` is the same for a parsed
 namespace; ``make_loader(args, info, image_size)`` may replace the data loader (tests).
 """
+import importlib.util
+import logging
 import random
 from datetime import datetime
 from pathlib import Path
@@ -113,6 +115,19 @@ def prepare_run_dir(args, info):
     return run_dir
 
 
+def resolve_data_backend(backend, device):
+    """``auto``: DALI on CUDA where nvidia-dali is installed, else the PyTorch reader (said once)."""
+    if backend != "auto":
+        return backend
+    if torch.device(device).type != "cuda":
+        return "torch"
+    if importlib.util.find_spec("nvidia") is None or importlib.util.find_spec("nvidia.dali") is None:
+        logging.warning("--data-backend auto: nvidia-dali is not installed, reading with the "
+                        "PyTorch reader (pip install nvidia-dali-cuda130 for GPU decoding)")
+        return "torch"
+    return "dali"
+
+
 def default_make_loader(args, info, image_size):
     """The loader of the method's DataSpec (dict batches: its image views, text fields/views)."""
     device = str(info.device)
@@ -122,9 +137,7 @@ def default_make_loader(args, info, image_size):
                                rank=info.rank, world_size=info.world_size, seed=args.seed,
                                device=device, spec=spec)
     from alip.data.loader import build_train_loader
-    backend = args.data_backend
-    if backend == "auto":
-        backend = "dali" if info.device.type == "cuda" else "torch"
+    backend = resolve_data_backend(args.data_backend, info.device)
     data = args.train_data
     if not Path(data).is_dir():
         data = train_data_paths(data)
