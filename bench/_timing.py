@@ -32,6 +32,15 @@ def timed(fn, device="cpu"):
     return time.perf_counter() - t0
 
 
+def n_times(fn, n):
+    """``fn`` called ``n`` times in a row: one timed sample long enough to time (GPU passes take
+    milliseconds; launch and clock jitter dominate a single call)."""
+    def run():
+        for _ in range(n):
+            fn()
+    return run
+
+
 def abba(fns, repeats, device="cpu", warmup=1, label=""):
     """Time each of ``fns`` ({name: callable}) ``repeats`` times, order reversed every other
     repeat, after ``warmup`` untimed rounds. Returns {name: [seconds per repeat]}."""

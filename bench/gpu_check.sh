@@ -5,13 +5,14 @@
 #   bench/gpu_check.sh --cpu-smoke    # the same steps at toy sizes on CPU (gloo, DALI cpu,
 #                                     # reference attention): checks the script, not the GPU
 #   GPU_CHECK_BUDGET=480 bench/gpu_check.sh   # a deadline: no check runs past 480 s (later ones SKIP)
+#   GPU_CHECK_ONLY="data methods-bf16" bench/gpu_check.sh   # just these checks (a rerun)
 #
-# Most telling first: the packed varlen text path against the padded pass; bench/text_encoding.py
-# and bench/train_throughput.py at their GPU settings (issue #15's ratios, every method's step,
-# peak memory); train.py steps with fp16 AMP + GradScaler and with bf16; every method's train.py
-# for 3 bf16 steps; a train.py run SIGKILLed after a checkpoint and resumed (PyTorch reader, and
-# DALI when installed); DDP over NCCL on every GPU (torchrun); DALI "mixed" decoding through
-# build_train_loader; the remaining benches. Each check runs under its own time limit (a hung
+# Correctness first: the packed varlen text path against the padded pass (fp16 and bf16); train.py
+# steps with fp16 AMP + GradScaler and with bf16; every method's train.py for 3 bf16 steps; a
+# train.py run SIGKILLed after a checkpoint and resumed (PyTorch reader, and DALI when installed);
+# DDP over NCCL on every GPU (torchrun); DALI "mixed" decoding through build_train_loader. Then
+# every bench at its GPU setting (bench/text_encoding.py and bench/train_throughput.py: issue
+# #15's ratios, every method's step time and peak memory). Each check runs under its own time limit (a hung
 # check is killed and FAILs); nvidia-dali missing makes its checks SKIP, saying so.
 # Logs stay in $GPU_CHECK_DIR (default: a new temporary directory, printed at the end):
 # NAME.log is a check's stdout, NAME.err its stderr, table.txt the table as it grows.
@@ -25,6 +26,7 @@ SMOKE=0
 export WORK=${GPU_CHECK_DIR:-$(mktemp -d -t alip-gpu-check.XXXXXX)}
 mkdir -p "$WORK"
 BUDGET=${GPU_CHECK_BUDGET:-0}   # seconds; 0: no limit
+ONLY=${GPU_CHECK_ONLY:-}        # names of the checks to run; empty: all
 : >"$WORK/table.txt"
 
 if [ "$SMOKE" = 1 ]; then
@@ -51,13 +53,14 @@ row() {  # row NAME STATUS SECONDS FIGURE
   echo "$line" >>"$WORK/table.txt"
   echo "   $line" >&2
 }
-skip() { row "$1" SKIP 0 "$2"; }
+skip() { [ -z "$ONLY" ] || [[ " $ONLY " == *" $1 "* ]] || return 0; row "$1" SKIP 0 "$2"; }
 # check NAME LIMIT_S CMD...: CMD (a command or an exported function) under `timeout`; stdout to
 # NAME.log, stderr to NAME.err; the figure is the last "FIGURE " line of the log (else its last
 # line, else the last line of stderr); PASS if CMD exits 0
 check() {
   local name=$1 limit=$2; shift 2
   local log="$WORK/$name.log" err="$WORK/$name.err" start=$SECONDS status figure rc
+  [ -z "$ONLY" ] || [[ " $ONLY " == *" $name "* ]] || return 0
   if [ "$BUDGET" -gt 0 ]; then  # the budget is a deadline: no check runs past it
     if [ $((BUDGET - SECONDS)) -lt 20 ]; then
       skip "$name" "not started: under 20 s of GPU_CHECK_BUDGET=$BUDGET s left"; return; fi
@@ -197,15 +200,8 @@ PYEOF
 }
 export -f varlen train methods kill_resume ddp dali_mixed
 
-# --- the run, most telling first -----------------------------------------------------------------
+# --- the run: correctness on the GPU first, then the benches --------------------------------------
 check varlen-vs-padded 120 varlen
-if [ "$SMOKE" = 1 ]; then
-  check bench-text_encoding 300 "$PY" bench/text_encoding.py --model ALIP-tiny --text-batch 64 --step-batch 8 --repeats 1
-  check bench-train_throughput 300 "$PY" bench/train_throughput.py --models ALIP-tiny --batch-size 16 --reps 1
-else
-  check bench-text_encoding 150 "$PY" bench/text_encoding.py --repeats 5
-  check bench-train_throughput 240 "$PY" bench/train_throughput.py --models ALIP-ViT-B-32 --batch-size 256 --reps 3
-fi
 check data 120 "$PY" make_demo_data.py --out "$WORK/world" --num-train "$TRAIN_N" --num-test 10 \
   --shard-size 256 --workers 4 --overwrite
 check train-fp16-scaler 120 train amp16 "$AMP16"
@@ -221,9 +217,16 @@ else
   skip kill-resume-dali "nvidia-dali is not installed for $PY"
 fi
 if [ "$SMOKE" = 1 ]; then
+  check bench-text_encoding 300 "$PY" bench/text_encoding.py --model ALIP-tiny --text-batch 64 --step-batch 8 --repeats 1
+  check bench-train_throughput 300 "$PY" bench/train_throughput.py --models ALIP-tiny --batch-size 16 --reps 1
+  check bench-train_throughput-b512 300 "$PY" bench/train_throughput.py --models ALIP-tiny --batch-size 8 --methods clip alip --reps 1
   check bench-loss_step 300 "$PY" bench/loss_step.py --models ALIP-tiny --reps 1
   check bench-eval_throughput 300 "$PY" bench/eval_throughput.py --num-images 128 --repeats 1
 else
+  check bench-text_encoding 150 "$PY" bench/text_encoding.py
+  check bench-train_throughput 240 "$PY" bench/train_throughput.py --models ALIP-ViT-B-32 --batch-size 256 --reps 3
+  check bench-train_throughput-b512 180 "$PY" bench/train_throughput.py --models ALIP-ViT-B-32 --batch-size 512 \
+    --methods clip alip --reps 5
   check bench-loss_step 150 "$PY" bench/loss_step.py --models ALIP-ViT-B-32 --batch-size 256
   check bench-eval_throughput 150 "$PY" bench/eval_throughput.py --model ALIP-ViT-B-32 --batch-size 256 \
     --num-images 4096 --workers 8 --precision amp --inputs tensors

@@ -39,7 +39,7 @@ def make_batch(batch_size, image_size, regime, gen):
 
 def build_steps(model, batch, device, autocast):
     images, raw, cap = (t.to(device) for t in batch)
-    clip_loss, alip_loss = ClipLoss(), ALIPLoss()
+    clip_loss, alip_loss = ClipLoss(), ALIPLoss().to(device)
     encoders = {"alip": TripletEncoder(model, "separate"),
                 "alip-joint": TripletEncoder(model, "joint"),
                 "alip-naive": TripletEncoder(model, "separate", trim_text=False)}

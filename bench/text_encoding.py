@@ -1,7 +1,7 @@
 """Length-aware text encoding: the text tower's passes and the ALIP step vs open_clip's CLIP step.
 
     .venv/bin/python bench/text_encoding.py                  # CPU defaults, ~8 min on 2 cores
-    .venv/bin/python bench/text_encoding.py --step-batch 256 --precision amp_bf16   # on a GPU
+    .venv/bin/python bench/text_encoding.py                  # on a GPU: text batch 1024, step batch 512
 
 Texts: raw web text with YFCC-like lengths (lognormal, median 15 tokens, 0.9% at 77) and
 synthetic captions of 10-25 tokens (bench/_texts.py). Two parts, each ABBA-interleaved over
@@ -80,10 +80,12 @@ def text_part(model, args, device, autocast):
     for name, fn in sides.items():  # warm-up on 4 rows of the same texts
         kind, _, path = name.rpartition(" ")
         run(path, texts[kind or "raw"][:4])()
-    times = _timing.abba(sides, args.repeats, device, warmup=0, label="text passes")
+    times = _timing.abba({n: _timing.n_times(fn, args.inner) for n, fn in sides.items()},
+                         args.repeats, device, warmup=0, label="text passes")
+    times = {n: [t / args.inner for t in ts] for n, ts in times.items()}
     print(f"\ntext tower of {args.model}, batch {args.text_batch}, "
           f"{'forward + backward' if args.backward else 'forward'}; median [min-max] over "
-          f"{args.repeats} ABBA repeats; tokens: this batch (mean over 1000 batches)")
+          f"{args.repeats} ABBA repeats of {args.inner} call(s); tokens: this batch (mean over 1000 batches)")
     print(f"  {'pass':<18}{'s':>9}   {'time / padded':<22}{'tokens / padded':<18}")
     for name in sides:
         kind, _, path = name.rpartition(" ")
@@ -92,7 +94,7 @@ def text_part(model, args, device, autocast):
         tok = tokens_processed(path, lens, args.max_groups) / (len(lens) * 77)
         mean = mean_tokens_ratio("yfcc" if kind == "raw" else "caption", args.text_batch, path,
                                  args.max_groups)
-        print(f"  {name:<18}{_timing.stats(times[name])[0]:9.2f}   "
+        print(f"  {name:<18}{_timing.stats(times[name])[0]:9.4f}   "
               f"{_timing.fmt(_timing.ratio(times, name, 'padded')):<22}{tok:.3f} ({mean:.3f})")
 
 
@@ -117,13 +119,16 @@ def step_part(model, args, device, autocast):
         loss.backward()
         model.zero_grad(set_to_none=True)
 
-    times = _timing.abba({"clip": clip, "alip": alip_step}, args.repeats, device, label="step")
+    times = _timing.abba({"clip": _timing.n_times(clip, args.inner),
+                          "alip": _timing.n_times(alip_step, args.inner)},
+                         args.repeats, device, label="step")
+    times = {n: [t / args.inner for t in ts] for n, ts in times.items()}
     lens_raw, lens_cap = text_lengths(raw).cpu(), text_lengths(cap).cpu()
     path = "packed" if device.type == "cuda" else "grouped"
     text_tokens = (tokens_processed(path, lens_raw, args.max_groups)
                    + tokens_processed(path, lens_cap, args.max_groups)) / (args.step_batch * 77)
     print(f"\ntraining step of {args.model} (forward + backward), batch {args.step_batch}: "
-          f"open_clip CLIP {_timing.stats(times['clip'])[0]:.2f} s, ALIP {_timing.stats(times['alip'])[0]:.2f} s")
+          f"open_clip CLIP {_timing.stats(times['clip'])[0]:.4f} s, ALIP {_timing.stats(times['alip'])[0]:.4f} s")
     print(f"  ALIP step / CLIP step: {_timing.fmt(_timing.ratio(times, 'alip', 'clip'))}   "
           f"(ALIP's two {path} text passes process {text_tokens:.3f}x the tokens of CLIP's padded one)")
 
@@ -135,20 +140,25 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if cuda else "cpu")
     p.add_argument("--precision", choices=["fp32", "amp", "amp_bf16"], default=None,
                    help="default: amp_bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--text-batch", type=int, default=256)
-    p.add_argument("--step-batch", type=int, default=None, help="default: 256 on CUDA, 16 on CPU")
+    p.add_argument("--text-batch", type=int, default=None, help="default: 1024 on CUDA, 256 on CPU")
+    p.add_argument("--step-batch", type=int, default=None, help="default: 512 on CUDA, 16 on CPU")
     p.add_argument("--backward", action="store_true", default=None,
                    help="time text passes with backward (default on CUDA)")
     p.add_argument("--paths", nargs="+", choices=["padded", "trim", "grouped", "packed"], default=None,
                    help="default: all on CUDA, grouped on CPU")
     p.add_argument("--max-groups", type=int, default=4)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=None, help="default: 10 on CUDA, 3 on CPU")
+    p.add_argument("--inner", type=int, default=None,
+                   help="calls per timed sample (default: 5 on CUDA, where one pass is milliseconds; 1 on CPU)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--parts", nargs="+", choices=["text", "step"], default=["text", "step"])
     args = p.parse_args(argv)
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
-    args.step_batch = args.step_batch or (256 if on_gpu else 16)
+    args.text_batch = args.text_batch or (1024 if on_gpu else 256)
+    args.step_batch = args.step_batch or (512 if on_gpu else 16)
+    args.repeats = args.repeats or (10 if on_gpu else 3)
+    args.inner = args.inner or (5 if on_gpu else 1)
     args.backward = on_gpu if args.backward is None else args.backward
     args.paths = args.paths or (["trim", "grouped", "packed"] if on_gpu else ["grouped"])
     args.precision = args.precision or ("amp_bf16" if on_gpu else "fp32")

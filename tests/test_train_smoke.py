@@ -169,3 +169,17 @@ def test_data_backend_auto_reads_with_torch_where_dali_is_missing(monkeypatch, c
     monkeypatch.setattr(importlib.util, "find_spec", real)
     if real("nvidia") is not None and real("nvidia.dali") is not None:
         assert resolve_data_backend("auto", "cuda:0") == "dali"
+
+
+def test_every_batch_tensor_reaches_the_training_device():
+    # the PyTorch reader yields (pinned) CPU tensors; the loop moves them, as it would to CUDA
+    from types import SimpleNamespace
+
+    from alip.training.loop import as_batch_dicts
+    spec = SimpleNamespace(keys=("image", "raw", "caption"))
+    legacy = (torch.zeros(2, 3, 4, 4), torch.zeros(2, 77, dtype=torch.long), torch.ones(2, 77, dtype=torch.long))
+    views = {"image": torch.zeros(2, 3, 4, 4), "image_2": torch.zeros(2, 3, 4, 4), "raw": torch.zeros(2, 77), "n": 3}
+    tuple_batch, dict_batch = as_batch_dicts([legacy, views], spec, torch.device("meta"))
+    assert sorted(tuple_batch) == ["caption", "image", "raw"]
+    assert all(v.is_meta for v in tuple_batch.values())
+    assert dict_batch["n"] == 3 and all(dict_batch[k].is_meta for k in ("image", "image_2", "raw"))

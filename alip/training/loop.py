@@ -147,20 +147,21 @@ def default_make_loader(args, info, image_size):
                               verify_shards=getattr(args, "verify_shards", True), spec=spec)
 
 
-def as_batch_dicts(loader, spec):
-    """Batches as the method's dicts. Loaders that yield the legacy (images, raw, caption)
-    tuple are mapped onto the keys ``image``, ``raw``, ``caption``; a method that asks for more
-    than those needs a loader built for its DataSpec."""
+def as_batch_dicts(loader, spec, device):
+    """Batches as the method's dicts, every tensor on ``device`` (the PyTorch reader yields
+    pinned CPU tensors, DALI "mixed" CUDA images beside CPU texts). Loaders that yield the
+    legacy (images, raw, caption) tuple are mapped onto the keys ``image``, ``raw``,
+    ``caption``; a method that asks for more than those needs a loader built for its DataSpec."""
     legacy = ("image", "raw", "caption")
     missing = [k for k in spec.keys if k not in legacy]
     for batch in loader:
-        if isinstance(batch, dict):
-            yield batch
-            continue
-        if missing:
-            raise TrainConfigError(f"the data loader yields (image, raw, caption) tuples, but the "
-                                   f"method also needs {missing}")
-        yield {k: v for k, v in zip(legacy, batch) if k in spec.keys}
+        if not isinstance(batch, dict):
+            if missing:
+                raise TrainConfigError(f"the data loader yields (image, raw, caption) tuples, but "
+                                       f"the method also needs {missing}")
+            batch = {k: v for k, v in zip(legacy, batch) if k in spec.keys}
+        yield {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+               for k, v in batch.items()}
 
 
 def seed_everything(seed):
@@ -390,7 +391,7 @@ def _run(args, info, make_loader):
             batch_in_epoch, micro = first, []
             last_batch = steps_per_epoch * args.accum_freq
             logger.reset_clock()
-            for batch in as_batch_dicts(loader, method.data):
+            for batch in as_batch_dicts(loader, method.data, info.device):
                 if batch_in_epoch >= last_batch:
                     break
                 micro.append(batch)
