@@ -16,18 +16,22 @@ EXACT_KEYS = ("loss", "loss_raw", "loss_caption", "ema_tc", "ema_it", "ema_ic", 
               "logit_scale", "epoch", "samples")
 
 
-@pytest.mark.parametrize("data", ["synthetic", "rec", "dali"])
-def test_sigkill_and_resume_is_bit_identical(tmp_path, data):
-    # 6 steps per epoch, 2 epochs; step checkpoints every 4 steps (step 4 is mid-epoch 0)
+@pytest.mark.parametrize("data", ["synthetic", "rec", "rec-bucketed", "dali"])
+def test_sigkill_and_resume_is_bit_identical(tmp_path, data, monkeypatch):
+    # 6 steps per epoch, 2 epochs; step checkpoints every 4 steps (step 4 is mid-epoch 0;
+    # rec-bucketed: --length-bucketing 3, so mid-way through the epoch's second pool)
     source = []
     if data != "synthetic":  # real shards through a reader (augmentation included); DALI
         # resumes from its pipeline checkpoint saved in the training state
         from alip.data import demo_world
+        monkeypatch.setenv("ALIP_CACHE_DIR", str(tmp_path / "cache"))
         demo_world.generate(tmp_path / "world", num_train=48, num_test=1,
                             classify_train_per_class=0, classify_val_per_class=1,
                             shard_size=20, progress=False)
         source = ["--dataset-type", "rec", "--train-data", str(tmp_path / "world/shards"),
-                  "--data-backend", "torch" if data == "rec" else "dali"]
+                  "--data-backend", "dali" if data == "dali" else "torch"]
+        if data == "rec-bucketed":
+            source += ["--length-bucketing", "3"]
     argv = lambda name, *x: tiny_argv(tmp_path, name, "--save-every-n-steps", "4", "--lr",
                                       "5e-3", *source, *x, samples=48, batch=8, epochs=2)
     run_single(argv("full"))
@@ -38,9 +42,13 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path, data):
     assert proc.exitcode == -signal.SIGKILL
     cut_dir = tmp_path / "cut" / "checkpoints"
     assert ckpt.find_latest(cut_dir).name == "step_4.pt"
+    saved = torch.load(cut_dir / "step_4.state.pt", weights_only=False)["loader"]
     if data == "dali":  # the reader's own checkpoint travels with the training state
-        saved = torch.load(cut_dir / "step_4.state.pt", weights_only=False)["loader"]
         assert saved[0]["batch"] == 4 and saved[0]["dali_checkpoint"] is not None
+    if data == "rec-bucketed":
+        assert saved == [{"epoch": 0, "batch": 4, "length_bucketing": 3}]
+        with pytest.raises(TrainConfigError, match=r"length_bucketing \(checkpoint 3, now 2\)"):
+            run_single(argv("cut", "--resume", "latest", "--length-bucketing", "2"))
     # debris of a kill during a later save must not be taken for a checkpoint
     (cut_dir / "step_8.pt.tmp").write_bytes(b"torn")
     (cut_dir / "step_8.state.pt.tmp").write_bytes(b"torn")

@@ -36,7 +36,7 @@ def check_index_counts(paths):
 
 def build_train_loader(data, backend="torch", batch_size=64, image_size=32, rank=0, world_size=1,
                        seed=0, workers=2, device="cpu", drop_last=True, augment=True,
-                       verify_shards=True, spec=None):
+                       verify_shards=True, spec=None, length_bucketing=0):
     """A re-iterable loader of (images float32 [B,3,S,S], raw tokens int64 [B,77], caption
     tokens int64 [B,77]) with ``num_samples``, ``batches_per_epoch``, ``dropped_per_epoch`` and
     ``set_epoch(epoch, start_batch=0)``. ``augment=False`` squashes the whole image instead of the
@@ -46,15 +46,25 @@ def build_train_loader(data, backend="torch", batch_size=64, image_size=32, rank
 
     With ``spec`` (an ``alip.data.spec.DataSpec``) it yields dicts keyed by ``spec.keys`` instead:
     one float32 [B,3,S,S] per image view (its recipe's augmentation), int64 [B,77] per text field
-    and text view."""
+    and text view.
+
+    ``length_bucketing=N`` (torch backend; 0: off): each rank's records are re-formed into
+    batches of similar text length within pools of N consecutive batches (alip.data.bucketing);
+    the batch count, exactly-once per epoch, rank disjointness and exact resume are unchanged.
+    The first use reads every record's label once (cached per shard; alip.data.lengths)."""
     paths = rec_paths(data)
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r}: expected one of {BACKENDS}")
+    if length_bucketing and backend != "torch":
+        raise ValueError(f"length_bucketing={length_bucketing}: the {backend} backend does not support "
+                         f"length bucketing; use backend='torch' (train.py --data-backend torch)")
     check_index_counts(paths)
     Loader = _loader_class(backend, spec)
     extra = {} if spec is None else {"spec": spec}
     if backend == "dali":
         extra["verify"] = verify_shards
+    elif length_bucketing:
+        extra["length_bucketing"] = length_bucketing
     loader = Loader(paths, batch_size, int(image_size), rank=rank, world_size=world_size, seed=seed,
                     workers=workers, device=device, drop_last=drop_last, augment=augment, **extra)
     if loader.batches_per_epoch == 0:

@@ -6,6 +6,8 @@ rank yields the same number of full batches (the dropped records differ from epo
 drop_last=False yields every record exactly once across ranks (a rank's batch count may then be
 one less than another's). ``set_epoch(e, start_batch=k)`` yields exactly batches k.. of epoch e,
 bit-identical, since each sample's augmentation comes from (seed, epoch, record index).
+``length_bucketing=N`` (N > 0) reorders each rank's records within pools of N batches by text
+length (alip.data.bucketing; lengths from alip.data.lengths), keeping all of the above.
 """
 import io
 import math
@@ -16,7 +18,9 @@ from PIL import Image
 
 from . import text_views
 from .augment import eval_transform, image_views, sample_rng, train_transform, view_rngs
+from .bucketing import bucketed_batches, sort_key
 from .fields import resolve
+from .lengths import length_index
 from .recordio import RecordIOError, RecordReader
 from .spec import DEFAULT_TEXT_FIELDS
 
@@ -82,14 +86,21 @@ class _Batches:
     garbage collector, whose shutdown then waits 5 s per worker.
     """
 
-    def __init__(self, n, seed, rank, world_size, batch_size, drop_last, batches_per_epoch):
+    def __init__(self, n, seed, rank, world_size, batch_size, drop_last, batches_per_epoch,
+                 pool_batches=0, key=None):
         self.n, self.seed, self.rank, self.world_size = n, seed, rank, world_size
         self.batch_size, self.drop_last, self.batches_per_epoch = batch_size, drop_last, batches_per_epoch
+        self.pool_batches, self.key = pool_batches, key  # length bucketing (off: 0)
         self.epoch, self.start_batch = 0, 0
 
     def __iter__(self):
         B = self.batch_size
         idx = rank_indices(self.n, self.epoch, self.seed, self.rank, self.world_size, B, self.drop_last)
+        if self.pool_batches:
+            batches = bucketed_batches(idx, self.key, B, self.pool_batches, self.seed, self.epoch)
+            for batch in batches[self.start_batch:self.batches_per_epoch]:
+                yield [(int(i), self.epoch) for i in batch]
+            return
         for b in range(self.start_batch, self.batches_per_epoch):
             yield [(int(i), self.epoch) for i in idx[b * B:(b + 1) * B]]
 
@@ -99,9 +110,14 @@ class _Batches:
 
 class TorchRecLoader:
     def __init__(self, rec_paths, batch_size, image_size, rank=0, world_size=1, seed=0, workers=2,
-                 device="cpu", drop_last=True, augment=True):
+                 device="cpu", drop_last=True, augment=True, length_bucketing=0):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+        if (isinstance(length_bucketing, bool) or not isinstance(length_bucketing, (int, np.integer))
+                or length_bucketing < 0):
+            raise ValueError(f"length_bucketing must be an integer >= 0 (batches per pool; 0: off), "
+                             f"got {length_bucketing!r}")
+        self.length_bucketing = int(length_bucketing)
         self.dataset = self.make_dataset(rec_paths, image_size, seed, augment)
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.seed, self.drop_last = seed, drop_last
@@ -114,8 +130,9 @@ class TorchRecLoader:
             self.batches_per_epoch = math.ceil(mine / batch_size)
             self.dropped_per_epoch = 0
         self.epoch, self.start_batch, self.position = 0, 0, 0
+        key = self.length_key(progress=rank == 0) if self.length_bucketing else None
         self._batches = _Batches(self.num_samples, seed, rank, world_size, batch_size, drop_last,
-                                 self.batches_per_epoch)
+                                 self.batches_per_epoch, self.length_bucketing, key)
         self._loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=self._batches, num_workers=workers,
             pin_memory=str(device).startswith("cuda"), persistent_workers=workers > 0,
@@ -123,6 +140,12 @@ class TorchRecLoader:
 
     def make_dataset(self, rec_paths, image_size, seed, augment):
         return RecDataset(rec_paths, image_size, seed, augment)
+
+    def length_key(self, progress=False):
+        """The bucketing sort key of every record (from the text fields this loader reads)."""
+        d = self.dataset
+        lengths = length_index(d.readers, len(d.layout), progress=progress)
+        return sort_key(lengths[:, list(d.field_rows.values())])
 
     def set_epoch(self, epoch, start_batch=0):
         if not 0 <= start_batch <= self.batches_per_epoch:
@@ -132,10 +155,18 @@ class TorchRecLoader:
         self._batches.epoch, self._batches.start_batch = self.epoch, self.start_batch
 
     def state_dict(self):
-        """{epoch, batch}: batch = batches yielded so far this epoch (resume from there)."""
-        return {"epoch": self.epoch, "batch": self.position}
+        """{epoch, batch}: batch = batches yielded so far this epoch (resume from there); with
+        length bucketing also its pool size, which the batches depend on."""
+        state = {"epoch": self.epoch, "batch": self.position}
+        if self.length_bucketing:
+            state["length_bucketing"] = self.length_bucketing
+        return state
 
     def load_state_dict(self, state):
+        saved = state.get("length_bucketing", 0)
+        if saved != self.length_bucketing:
+            raise ValueError(f"loader state was saved with length_bucketing={saved}, this loader has "
+                             f"{self.length_bucketing}: its batches would differ")
         self.set_epoch(state["epoch"], state["batch"])
 
     def __len__(self):

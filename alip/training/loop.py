@@ -137,14 +137,17 @@ def default_make_loader(args, info, image_size):
                                rank=info.rank, world_size=info.world_size, seed=args.seed,
                                device=device, spec=spec)
     from alip.data.loader import build_train_loader
-    backend = resolve_data_backend(args.data_backend, info.device)
+    bucketing = getattr(args, "length_bucketing", 0)
+    backend = "torch" if bucketing and args.data_backend == "auto" else resolve_data_backend(
+        args.data_backend, info.device)  # --length-bucketing: PyTorch reader only
     data = args.train_data
     if not Path(data).is_dir():
         data = train_data_paths(data)
     return build_train_loader(data, backend=backend, batch_size=args.batch_size,
                               image_size=image_size, rank=info.rank, world_size=info.world_size,
                               seed=args.seed, workers=args.workers, device=device, drop_last=True,
-                              verify_shards=getattr(args, "verify_shards", True), spec=spec)
+                              verify_shards=getattr(args, "verify_shards", True), spec=spec,
+                              length_bucketing=bucketing)
 
 
 def as_batch_dicts(loader, spec, device):
@@ -344,6 +347,9 @@ def _run(args, info, make_loader):
                  "global batch %d", getattr(loader, "num_samples", -1), loader.batches_per_epoch,
                  steps_per_epoch, total_steps,
                  args.batch_size * args.accum_freq * info.world_size)
+        if getattr(loader, "length_bucketing", 0):
+            log.info("length bucketing: batches re-formed by text length in pools of %d",
+                     loader.length_bucketing)
         dropped = getattr(loader, "dropped_per_epoch", 0)
         if dropped:
             log.warning("drop_last: %d samples per epoch are not seen (a different set each "

@@ -32,17 +32,20 @@ RANGES = {
     "save_frequency": "[0, inf)", "save_every_n_steps": "[0, inf)", "keep_last": "[1, inf)",
     "log_every_n_steps": "[1, inf)", "max_nonfinite": "[0, inf)", "max_steps": "[1, inf)",
     "retrieval_frequency": "[0, inf)", "zeroshot_frequency": "[0, inf)",
-    "eval_batch_size": "[1, inf)", "caption_tokens": "[1, 75]",
+    "eval_batch_size": "[1, inf)", "caption_tokens": "[1, 75]", "length_bucketing": "[0, inf)",
 }
 for _name in method_names():  # each method declares the ranges of its own flags
     RANGES.update(get_method(_name).flag_ranges)
 
-# Flags a resumed run must keep: the data position and schedule depend on the first four; the
-# optimizer and scheduler states restored on resume carry the others (a new value would be
-# overridden by the checkpoint, so it is refused instead of being recorded and not used).
-RESUME_FIXED = ("batch_size", "world_size", "accum_freq", "epochs", "lr", "wd", "beta1",
-                "beta2", "eps", "schedule", "pct_start", "cycle_momentum", "warmup",
+# Flags a resumed run must keep: the data position and schedule depend on the first four and
+# length_bucketing (the sample order); the optimizer and scheduler states restored on resume
+# carry the others (a new value would be overridden by the checkpoint, so it is refused instead
+# of being recorded and not used).
+RESUME_FIXED = ("batch_size", "world_size", "accum_freq", "epochs", "length_bucketing", "lr",
+                "wd", "beta1", "beta2", "eps", "schedule", "pct_start", "cycle_momentum", "warmup",
                 "warmup_start_lr", "wd_exclude_gain_bias", "method")
+# What a checkpoint written before a RESUME_FIXED flag existed ran with.
+RESUME_DEFAULTS = {"length_bucketing": 0}
 
 
 class FlagError(ValueError):
@@ -82,6 +85,13 @@ def check_flags(args):
     if dev.startswith("cuda") and not torch.cuda.is_available():
         raise FlagError(f"--device {dev}: no CUDA GPU is visible (--device auto falls back to "
                         f"the CPU)")
+    if getattr(args, "length_bucketing", 0):
+        if args.data_backend == "dali":
+            raise FlagError(f"--length-bucketing {args.length_bucketing}: --data-backend dali does "
+                            f"not support it; use --data-backend torch (or auto)")
+        if args.dataset_type != "rec":
+            raise FlagError(f"--length-bucketing {args.length_bucketing}: --dataset-type "
+                            f"{args.dataset_type} has no text lengths to bucket by")
 
 
 def check_eval_inputs(args):
@@ -138,6 +148,10 @@ def build_parser():
       help="DALI: check every shard (framing, index, JPEG decode) once before the first epoch; cached.")
     a("--workers", type=int, default=4, help="Data workers per process.")
     a("--batch-size", type=int, default=64, help="Batch size per process (per GPU).")
+    a("--length-bucketing", type=int, default=0, metavar="N",
+      help="Re-form each pool of N consecutive batches into batches of similar raw-text length "
+           "(fewer padded text tokens; changes the in-batch negatives); 0: off. Torch reader "
+           "only (--data-backend auto then picks torch on CUDA too).")
     a("--caption-view", choices=("full", "truncate", "random", "block", "subcaption"),
       default="full", help="Feed the text encoder a reduced synthetic caption (CLIPS' token "
       "reduction, alip.text_views): truncate = first K tokens, random = K random tokens in "
@@ -294,8 +308,9 @@ def parse_args(argv=None):
 def resume_conflicts(old_config, args):
     """The RESUME_FIXED flags whose value differs from the checkpoint's config, as
     ``name (checkpoint X, now Y)`` strings."""
-    return [f"{k} (checkpoint {old_config[k]}, now {getattr(args, k)})" for k in RESUME_FIXED
-            if k in old_config and old_config[k] != getattr(args, k)]
+    old = {**RESUME_DEFAULTS, **old_config}
+    now = {k: getattr(args, k, RESUME_DEFAULTS.get(k)) for k in RESUME_FIXED if k in old}
+    return [f"{k} (checkpoint {old[k]}, now {v})" for k, v in now.items() if old[k] != v]
 
 
 def resolved_config(args):

@@ -1,0 +1,112 @@
+"""Per-record text lengths of RecordIO shards, read from the labels alone (no JPEG is read).
+
+A text field's length is its token count up to and including the end-of-text token
+(``argmax + 1`` of its 77 ids, as ``alip.model.text_lengths`` computes it for open_clip's
+tokenizer, whose end-of-text id is the largest). ``shard_lengths`` reads, for each record, only
+the first bytes of its frame (record header, IRHeader, label) with one ``pread``; a record whose
+first frame part does not hold the whole label (a payload split at an embedded magic word) is
+read whole. Each shard's result is cached as uint8 [records, fields] in the alip cache dir
+(``$ALIP_CACHE_DIR``, else ``~/.cache/alip``, sub-dir ``lengths``), keyed like the verify cache
+by the .rec and .idx paths, sizes and mtimes, so a changed shard is read again.
+"""
+import hashlib
+import os
+import sys
+
+import numpy as np
+
+from .recordio import CONTEXT_LENGTH, IR_SIZE, MAGIC, MAX_PART, RecordIOError, unpack
+
+VERSION = 1  # bump when the stored lengths change meaning: older cache entries are then ignored
+FRAME_HEAD = 8  # uint32 magic | uint32 cflag << 29 | length
+
+
+def _head_lengths(heads, got, n_fields):
+    """uint8 [n, n_fields] lengths from the record heads (``got``: bytes read of each), and a
+    bool [n] mask of the heads that do not hold a whole, well-formed label (read the slow way)."""
+    magic, lrec = heads[:, 0:4].view("<u4")[:, 0], heads[:, 4:8].view("<u4")[:, 0]
+    cflag, part = lrec >> 29, lrec & MAX_PART
+    flag = heads[:, 8:12].view("<u4")[:, 0]
+    label_floats = n_fields * CONTEXT_LENGTH
+    fast = ((got == heads.shape[1]) & (magic == MAGIC) & ((cflag == 0) | (cflag == 1))
+            & (flag == label_floats) & (part >= IR_SIZE + 4 * label_floats))
+    start = FRAME_HEAD + IR_SIZE
+    tokens = heads[:, start:start + 4 * label_floats].copy().view("<f4").reshape(-1, n_fields, CONTEXT_LENGTH)
+    lengths = (tokens.argmax(axis=-1) + 1).astype(np.uint8)
+    return lengths, ~fast
+
+
+def read_lengths(reader, n_fields):
+    """uint8 [len(reader), n_fields] text lengths of one shard's records (``reader``: a
+    RecordReader), in .idx order; a record whose label is not ``n_fields`` x 77 floats is a
+    RecordIOError naming the shard and the record key."""
+    n = len(reader)
+    want = FRAME_HEAD + IR_SIZE + 4 * n_fields * CONTEXT_LENGTH
+    heads, got = np.zeros((n, want), np.uint8), np.zeros(n, np.int64)
+    fd = os.open(reader.rec_path, os.O_RDONLY)
+    try:
+        for i, off in enumerate(reader.offsets.tolist()):
+            b = os.pread(fd, want, off)
+            heads[i, :len(b)], got[i] = np.frombuffer(b, np.uint8), len(b)
+    finally:
+        os.close(fd)
+    lengths, slow = _head_lengths(heads, got, n_fields)
+    for i in np.flatnonzero(slow).tolist():  # split or damaged records: the full reader's checks
+        where = f"{reader.rec_path}: record key {int(reader.keys[i])}"
+        rec = unpack(reader.read_payload(i), where)
+        if rec.tokens.shape[0] != n_fields:
+            raise RecordIOError(f"{where}: {rec.tokens.shape[0]} text fields, but the shards' layout "
+                                f"has {n_fields}")
+        lengths[i] = rec.tokens.argmax(axis=-1) + 1
+    return lengths
+
+
+def _cache_file(rec_path, idx_path, n_fields):
+    ident = [VERSION, n_fields] + [(os.path.abspath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns)
+                                   for p in (rec_path, idx_path)]
+    root = os.environ.get("ALIP_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "alip")
+    return os.path.join(root, "lengths", hashlib.sha1(repr(ident).encode()).hexdigest() + ".npy")
+
+
+def shard_lengths(reader, n_fields, use_cache=True):
+    """``read_lengths`` through the cache (an unreadable or unwritable cache only costs a re-read)."""
+    path = None
+    if use_cache:
+        try:
+            path = _cache_file(reader.rec_path, reader.idx_path, n_fields)
+            got = np.load(path)
+            if got.shape == (len(reader), n_fields) and got.dtype == np.uint8:
+                return got
+        except (OSError, ValueError):
+            pass
+    lengths = read_lengths(reader, n_fields)
+    if path is not None:
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.{os.getpid()}.tmp.npy"
+            np.save(tmp, lengths)
+            os.replace(tmp, path)
+        except OSError:
+            pass
+    return lengths
+
+
+def length_index(readers, n_fields, progress=False, use_cache=True):
+    """uint8 [total records, n_fields]: the lengths of every record of the concatenated shards.
+    ``progress``: one stderr line before reading uncached shards and one when done."""
+    todo = [r for r in readers if not (use_cache and _is_cached(r, n_fields))]
+    if progress and todo:
+        print(f"length index: reading the labels of {sum(len(r) for r in todo)} records in "
+              f"{len(todo)} shard(s) (cached for the next run)", file=sys.stderr, flush=True)
+    parts = [shard_lengths(r, n_fields, use_cache) for r in readers]
+    if progress and todo:
+        print("length index: done", file=sys.stderr, flush=True)
+    return np.concatenate(parts) if parts else np.zeros((0, n_fields), np.uint8)
+
+
+def _is_cached(reader, n_fields):
+    try:
+        return os.path.exists(_cache_file(reader.rec_path, reader.idx_path, n_fields))
+    except OSError:
+        return False
+
