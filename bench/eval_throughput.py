@@ -102,9 +102,13 @@ def main():
                 x = torch.stack([folder[i][0] for i in range(len(folder))])
                 y = torch.tensor(folder.targets)
                 loader = DataLoader(TensorDataset(x, y), batch_size=args.batch_size, pin_memory=pin)
-            # same numbers from both loops
+            # same numbers from both loops: exactly in fp32; under AMP the two loops round the
+            # logits differently (ours normalises in fp32), so a near-tie of a random model may
+            # flip: a few images, at most 0.5% of them
             a, (top1, top5) = ours(model, classifier, loader, args), peer(model, classifier, loader, peer_args)
-            assert abs(a["top1"] - 100 * top1) < 1e-6 and abs(a["top5"] - 100 * top5) < 1e-6, (a, top1, top5)
+            tol = 1e-6 if args.precision == "fp32" else 0.5
+            assert abs(a["top1"] - 100 * top1) <= tol and abs(a["top5"] - 100 * top5) <= tol, (a, top1, top5)
+            print(f"{kind:8s} top-1 ours {a['top1']:.3f}%, open_clip_train {100 * top1:.3f}%", flush=True)
             times = _timing.abba({"ours": lambda: ours(model, classifier, loader, args),
                                   "peer": lambda: peer(model, classifier, loader, peer_args)},
                                  args.repeats, args.device, label=kind)
