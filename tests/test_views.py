@@ -325,3 +325,13 @@ def test_dali_checkpoint_restores_after_other_pipelines_were_built(shards, spec)
     resumed.load_state_dict(state)
     rest = [as_dict(b) for b in resumed]
     assert len(rest) == len(rest_ref) > 0 and all(same(a, b) for a, b in zip(rest_ref, rest))
+
+
+def test_synthetic_data_asked_for_a_field_it_lacks_is_a_one_line_error():
+    from alip.training.synthetic import SyntheticLoader
+    spec = DataSpec(text_fields=("raw", "generated"))
+    with pytest.raises(ValueError, match=r"synthetic has the text fields raw, caption; .* reads generated"):
+        SyntheticLoader(24, 4, 8, spec=spec)
+    eda = DataSpec(text_fields=("raw",), text_views=(TextView("t2", source="summary"),))
+    with pytest.raises(ValueError, match="unknown source field .summary."):
+        SyntheticLoader(24, 4, 8, spec=eda)

@@ -17,6 +17,7 @@ import torch
 from alip.data import text_views
 
 SOT, EOT, CONTEXT = 49406, 49407, 77
+SYNTHETIC_FIELDS = ("raw", "caption")
 
 
 def _tokens(gen, lo, hi):
@@ -45,6 +46,11 @@ class SyntheticLoader:
         self.epoch, self.start_batch = 0, 0
         if spec is not None:
             text_views.check(spec.text_views)
+            extra = [f for f in spec.fields_read if f not in SYNTHETIC_FIELDS]
+            if extra:
+                raise ValueError(f"--dataset-type synthetic has the text fields {', '.join(SYNTHETIC_FIELDS)}; "
+                                 f"this method also reads {', '.join(extra)} (use real shards with "
+                                 f"data2rec.py --text-fields)")
         self.spec = spec
 
     def set_epoch(self, epoch, start_batch=0):
