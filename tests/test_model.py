@@ -90,3 +90,28 @@ def test_grad_checkpointing_is_a_switch_and_changes_no_gradient():
 def test_triplet_encoder_rejects_unknown_text_mode(tiny):
     with pytest.raises(ValueError, match="text_mode"):
         TripletEncoder(tiny, text_mode="both")
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_auto_text_mode_is_one_joint_call_on_the_packed_path_else_two(tiny, monkeypatch, packed):
+    from alip import model as m
+    tok = open_clip.get_tokenizer("ALIP-tiny")
+    raw, cap = tok(TEXTS), tok(["a red circle in the middle", "two shapes", "a star", "x"])
+    calls, real = [], m.encode_text
+
+    def spy(model, text, *a, **kw):
+        calls.append(len(text))
+        return real(model, text, *a, path="grouped", **kw)
+
+    monkeypatch.setattr(m, "packed_supported", lambda tower, text: packed)
+    monkeypatch.setattr(m, "encode_text", spy)
+    tiny64 = tiny.double()
+    try:
+        with torch.no_grad():
+            got = m.encode_text_pair(tiny64, raw, cap, "auto")
+            want = tiny64.encode_text(raw, normalize=True), tiny64.encode_text(cap, normalize=True)
+    finally:
+        tiny.float()
+    assert calls == ([8] if packed else [4, 4])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-12, rtol=0)

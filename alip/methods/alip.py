@@ -1,19 +1,19 @@
 """ALIP: one image tower and ONE shared text tower for the raw web text and the synthetic
 caption, the LCG/DCG gates weighting an adaptive contrastive loss (``alip.loss.ALIPLoss``,
 deepglint/ALIP train.py:106-156, open_alip/loss.py:84-121)."""
-import torch
 
 from ..data.spec import ALIP_DATA
 from ..loss import ALIPLoss, local_grad_scale
-from ..model import TEXT_MODES, encode_text
+from ..model import TEXT_MODES, encode_text_pair
 from .base import CAPTION_VIEW, ContrastiveEncoder, Method, with_caption_view
 
 
 class ALIPEncoder(ContrastiveEncoder):
-    """Raw text and caption through the same text tower: two passes each trimmed to its own
-    lengths (``separate``) or one 2B pass (``joint``)."""
+    """Raw text and caption through the same text tower (``alip.model.encode_text_pair``): two
+    passes each with its own lengths (``separate``), one 2B pass (``joint``), or ``auto``: joint
+    on the packed CUDA path, separate elsewhere."""
 
-    def __init__(self, model, text_mode="separate"):
+    def __init__(self, model, text_mode="auto"):
         super().__init__(model)
         if text_mode not in TEXT_MODES:
             raise ValueError(f"text_mode must be one of {TEXT_MODES}, got {text_mode!r}")
@@ -22,10 +22,7 @@ class ALIPEncoder(ContrastiveEncoder):
     def forward(self, batch):
         raw = batch["raw"]
         cap = batch.get(CAPTION_VIEW, batch["caption"])  # --caption-view: a partial caption
-        if self.text_mode == "joint":
-            raw_f, cap_f = encode_text(self.model, torch.cat([raw, cap])).chunk(2)
-        else:
-            raw_f, cap_f = encode_text(self.model, raw), encode_text(self.model, cap)
+        raw_f, cap_f = encode_text_pair(self.model, raw, cap, self.text_mode)
         return {"image": self.model.encode_image(batch["image"], normalize=True),
                 "raw": raw_f, "caption": cap_f, "logit_scale": self.model.logit_scale.exp()}
 
@@ -47,8 +44,9 @@ class ALIP(Method):
         g.add_argument("--alip-gamma", type=float, default=2.0, help="Gate sharpness gamma.")
         g.add_argument("--alip-momentum", type=float, default=0.99, help="Gate EMA momentum.")
         g.add_argument("--alip-ema-init", type=float, default=1.0, help="Gate EMA start value.")
-        g.add_argument("--text-mode", choices=TEXT_MODES, default="separate",
-                       help="Raw text and caption as two trimmed passes, or one 2B pass.")
+        g.add_argument("--text-mode", choices=TEXT_MODES, default="auto",
+                       help="Raw text and caption as two length-aware passes (separate), one 2B "
+                            "pass (joint), or auto: joint on the packed CUDA path, else separate.")
 
     @classmethod
     def data_spec(cls, args):
