@@ -34,7 +34,9 @@ done
 START=$(date +%s)
 WORLD=$OUT/world
 
-if [ ! -f "$WORLD/demo_world.json" ]; then
+# (re)generate unless a world of this generator's version is there already
+if ! $PY -c "import json, sys; from alip.data.demo_world import VERSION
+sys.exit(json.load(open(sys.argv[1])).get('version') != VERSION)" "$WORLD/demo_world.json" 2>/dev/null; then
   echo "== generating the demo world in $WORLD"
   $PY make_demo_data.py --out "$WORLD" --overwrite
 fi

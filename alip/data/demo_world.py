@@ -48,10 +48,10 @@ SIZES = ("small", "large")
 POSITIONS = ("top", "middle", "bottom")  # single-object scenes; vertical only: the training
 # augmentation mirrors images left-right, so "left"/"right" would be label noise we did not ask for
 JITTER = 25
-# Object radius as a share of the image side. At the demo model's 32 px a small object spans
-# 8-10 px (2-3 patches of 4 px), a large one 13-15 px: big enough that the six shapes differ
-# (at 0.09-0.12, version 1, a small star or cross was a 6-px blob). Two objects' centres are at
-# least 0.48 apart, so even two large ones do not overlap.
+# Object radius as a share of the image side. At the demo models' 32 px a small object spans
+# 8-10 px (1-2 patches of 8 px, 2-3 of 4 px), a large one 13-15 px: big enough that the shapes
+# differ (at 0.09-0.12, version 1, a small star or cross was a 6-px blob). Two objects' centres
+# are at least 0.48 apart, so even two large ones do not overlap.
 RADIUS = {"small": (0.13, 0.16), "large": (0.20, 0.24)}
 PIXEL_NOISE = 6.0
 
