@@ -1,42 +1,56 @@
 #!/usr/bin/env bash
-# The README's main command: set up .venv, generate the demo world, train on it, evaluate.
+# The README's main command: set up .venv, generate the demo world, train every method on it with
+# one recipe, evaluate each on held-out data, write the report.
 #
-#   ./scripts/demo.sh                            # ALIP, then the CLIP baseline on the same data
-#   DEMO_METHODS=alip ./scripts/demo.sh          # ALIP only
-#   DEMO_METHODS=all ./scripts/demo.sh           # every method (alip.methods), same data and recipe
-#   DEMO_QUICK=1 ./scripts/demo.sh               # 2 epochs instead of 4 (a first look)
+#   ./scripts/demo.sh                            # every method (alip.methods): same data and recipe
+#   DEMO_METHODS="alip clip" ./scripts/demo.sh   # a subset, in this order (DEMO_METHODS=all: every one)
+#   DEMO_QUICK=1 ./scripts/demo.sh               # a first look: ALIP and the CLIP baseline only
+#                                                # (the same recipe, so the same numbers as in the full run)
+#   DEMO_OUT=/tmp/demo ./scripts/demo.sh         # somewhere other than demo_output/
 #
 # Outputs go to demo_output/ (DEMO_OUT): the world (shards, retrieval and classification splits),
-# one run directory per method (checkpoints, results.jsonl, TensorBoard), the eval JSONs, and
-# report.md with loss.png, recall.png and gates.png (ALIP's gates by noise label).
+# one run directory per method (checkpoints, results.jsonl, TensorBoard), the eval JSONs,
+# timings.tsv (train and eval wall seconds per method), and report.md with loss.png, recall.png
+# and gates.png (ALIP's gates by noise label).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup_env.sh
 PY=.venv/bin/python
 OUT=${DEMO_OUT:-demo_output}
-METHODS=${DEMO_METHODS:-alip clip}
+if [ "${DEMO_QUICK:-0}" = 1 ]; then
+  METHODS=${DEMO_METHODS:-alip clip}
+else
+  METHODS=${DEMO_METHODS:-all}
+fi
 if [ "$METHODS" = all ]; then
   METHODS=$($PY -c "from alip.methods import method_names; print(' '.join(method_names()))")
 fi
+for method in $METHODS; do  # a typo fails here, not after the methods before it have trained
+  if [ ! -f "configs/demo_$method.yaml" ]; then
+    echo "demo.sh: DEMO_METHODS: no configs/demo_$method.yaml for method '$method'" >&2
+    exit 2
+  fi
+done
 START=$(date +%s)
 WORLD=$OUT/world
-TRAIN_ARGS=()
-if [ "${DEMO_QUICK:-0}" = 1 ]; then
-  TRAIN_ARGS=(--epochs 2)
-fi
 
-if [ ! -f "$WORLD/demo_world.json" ]; then
+# (re)generate unless a world of this generator's version is there already
+if ! $PY -c "import json, sys; from alip.data.demo_world import VERSION
+sys.exit(json.load(open(sys.argv[1])).get('version') != VERSION)" "$WORLD/demo_world.json" 2>/dev/null; then
   echo "== generating the demo world in $WORLD"
   $PY make_demo_data.py --out "$WORLD" --overwrite
 fi
 
+: > "$OUT/timings.tsv"
 for method in $METHODS; do
   run=$OUT/runs/demo-$method
   rm -rf "$run"   # a fresh run each time; train.py --resume latest continues an interrupted one
   echo "== training --method $method ($run)"
-  $PY train.py --config "configs/demo_$method.yaml" --train-data "$WORLD/shards" "${TRAIN_ARGS[@]}" \
+  t0=$(date +%s)
+  $PY train.py --config "configs/demo_$method.yaml" --train-data "$WORLD/shards" \
     --logs "$OUT/runs" --name "demo-$method"
   ckpt=$(ls -v "$run"/checkpoints/epoch_*.pt | grep -v '\.state\.pt$' | tail -n 1)
+  t1=$(date +%s)
   echo "== evaluating $ckpt"
   $PY eval_retrieval.py --checkpoint "$ckpt" --annotation "$WORLD/retrieval/dataset_demo.json" \
     --image-root "$WORLD/retrieval" --name "demo held-out ($method)" --workers 0 \
@@ -44,6 +58,8 @@ for method in $METHODS; do
   $PY eval_zeroshot.py --checkpoint "$ckpt" --dataset imagefolder --root "$WORLD/classify" \
     --classnames "$WORLD/classify/classnames.txt" --templates "$WORLD/classify/templates.txt" \
     --workers 0 --output "$OUT/zeroshot_$method.json"
+  t2=$(date +%s)
+  printf '%s\t%d\t%d\n' "$method" $(( t1 - t0 )) $(( t2 - t1 )) >> "$OUT/timings.tsv"
 done
 
 echo "== report"

@@ -64,8 +64,11 @@ def test_report_table_plots_and_gates(tmp_path):
         [{"model": "epoch_1.pt", "state": "epoch_1.state.pt", "epoch": 1, "step": 3}]))
     (run / "config.yaml").write_text(yaml.safe_dump({"model": "ALIP-tiny", "alip_gamma": 2.0}))
 
+    (out / "timings.tsv").write_text("clip\t61.4\t9.6\nalip\t80.5\t10.2\nslip\t1\t1\n")
     report = demo_report.build_report(out, ["clip", "alip"], world, seconds=90, machine="2 cores")
     text = report.read_text()
+    assert "| clip | 61 | 10 |\n| alip | 80 | 10 |\n" in text  # methods not run are left out
+    assert "| slip |" not in text
     assert "| chance | 10.0 | 50.0 | 100.0 | 10.0 | 50.0 | 100.0 | 25.0 |" in text
     assert "| alip | 9.0 | 45.0 | 90.0 | 9.0 | 45.0 | 90.0 | 40.0 |" in text
     assert "| clip | 4.0 | 20.0 | 40.0 | 4.0 | 20.0 | 40.0 | 30.0 |" in text
@@ -90,3 +93,10 @@ def test_report_table_plots_and_gates(tmp_path):
     assert gates["weights"]["clean"]["w_sample"][0] == pytest.approx(float(w_s[[0, 3]].mean()), rel=1e-5)
     assert gates["weights"]["mismatched"]["w_text"][0] == pytest.approx(float(w_t[1]), rel=1e-5)
     assert gates["weights"]["wrong"]["w_sample"][0] == pytest.approx(float(w_s[4]), rel=1e-5)
+
+
+def test_timings_file_with_a_bad_line_names_file_and_line(tmp_path):
+    (tmp_path / "timings.tsv").write_text("clip\t61.4\t9.6\nalip 80.5 10.2\n")
+    with pytest.raises(ValueError, match=r"timings.tsv:2: expected"):
+        demo_report.timings(tmp_path)
+    assert demo_report.timings(tmp_path / "absent") == {}

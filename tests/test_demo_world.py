@@ -245,3 +245,39 @@ def test_cli(tmp_path, capsys):
     assert make_demo_data.main(argv) == 2  # not empty any more
     assert "not empty" in capsys.readouterr().err
     assert make_demo_data.main(argv + ["--overwrite", "--mismatch-rate", "2"]) == 2
+
+
+def test_objects_fit_the_image_and_never_overlap():
+    """Every shape lies in the box of half-side r around its centre (drawing code); those boxes
+    stay inside the image and two objects' boxes are disjoint, for every layout."""
+    worst = 1.0
+    for i in range(2000):
+        rng = np.random.default_rng((7, i))
+        scene = dw.sample_scene(rng)
+        boxes = dw.place(scene, rng)
+        for (cx, cy, r), obj in zip(boxes, scene.objects):
+            assert dw.RADIUS[obj.size][0] <= r <= dw.RADIUS[obj.size][1]
+            assert r <= cx <= 1 - r and r <= cy <= 1 - r, (scene, boxes)
+        if len(boxes) == 2:
+            (x1, y1, r1), (x2, y2, r2) = boxes
+            gap = max(abs(x1 - x2), abs(y1 - y2)) - (r1 + r2)
+            assert gap >= 0, (scene, boxes)
+            worst = min(worst, gap)
+    assert worst < 0.02  # the check reached the tight case (two large objects nearly touching)
+
+
+def test_small_objects_cover_several_patches_at_32_px():
+    """A small object is at least 8 px across at the demo model's 32 px (two 4-px patches)."""
+    assert 2 * dw.RADIUS["small"][0] * 32 >= 8
+    assert dw.RADIUS["small"][1] < dw.RADIUS["large"][0]  # "small" and "large" never overlap
+
+
+def test_zero_shot_templates_ensemble_over_every_size_and_colour():
+    """One caption-style prompt per (size, colour): the class embedding's mean averages them
+    out, so it carries the shape alone."""
+    seen = []
+    for t in dw.CLASSIFY_TEMPLATES:
+        m = re.fullmatch(r"a picture of an? (\w+) (\w+) \{\}", t)
+        assert m, t
+        seen.append(m.groups())
+    assert sorted(seen) == sorted((s, c) for s in dw.SIZES for c in dw.COLOURS)

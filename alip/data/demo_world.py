@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-VERSION = 1
+VERSION = 2  # 2: larger objects (RADIUS), colour-ensembled zero-shot templates
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond")
 COLOURS = {  # name -> base RGB; each drawn object jitters every channel by up to +-JITTER
@@ -48,6 +48,11 @@ SIZES = ("small", "large")
 POSITIONS = ("top", "middle", "bottom")  # single-object scenes; vertical only: the training
 # augmentation mirrors images left-right, so "left"/"right" would be label noise we did not ask for
 JITTER = 25
+# Object radius as a share of the image side. At the demo models' 32 px a small object spans
+# 8-10 px (1-2 patches of 8 px, 2-3 of 4 px), a large one 13-15 px: big enough that the shapes
+# differ (at 0.09-0.12, version 1, a small star or cross was a 6-px blob). Two objects' centres
+# are at least 0.48 apart, so even two large ones do not overlap.
+RADIUS = {"small": (0.13, 0.16), "large": (0.20, 0.24)}
 PIXEL_NOISE = 6.0
 
 NOISE_KINDS = ("clean", "partial", "wrong", "mismatched")
@@ -128,27 +133,36 @@ def _jitter(rng, rgb, amount):
     return tuple(int(np.clip(c + rng.integers(-amount, amount + 1), 0, 255)) for c in rgb)
 
 
+def place(scene, rng):
+    """[(cx, cy, r)] per object, as shares of the image side: centre and radius.
+
+    Every shape lies inside the box of half-side r around its centre, the boxes stay inside the
+    image, and two objects' boxes never overlap (their centres are >= 0.48 apart on one axis,
+    at most the sum of two large radii).
+    """
+    u = lambda lo, hi: float(rng.uniform(lo, hi))  # noqa: E731
+    if len(scene.objects) == 1:
+        cy = {"top": u(0.25, 0.32), "middle": u(0.44, 0.56), "bottom": u(0.68, 0.75)}[scene.layout]
+        centres = [(u(0.3, 0.7), cy)]
+    elif scene.layout == "vertical":
+        centres = [(u(0.3, 0.7), u(0.24, 0.26)), (u(0.3, 0.7), u(0.74, 0.76))]
+    else:  # horizontal: which object is on the left is random and never described
+        left, right = (u(0.24, 0.26), u(0.35, 0.65)), (u(0.74, 0.76), u(0.35, 0.65))
+        centres = [left, right] if rng.integers(2) else [right, left]
+    return [(cx, cy, u(*RADIUS[obj.size])) for obj, (cx, cy) in zip(scene.objects, centres)]
+
+
 def render(scene, rng, size=64):
     """The scene as an RGB ``PIL.Image`` of ``size`` x ``size`` pixels.
 
     Sizes, positions and colours are jittered and every pixel gets a little Gaussian noise, so
     no two renderings of the same description are alike.
     """
-    s = float(size)
     img = Image.new("RGB", (size, size), _jitter(rng, BACKGROUNDS[scene.background], 10))
     draw = ImageDraw.Draw(img)
-    u = lambda lo, hi: float(rng.uniform(lo, hi)) * s  # noqa: E731
-    if len(scene.objects) == 1:
-        cy = {"top": u(0.25, 0.32), "middle": u(0.44, 0.56), "bottom": u(0.68, 0.75)}[scene.layout]
-        centres = [(u(0.3, 0.7), cy)]
-    elif scene.layout == "vertical":
-        centres = [(u(0.3, 0.7), u(0.24, 0.30)), (u(0.3, 0.7), u(0.70, 0.76))]
-    else:  # horizontal: which object is on the left is random and never described
-        left, right = (u(0.24, 0.30), u(0.35, 0.65)), (u(0.70, 0.76), u(0.35, 0.65))
-        centres = [left, right] if rng.integers(2) else [right, left]
-    for obj, (cx, cy) in zip(scene.objects, centres):
-        r = u(0.09, 0.12) if obj.size == "small" else u(0.17, 0.21)
-        _draw_object(draw, obj, cx, cy, r, _jitter(rng, COLOURS[obj.colour], JITTER))
+    for obj, (cx, cy, r) in zip(scene.objects, place(scene, rng)):
+        _draw_object(draw, obj, cx * size, cy * size, r * size,
+                     _jitter(rng, COLOURS[obj.colour], JITTER))
     pixels = np.asarray(img, dtype=np.float32)
     pixels = pixels + rng.normal(0.0, PIXEL_NOISE, pixels.shape)
     return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
@@ -437,8 +451,11 @@ def _write_retrieval(root, num, seed, size):
     return images
 
 
-CLASSIFY_TEMPLATES = ("a {}", "a picture of a {}", "a small {}", "a large {}",
-                      "there is a {}", "a {} in the middle")
+# Prompt ensembling as CLIP does it: the class embedding is the mean over templates phrased like
+# the captions, one per size and colour, so the nuisance attributes average out of it (with
+# colour-free prompts such as "a {}", version 1, the text side saw phrases no caption has).
+CLASSIFY_TEMPLATES = tuple(f"a picture of {_a(size + ' ' + colour)} {{}}"
+                           for size in SIZES for colour in COLOURS)
 
 
 def _write_classify(root, train_per_class, val_per_class, seed, size):

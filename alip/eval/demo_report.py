@@ -4,8 +4,9 @@ gate weights over training split by the demo world's noise labels).
 
 ``build_report(out_dir, methods, world_dir)`` reads what scripts/demo.sh leaves in ``out_dir``
 (``runs/demo-<method>/results.jsonl`` and ``checkpoints/``, ``retrieval_<method>.json``,
-``zeroshot_<method>.json``) and writes ``report.md`` plus ``loss.png``, ``recall.png`` and
-``gates.png`` beside it. Plots are drawn with matplotlib's Agg backend (no display).
+``zeroshot_<method>.json``, ``timings.tsv`` if present) and writes ``report.md`` plus
+``loss.png``, ``recall.png`` and ``gates.png`` beside it. Plots are drawn with matplotlib's Agg
+backend (no display).
 """
 import json
 from pathlib import Path
@@ -35,6 +36,27 @@ def collect(out_dir, methods):
     return {m: {"train": _train_rows(out / "runs" / f"demo-{m}"),
                 "retrieval": _metrics(out / f"retrieval_{m}.json"),
                 "zeroshot": _metrics(out / f"zeroshot_{m}.json")} for m in methods}
+
+
+def timings(out_dir):
+    """``timings.tsv`` (scripts/demo.sh: method, train seconds, eval seconds per line) ->
+    {method: (train_s, eval_s)}; {} when the file is absent."""
+    path = Path(out_dir) / "timings.tsv"
+    if not path.is_file():
+        return {}
+    out = {}
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        parts = line.split("\t")
+        if len(parts) != 3:
+            raise ValueError(f"{path}:{n}: expected 'method<TAB>train_s<TAB>eval_s', got {line!r}")
+        out[parts[0]] = (float(parts[1]), float(parts[2]))
+    return out
+
+
+def timing_table(times):
+    """Wall seconds per method: training (world read, steps, checkpoints) and evaluation."""
+    lines = ["| method | train (s) | eval (s) |", "|---|---:|---:|"]
+    return "\n".join(lines + [f"| {m} | {t:.0f} | {e:.0f} |" for m, (t, e) in times.items()])
 
 
 def chance(world_dir):
@@ -185,6 +207,9 @@ def build_report(out_dir, methods, world_dir, gates_run="alip", seconds=None, ma
     if seconds is not None:
         lines += [f"Trained and evaluated in {seconds / 60:.1f} minutes"
                   + (f" on {machine}." if machine else "."), ""]
+    times = {m: t for m, t in timings(out).items() if m in methods}
+    if times:
+        lines += [timing_table(times), ""]
     lines += ["![training loss](loss.png)", "", "![held-out R@1](recall.png)", ""]
     if gates_run in methods:
         gates = gates_by_noise(world_dir, out / "runs" / f"demo-{gates_run}")

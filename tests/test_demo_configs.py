@@ -1,0 +1,32 @@
+"""scripts/demo.sh trains every method with one recipe: a config per method, and the keys that
+make the comparison fair (data reading, model family, batch, epochs, optimiser, schedule, seed)
+are the same in all of them."""
+from pathlib import Path
+
+import open_clip
+import yaml
+
+import alip  # noqa: F401  (registers the model configs)
+from alip.methods import method_names
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+RECIPE = ("data-backend", "batch-size", "epochs", "lr", "wd", "schedule", "pct-start",
+          "grad-clip-norm", "precision", "seed")
+
+
+def _configs():
+    return {m: yaml.safe_load((CONFIGS / f"demo_{m}.yaml").read_text()) for m in method_names()}
+
+
+def test_every_method_has_a_demo_config_naming_itself():
+    for method, cfg in _configs().items():
+        assert cfg["method"] == method and cfg["name"] == f"demo-{method}"
+
+
+def test_demo_configs_share_one_recipe_and_one_vision_tower():
+    cfgs = _configs()
+    for key in RECIPE:
+        values = {m: c.get(key) for m, c in cfgs.items()}
+        assert len(set(map(repr, values.values()))) == 1, (key, values)
+    towers = {m: open_clip.get_model_config(c["model"])["vision_cfg"] for m, c in cfgs.items()}
+    assert len({repr(sorted(t.items())) for t in towers.values()}) == 1, towers
