@@ -201,7 +201,7 @@ def test_classify_split_loads_as_imagefolder(world):
     out, summary = world
     names = (out / "classify" / "classnames.txt").read_text().splitlines()
     templates = (out / "classify" / "templates.txt").read_text().splitlines()
-    assert names == sorted(dw.SHAPES) == summary["classify"]["classes"]
+    assert names == sorted(dw.COLOURS) == summary["classify"]["classes"]
     assert templates and all(t.count("{}") == 1 for t in templates)
     for split, per_class in (("train", 3), ("val", 2)):
         ds = torchvision.datasets.ImageFolder(out / "classify" / split)
@@ -209,7 +209,10 @@ def test_classify_split_loads_as_imagefolder(world):
         assert len(ds) == per_class * len(names)
         assert np.bincount(ds.targets).tolist() == [per_class] * len(names)
         img, label = ds[len(ds) - 1]
-        assert img.size == (64, 64) and names[label] == "triangle"
+        assert img.size == (64, 64) and names[label] == "yellow"
+        rgb = np.asarray(img).reshape(-1, 3).astype(int)  # the object's pixels are yellow's
+        near = np.abs(rgb - np.array(dw.COLOURS["yellow"])).max(axis=1) <= dw.JITTER + 3 * dw.PIXEL_NOISE
+        assert near.sum() > 40
 
 
 def test_bad_arguments_and_non_empty_output_give_clear_errors(tmp_path, world):
@@ -232,7 +235,7 @@ def test_overwrite_leaves_no_stale_files(tmp_path):
     dw.generate(out, seed=1, shards=False, overwrite=True,
                 **dict(SMALL, num_train=10, classify_val_per_class=1))
     assert len(list((out / "raw" / "images").iterdir())) == 10
-    assert len(list((out / "classify" / "val").rglob("*.png"))) == len(dw.SHAPES)
+    assert len(list((out / "classify" / "val").rglob("*.png"))) == len(dw.COLOURS)
 
 
 def test_cli(tmp_path, capsys):
@@ -272,12 +275,12 @@ def test_small_objects_cover_several_patches_at_32_px():
     assert dw.RADIUS["small"][1] < dw.RADIUS["large"][0]  # "small" and "large" never overlap
 
 
-def test_zero_shot_templates_ensemble_over_every_size_and_colour():
-    """One caption-style prompt per (size, colour): the class embedding's mean averages them
-    out, so it carries the shape alone."""
+def test_zero_shot_templates_ensemble_over_every_size_and_shape():
+    """One caption-style prompt per (size, shape): the class embedding's mean averages them
+    out, so it carries the colour alone."""
     seen = []
     for t in dw.CLASSIFY_TEMPLATES:
-        m = re.fullmatch(r"a picture of an? (\w+) (\w+) \{\}", t)
+        m = re.fullmatch(r"a picture of a (\w+) \{\} (\w+)", t)
         assert m, t
         seen.append(m.groups())
-    assert sorted(seen) == sorted((s, c) for s in dw.SIZES for c in dw.COLOURS)
+    assert sorted(seen) == sorted((s, c) for s in dw.SIZES for c in dw.SHAPES)
