@@ -1,6 +1,6 @@
 """Length-aware text encoding: the text tower's passes and the ALIP step vs open_clip's CLIP step.
 
-    .venv/bin/python bench/text_encoding.py                  # CPU defaults, ~8 min on 2 cores
+    .venv/bin/python bench/text_encoding.py                  # CPU defaults, ~3 min on 2 idle cores
     .venv/bin/python bench/text_encoding.py                  # on a GPU: text batch 1024, step batch 512
 
 Texts: raw web text with YFCC-like lengths (lognormal, median 15 tokens, 0.9% at 77) and
