@@ -87,3 +87,15 @@ def tokenize(texts):
 
     import alip  # noqa: F401
     return open_clip.get_tokenizer("ALIP-ViT-B-32")(texts).numpy()
+
+
+def make_rec_shards(tmp_path_factory, n, shard_size=10):
+    """``n`` manifest rows (make_manifest_dataset) through data2rec.py into RecordIO shards;
+    returns the shard directory."""
+    import data2rec
+    root = str(tmp_path_factory.mktemp("in"))
+    manifest = make_manifest_dataset(root, n)
+    out = str(tmp_path_factory.mktemp("rec"))
+    assert data2rec.main(["--manifest", manifest, "--image-root", root, "--output-dir", out,
+                          "--shard-size", str(shard_size), "--no-progress"]) == 0
+    return out

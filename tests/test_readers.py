@@ -8,11 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as TF
 
-import data2rec
 from alip.data.augment import CLIP_MEAN, CLIP_STD
 from alip.data.loader import build_train_loader
 from alip.data.recordio import MAGIC_BYTES, RecordIOError, RecordReader, RecordWriter
-from data_fixtures import image, jpeg_bytes, make_manifest_dataset, tokenize
+from data_fixtures import image, jpeg_bytes, make_rec_shards, tokenize
 
 N = 23
 SIZE = 16
@@ -20,12 +19,7 @@ SIZE = 16
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("in"))
-    manifest = make_manifest_dataset(root, N)
-    out = str(tmp_path_factory.mktemp("rec"))
-    assert data2rec.main(["--manifest", manifest, "--image-root", root, "--output-dir", out,
-                          "--shard-size", "10", "--no-progress"]) == 0
-    return out
+    return make_rec_shards(tmp_path_factory, N)
 
 
 @pytest.fixture(scope="module")

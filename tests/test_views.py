@@ -9,13 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-import data2rec
 from alip.data import text_views
 from alip.data.augment import CLIP_MEAN, CLIP_STD, RECIPE_PARAMS, view_params, view_rngs
 from alip.data.loader import build_train_loader
 from alip.data.recordio import RecordReader, RecordWriter
 from alip.data.spec import ALIP_DATA, CLIP_DATA, DataSpec, ImageView, TextView
-from data_fixtures import image, jpeg_bytes, make_manifest_dataset, tokenize
+from data_fixtures import image, jpeg_bytes, make_rec_shards, tokenize
 
 N = 23
 SIZE = 16
@@ -39,12 +38,7 @@ SLIP = DataSpec(image_views=(ImageView("image", "slip_base"), ImageView("aug1", 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("in"))
-    manifest = make_manifest_dataset(root, N)
-    out = str(tmp_path_factory.mktemp("rec"))
-    assert data2rec.main(["--manifest", manifest, "--image-root", root, "--output-dir", out,
-                          "--shard-size", "10", "--no-progress"]) == 0
-    return out
+    return make_rec_shards(tmp_path_factory, N)
 
 
 @pytest.fixture(scope="module")
