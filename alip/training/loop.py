@@ -115,11 +115,12 @@ def prepare_run_dir(args, info):
     return run_dir
 
 
-def resolve_data_backend(backend, device):
-    """``auto``: DALI on CUDA where nvidia-dali is installed, else the PyTorch reader (said once)."""
+def resolve_data_backend(backend, device, length_bucketing=0):
+    """``auto``: DALI on CUDA where nvidia-dali is installed, else the PyTorch reader (said once);
+    the PyTorch reader also when length bucketing is on (DALI shuffles inside its pipeline)."""
     if backend != "auto":
         return backend
-    if torch.device(device).type != "cuda":
+    if torch.device(device).type != "cuda" or length_bucketing:
         return "torch"
     if importlib.util.find_spec("nvidia") is None or importlib.util.find_spec("nvidia.dali") is None:
         logging.warning("--data-backend auto: nvidia-dali is not installed, reading with the "
@@ -138,8 +139,7 @@ def default_make_loader(args, info, image_size):
                                device=device, spec=spec)
     from alip.data.loader import build_train_loader
     bucketing = getattr(args, "length_bucketing", 0)
-    backend = "torch" if bucketing and args.data_backend == "auto" else resolve_data_backend(
-        args.data_backend, info.device)  # --length-bucketing: PyTorch reader only
+    backend = resolve_data_backend(args.data_backend, info.device, bucketing)
     data = args.train_data
     if not Path(data).is_dir():
         data = train_data_paths(data)
