@@ -9,12 +9,12 @@ read whole. Each shard's result is cached as uint8 [records, fields] in the alip
 (``$ALIP_CACHE_DIR``, else ``~/.cache/alip``, sub-dir ``lengths``), keyed like the verify cache
 by the .rec and .idx paths, sizes and mtimes, so a changed shard is read again.
 """
-import hashlib
 import os
 import sys
 
 import numpy as np
 
+from .cache import cache_path
 from .recordio import CONTEXT_LENGTH, IR_SIZE, MAGIC, MAX_PART, RecordIOError, unpack
 
 VERSION = 1  # bump when the stored lengths change meaning: older cache entries are then ignored
@@ -62,10 +62,7 @@ def read_lengths(reader, n_fields):
 
 
 def _cache_file(rec_path, idx_path, n_fields):
-    ident = [VERSION, n_fields] + [(os.path.abspath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns)
-                                   for p in (rec_path, idx_path)]
-    root = os.environ.get("ALIP_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "alip")
-    return os.path.join(root, "lengths", hashlib.sha1(repr(ident).encode()).hexdigest() + ".npy")
+    return cache_path("lengths", (rec_path, idx_path), [VERSION, n_fields], ".npy")
 
 
 def shard_lengths(reader, n_fields, use_cache=True):

@@ -20,7 +20,6 @@ keyed by the absolute paths, sizes and mtimes of its .rec and .idx (``$ALIP_CACH
 verifies it again.
 """
 import argparse
-import hashlib
 import io
 import json
 import os
@@ -29,6 +28,7 @@ import sys
 
 import numpy as np
 
+from .cache import cache_path
 from .fields import manifest_fields
 from .recordio import CONTEXT_LENGTH, IR_FORMAT, IR_SIZE, MAGIC, MAX_PART, RecordIOError, label_fields, read_index
 
@@ -176,11 +176,7 @@ def check_shard(rec_path, decode=True):
 
 
 def _cache_file(rec_path, decode):
-    idx = idx_path_of(rec_path)
-    ident = [VERSION, decode] + [(os.path.abspath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns)
-                                 for p in (rec_path, idx)]
-    root = os.environ.get("ALIP_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "alip")
-    return os.path.join(root, "verified", hashlib.sha1(repr(ident).encode()).hexdigest() + ".json")
+    return cache_path("verified", (rec_path, idx_path_of(rec_path)), [VERSION, decode], ".json")
 
 
 def _cached(rec_path, decode):
