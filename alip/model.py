@@ -270,9 +270,8 @@ class TripletEncoder(nn.Module):
     ``forward(images, raw_text, caption_text=None)`` returns normalised image, raw-text and (if
     given) caption features and ``logit_scale.exp()``. Both texts go through the one text tower
     (``encode_text_pair``: ``"separate"`` passes, one ``"joint"`` 2B pass, or ``"auto"``). The
-    open_clip model is ``self.model``, and its
-    ``state_dict()`` is what checkpoints store, so ``open_clip.create_model(pretrained=...)``
-    loads them.
+    open_clip model is ``self.model``, and its ``state_dict()`` is what checkpoints store, so
+    ``open_clip.create_model(pretrained=...)`` loads them.
     """
 
     def __init__(self, model, text_mode="separate", trim_text=True):
