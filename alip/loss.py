@@ -84,6 +84,8 @@ def gather_features(features, rank, world_size, gather_with_grad=False):
 
 
 def _check_inputs(image_features, raw_features, caption_features, logit_scale):
+    """Shapes, every call; values (``_check_values``) are checked on a module's first call
+    only, so that a training step never waits for them."""
     named = {"image_features": image_features, "raw_features": raw_features,
              "caption_features": caption_features}
     shapes = {k: tuple(v.shape) for k, v in named.items()}
@@ -95,14 +97,20 @@ def _check_inputs(image_features, raw_features, caption_features, logit_scale):
     if not torch.is_tensor(logit_scale) or logit_scale.numel() != 1:
         shape = tuple(logit_scale.shape) if torch.is_tensor(logit_scale) else type(logit_scale)
         raise ValueError(f"ALIPLoss: logit_scale must be a scalar tensor, got {shape}")
+    return named
+
+
+def _check_values(named, logit_scale):
+    """logit_scale finite; every finite feature row L2-normalised (non-finite rows are the
+    training step's business: it skips such a step). Reads values back to the host."""
     if not torch.isfinite(logit_scale).all():
         raise ValueError(f"ALIPLoss: logit_scale must be finite, got {logit_scale.item()}")
     with torch.no_grad():
         for name, f in named.items():
             tol = 1e-3 if f.dtype in (torch.float32, torch.float64) else 2e-2
             norms = f.float().norm(dim=-1)
-            worst = (norms - 1).abs().max()
-            if not worst <= tol:  # also catches NaN
+            norms = norms[torch.isfinite(norms)]
+            if len(norms) and not (norms - 1).abs().max() <= tol:
                 raise ValueError(
                     f"ALIPLoss: {name} must be L2-normalised along the last dim; row norms range "
                     f"{norms.min().item():.4g}..{norms.max().item():.4g} (tolerance {tol})")
@@ -126,6 +134,7 @@ class ALIPLoss(nn.Module):
         self.grad_scale = float(grad_scale)  # see local_grad_scale()
         for name in GATE_NAMES:
             self.register_buffer(f"ema_{name}", torch.tensor(float(ema_init)))
+        self._values_checked = False
 
     @torch.no_grad()
     def gates(self, img, raw, cap):
@@ -164,7 +173,10 @@ class ALIPLoss(nn.Module):
         return (weights.to(ce.dtype) * ce).mean()
 
     def forward(self, image_features, raw_features, caption_features, logit_scale):
-        _check_inputs(image_features, raw_features, caption_features, logit_scale)
+        named = _check_inputs(image_features, raw_features, caption_features, logit_scale)
+        if not self._values_checked:
+            _check_values(named, logit_scale)
+            self._values_checked = True
         b, d = image_features.shape
         # One collective for all three feature sets, reused by the gates and both paths.
         joint = scale_grad(torch.cat([image_features, raw_features, caption_features], dim=1),

@@ -7,7 +7,10 @@
   tokens; with the causal mask and end-of-text pooling the padding tail changes nothing, so
   skipping it gives the same features): on CUDA all texts go packed through ``varlen_attn``
   with per-sequence causal attention; elsewhere the batch is sorted into a few length groups,
-  each run trimmed to its own longest text, and the features are put back in batch order;
+  each run trimmed to its own longest text, and the features are put back in batch order.
+  Both plan from the lengths on the HOST: from the token tensor's host copy when the loader
+  moved it with ``to_device_keeping_host_tokens`` (the training loop does), so the GPU never
+  waits for the plan; otherwise one read-back of the lengths;
 * ``TripletEncoder`` is the module a training step calls (and DDP wraps): one image tower and
   ONE shared text tower for both the raw web text and the synthetic caption.
 """
@@ -21,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock
 from torch.utils.checkpoint import checkpoint
+from torch.utils.weak import WeakIdKeyDictionary
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 TEXT_MODES = ("auto", "joint", "separate")
@@ -56,6 +60,41 @@ def text_lengths(text, model=None):
         eos = getattr(tower, "text_eos_id", None) or getattr(tower, "eos_id")
         return (text == eos).int().argmax(dim=-1) + 1
     return text.argmax(dim=-1) + 1
+
+
+# ---- host copies of token tensors -----------------------------------------------------------
+
+_HOST_TOKENS = WeakIdKeyDictionary()  # device token tensor -> the CPU tensor it was copied from
+
+
+def to_device_keeping_host_tokens(tokens, device):
+    """``tokens.to(device)`` that remembers the CPU tensor it came from (as long as the device
+    tensor lives): ``encode_text`` plans its length groups / packing from it without reading
+    anything back from the device."""
+    moved = tokens.to(device, non_blocking=True)
+    if moved is not tokens:
+        _HOST_TOKENS[moved] = tokens
+    return moved
+
+
+def host_tokens(text):
+    """``text`` if it is on the CPU, else its remembered host copy, else None."""
+    return text if text.device.type == "cpu" else _HOST_TOKENS.get(text)
+
+
+def _cat_tokens(a, b):
+    """``torch.cat([a, b])`` carrying the host copies along."""
+    both = torch.cat([a, b])
+    ha, hb = host_tokens(a), host_tokens(b)
+    if both.device.type != "cpu" and ha is not None and hb is not None:
+        _HOST_TOKENS[both] = torch.cat([ha, hb])
+    return both
+
+
+def _host_lengths(text, model):
+    """Per-row lengths as a CPU tensor: from the host copy, else read back (the one wait)."""
+    host = host_tokens(text)
+    return text_lengths(host if host is not None else text, model).cpu()
 
 
 # ---- length groups --------------------------------------------------------------------------
@@ -113,15 +152,21 @@ def _encode_trimmed(tower, text, lengths, length):
     return x[torch.arange(x.shape[0], device=x.device), lengths - 1]
 
 
+def _to(t, device):
+    return t.to(device, non_blocking=True)
+
+
 def _encode_grouped(tower, text, lengths, max_groups, pass_tokens=0):
-    """One trimmed pass per length group; features scattered back to the batch order."""
+    """One trimmed pass per length group; features put back in the batch order. ``lengths``
+    (CPU) plan the groups; only index tensors go to the device."""
+    dev = text.device
     groups = length_groups(lengths, max_groups, pass_tokens)
     if len(groups) == 1:
-        return _encode_trimmed(tower, text, lengths, groups[0][1])
-    order = torch.cat([rows for rows, _ in groups]).to(text.device)
-    feats = torch.cat([_encode_trimmed(tower, text[rows], lengths[rows], length)
-                       for rows, length in ((r.to(text.device), n) for r, n in groups)])
-    return feats[torch.argsort(order)]
+        return _encode_trimmed(tower, text, _to(lengths, dev), groups[0][1])
+    feats = torch.cat([_encode_trimmed(tower, text[_to(rows, dev)], _to(lengths[rows], dev), n)
+                       for rows, n in groups])
+    order = torch.cat([rows for rows, _ in groups])
+    return feats[_to(torch.argsort(order), dev)]
 
 
 def _packed_block(blk, x, cu_seq, max_len, attn_fn):
@@ -137,21 +182,22 @@ def _packed_block(blk, x, cu_seq, max_len, attn_fn):
 
 
 def _encode_packed(tower, text, lengths, attn_fn):
-    """All rows packed into one [sum(lengths), width] sequence: no padding is computed."""
-    keep = torch.arange(text.shape[1], device=text.device) < lengths[:, None]
-    positions = torch.arange(text.shape[1], device=text.device).expand_as(text)[keep]
+    """All rows packed into one [sum(lengths), width] sequence: no padding is computed.
+    ``lengths`` (CPU) give the packing; only index tensors go to the device."""
+    dev, width = text.device, text.shape[1]
+    flat = (torch.arange(width) < lengths[:, None]).flatten().nonzero().squeeze(1)
     ends = lengths.cumsum(0)
-    cu_seq = F.pad(ends, (1, 0)).to(torch.int32)
+    cu_seq = _to(F.pad(ends, (1, 0)).to(torch.int32), dev)
     max_len = int(lengths.max())
     cast_dtype = tower.transformer.get_cast_dtype()
-    x = tower.token_embedding(text[keep]).to(cast_dtype)
-    x = x + tower.positional_embedding[positions].to(cast_dtype)
+    x = tower.token_embedding(text.flatten()[_to(flat, dev)]).to(cast_dtype)
+    x = x + tower.positional_embedding[_to(flat % width, dev)].to(cast_dtype)
     for blk in tower.transformer.resblocks:
         if tower.transformer.grad_checkpointing:
             x = checkpoint(_packed_block, blk, x, cu_seq, max_len, attn_fn, use_reentrant=False)
         else:
             x = _packed_block(blk, x, cu_seq, max_len, attn_fn)
-    return tower.ln_final(x)[ends - 1]  # the end-of-text token closes each sequence
+    return tower.ln_final(x)[_to(ends - 1, dev)]  # the end-of-text token closes each sequence
 
 
 def reference_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *,
@@ -228,7 +274,7 @@ def encode_text(model, text, normalize=True, trim=True, *, path="auto", max_grou
     tower = _text_tower(model) if trim else None
     if tower is None:
         return model.encode_text(text, normalize=normalize)
-    lengths = text_lengths(text, model)
+    lengths = _host_lengths(text, model)
     if path == "auto":
         path = "packed" if packed_supported(tower, text) else "grouped"
     if path == "packed":
@@ -239,7 +285,7 @@ def encode_text(model, text, normalize=True, trim=True, *, path="auto", max_grou
     elif path == "grouped":
         x = _encode_grouped(tower, text, lengths, max_groups, pass_tokens)
     else:
-        x = _encode_trimmed(tower, text, lengths, int(lengths.max()))
+        x = _encode_trimmed(tower, text, _to(lengths, text.device), int(lengths.max()))
     return _project(tower, x, normalize)
 
 
@@ -259,7 +305,7 @@ def encode_text_pair(model, raw, caption, text_mode="auto", trim=True):
         text_mode = ("joint" if tower is not None and raw.shape[1] == caption.shape[1]
                      and packed_supported(tower, raw) else "separate")
     if text_mode == "joint":
-        both = encode_text(model, torch.cat([raw, caption]), trim=trim)
+        both = encode_text(model, _cat_tokens(raw, caption), trim=trim)
         return both.split([len(raw), len(caption)])
     return encode_text(model, raw, trim=trim), encode_text(model, caption, trim=trim)
 

@@ -114,12 +114,26 @@ def test_state_dict_round_trip_restores_emas():
     (lambda i, r, c, s: (i, r, c[:, :8], s), r"share one \[B, D\] shape"),
     (lambda i, r, c, s: (i, r, c, torch.ones(2)), "logit_scale must be a scalar"),
     (lambda i, r, c, s: (i, r, c, torch.tensor(float("inf"))), "logit_scale must be finite"),
-    (lambda i, r, c, s: (i, r * float("nan"), c, s), "raw_features must be L2-normalised"),
+    (lambda i, r, c, s: (i, r.clone().index_fill_(0, torch.tensor([3]), float("nan")) * 1.5, c,
+                         s), "raw_features must be L2-normalised"),
     (lambda i, r, c, s: (i[0], r, c, s), r"image_features must be \[B, D\]"),
 ])
 def test_bad_input_raises_value_error(bad, match):
     with pytest.raises(ValueError, match=match):
         ALIPLoss()(*bad(*reference_batch(), SCALE))
+
+
+def test_values_are_checked_once_and_non_finite_rows_are_left_to_the_step():
+    """The value checks read back to the host, so they run on a module's first call only (a
+    training step never waits for them); a NaN row is not an error but a NaN loss, which the
+    training step skips (tests/test_train_smoke.py)."""
+    img, raw, cap = reference_batch()
+    loss = ALIPLoss()
+    nan_raw = raw.clone().index_fill_(0, torch.tensor([3]), float("nan"))
+    assert torch.isnan(loss(img, nan_raw, cap, SCALE)["loss"])
+    assert torch.isfinite(loss(img * 2, raw, cap, SCALE)["loss"])  # not checked again
+    with pytest.raises(ValueError, match="image_features must be L2-normalised"):
+        ALIPLoss()(img * 2, raw, cap, SCALE)
 
 
 # ---------------------------------------------------------------- two processes over gloo

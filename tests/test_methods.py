@@ -56,7 +56,7 @@ def test_contract_one_step_trains_every_trainable_parameter(name):
                       info=DistInfo(0, 0, 1, False, torch.device("cpu")), accum_mode="micro",
                       after_step=method.after_step)
     before = {k: v.clone() for k, v in method.encoder.state_dict().items()}
-    metrics = train_step(ctx, [batch_for(spec)])
+    metrics = train_step(ctx, [batch_for(spec)]).metrics()
     assert metrics is not None and "loss" in metrics and "grad_norm" in metrics
     moved = {k for k, p in method.encoder.named_parameters() if not torch.equal(p, before[k])}
     # every trainable parameter takes part (a bias right before a BatchNorm gets an exactly zero

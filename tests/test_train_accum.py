@@ -58,8 +58,8 @@ def float64():
 def test_batch_mode_gradients_equal_one_big_batch(method, float64):
     big, acc = _ctx(method), _ctx(method, "batch")
     b = _batch(0, 16)
-    m_big = train_step(big, [b])
-    m_acc = train_step(acc, _split(b, slice(0, 8), slice(8, 16)))
+    m_big = train_step(big, [b]).metrics()
+    m_acc = train_step(acc, _split(b, slice(0, 8), slice(8, 16))).metrics()
     assert m_acc["loss"] == pytest.approx(m_big["loss"], rel=1e-12)
     g_big, g_acc = _grads(big), _grads(acc)
     assert g_big.keys() == g_acc.keys()
@@ -120,20 +120,81 @@ def test_accum_run_equals_big_batch_run(tmp_path, method):
     assert_weights_close(sd_acc, sd_big, rtol=1e-8, atol=1e-10, max_outliers=0)
 
 
-def test_non_finite_gradient_with_finite_loss_skips_the_step():
-    """A finite loss whose gradient is not finite (here: an inf hook on one weight's gradient)
-    is skipped like a non-finite loss: no update, gate EMAs restored, None returned."""
+OPTIMIZERS = {  # how the skip reaches the optimizer
+    "sgd (host reads the verdict)": lambda ps: (torch.optim.SGD(ps, lr=0.1), None),
+    "fused adamw (found_inf on the device)": lambda ps: (build_optimizer_for(ps), None),
+    "fused adamw + GradScaler": lambda ps: (build_optimizer_for(ps),
+                                            torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)),
+}
+
+
+def build_optimizer_for(params):
+    opt = torch.optim.AdamW(params, lr=0.1, fused=True)
+    assert opt._step_supports_amp_scaling
+    return opt
+
+
+def _state(ctx):
+    return ({k: v.clone() for k, v in ctx.clip_model.state_dict().items()},
+            {k: v.clone() for k, v in ctx.criterion.state_dict().items()},
+            {id(p): {k: v.clone() for k, v in s.items()} for p, s in ctx.optimizer.state.items()})
+
+
+def _assert_same(a, b):
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            if isinstance(x[k], dict):
+                _assert_same([x[k]], [y[k]])
+            else:
+                assert torch.equal(x[k], y[k]), k
+
+
+class WithNaNExtra(torch.nn.Module):
+    """The encoder's features plus a NaN entry that the loss does not read."""
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, batch):
+        return {**self.encoder(batch), "extra": torch.full((2,), float("nan"))}
+
+
+@pytest.mark.parametrize("opt", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("fault", ["inf gradient, finite loss", "nan features",
+                                   "nan feature outside the loss"])
+def test_non_finite_step_is_skipped(opt, fault):
+    """A step whose gradient (with a finite loss: an inf hook on one weight's gradient) or whose
+    features are not finite (even one the loss does not read, whose gradient is finite) is
+    skipped: weights, optimizer state and gate EMAs unchanged,
+    ``metrics()`` None; with a GradScaler the scale backs off as for an fp16 overflow. Then
+    the next step trains."""
     ctx = _ctx("alip", "micro")
     ctx.grad_clip_norm = 1.0
-    weight = ctx.clip_model.visual.conv1.weight
-    before = weight.detach().clone()
-    emas = {k: v.clone() for k, v in ctx.criterion.state_dict().items()}
-    ctx.optimizer = torch.optim.SGD(ctx.clip_model.parameters(), lr=0.1)
-    handle = weight.register_hook(lambda g: torch.full_like(g, float("inf")))
-    assert train_step(ctx, [_batch(0, 8)]) is None
-    handle.remove()
-    assert torch.equal(weight, before)
-    for k, v in ctx.criterion.state_dict().items():
-        assert torch.equal(v, emas[k]), k
-    assert train_step(ctx, [_batch(0, 8)]) is not None  # and the next step trains
-    assert not torch.equal(weight, before)
+    ctx.optimizer, ctx.scaler = OPTIMIZERS[opt](ctx.clip_model.parameters())
+    assert train_step(ctx, [_batch(0, 8)]).metrics() is not None  # optimizer state exists
+    before = _state(ctx)
+    batch = _batch(8, 8)
+    if fault == "nan features":
+        batch["image"][3] = float("nan")
+    elif fault == "nan feature outside the loss":
+        ctx.model = WithNaNExtra(ctx.model)
+    else:
+        handle = ctx.clip_model.visual.conv1.weight.register_hook(
+            lambda g: torch.full_like(g, float("inf")))
+    assert train_step(ctx, [batch]).metrics() is None
+    if fault == "inf gradient, finite loss":
+        handle.remove()
+    ctx.model = getattr(ctx.model, "encoder", ctx.model)
+    _assert_same(_state(ctx), before)
+    if ctx.scaler is not None:
+        assert ctx.scaler.get_scale() == 2.0 ** 7
+    assert train_step(ctx, [_batch(0, 8)]).metrics() is not None  # and the next step trains
+    assert not torch.equal(ctx.clip_model.visual.conv1.weight, before[0]["visual.conv1.weight"])
+
+
+def test_the_optimizer_is_fused_where_torch_has_the_kernel():
+    from alip.training.optim import build_optimizer
+    opt = build_optimizer(torch.nn.Linear(2, 2), 1e-3, 0.1)
+    assert opt.param_groups[0]["fused"] and opt._step_supports_amp_scaling

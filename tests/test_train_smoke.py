@@ -72,6 +72,29 @@ def test_nonfinite_loss_is_skipped_and_counted(tmp_path):
     assert out["nonfinite_total"] == 1 and out["step"] == 6
 
 
+def test_steps_are_read_back_when_logged_and_skips_are_still_counted(tmp_path, monkeypatch):
+    """A step never waits for the device; the loop reads the pending steps back every
+    --log-every-n-steps (and before a checkpoint): a skipped step between two reads is still
+    counted and named, and a streak is stopped at the step where it passed --max-nonfinite."""
+    from alip.training.loop import StepBook
+    reads, read = [], StepBook.read
+    monkeypatch.setattr(StepBook, "read", lambda self: reads.append(len(self.pending))
+                        or read(self))
+    out = run_single(tiny_argv(tmp_path, "lazy", "--log-every-n-steps", "3", samples=48,
+                               batch=8), bad=[(0, 1)])
+    assert [n for n in reads if n] == [3, 3]  # 6 steps, read back twice
+    records = read_results(tmp_path / "lazy")
+    assert [(r["step"], r["nonfinite_total"], r["skipped"]) for r in records] == [
+        (3, 1, False), (6, 1, False)]
+    assert out["nonfinite_total"] == 1
+    assert "step 2: non-finite loss, step skipped (1 in a row, 1 in total)" in (
+        tmp_path / "lazy/out.log").read_text()
+    with pytest.raises(NonFiniteLossError, match=r"2 steps in a row .*stopping at step 3"):
+        run_single(tiny_argv(tmp_path, "streak", "--log-every-n-steps", "4", "--max-nonfinite",
+                             "1", samples=64, batch=8), bad=[(0, i) for i in range(1, 8)])
+    assert read_results(tmp_path / "streak") == []  # stopped at the first read, step 4
+
+
 def test_too_many_nonfinite_in_a_row_stop_the_run(tmp_path, capsys):
     bad = [(0, i) for i in range(2, 8)]
     with pytest.raises(NonFiniteLossError, match=r"3 steps in a row .*--max-nonfinite 2"):
@@ -173,13 +196,15 @@ def test_data_backend_auto_reads_with_torch_where_dali_is_missing(monkeypatch, c
 
 def test_every_batch_tensor_reaches_the_training_device():
     # the PyTorch reader yields (pinned) CPU tensors; the loop moves them, as it would to CUDA
-    from types import SimpleNamespace
-
+    from alip.data.spec import ALIP_DATA as spec
+    from alip.model import host_tokens
     from alip.training.loop import as_batch_dicts
-    spec = SimpleNamespace(keys=("image", "raw", "caption"))
     legacy = (torch.zeros(2, 3, 4, 4), torch.zeros(2, 77, dtype=torch.long), torch.ones(2, 77, dtype=torch.long))
     views = {"image": torch.zeros(2, 3, 4, 4), "image_2": torch.zeros(2, 3, 4, 4), "raw": torch.zeros(2, 77), "n": 3}
     tuple_batch, dict_batch = as_batch_dicts([legacy, views], spec, torch.device("meta"))
     assert sorted(tuple_batch) == ["caption", "image", "raw"]
     assert all(v.is_meta for v in tuple_batch.values())
     assert dict_batch["n"] == 3 and all(dict_batch[k].is_meta for k in ("image", "image_2", "raw"))
+    # token tensors keep their host copy (the text tower plans from it); images do not
+    assert host_tokens(tuple_batch["raw"]) is legacy[1] and host_tokens(dict_batch["raw"]) is views["raw"]
+    assert host_tokens(tuple_batch["image"]) is None

@@ -30,7 +30,7 @@ from open_clip.transformer import LayerNorm, Transformer
 
 from ..data.spec import ALIP_DATA
 from ..loss import GlobalGradClipLoss, local_grad_scale
-from ..model import encode_text
+from ..model import encode_text, host_tokens
 from .base import CAPTION_VIEW, ContrastiveEncoder, Method, with_caption_view
 from .filip import dense_image_tokens, dense_text_tokens
 
@@ -177,6 +177,17 @@ def clips_loss(clip_web, clip_partial, cap, w_con=1.0, w_cap=2.0):
 
 # ------------------------------------------------------------------------------ the method
 
+def target_positions(caption, num_queries):
+    """-> (flat indices of the decoder positions that have a target, those targets): the
+    decoder projects to the vocabulary only there (padding is most). Planned from the caption's
+    host copy (``alip.model.host_tokens``) when there is one, so the step reads nothing back."""
+    host = host_tokens(caption)
+    targets = caption_targets(host if host is not None else caption, num_queries).flatten()
+    keep = (targets != 0).nonzero().squeeze(1)
+    return (keep.to(caption.device, non_blocking=True),
+            targets[keep].to(caption.device, non_blocking=True))
+
+
 class CLIPSEncoder(ContrastiveEncoder):
     """Image: patch tokens after ln_post (decoder prefix) and the global feature, one pass; web
     text: ln_final tokens (prefix, last position dropped as the reference) and its global
@@ -191,12 +202,11 @@ class CLIPSEncoder(ContrastiveEncoder):
         image_tokens, image = dense_image_tokens(self.model, batch["image"], ln_post=True)
         text_tokens, _, raw = dense_text_tokens(self.model, batch["raw"])
         partial = batch.get(CAPTION_VIEW, batch["caption"])
-        targets = caption_targets(batch["caption"], self.decoder.num_queries)
-        keep = targets != 0  # project to the vocabulary only where a target is (padding is most)
+        keep, targets = target_positions(batch["caption"], self.decoder.num_queries)
         hidden = self.decoder.features(image_tokens, text_tokens[:, :-1])
         return {"image": image, "raw": raw, "caption_partial": encode_text(self.model, partial),
-                "caption_logits": self.decoder.head(hidden[keep])[None],
-                "caption_targets": targets[keep][None],
+                "caption_logits": self.decoder.head(hidden.flatten(0, 1)[keep])[None],
+                "caption_targets": targets[None],
                 "logit_scale": self.model.logit_scale.exp()}
 
     @torch.no_grad()

@@ -38,23 +38,22 @@ def init_distributed(device="auto", dist_backend=None, dist_url=None):
                     distributed=r["distributed"], device=dev)
 
 
-def all_true(flag, info):
-    """True when ``flag`` holds on every rank (one tiny all_reduce when distributed)."""
+def all_ranks_true(flag, info):
+    """``flag`` (a 0-dim bool tensor) AND-ed over ranks, on the device: no host sync."""
     if not info.distributed:
-        return bool(flag)
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=info.device)
+        return flag
+    t = flag.to(torch.int32).reshape(1)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
+    return t[0].bool()
 
 
 def mean_over_ranks(values, info):
-    """The mean over ranks of a dict of floats (one small all_reduce when distributed)."""
-    if not info.distributed or not values:
+    """The mean over ranks of a float tensor, on the device (one small all_reduce)."""
+    if not info.distributed or values.numel() == 0:
         return values
-    keys = list(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=info.device)
+    t = values.clone()
     dist.all_reduce(t)
-    return dict(zip(keys, (t / info.world_size).tolist()))
+    return t / info.world_size
 
 
 def all_gather_object(obj, info):

@@ -53,7 +53,8 @@ def truncate_results(path, last_step):
 
 
 class RunLogger:
-    """Step metrics -> tqdm postfix every step, results.jsonl + TensorBoard every N steps."""
+    """tqdm progress every step; the loss (when read back), results.jsonl and TensorBoard
+    every N steps."""
 
     def __init__(self, run_dir, is_master, report_to, total_steps, start_step, samples_per_step,
                  world_size):
@@ -74,19 +75,27 @@ class RunLogger:
                          unit="step", dynamic_ncols=True, file=sys.stderr)
         self.last_time = time.perf_counter()
         self.samples_per_s = 0.0
+        self.loss = None
 
-    def step(self, metrics):
+    def step(self):
         """Call once per optimizer step; returns samples/s (global) of that step."""
         now = time.perf_counter()
         dt, self.last_time = now - self.last_time, now
         self.samples_per_s = self.samples_per_step / max(dt, 1e-9)
         if self.is_master:
-            post = {"samples/s": f"{self.samples_per_s:.0f}"}
-            if metrics is not None:
-                post["loss"] = f"{metrics['loss']:.4f}"
-            self.pbar.set_postfix(post, refresh=False)
+            self.pbar.set_postfix(self._postfix(), refresh=False)
             self.pbar.update(1)
         return self.samples_per_s
+
+    def show_loss(self, metrics):
+        """The newest read-back loss in the progress bar (None: that step was skipped)."""
+        self.loss = None if metrics is None else metrics["loss"]
+
+    def _postfix(self):
+        post = {"samples/s": f"{self.samples_per_s:.0f}"}
+        if self.loss is not None:
+            post["loss"] = f"{self.loss:.4f}"
+        return post
 
     def reset_clock(self):
         self.last_time = time.perf_counter()

@@ -16,6 +16,7 @@ from open_clip_train.precision import get_autocast
 
 import alip  # noqa: F401  (registers the ALIP-* model configs)
 from alip.methods import MethodConfigError, get_method
+from alip.model import to_device_keeping_host_tokens
 
 from . import checkpoint as ckpt
 from .distributed import all_gather_object, barrier, cleanup, init_distributed
@@ -33,6 +34,45 @@ class TrainConfigError(ValueError):
 
 class NonFiniteLossError(RuntimeError):
     """More than --max-nonfinite consecutive steps had a non-finite loss."""
+
+
+class StepBook:
+    """The optimizer steps whose results are still on the device, read back in one go.
+
+    Reading a step (``StepResult.metrics``) waits for the device, so the loop reads the
+    pending steps only when it needs their numbers: at a log step, before a checkpoint, at the
+    end of an epoch (every rank at the same steps). Reading counts the skipped (non-finite)
+    steps and stops a streak longer than ``max_nonfinite`` (so the streak is noticed at the next
+    read, and a skipped step changes nothing meanwhile).
+    """
+
+    def __init__(self, max_nonfinite, total=0, good_checkpoint=lambda: None):
+        self.max_nonfinite, self.total, self.run = max_nonfinite, total, 0
+        self.good_checkpoint = good_checkpoint
+        self.pending, self.last = [], None
+
+    def add(self, step, result):
+        self.pending.append((step, result))
+
+    def read(self):
+        """Reads every pending step; returns the newest one's metrics (None: skipped)."""
+        log = logging.getLogger("alip.train")
+        pending, self.pending = self.pending, []
+        for step, result in pending:
+            self.last = result.metrics()
+            if self.last is not None:
+                self.run = 0
+                continue
+            self.total += 1
+            self.run += 1
+            log.warning("step %d: non-finite loss, step skipped (%d in a row, %d in total)",
+                        step, self.run, self.total)
+            if self.run > self.max_nonfinite:
+                raise NonFiniteLossError(
+                    f"{self.run} steps in a row had a non-finite loss (more than "
+                    f"--max-nonfinite {self.max_nonfinite}), stopping at step {step}; "
+                    f"last good checkpoint: {self.good_checkpoint() or 'none'}")
+        return self.last
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,14 +197,24 @@ def as_batch_dicts(loader, spec, device):
     ``caption``; a method that asks for more than those needs a loader built for its DataSpec."""
     legacy = ("image", "raw", "caption")
     missing = [k for k in spec.keys if k not in legacy]
+    text_keys = set(spec.text_fields) | {v.name for v in spec.text_views}
     for batch in loader:
         if not isinstance(batch, dict):
             if missing:
                 raise TrainConfigError(f"the data loader yields (image, raw, caption) tuples, but "
                                        f"the method also needs {missing}")
             batch = {k: v for k, v in zip(legacy, batch) if k in spec.keys}
-        yield {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
-               for k, v in batch.items()}
+        yield {k: _to_device(v, device, text=k in text_keys) for k, v in batch.items()}
+
+
+def _to_device(value, device, text):
+    """Tensors to ``device``; token tensors keep their host copy for ``alip.model.encode_text``
+    (it plans length groups / packing on the host, so the step never waits for the GPU)."""
+    if not torch.is_tensor(value):
+        return value
+    if text:
+        return to_device_keeping_host_tokens(value, device)
+    return value.to(device, non_blocking=True)
 
 
 def seed_everything(seed):
@@ -292,7 +342,7 @@ def _run(args, info, make_loader):
     args.steps_per_epoch, args.total_steps = steps_per_epoch, total_steps
     start_epoch, start_batch, step = 0, 0, 0
     loader_state = None  # this rank's reader position (DALI: its pipeline checkpoint)
-    nonfinite_total = nonfinite_run = 0
+    nonfinite_total = 0
     if resume_path is not None:
         model_ckpt, state = ckpt.load_checkpoint(resume_path)
         if model_ckpt.get("model") not in (None, args.model):
@@ -358,19 +408,21 @@ def _run(args, info, make_loader):
             log.warning("--accum-freq %d: the last %d batch(es) of each epoch do not fill an "
                         "optimizer step and are skipped", args.accum_freq, unused)
 
+    book = StepBook(args.max_nonfinite, nonfinite_total, lambda: ckpt.find_good(ckpt_dir))
     samples_per_step = args.batch_size * args.accum_freq * info.world_size
     logger = RunLogger(run_dir, info.is_master, args.report_to, total_steps, step,
                        samples_per_step, info.world_size)
 
     def save(tag, epoch, batch_in_epoch, completed_epochs):
-        if nonfinite_run or ckpt.nonfinite_weights(clip_model.state_dict()):
-            log.warning("not saving %s: %s", tag, f"step {step} is in a streak of {nonfinite_run}"
-                        " non-finite step(s)" if nonfinite_run else "the weights are not finite")
+        book.read()
+        if book.run or ckpt.nonfinite_weights(clip_model.state_dict()):
+            log.warning("not saving %s: %s", tag, f"step {step} is in a streak of {book.run}"
+                        " non-finite step(s)" if book.run else "the weights are not finite")
             return
         state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "scaler": scaler.state_dict() if scaler is not None else None,
                  "loss": loss_fn.state_dict(), "heads": method.heads_state_dict(), "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-                 "step": step, "nonfinite_total": nonfinite_total,
+                 "step": step, "nonfinite_total": book.total,
                  "rng": all_gather_object(ckpt.rng_state(), info),
                  "loader": all_gather_object(loader.state_dict(), info)
                  if hasattr(loader, "state_dict") else None,
@@ -406,33 +458,24 @@ def _run(args, info, make_loader):
                     continue
                 used = {"lr": optimizer.param_groups[0]["lr"],  # what this step runs with
                         "beta1": optimizer.param_groups[0]["betas"][0]}
-                metrics = train_step(ctx, micro)
+                book.add(step + 1, train_step(ctx, micro))
                 micro = []
                 scheduler.step()
                 step += 1
-                if metrics is None:
-                    nonfinite_total += 1
-                    nonfinite_run += 1
-                    log.warning("step %d: non-finite loss, step skipped (%d in a row, %d in total)",
-                                step, nonfinite_run, nonfinite_total)
-                    if nonfinite_run > args.max_nonfinite:
-                        latest = ckpt.find_good(ckpt_dir)
-                        raise NonFiniteLossError(
-                            f"{nonfinite_run} steps in a row had a non-finite loss (more than "
-                            f"--max-nonfinite {args.max_nonfinite}), stopping at step {step}; "
-                            f"last good checkpoint: {latest or 'none'}")
-                else:
-                    nonfinite_run = 0
-                sps = logger.step(metrics)
-                if info.is_master and (step % args.log_every_n_steps == 0 or step == total_steps):
-                    record = {"kind": "train", "step": step, "epoch": epoch,
-                              "samples": step * samples_per_step,
-                              "lr": used["lr"], "beta1": used["beta1"],
-                              "logit_scale": float(clip_model.logit_scale.detach().exp()),
-                              "samples_per_s": sps, "samples_per_s_per_gpu": sps / info.world_size,
-                              "nonfinite_total": nonfinite_total, "skipped": metrics is None}
-                    record.update(metrics or {})
-                    logger.write(record)
+                sps = logger.step()
+                if step % args.log_every_n_steps == 0 or step == total_steps:
+                    metrics = book.read()  # every rank: a long streak stops them all here
+                    logger.show_loss(metrics)
+                    if info.is_master:
+                        record = {"kind": "train", "step": step, "epoch": epoch,
+                                  "samples": step * samples_per_step,
+                                  "lr": used["lr"], "beta1": used["beta1"],
+                                  "logit_scale": float(clip_model.logit_scale.detach().exp()),
+                                  "samples_per_s": sps,
+                                  "samples_per_s_per_gpu": sps / info.world_size,
+                                  "nonfinite_total": book.total, "skipped": metrics is None}
+                        record.update(metrics or {})
+                        logger.write(record)
                 if args.save_every_n_steps and step % args.save_every_n_steps == 0 \
                         and batch_in_epoch < last_batch:
                     save(f"step_{step}", epoch, batch_in_epoch, epoch)
@@ -442,6 +485,7 @@ def _run(args, info, make_loader):
             if stop and batch_in_epoch < last_batch:
                 save(f"step_{step}", epoch, batch_in_epoch, epoch)
                 break
+            book.read()
             epoch += 1
             if (args.save_frequency and epoch % args.save_frequency == 0) or epoch == args.epochs:
                 save(f"epoch_{epoch}", epoch, 0, epoch)
@@ -451,9 +495,10 @@ def _run(args, info, make_loader):
                          " ".join(f"{k}={v:.2f}" for k, v in results.items()))
                 logger.write({"kind": "eval", "step": step, "epoch": epoch, **results})
             barrier(info)
+        book.read()
     finally:
         logger.close()
-    return {"step": step, "epoch": epoch, "nonfinite_total": nonfinite_total,
+    return {"step": step, "epoch": epoch, "nonfinite_total": book.total,
             "run_dir": str(run_dir)}
 
 

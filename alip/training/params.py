@@ -209,10 +209,13 @@ def build_parser():
     a("--keep-last", type=int, default=2,
       help="Full training states kept (the newest K); model weights of epoch checkpoints are "
            "always kept.")
-    a("--log-every-n-steps", type=int, default=10)
+    a("--log-every-n-steps", type=int, default=10,
+      help="Read the step metrics back from the device, log them and check non-finite streaks "
+           "every N steps (a step itself never waits for the device).")
     a("--report-to", default="tensorboard", help="'tensorboard' or '' (results.jsonl always).")
     a("--max-nonfinite", type=int, default=10,
-      help="Stop when more than this many steps in a row have a non-finite loss.")
+      help="Stop when more than this many steps in a row have a non-finite loss (noticed at the "
+           "next metrics read: a log step or a checkpoint).")
     a("--max-steps", type=int, default=None,
       help="Stop after this many optimizer steps (the schedule still spans --epochs).")
     # evaluation during training (alip.eval)

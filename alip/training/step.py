@@ -19,10 +19,16 @@ Both: DDP's ``no_sync`` on all but the last micro-step, one optimizer step, one 
 step and one logit_scale clamp per optimizer step (the reference runs the scheduler and the
 clamp every micro-step and never divides the loss).
 
-A step whose features, loss or (without a GradScaler) gradient norm are not finite on ANY rank
-(all ranks agree through a tiny all_reduce, or DDP's averaged gradients) is skipped on every rank: gradients dropped, the buffers of the method's encoder and
-criterion (gate EMAs, memory banks, BatchNorm statistics) restored to their value before the
-step, no optimizer update. The caller counts these.
+A step whose features, loss or gradient norm are not finite on ANY rank is skipped on every
+rank: no optimizer update, and the buffers of the method's encoder and criterion (gate EMAs,
+memory banks, BatchNorm statistics) restored to their value before the step. The step decides
+this ON THE DEVICE and never waits for it: the ranks AND their forward flags with an
+all_reduce, a non-finite forward turns one gradient entry into NaN (so the gradient norm, and
+a GradScaler, see it as they see any overflow), and a fused optimizer gets the verdict as
+``found_inf`` (the GradScaler protocol: it skips its update in the kernel). Other optimizers
+read the flag on the host, the one sync left. Nothing else reads a value back: the step
+returns a ``StepResult`` whose ``metrics()`` waits for the device, so the loop reads steps when
+it logs, not every step (open_clip_train syncs only when it logs too).
 
 The step knows no method: it runs ``ctx.model(batch) -> features`` (the method's encoder,
 DDP-wrapped when distributed) and ``ctx.criterion(features) -> {"loss", terms}`` (see
@@ -37,7 +43,7 @@ import torch.nn as nn
 
 from alip.methods.base import scalar
 
-from .distributed import DistInfo, all_true, mean_over_ranks
+from .distributed import DistInfo, all_ranks_true, mean_over_ranks
 
 
 @dataclass
@@ -61,12 +67,26 @@ class StepContext:
         return self.model.module if self.ddp else self.model
 
 
+@dataclass
+class StepResult:
+    """One optimizer step's outcome, still on the device."""
+    applied: torch.Tensor   # 0-dim bool: False when the step was skipped as non-finite
+    keys: list
+    values: torch.Tensor    # float64 [len(keys)], averaged over ranks
+
+    def metrics(self):
+        """The step's metrics as floats, or None when it was skipped; waits for the device."""
+        applied, *values = torch.cat([self.applied.double().reshape(1), self.values]).tolist()
+        return dict(zip(self.keys, values)) if applied else None
+
+
 def _finite(tensors):
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+    """0-dim bool tensor: every entry of every tensor is finite (no host sync)."""
+    return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
 
 
 def _finite_features(feats):
-    return _finite([v for v in feats.values() if v.is_floating_point()])
+    return _finite([v for v in feats.values() if torch.is_tensor(v) and v.is_floating_point()])
 
 
 def _backward(ctx, loss):
@@ -81,7 +101,8 @@ def _sync_context(ctx, last):
 
 
 def _summary(out):
-    """Detached scalars to log: 0-dim entries as they are, the mean of the others."""
+    """Detached scalars to log, as (keys, float64 tensor): 0-dim entries as they are, the mean
+    of the others."""
     vals = {}
     for k, v in out.items():
         if scalar(v):
@@ -89,25 +110,21 @@ def _summary(out):
         elif torch.is_tensor(v) and v.is_floating_point():
             vals[f"{k}_mean"] = v.mean()
     keys = list(vals)
-    numbers = torch.stack([vals[k].detach().double().reshape(()) for k in keys]).tolist()
-    return dict(zip(keys, numbers))
+    return keys, torch.stack([vals[k].detach().double().reshape(()) for k in keys])
 
 
 def _accumulate_micro(ctx, micro_batches):
-    n, summaries = len(micro_batches), []
+    n, finite, summaries = len(micro_batches), [], []
     for j, batch in enumerate(micro_batches):
         with _sync_context(ctx, last=j == n - 1):
             with ctx.autocast():
                 feats = ctx.model(batch)
-            if not all_true(_finite_features(feats), ctx.info):
-                return None
-            with ctx.autocast():
                 out = ctx.criterion(feats)
-            if not all_true(_finite([out["loss"]]), ctx.info):
-                return None
+            finite += [_finite_features(feats), _finite([out["loss"]])]
             _backward(ctx, out["loss"] / n)
         summaries.append(_summary(out))
-    return {k: sum(s[k] for s in summaries) / n for k in summaries[0]}
+    keys = summaries[0][0]
+    return torch.stack(finite).all(), keys, torch.stack([v for _, v in summaries]).mean(0)
 
 
 def _whole_batch(cached, j, feats):
@@ -126,9 +143,7 @@ def _accumulate_batch(ctx, micro_batches):
     n = len(micro_batches)
     with torch.no_grad(), ctx.autocast():
         cached = [ctx.model(batch) for batch in micro_batches]
-    if not all_true(all(_finite_features(c) for c in cached), ctx.info):
-        return None
-    first = None
+    finite = [_finite_features(c) for c in cached]
     try:
         for j, batch in enumerate(micro_batches):
             with _sync_context(ctx, last=j == n - 1):
@@ -137,60 +152,71 @@ def _accumulate_batch(ctx, micro_batches):
                     ctx.criterion.train(j == 0)  # criterion state moves once per optimizer step
                     out = ctx.criterion(_whole_batch(cached, j, feats))
                 if j == 0:
-                    if not all_true(_finite([out["loss"]]), ctx.info):
-                        return None
-                    first = _summary(out)
+                    finite.append(_finite([out["loss"]]))
+                    keys, values = _summary(out)
                 _backward(ctx, out["loss"])
     finally:
         ctx.criterion.train(True)
-    return first
+    return torch.stack(finite).all(), keys, values
 
 
 def _buffers(ctx):
     return [b for m in (ctx.encoder, ctx.criterion) for b in m.buffers()]
 
 
-def _skip(ctx, snapshot):
-    """Drop the gradients and restore the buffers (gate EMAs, memory banks, BN statistics)."""
-    ctx.optimizer.zero_grad(set_to_none=True)
+def _poison_unless(params, finite):
+    """NaN into the smallest gradient (logit_scale's) unless ``finite``: the norm and a
+    GradScaler then see a non-finite forward as they see any non-finite gradient."""
+    grad = min((p.grad for p in params if p.grad is not None), key=torch.Tensor.numel)
+    grad.mul_(torch.where(finite, 1.0, float("nan")).to(grad.dtype))
+
+
+def _optimizer_step_if(ctx, applied):
+    if ctx.scaler is not None:  # skips when the (unscaled) gradients are not finite
+        ctx.scaler.step(ctx.optimizer)
+        ctx.scaler.update()
+    elif getattr(ctx.optimizer, "_step_supports_amp_scaling", False):
+        # fused optimizers skip in the kernel when found_inf is set: GradScaler's protocol
+        ctx.optimizer.found_inf = (~applied).float()
+        ctx.optimizer.grad_scale = None
+        try:
+            ctx.optimizer.step()
+        finally:
+            del ctx.optimizer.found_inf, ctx.optimizer.grad_scale
+    elif applied:  # other optimizers: the flag is read on the host
+        ctx.optimizer.step()
+
+
+def _restore_unless(buffers, snapshot, applied):
+    """Buffers back to their value before the step (gate EMAs, banks, BN stats) if skipped."""
     with torch.no_grad():
-        for b, saved in zip(_buffers(ctx), snapshot):
-            b.copy_(saved)
-    return None
+        for b, saved in zip(buffers, snapshot):
+            b.copy_(torch.where(applied, b, saved))
 
 
 def train_step(ctx, micro_batches):
-    """One optimizer step over ``micro_batches`` (a list of batch dicts).
-
-    Returns the step's metrics (floats, averaged over ranks), or None when the step was skipped
-    as non-finite.
-    """
-    snapshot = [b.detach().clone() for b in _buffers(ctx)]
+    """One optimizer step over ``micro_batches`` (a list of batch dicts) -> ``StepResult``."""
+    buffers = _buffers(ctx)
+    snapshot = [b.detach().clone() for b in buffers]
     ctx.optimizer.zero_grad(set_to_none=True)
     if ctx.accum_mode == "batch" and len(micro_batches) > 1:
-        metrics = _accumulate_batch(ctx, micro_batches)
+        finite, keys, values = _accumulate_batch(ctx, micro_batches)
     else:
-        metrics = _accumulate_micro(ctx, micro_batches)
-    if metrics is None:
-        return _skip(ctx, snapshot)
+        finite, keys, values = _accumulate_micro(ctx, micro_batches)
     # with local_loss each rank's loss covers its own rows; the mean over ranks is the global loss
-    metrics = mean_over_ranks(metrics, ctx.info)
+    values = mean_over_ranks(values, ctx.info)
+    params = [p for g in ctx.optimizer.param_groups for p in g["params"]]
+    _poison_unless(params, all_ranks_true(finite, ctx.info))
     if ctx.scaler is not None:
         ctx.scaler.unscale_(ctx.optimizer)
-    params = [p for g in ctx.optimizer.param_groups for p in g["params"]]
     if ctx.grad_clip_norm:
         norm = torch.nn.utils.clip_grad_norm_(params, ctx.grad_clip_norm)
     else:
         norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-    metrics["grad_norm"] = float(norm)
-    if ctx.scaler is None and not torch.isfinite(norm):
-        # finite loss, non-finite gradient (DDP-averaged, so every rank agrees): skip the step
-        # (with a GradScaler, fp16 overflow is the scaler's business: it skips and rescales)
-        return _skip(ctx, snapshot)
-    if ctx.scaler is not None:
-        ctx.scaler.step(ctx.optimizer)
-        ctx.scaler.update()
-    else:
-        ctx.optimizer.step()
-    ctx.after_step()
-    return metrics
+    # DDP-averaged gradients (and the AND over ranks before) give every rank the same verdict
+    applied = torch.isfinite(norm)
+    _optimizer_step_if(ctx, applied)
+    ctx.after_step()  # the logit-scale clamps: idempotent on an unchanged parameter
+    _restore_unless(buffers, snapshot, applied)
+    return StepResult(applied, keys + ["grad_norm"],
+                      torch.cat([values, norm.detach().double().reshape(1)]))
