@@ -7,7 +7,8 @@
 #   GPU_CHECK_BUDGET=480 bench/gpu_check.sh   # a deadline: no check runs past 480 s (later ones SKIP)
 #   GPU_CHECK_ONLY="data methods-bf16" bench/gpu_check.sh   # just these checks (a rerun)
 #
-# Correctness first: the packed varlen text path against the padded pass (fp16 and bf16); train.py
+# Correctness first: the packed varlen text path against the padded pass (fp16 and bf16); no
+# synchronising call in a training step (CLIP, ALIP, SLIP, CLIPS; fp16 + GradScaler, bf16); train.py
 # steps with fp16 AMP + GradScaler and with bf16; every method's train.py for 3 bf16 steps; a
 # train.py run SIGKILLed after a checkpoint and resumed (PyTorch reader, and DALI when installed);
 # DDP over NCCL on every GPU (torchrun); DALI "mixed" decoding through build_train_loader. Then
@@ -117,6 +118,56 @@ print(f"FIGURE max|feature diff|/grad rel diff {diffs}; bf16 fwd+bwd packed/padd
 PYEOF
 }
 
+# --- a training step never waits for the GPU (torch.cuda.set_sync_debug_mode("error")) ---------
+syncs() {
+  "$PY" - "$BIG" "$DEV" <<'PYEOF'
+import sys, torch, open_clip
+sys.path.insert(0, "bench"); sys.path.insert(0, "tests")
+import _texts, alip
+from alip.methods import get_method
+from alip.training.distributed import DistInfo
+from alip.training.loop import as_batch_dicts
+from alip.training.optim import build_optimizer
+from alip.training.params import parse_args
+from alip.training.step import StepContext, train_step
+name, device = sys.argv[1], torch.device(sys.argv[2])
+gen = torch.Generator().manual_seed(0)
+size = 224 if device.type == "cuda" else 32
+n = 64 if device.type == "cuda" else 8  # the CPU smoke checks the script, at toy size
+raw, cap = _texts.batch("yfcc", n, gen), _texts.batch("caption", n, gen)
+done = []
+for method_name in ("clip", "alip", "slip", "clips"):
+    for precision in ("fp16", "bf16") if device.type == "cuda" else ("bf16",):
+        model = open_clip.create_model(name if device.type == "cuda" else "ALIP-tiny").to(device)
+        method = get_method(method_name)(model, parse_args(["--method", method_name]))
+        encoder, criterion = method.encoder.to(device), method.criterion.to(device)
+        dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+        scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+        ctx = StepContext(model=encoder, criterion=criterion, info=DistInfo(0, 0, 1, False, device),
+                          optimizer=build_optimizer(encoder, 1e-5, 0.1), scaler=scaler,
+                          autocast=lambda: torch.autocast(device.type, dtype=dtype),
+                          after_step=method.after_step)
+        views = {v.name: torch.randn(n, 3, size, size, generator=gen) for v in method.data.image_views}
+        fields = {"raw": raw, "caption": cap}
+        views.update({f: fields[f] for f in method.data.text_fields})
+        views.update({v.name: fields[v.source].clone() for v in method.data.text_views})
+        pinned = [{k: v.pin_memory() if device.type == "cuda" else v for k, v in views.items()}] * 4
+        batches = list(as_batch_dicts(pinned, method.data, device))
+        train_step(ctx, [batches[0]]).metrics()  # warm-up (first-call checks, allocator, lazy init)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            results = [train_step(ctx, [b]) for b in batches[1:]]
+        finally:
+            if device.type == "cuda":
+                torch.cuda.set_sync_debug_mode("default")
+        assert all(r.metrics() is not None for r in results), method_name
+        done.append(f"{method_name}/{precision}")
+        print(f"{method_name} {precision}: 3 steps, no synchronising call")
+print(f"FIGURE no host sync in 3 train_steps each of {' '.join(done)}")
+PYEOF
+}
 # --- train.py: a few steps on the demo world ---------------------------------------------------
 train() {  # train NAME PRECISION [extra args...]
   local name=$1 precision=$2; shift 2
@@ -198,10 +249,11 @@ assert n == loader.batches_per_epoch * 64, (n, loader.batches_per_epoch)
 print(f"FIGURE {n} records decoded on {device}: {n / (time.perf_counter() - t):.0f} rec/s")
 PYEOF
 }
-export -f varlen train methods kill_resume ddp dali_mixed
+export -f varlen syncs train methods kill_resume ddp dali_mixed
 
 # --- the run: correctness on the GPU first, then the benches --------------------------------------
 check varlen-vs-padded 120 varlen
+check step-syncs 120 syncs
 check data 120 "$PY" make_demo_data.py --out "$WORK/world" --num-train "$TRAIN_N" --num-test 10 \
   --shard-size 256 --workers 4 --overwrite
 check train-fp16-scaler 120 train amp16 "$AMP16"

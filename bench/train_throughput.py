@@ -9,7 +9,8 @@ same loop), in one process:
   oc-train   open_clip_train.train.train_one_epoch over a one-batch loader: open_clip's own
              CLIP training step (model forward with output_dict, ClipLoss, padded 77-token text)
   clip       ours: alip.training.step.train_step, --method clip (ClipLoss on raw text,
-             trimmed text pass)
+             length-aware text pass), with train.py's optimizer (alip.training.optim:
+             fused AdamW) and its step (no read-back from the device)
   alip       ours: train_step, --method alip (TripletEncoder: two trimmed text passes;
              ALIPLoss: one gather reused by gates and both paths; no checkpointing)
   alip-ref   as deepglint/ALIP does it (train.py:106-168, loss.py:84-121): gradient
@@ -41,6 +42,7 @@ import alip  # noqa: E402,F401
 from alip.loss import gather_features  # noqa: E402
 from alip.methods import get_method, method_names  # noqa: E402
 from alip.training.distributed import DistInfo  # noqa: E402
+from alip.training.optim import build_optimizer  # noqa: E402
 from alip.training.params import parse_args  # noqa: E402
 from alip.training.step import StepContext, train_step  # noqa: E402
 
@@ -166,9 +168,7 @@ def bench_model(name, batch_size, device, precision, reps, regimes, methods=("cl
             m_model = open_clip.create_model(m_name).to(device)
         method = get_method(m)(m_model, parse_args(["--method", m, "--model", m_name,
                                                     "--declip-bank-size", "4096"]))
-        params = list(method.encoder.parameters())
-        method_opt = opt if m in ("clip", "alip") else torch.optim.AdamW(
-            params, lr=1e-6, betas=(0.9, 0.98), weight_decay=0.2)
+        method_opt = build_optimizer(method.encoder.to(device), 1e-6, 0.2)  # train.py's AdamW
         ctxs[m] = StepContext(model=method.encoder.to(device), criterion=method.criterion.to(device),
                               optimizer=method_opt, info=info, grad_clip_norm=1.0, scaler=scaler,
                               autocast=autocast, after_step=method.after_step)
