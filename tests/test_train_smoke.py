@@ -208,3 +208,19 @@ def test_every_batch_tensor_reaches_the_training_device():
     # token tensors keep their host copy (the text tower plans from it); images do not
     assert host_tokens(tuple_batch["raw"]) is legacy[1] and host_tokens(dict_batch["raw"]) is views["raw"]
     assert host_tokens(tuple_batch["image"]) is None
+
+
+def test_samples_per_s_is_measured_between_two_reads(monkeypatch, tmp_path):
+    """Steps do not wait for the device, so a step's own wall time says nothing; the rate
+    logged is the samples of the steps since the previous read over the time between reads."""
+    from alip.training import logger as logger_module
+    clock = iter([0.0, 10.0, 14.0, 15.0])  # init, read, read, read
+    monkeypatch.setattr(logger_module.time, "perf_counter", lambda: next(clock))
+    log = logger_module.RunLogger(tmp_path, False, "", 10, 0, samples_per_step=8, world_size=1)
+    for _ in range(5):
+        log.step()
+    assert log.after_read({"loss": 1.0}) == 5 * 8 / 10.0
+    log.step()
+    assert log.after_read(None) == 8 / 4.0 and log.loss is None
+    assert log.after_read(None) == 8 / 4.0  # no step since: the last rate stands
+    log.close()

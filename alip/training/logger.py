@@ -76,20 +76,27 @@ class RunLogger:
         self.last_time = time.perf_counter()
         self.samples_per_s = 0.0
         self.loss = None
+        self.steps_since = 0
 
     def step(self):
-        """Call once per optimizer step; returns samples/s (global) of that step."""
-        now = time.perf_counter()
-        dt, self.last_time = now - self.last_time, now
-        self.samples_per_s = self.samples_per_step / max(dt, 1e-9)
+        """Call once per optimizer step (the progress bar)."""
+        self.steps_since += 1
         if self.is_master:
             self.pbar.set_postfix(self._postfix(), refresh=False)
             self.pbar.update(1)
-        return self.samples_per_s
 
-    def show_loss(self, metrics):
-        """The newest read-back loss in the progress bar (None: that step was skipped)."""
+    def after_read(self, metrics):
+        """Call after the steps were read back from the device: shows the newest loss (None:
+        that step was skipped) and returns samples/s (global) over the steps since the last
+        read. Steps do not wait for the device, so only the time between two reads is the
+        time the device took for the steps between them."""
+        now = time.perf_counter()
+        if self.steps_since:
+            self.samples_per_s = (self.samples_per_step * self.steps_since
+                                  / max(now - self.last_time, 1e-9))
+        self.last_time, self.steps_since = now, 0
         self.loss = None if metrics is None else metrics["loss"]
+        return self.samples_per_s
 
     def _postfix(self):
         post = {"samples/s": f"{self.samples_per_s:.0f}"}
@@ -98,7 +105,7 @@ class RunLogger:
         return post
 
     def reset_clock(self):
-        self.last_time = time.perf_counter()
+        self.last_time, self.steps_since = time.perf_counter(), 0
 
     def write(self, record):
         """One results.jsonl line; every numeric field also goes to TensorBoard as train/<key>."""

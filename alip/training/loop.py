@@ -462,10 +462,10 @@ def _run(args, info, make_loader):
                 micro = []
                 scheduler.step()
                 step += 1
-                sps = logger.step()
+                logger.step()
                 if step % args.log_every_n_steps == 0 or step == total_steps:
                     metrics = book.read()  # every rank: a long streak stops them all here
-                    logger.show_loss(metrics)
+                    sps = logger.after_read(metrics)
                     if info.is_master:
                         record = {"kind": "train", "step": step, "epoch": epoch,
                                   "samples": step * samples_per_step,
