@@ -70,7 +70,8 @@ _HOST_TOKENS = WeakIdKeyDictionary()  # device token tensor -> the CPU tensor it
 def to_device_keeping_host_tokens(tokens, device):
     """``tokens.to(device)`` that remembers the CPU tensor it came from (as long as the device
     tensor lives): ``encode_text`` plans its length groups / packing from it without reading
-    anything back from the device."""
+    anything back from the device. Token tensors are not modified in place (a new tensor,
+    such as DeCLIP's masked text, has no host copy and gets one read-back)."""
     moved = tokens.to(device, non_blocking=True)
     if moved is not tokens:
         _HOST_TOKENS[moved] = tokens
