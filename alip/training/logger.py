@@ -99,7 +99,9 @@ class RunLogger:
         return self.samples_per_s
 
     def _postfix(self):
-        post = {"samples/s": f"{self.samples_per_s:.0f}"}
+        post = {}  # both known from the first read-back on
+        if self.samples_per_s:
+            post["samples/s"] = f"{self.samples_per_s:.0f}"
         if self.loss is not None:
             post["loss"] = f"{self.loss:.4f}"
         return post
