@@ -41,9 +41,10 @@ class StepBook:
 
     Reading a step (``StepResult.metrics``) waits for the device, so the loop reads the
     pending steps only when it needs their numbers: at a log step, before a checkpoint, at the
-    end of an epoch (every rank at the same steps). Reading counts the skipped (non-finite)
-    steps and stops a streak longer than ``max_nonfinite`` (so the streak is noticed at the next
-    read, and a skipped step changes nothing meanwhile).
+    end of an epoch, and when more than ``max_nonfinite`` steps are pending (every rank at the
+    same steps). Reading counts the skipped (non-finite) steps and stops a streak longer than
+    ``max_nonfinite``: it is noticed within ``max_nonfinite + 1`` steps, and a skipped step
+    changes nothing meanwhile.
     """
 
     def __init__(self, max_nonfinite, total=0, good_checkpoint=lambda: None):
@@ -476,6 +477,8 @@ def _run(args, info, make_loader):
                                   "nonfinite_total": book.total, "skipped": metrics is None}
                         record.update(metrics or {})
                         logger.write(record)
+                elif len(book.pending) > args.max_nonfinite:
+                    book.read()  # a streak is noticed within --max-nonfinite + 1 steps
                 if args.save_every_n_steps and step % args.save_every_n_steps == 0 \
                         and batch_in_epoch < last_batch:
                     save(f"step_{step}", epoch, batch_in_epoch, epoch)

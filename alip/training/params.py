@@ -214,8 +214,8 @@ def build_parser():
            "every N steps (a step itself never waits for the device).")
     a("--report-to", default="tensorboard", help="'tensorboard' or '' (results.jsonl always).")
     a("--max-nonfinite", type=int, default=10,
-      help="Stop when more than this many steps in a row have a non-finite loss (noticed at the "
-           "next metrics read: a log step or a checkpoint).")
+      help="Stop when more than this many steps in a row have a non-finite loss (noticed within "
+           "this many + 1 steps: the steps are read back from the device at least that often).")
     a("--max-steps", type=int, default=None,
       help="Stop after this many optimizer steps (the schedule still spans --epochs).")
     # evaluation during training (alip.eval)
