@@ -17,7 +17,7 @@ from open_clip_train.precision import get_autocast
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
 
-from alip.model import encode_text
+from alip.model import encode_text, to_device_keeping_host_tokens
 
 
 def unwrap(model):
@@ -116,7 +116,8 @@ def text_features(model, tokenizer, texts, batch_size=256, device="cpu", precisi
     total, texts = len(texts), list(texts)[rank::world]
     features = []
     for start in range(0, len(texts), batch_size):
-        tokens = tokenizer(list(texts[start:start + batch_size])).to(device)
+        tokens = to_device_keeping_host_tokens(tokenizer(list(texts[start:start + batch_size])),
+                                               device)  # the text pass plans on the host
         with autocast():
             f = encode_text(model, tokens, normalize=False)
         features.append(F.normalize(f.float(), dim=-1))
