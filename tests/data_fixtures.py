@@ -5,6 +5,7 @@ import os
 import tarfile
 
 import numpy as np
+import pytest
 from PIL import Image
 
 
@@ -99,3 +100,11 @@ def make_rec_shards(tmp_path_factory, n, shard_size=10):
     assert data2rec.main(["--manifest", manifest, "--image-root", root, "--output-dir", out,
                           "--shard-size", str(shard_size), "--no-progress"]) == 0
     return out
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path, monkeypatch):
+    """Shard caches (verify results, length indexes) under the test's tmp dir, never the
+    user's: autouse in every module that imports it."""
+    monkeypatch.setenv("ALIP_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"

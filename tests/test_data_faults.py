@@ -20,7 +20,8 @@ from PIL import Image
 import data2rec
 from alip.data.loader import build_train_loader
 from alip.data.recordio import IR_SIZE, LABEL_LEN, RecordIOError, RecordReader
-from data_fixtures import caption_of, image, make_manifest_dataset, text_of, write_manifest
+from data_fixtures import (cache_dir, caption_of, image, make_manifest_dataset,  # noqa: F401
+                           text_of, write_manifest)  # cache_dir: autouse
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
@@ -34,12 +35,6 @@ def cli(*args, timeout=120):
 def shard_bytes(out):
     return {os.path.basename(p): open(p, "rb").read()
             for p in sorted(glob.glob(os.path.join(out, "train-*.rec")) + glob.glob(os.path.join(out, "train-*.idx")))}
-
-
-@pytest.fixture(autouse=True)
-def cache_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("ALIP_CACHE_DIR", str(tmp_path / "cache"))
-    return tmp_path / "cache"
 
 
 @pytest.fixture(scope="module")

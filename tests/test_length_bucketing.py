@@ -12,7 +12,7 @@ from alip.data.lengths import length_index, read_lengths
 from alip.data.loader import build_train_loader
 from alip.data.recordio import MAGIC, RecordIOError, RecordReader, RecordWriter, pack_fields
 from alip.training.params import parse_args, resume_conflicts
-from data_fixtures import image, jpeg_bytes
+from data_fixtures import cache_dir, image, jpeg_bytes  # noqa: F401  (cache_dir: autouse)
 
 N = 150  # records, in 3 shards of 50
 SOT, EOT, ID0 = 49406, 49407, 1000
@@ -44,12 +44,6 @@ def write_shards(out, raw, cap, per_shard=50, keys=None):
                 w.write_payload(key, pack_fields(key, np.stack([text_row(i, raw[i], rng),
                                                                 text_row(i, cap[i], rng)]), jpeg))
     return out
-
-
-@pytest.fixture(autouse=True)
-def cache_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("ALIP_CACHE_DIR", str(tmp_path / "cache"))
-    return tmp_path / "cache"
 
 
 @pytest.fixture(scope="module")
