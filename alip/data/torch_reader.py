@@ -98,11 +98,10 @@ class _Batches:
         idx = rank_indices(self.n, self.epoch, self.seed, self.rank, self.world_size, B, self.drop_last)
         if self.pool_batches:
             batches = bucketed_batches(idx, self.key, B, self.pool_batches, self.seed, self.epoch)
-            for batch in batches[self.start_batch:self.batches_per_epoch]:
-                yield [(int(i), self.epoch) for i in batch]
-            return
-        for b in range(self.start_batch, self.batches_per_epoch):
-            yield [(int(i), self.epoch) for i in idx[b * B:(b + 1) * B]]
+        else:
+            batches = [idx[b * B:(b + 1) * B] for b in range(self.batches_per_epoch)]
+        for batch in batches[self.start_batch:self.batches_per_epoch]:
+            yield [(int(i), self.epoch) for i in batch]
 
     def __len__(self):
         return self.batches_per_epoch - self.start_batch
