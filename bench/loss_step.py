@@ -28,7 +28,7 @@ import _texts  # noqa: E402
 import _timing  # noqa: E402
 import alip  # noqa: E402,F401
 from alip.loss import ALIPLoss  # noqa: E402
-from alip.model import TripletEncoder  # noqa: E402
+from alip.model import TripletEncoder, to_device_keeping_host_tokens  # noqa: E402
 
 
 def make_batch(batch_size, image_size, regime, gen):
@@ -38,7 +38,8 @@ def make_batch(batch_size, image_size, regime, gen):
 
 
 def build_steps(model, batch, device, autocast):
-    images, raw, cap = (t.to(device) for t in batch)
+    images, raw, cap = batch[0].to(device), *(to_device_keeping_host_tokens(t, device)
+                                              for t in batch[1:])  # as the training loop does
     clip_loss, alip_loss = ClipLoss(), ALIPLoss().to(device)
     encoders = {"alip": TripletEncoder(model, "separate"),
                 "alip-joint": TripletEncoder(model, "joint"),

@@ -34,7 +34,7 @@ import _timing  # noqa: E402
 import alip  # noqa: E402,F401
 from alip.loss import ALIPLoss  # noqa: E402
 from alip.model import (TripletEncoder, encode_text, length_groups,  # noqa: E402
-                        reference_varlen_attn, text_lengths)
+                        reference_varlen_attn, text_lengths, to_device_keeping_host_tokens)
 
 
 def tokens_processed(path, lengths, max_groups):
@@ -56,8 +56,10 @@ def mean_tokens_ratio(kind, batch, path, max_groups, batches=1000):
 
 def text_part(model, args, device, autocast):
     gen = torch.Generator().manual_seed(0)
-    texts = {"raw": _texts.batch("yfcc", args.text_batch, gen).to(device),
-             "caption": _texts.batch("caption", args.text_batch, gen).to(device)}
+    # as the training loop moves tokens: with their host copy (the plans are made on the host)
+    texts = {"raw": to_device_keeping_host_tokens(_texts.batch("yfcc", args.text_batch, gen), device),
+             "caption": to_device_keeping_host_tokens(_texts.batch("caption", args.text_batch, gen),
+                                                      device)}
     attn_fn = None if device.type == "cuda" else reference_varlen_attn
 
     def run(path, text):
@@ -103,8 +105,8 @@ def step_part(model, args, device, autocast):
     size = model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
     images = torch.randn(args.step_batch, 3, size, size, generator=gen).to(device)
-    raw = _texts.batch("yfcc", args.step_batch, gen).to(device)
-    cap = _texts.batch("caption", args.step_batch, gen).to(device)
+    raw = to_device_keeping_host_tokens(_texts.batch("yfcc", args.step_batch, gen), device)
+    cap = to_device_keeping_host_tokens(_texts.batch("caption", args.step_batch, gen), device)
     clip_loss, alip_loss, enc = ClipLoss(), ALIPLoss().to(device), TripletEncoder(model)
 
     def clip():

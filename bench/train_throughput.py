@@ -42,6 +42,7 @@ import alip  # noqa: E402,F401
 from alip.loss import gather_features  # noqa: E402
 from alip.methods import get_method, method_names  # noqa: E402
 from alip.training.distributed import DistInfo  # noqa: E402
+from alip.training.loop import as_batch_dicts  # noqa: E402
 from alip.training.optim import build_optimizer  # noqa: E402
 from alip.training.params import parse_args  # noqa: E402
 from alip.training.step import StepContext, train_step  # noqa: E402
@@ -178,10 +179,11 @@ def bench_model(name, batch_size, device, precision, reps, regimes, methods=("cl
     gen = torch.Generator().manual_seed(0)
     sides = {}
     for regime in regimes:
-        batch = tuple(t.to(device) for t in make_batch(batch_size, size, regime, gen))
+        host = make_batch(batch_size, size, regime, gen)
+        batch = tuple(t.to(device) for t in host)
         sides[f"{regime}/oc-train"] = lambda batch=batch: oc_train(batch)
-        for m in methods:
-            views = method_batch(specs[m], batch, gen)
+        for m in methods:  # moved as train.py's loop moves batches (tokens keep a host copy)
+            views = next(as_batch_dicts([method_batch(specs[m], host, gen)], specs[m], device))
             sides[f"{regime}/{m}"] = lambda m=m, views=views: train_step(ctxs[m], [views])
         sides[f"{regime}/alip-ref"] = lambda batch=batch: ref(*batch)
     times = _timing.abba(sides, reps, device, label=name)
