@@ -136,9 +136,11 @@ size = 224 if device.type == "cuda" else 32
 n = 64 if device.type == "cuda" else 8  # the CPU smoke checks the script, at toy size
 raw, cap = _texts.batch("yfcc", n, gen), _texts.batch("caption", n, gen)
 done = []
-for method_name in ("clip", "alip", "slip", "clips"):
+for method_name in ("clip", "alip", "slip", "declip", "filip", "defilip", "clips"):
     for precision in ("fp16", "bf16") if device.type == "cuda" else ("bf16",):
-        model = open_clip.create_model(name if device.type == "cuda" else "ALIP-tiny").to(device)
+        family = "DeCLIP" if method_name in ("declip", "defilip") else "ALIP"  # the mask token
+        size_name = name.split("-", 1)[1] if device.type == "cuda" else "tiny"
+        model = open_clip.create_model(f"{family}-{size_name}").to(device)
         method = get_method(method_name)(model, parse_args(["--method", method_name]))
         encoder, criterion = method.encoder.to(device), method.criterion.to(device)
         dtype = torch.float16 if precision == "fp16" else torch.bfloat16
@@ -253,7 +255,7 @@ export -f varlen syncs train methods kill_resume ddp dali_mixed
 
 # --- the run: correctness on the GPU first, then the benches --------------------------------------
 check varlen-vs-padded 120 varlen
-check step-syncs 120 syncs
+check step-syncs 240 syncs
 check data 120 "$PY" make_demo_data.py --out "$WORK/world" --num-train "$TRAIN_N" --num-test 10 \
   --shard-size 256 --workers 4 --overwrite
 check train-fp16-scaler 120 train amp16 "$AMP16"

@@ -229,6 +229,9 @@ def test_mlm_loss_is_zero_not_nan_when_nothing_is_masked():
     assert loss.item() == 0.0
     loss.backward()
     assert torch.equal(logits.grad, torch.zeros_like(logits))
+    # the encoder's form: the masked selection, empty here
+    empty = mlm_loss(logits[:, :0].reshape(0, 7), torch.zeros(0, dtype=torch.long))
+    assert empty.item() == 0.0 and empty.requires_grad
 
 
 def test_declip_tiny_text_tokens_pool_at_eot_not_at_the_mask_token():
@@ -272,6 +275,12 @@ def test_nn_bank_enqueue_order_and_wrap_around():
     bank.enqueue(rows[:3])
     bank.enqueue(rows[5:7])  # exactly fills to the end: pointer back to 0
     assert torch.equal(bank.bank[3:5], rows[5:7]) and int(bank.ptr) == 0
+    # more rows than the bank holds: the first size - p land, the pointer returns to 0
+    bank.enqueue(rows[:2])
+    bank.enqueue(rows)  # 8 rows at ptr 2 of 5: rows 0..2 at 2..4
+    assert torch.equal(bank.bank[2:5], rows[:3]) and int(bank.ptr) == 0
+    bank.enqueue(rows[2:])  # 6 rows at ptr 0 of 5: rows 2..6 fill it
+    assert torch.equal(bank.bank, rows[2:7]) and int(bank.ptr) == 0
 
 
 def test_nn_bank_top1_by_cosine_returns_raw_row_and_sees_the_old_bank():

@@ -33,7 +33,7 @@ from alip.loss import gather_features
 from .. import text_aug
 from ..data import text_views
 from ..data.spec import DataSpec, ImageView, TextView
-from ..model import encode_text, text_lengths
+from ..model import encode_text, host_tokens, text_lengths, to_device_keeping_host_tokens
 from .base import ContrastiveEncoder, Method, MethodConfigError, clamp_logit_scale
 
 # DeCLIP's vocabulary: open_clip's 49408 BPE ids (SOT 49406, EOT 49407, so open_clip's tokenizer
@@ -232,14 +232,13 @@ def mlm_loss(logits, labels):
 
     ``logits`` [..., V] and ``labels`` [...] with -100 where nothing is predicted (shapes
     [B, L, V]/[B, L] or the masked selection [M, V]/[M]). declip.py:332-334. When nothing is
-    masked the reference gives NaN; this returns a 0 that keeps the graph.
+    masked the reference gives NaN; this returns a 0 that keeps the graph. Reads nothing back
+    from the device.
     """
     logits = logits.reshape(-1, logits.shape[-1])
     labels = labels.reshape(-1)
-    keep = labels != -100
-    if not bool(keep.any()):
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits[keep], labels[keep])
+    total = F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+    return total / (labels != -100).sum().clamp_min(1).to(total.dtype)
 
 
 def text_tokens_and_features(model, text):
@@ -307,13 +306,15 @@ class NNMemoryBank(nn.Module):
 
     @torch.no_grad()
     def enqueue(self, x):
-        b, p = x.shape[0], int(self.ptr)
-        if p + b >= self.size:
-            self.bank[p:] = x[:self.size - p].detach().to(self.bank.dtype)
-            self.ptr.fill_(0)
-        else:
-            self.bank[p:p + b] = x.detach().to(self.bank.dtype)
-            self.ptr.fill_(p + b)
+        """The reference's rule at pointer p, computed on the device (p is never read back):
+        rows p + j < size are written at p + j; if p + B >= size the pointer returns to 0."""
+        b = x.shape[0]
+        x = x[:self.size].detach().to(self.bank.dtype)  # rows past the bank's size never land
+        pos = self.ptr + torch.arange(x.shape[0], device=self.bank.device)
+        slot = pos % self.size  # distinct: at most ``size`` rows
+        fits = (pos < self.size)[:, None]
+        self.bank.index_copy_(0, slot, torch.where(fits, x, self.bank[slot]))
+        self.ptr.copy_(torch.where(self.ptr + b >= self.size, 0, self.ptr + b))
 
 
 # --------------------------------------------------------------------------------------- total
@@ -357,17 +358,29 @@ class DeCLIPEncoder(ContrastiveEncoder):
         self.mlm_head = MLMHead(width, vocab_size)
         self.mask_id, self.vocab_size = mask_id, vocab_size
         self.seed, self.rank = seed, rank
-        # masking draws come from (seed, rank, this counter): saved with the heads, restored on
-        # resume and when a non-finite step is skipped, so masks replay exactly
-        self.register_buffer("mlm_draws", torch.zeros((), dtype=torch.long))
+        # masking draws come from (seed, rank, this counter), a host int saved with the heads
+        # (``get_extra_state``): masks replay exactly on resume, and nothing is read back from
+        # the device. A skipped (non-finite) step still counts its draw: its batch is gone too.
+        self.mlm_draws = 0
+
+    def get_extra_state(self):  # a CPU tensor, so state_dict holds tensors only
+        return torch.tensor(self.mlm_draws)
+
+    def set_extra_state(self, state):
+        self.mlm_draws = int(state)
 
     def _mask(self, tokens):
+        """(masked tokens, labels) on ``tokens.device``, drawn on the host from the tokens' host
+        copy; the masked tokens keep theirs (``encode_text`` plans from it)."""
         gen = torch.Generator().manual_seed(
             int(torch.randint(2 ** 62, (1,), generator=torch.Generator().manual_seed(
-                self.seed * 1_000_003 + self.rank * 7919 + int(self.mlm_draws) * 104_729))))
+                self.seed * 1_000_003 + self.rank * 7919 + self.mlm_draws * 104_729))))
         if self.training:
             self.mlm_draws += 1
-        return mlm_mask(tokens, gen, mask_id=self.mask_id, vocab_size=self.vocab_size)
+        host = host_tokens(tokens)
+        masked, labels = mlm_mask(tokens.cpu() if host is None else host, gen,
+                                  mask_id=self.mask_id, vocab_size=self.vocab_size)
+        return to_device_keeping_host_tokens(masked, tokens.device), labels
 
     def forward(self, batch):
         return self.encode(batch)[0]
@@ -377,10 +390,13 @@ class DeCLIPEncoder(ContrastiveEncoder):
         with ``image_tokens`` view 1's patch tokens before ln_post (for DeFILIP)."""
         masked, labels = self._mask(batch["raw"])
         tokens, text = text_tokens_and_features(self.model, masked)
-        picked = labels != -100
+        # the masked positions, chosen on the host: only an index tensor goes to the device
+        picked = (labels != -100).flatten().nonzero().squeeze(1)
+        device = masked.device
         out = {"text": F.normalize(text, dim=-1),
                "text_aug": encode_text(self.model, batch["raw_eda"]),
-               "mlm_logits": self.mlm_head(tokens[picked]), "mlm_labels": labels[picked],
+               "mlm_logits": self.mlm_head(tokens.flatten(0, 1)[picked.to(device, non_blocking=True)]),
+               "mlm_labels": labels.flatten()[picked].to(device, non_blocking=True),
                "logit_scale": capped_scale(self.model.logit_scale)}
         positions = torch.arange(masked.shape[1], device=masked.device)
         extras = {"text_tokens": tokens,
@@ -458,6 +474,11 @@ class DeCLIP(Method):
         self.encoder = DeCLIPEncoder(model, seed=args.seed, rank=rank)
         self.criterion = DeCLIPCriterion(embed_dim(model), args.declip_bank_size,
                                          rank, world_size, seed=args.seed)
+
+    def load_heads_state_dict(self, state):
+        if "mlm_draws" in state and "_extra_state" not in state:  # a buffer before 2026-12
+            state = {("_extra_state" if k == "mlm_draws" else k): v for k, v in state.items()}
+        super().load_heads_state_dict(state)
 
     def after_step(self):
         clamp_logit_scale(self.model, 3.0, 6.0)  # the parameter, as the reference (before step too)
