@@ -30,6 +30,10 @@ def test_late_interaction_by_hand_max_not_first_and_padding():
     assert late_interaction(txt, img, mask, None).item() == pytest.approx(0.9, abs=1e-12)
     # reference: mean over all 3 positions, the padding's 1.0 included
     assert late_interaction(txt, img).item() == pytest.approx(2.8 / 3, abs=1e-12)
+    # a key row with nothing unmasked scores -inf (not checked: that would read the mask back)
+    two = torch.cat([txt, txt])
+    scores = late_interaction(img, two, None, torch.cat([mask, torch.zeros_like(mask)]))
+    assert scores[0, 0].item() == pytest.approx(0.9, abs=1e-12) and scores[0, 1].item() == float("-inf")
 
 
 def test_late_interaction_matrix_against_loops():
