@@ -253,3 +253,22 @@ def test_unreadable_checkpoint_files_are_named(tmp_path):
         main(argv("--resume", "latest"))
     assert str(e.value).startswith(f"train.py: error: checkpoint index {d / 'index.json'} is not "
                                    f"valid JSON")
+
+
+def test_checkpoints_without_an_index_are_never_trained_over(tmp_path):
+    argv, d = two_epochs(tmp_path)
+    (d / "index.json").unlink()  # a directory copied by hand, or its index lost
+    before = {p.name: p.read_bytes() for p in d.glob("*.pt")}
+    with pytest.raises(SystemExit) as e:
+        main(argv("--max-steps", "9"))
+    assert str(e.value).startswith(f"train.py: error: run directory {tmp_path / 'r'} already has "
+                                   f"checkpoints")
+    with pytest.raises(SystemExit) as e:
+        main(argv("--resume", "latest", "--max-steps", "9"))
+    assert str(e.value) == (f"train.py: error: {d} has 4 checkpoint file(s) (epoch_1.pt, "
+                            f"epoch_1.state.pt, epoch_2.pt, ...) but no index.json: resume one "
+                            f"with --resume PATH, or move them away to start over")
+    assert {p.name: p.read_bytes() for p in d.glob("*.pt")} == before
+    # the way out it names works: an explicit resume writes a new index beside them
+    out = run_single(argv("--resume", str(d / "epoch_2.pt"), "--max-steps", "9"))
+    assert out["step"] == 9 and (d / "index.json").exists()

@@ -105,8 +105,20 @@ def read_index(ckpt_dir):
     return index
 
 
+def unindexed_checkpoints(ckpt_dir):
+    """The ``*.pt`` files of ``ckpt_dir`` when it has no index (copied or restored by hand, or
+    the index lost): training there must not start over on top of them."""
+    ckpt_dir = Path(ckpt_dir)
+    if (ckpt_dir / INDEX).exists() or not ckpt_dir.is_dir():
+        return []
+    return sorted(p.name for p in ckpt_dir.glob("*.pt"))
+
+
 def has_checkpoints(ckpt_dir):
-    """Whether ``ckpt_dir`` holds a checkpoint index (a damaged one counts)."""
+    """Whether ``ckpt_dir`` holds a checkpoint index (a damaged one counts) or checkpoint files
+    without one."""
+    if unindexed_checkpoints(ckpt_dir):
+        return True
     try:
         return bool(read_index(ckpt_dir))
     except CheckpointError:
@@ -163,8 +175,15 @@ def save_checkpoint(ckpt_dir, tag, model_name, model, train_state, epoch, step, 
 def find_latest(ckpt_dir, verify=False, warn=None):
     """The model file of the newest complete checkpoint (model and state present; with
     ``verify`` also matching their sha256), or None. ``warn(msg)`` hears of each newer
-    checkpoint passed over, and why."""
+    checkpoint passed over, and why. Checkpoint files without an index raise CheckpointError
+    (which of them is newest and complete is not known)."""
     ckpt_dir = Path(ckpt_dir)
+    stray = unindexed_checkpoints(ckpt_dir)
+    if stray:
+        raise CheckpointError(
+            f"{ckpt_dir} has {len(stray)} checkpoint file(s) ({', '.join(stray[:3])}"
+            f"{', ...' if len(stray) > 3 else ''}) but no {INDEX}: resume one with --resume "
+            f"PATH, or move them away to start over")
     for entry in reversed(read_index(ckpt_dir)):
         if verify:
             why = verify_entry(ckpt_dir, entry)
