@@ -322,3 +322,19 @@ def test_idx_that_lost_or_repeats_lines_is_an_error(shards, tmp_path, fault):
         os.remove(os.path.join(bad, "manifest.json"))
         with pytest.raises(RecordIOError, match=want):
             build_train_loader(bad, backend="torch", batch_size=2, image_size=16, workers=0)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_training_on_an_undecodable_record_stops_with_one_line(shards, tmp_path, cache_dir, workers):
+    from alip.training.loop import main
+    bad = str(tmp_path / "bad")
+    shutil.copytree(shards, bad)
+    rec = os.path.join(bad, "train-00000.rec")
+    key = _zero_jpeg_header(rec, 1)
+    with pytest.raises(SystemExit) as e:  # the PyTorch reader meets it while reading
+        main(["--model", "ALIP-tiny", "--train-data", bad, "--data-backend", "torch",
+              "--batch-size", "4", "--epochs", "1", "--workers", str(workers), "--device", "cpu",
+              "--precision", "fp32", "--report-to", "", "--logs", str(tmp_path / "runs")])
+    assert str(e.value) == (f"train.py: error: {rec}: record key {key}: undecodable image "
+                            f"(UnidentifiedImageError: cannot identify image file); `data2rec.py "
+                            f"verify` checks every record of the shards")

@@ -186,8 +186,9 @@ def test_hf_hub_model_is_accepted_and_its_failure_names_the_flag(tmp_path, monke
 # resume
 
 
-@pytest.mark.parametrize("flag,value", [("--lr", "5e-3"), ("--wd", "0.1"), ("--beta2", "0.95")])
-def test_resume_refuses_a_changed_optimizer_flag_and_records_nothing(tmp_path, flag, value):
+@pytest.mark.parametrize("flag,value", [("--lr", "5e-3"), ("--wd", "0.1"), ("--beta2", "0.95"),
+                                        ("--seed", "9")])  # the seed orders the epoch's records
+def test_resume_refuses_a_changed_fixed_flag_and_records_nothing(tmp_path, flag, value):
     argv = lambda *x: tiny_argv(tmp_path, "r", *x, samples=32, batch=8, epochs=2)  # noqa: E731
     run_single(argv("--max-steps", "2"))
     config = (tmp_path / "r" / "config.yaml").read_text()
@@ -272,3 +273,17 @@ def test_checkpoints_without_an_index_are_never_trained_over(tmp_path):
     # the way out it names works: an explicit resume writes a new index beside them
     out = run_single(argv("--resume", str(d / "epoch_2.pt"), "--max-steps", "9"))
     assert out["step"] == 9 and (d / "index.json").exists()
+
+
+@pytest.mark.parametrize("method,model,message", [
+    ("declip", "ALIP-tiny", "--method declip needs a text vocabulary with the mask token"),
+    ("defilip", "ALIP-tiny", "--method defilip needs a text vocabulary with the mask token"),
+    ("filip", "ALIP-RN50", "--method filip reads patch and text token features: it needs a ViT "
+                           "image tower and open_clip's text transformer; --model ALIP-RN50 has a "
+                           "ModifiedResNet image tower"),
+    ("clips", "ALIP-RN50", "--method clips reads patch and text token features"),
+])
+def test_a_method_the_model_cannot_serve_is_one_line(tmp_path, method, model, message):
+    with pytest.raises(SystemExit) as e:
+        main(tiny_argv(tmp_path, "r", "--method", method, "--model", model))
+    assert str(e.value).startswith(f"train.py: error: {message}") and "\n" not in str(e.value)

@@ -45,6 +45,9 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path, data, monkeypatch):
     saved = torch.load(cut_dir / "step_4.state.pt", weights_only=False)["loader"]
     if data == "dali":  # the reader's own checkpoint travels with the training state
         assert saved[0]["batch"] == 4 and saved[0]["dali_checkpoint"] is not None
+        with pytest.raises(TrainConfigError, match=r"the reader --data-backend resolved to "
+                                                   r"\(checkpoint dali, now torch\)"):
+            run_single(argv("cut", "--resume", "latest", "--data-backend", "torch"))
     if data == "rec-bucketed":
         assert saved == [{"epoch": 0, "batch": 4, "length_bucketing": 3}]
         with pytest.raises(TrainConfigError, match=r"length_bucketing \(checkpoint 3, now 2\)"):

@@ -11,6 +11,7 @@ length (alip.data.bucketing; lengths from alip.data.lengths), keeping all of the
 """
 import io
 import math
+import re
 
 import numpy as np
 import torch
@@ -24,6 +25,14 @@ from .lengths import length_index
 from .recordio import RecordIOError, RecordReader
 from .spec import DEFAULT_TEXT_FIELDS
 
+
+
+def _undecodable(dataset, i, rec, e):
+    """The one-line error for record ``i`` of ``dataset`` whose image does not decode."""
+    s = int(np.searchsorted(dataset.starts, i, side="right")) - 1
+    why = re.sub(r" <[^<>]* at 0x[0-9a-fA-F]+>", "", f"{type(e).__name__}: {e}")  # no object reprs
+    return RecordIOError(f"{dataset.readers[s].rec_path}: record key {rec.key}: undecodable "
+                         f"image ({why}); `data2rec.py verify` checks every record of the shards")
 
 class RecDataset(torch.utils.data.Dataset):
     """Record i of the concatenated shards -> (image [3,S,S], raw tokens [77], caption tokens [77]).
@@ -64,9 +73,7 @@ class RecDataset(torch.utils.data.Dataset):
             else:
                 x = eval_transform(img, self.image_size)
         except Exception as e:
-            s = int(np.searchsorted(self.starts, i, side="right")) - 1
-            raise RecordIOError(f"{self.readers[s].rec_path}: record key {rec.key}: "
-                                f"undecodable image ({e})") from e
+            raise _undecodable(self, i, rec, e) from e
         fields = self.fields(rec)
         return x, fields["raw"], fields["caption"]
 
@@ -197,9 +204,7 @@ class ViewDataset(RecDataset):
         try:
             images = image_views(Image.open(io.BytesIO(rec.jpeg)), self.image_size, self.recipes, rngs)
         except Exception as e:
-            s = int(np.searchsorted(self.starts, i, side="right")) - 1
-            raise RecordIOError(f"{self.readers[s].rec_path}: record key {rec.key}: "
-                                f"undecodable image ({e})") from e
+            raise _undecodable(self, i, rec, e) from e
         fields = self.fields(rec)
         out = {v.name: x for v, x in zip(self.spec.image_views, images)}
         out.update((f, fields[f]) for f in self.spec.text_fields)

@@ -32,7 +32,7 @@ from ..data.spec import ALIP_DATA
 from ..loss import GlobalGradClipLoss, local_grad_scale
 from ..model import encode_text, host_tokens
 from .base import CAPTION_VIEW, ContrastiveEncoder, Method, with_caption_view
-from .filip import dense_image_tokens, dense_text_tokens
+from .filip import dense_image_tokens, dense_text_tokens, require_token_towers
 
 SOT_ID, EOT_ID = 49406, 49407
 _MM = MultimodalCfg()
@@ -270,6 +270,7 @@ class CLIPS(Method):
 
     def __init__(self, model, args, rank=0, world_size=1):
         super().__init__(model, args, rank, world_size)
+        require_token_towers(model, self.name, args.model)
         self.data = self.data_spec(args)
         text = model.transformer
         decoder = CaptionDecoder(

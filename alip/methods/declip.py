@@ -468,7 +468,7 @@ class DeCLIP(Method):
         vocab = model.token_embedding.num_embeddings if hasattr(model, "token_embedding") else 0
         if vocab < VOCAB_SIZE:
             raise MethodConfigError(
-                f"--method declip needs a text vocabulary with the mask token {MASK_ID} "
+                f"--method {self.name} needs a text vocabulary with the mask token {MASK_ID} "
                 f"({VOCAB_SIZE} entries); --model {args.model} has {vocab}: use DeCLIP-ViT-B-32 "
                 f"or DeCLIP-tiny")
         self.encoder = DeCLIPEncoder(model, seed=args.seed, rank=rank)

@@ -9,7 +9,7 @@ summed in the reference's order (§9). The dense temperature is clamped to [3, 6
 import torch.nn as nn
 
 from .declip import DeCLIP, DeCLIPCriterion, DeCLIPEncoder
-from .filip import FILIPCriterion, FILIPHead, add_filip_args
+from .filip import FILIPCriterion, FILIPHead, add_filip_args, require_token_towers
 
 FILIP_WEIGHT = 0.2
 
@@ -52,6 +52,7 @@ class DeFILIP(DeCLIP):
                        prefix="defilip")
 
     def __init__(self, model, args, rank=0, world_size=1):
+        require_token_towers(model, self.name, args.model)
         super().__init__(model, args, rank, world_size)
         self.encoder = DeFILIPEncoder(model, seed=args.seed, rank=rank)
         self.criterion = DeFILIPCriterion(

@@ -48,6 +48,18 @@ class DenseTokens(NamedTuple):
     text_features: torch.Tensor  # [B, E]
 
 
+def require_token_towers(model, method, model_name):
+    """Raise MethodConfigError unless ``model`` has the ViT image tower and transformer text
+    tower whose token features the method reads."""
+    visual = getattr(model, "visual", None)
+    if not hasattr(getattr(visual, "transformer", None), "width") or \
+            not hasattr(getattr(model, "transformer", None), "width"):
+        raise MethodConfigError(
+            f"--method {method} reads patch and text token features: it needs a ViT image tower "
+            f"and open_clip's text transformer; --model {model_name} has a "
+            f"{type(visual).__name__} image tower")
+
+
 def dense_tokens(model, images, text, image_ln_post=False):
     """One forward per tower through open_clip's ``forward_intermediates`` (no fork, no hooks).
 
@@ -306,6 +318,7 @@ class FILIP(Method):
 
     def __init__(self, model, args, rank=0, world_size=1):
         super().__init__(model, args, rank, world_size)
+        require_token_towers(model, self.name, args.model)
         if args.filip_input_mask and model.token_embedding.num_embeddings < 49409:
             raise MethodConfigError("--filip-input-mask needs a vocabulary with a mask token "
                                     f"(DeCLIP-* models); --model {args.model} has none")

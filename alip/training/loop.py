@@ -6,6 +6,7 @@ namespace; ``make_loader(args, info, image_size)`` may replace the data loader (
 import importlib.util
 import logging
 import random
+import re
 from datetime import datetime
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 from open_clip_train.precision import get_autocast
 
 import alip  # noqa: F401  (registers the ALIP-* model configs)
+from alip.data.recordio import RecordIOError
 from alip.methods import MethodConfigError, get_method
 from alip.model import to_device_keeping_host_tokens
 
@@ -175,12 +177,14 @@ def default_make_loader(args, info, image_size):
     device = str(info.device)
     spec = get_method(args.method).data_spec(args)
     if args.dataset_type == "synthetic":
+        args.data_reader = "synthetic"
         return SyntheticLoader(args.train_num_samples, args.batch_size, image_size,
                                rank=info.rank, world_size=info.world_size, seed=args.seed,
                                device=device, spec=spec)
     from alip.data.loader import build_train_loader
     bucketing = getattr(args, "length_bucketing", 0)
     backend = resolve_data_backend(args.data_backend, info.device, bucketing)
+    args.data_reader = backend  # what --data-backend resolved to: a resume must read the same way
     data = args.train_data
     if not Path(data).is_dir():
         data = train_data_paths(data)
@@ -312,6 +316,10 @@ def _run(args, info, make_loader):
         clip_model.set_grad_checkpointing(True)
     image_size = clip_model.visual.image_size
     image_size = image_size[0] if isinstance(image_size, (tuple, list)) else image_size
+    try:  # before the data: a method that cannot use this model says so now
+        method = method_cls(clip_model, args, rank=info.rank, world_size=info.world_size)
+    except MethodConfigError as e:
+        raise TrainConfigError(str(e)) from e
 
     try:
         loader = make_loader(args, info, image_size)
@@ -327,7 +335,6 @@ def _run(args, info, make_loader):
     total_steps = steps_per_epoch * args.epochs
     unused = loader.batches_per_epoch - steps_per_epoch * args.accum_freq
 
-    method = method_cls(clip_model, args, rank=info.rank, world_size=info.world_size)
     encoder = method.encoder.to(info.device)
     loss_fn = method.criterion.to(info.device)
     optimizer = build_optimizer(encoder, args.lr, args.wd, (args.beta1, args.beta2), args.eps,
@@ -509,6 +516,16 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         run(args)
-    except (TrainConfigError, NonFiniteLossError, ckpt.CheckpointError) as e:
-        raise SystemExit(f"train.py: error: {e}")
+    except (TrainConfigError, NonFiniteLossError, ckpt.CheckpointError, RecordIOError) as e:
+        raise SystemExit(f"train.py: error: {_one_line(e)}")
     return 0
+
+
+def _one_line(error):
+    """The message of ``error``; for one re-raised from a DataLoader worker (whose message is
+    the worker's traceback), the original exception's own line."""
+    text = str(error)
+    if "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = re.sub(rf"^(?:[\w.]+\.)?{type(error).__name__}: ", "", last)
+    return text

@@ -43,7 +43,8 @@ for _name in method_names():  # each method declares the ranges of its own flags
 # of being recorded and not used).
 RESUME_FIXED = ("batch_size", "world_size", "accum_freq", "epochs", "length_bucketing", "lr",
                 "wd", "beta1", "beta2", "eps", "schedule", "pct_start", "cycle_momentum", "warmup",
-                "warmup_start_lr", "wd_exclude_gain_bias", "method")
+                "warmup_start_lr", "wd_exclude_gain_bias", "method", "seed", "data_reader",
+                "caption_view", "caption_tokens")
 # What a checkpoint written before a RESUME_FIXED flag existed ran with.
 RESUME_DEFAULTS = {"length_bucketing": 0}
 
@@ -313,7 +314,9 @@ def resume_conflicts(old_config, args):
     ``name (checkpoint X, now Y)`` strings."""
     old = {**RESUME_DEFAULTS, **old_config}
     now = {k: getattr(args, k, RESUME_DEFAULTS.get(k)) for k in RESUME_FIXED if k in old}
-    return [f"{k} (checkpoint {old[k]}, now {v})" for k, v in now.items() if old[k] != v]
+    label = {"data_reader": "the reader --data-backend resolved to"}
+    return [f"{label.get(k, k)} (checkpoint {old[k]}, now {v})" for k, v in now.items()
+            if old[k] != v]
 
 
 def resolved_config(args):
