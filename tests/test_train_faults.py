@@ -91,6 +91,8 @@ BAD_FLAGS = [
     (["--seed", "-1"], "--seed must be in [0, 4294967295], got -1"),
     (["--eval-batch-size", "0"], "--eval-batch-size must be >= 1"),
     (["--device", "gpu"], "--device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+    (["--report-to", "wandb"], "--report-to 'wandb': 'wandb' is not supported; use 'tensorboard' "
+                               "or '' (results.jsonl is always written)"),
 ]
 
 
@@ -132,6 +134,27 @@ def test_bad_config_value_names_file_and_key(tmp_path, content, message):
     with pytest.raises(SystemExit) as e:
         parse_args(["--config", str(cfg)])
     assert str(e.value).startswith(f"train.py: error: --config {cfg}: {message}")
+
+
+@pytest.mark.parametrize("text,message", [
+    ("epochs: 1\nepochs: 2\n", "not valid YAML: key 'epochs' is given twice (line 2, column 1)"),
+    ("batch_size: 8\nbatch-size: 16\n", "'batch-size' and 'batch_size' set the same flag"),
+    ("lr: [1\n", "not valid YAML: expected ',' or ']', but got '<stream end>' (line 2, column 1)"),
+    ("batch_sise: 8\n", "unknown key 'batch_sise' (keys are train.py's flag names, as in --help)"),
+])
+def test_config_file_problems_are_one_line(tmp_path, text, message):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text)
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--config", str(cfg)])
+    assert str(e.value) == f"train.py: error: --config {cfg}: {message}"
+
+
+def test_config_keys_take_every_spelling_of_a_flag(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("logs-dir: /somewhere\nno-cycle-momentum: true\nno_verify_shards: false\n")
+    args = parse_args(["--config", str(cfg)])
+    assert (args.logs, args.cycle_momentum, args.verify_shards) == ("/somewhere", False, True)
 
 
 def test_config_values_convert_like_flags(tmp_path):

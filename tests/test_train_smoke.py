@@ -97,6 +97,13 @@ def test_steps_are_read_back_when_logged_and_skips_are_still_counted(tmp_path, m
     assert reads == [2, 2] and read_results(tmp_path / "streak") == []  # stopped at step 4
 
 
+def test_the_last_step_of_a_run_is_logged(tmp_path):
+    # --max-steps off the log cadence: step 5 is the run's last and is logged too
+    run_single(tiny_argv(tmp_path, "r", "--log-every-n-steps", "2", "--max-steps", "5",
+                         samples=64, batch=8))
+    assert [r["step"] for r in read_results(tmp_path / "r")] == [2, 4, 5]
+
+
 def test_too_many_nonfinite_in_a_row_stop_the_run(tmp_path, capsys):
     bad = [(0, i) for i in range(2, 8)]
     with pytest.raises(NonFiniteLossError, match=r"3 steps in a row .*--max-nonfinite 2"):
@@ -110,10 +117,17 @@ def test_too_many_nonfinite_in_a_row_stop_the_run(tmp_path, capsys):
     (["--model", "ViT-Nope"], "--model: unknown model 'ViT-Nope'"),
     (["--dataset-type", "rec", "--train-data", "/nonexistent/shards"], "--train-data: not found"),
     (["--dataset-type", "rec"], "--train-data is required"),
+    (["--dataset-type", "rec", "--train-data", "conftest.py"], "--train-data: conftest.py: not an "
+                                                               "existing .rec file"),
+    (["--dataset-type", "rec", "--train-data", "s.rec,./s.rec"], "--train-data: ./s.rec: the same "
+                                                                 "shard as s.rec, listed twice"),
     (["--batch-size", "40"], "--batch-size 40 x 1 processes x --accum-freq 1 needs more samples"),
     (["--accum-freq", "5"], "--accum-freq 5 needs more samples"),
 ])  # flag ranges (--batch-size 0, ...) stop parse_args itself: tests/test_train_faults.py
-def test_bad_input_fails_before_training(tmp_path, extra, message):
+def test_bad_input_fails_before_training(tmp_path, extra, message, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "conftest.py").write_text("")
+    (tmp_path / "s.rec").write_bytes(b"")
     with pytest.raises(TrainConfigError, match=message.replace("(", r"\(")):
         run_single(tiny_argv(tmp_path, "bad", samples=32, batch=8) + extra)
     assert not (tmp_path / "bad" / "results.jsonl").exists()

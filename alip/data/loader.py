@@ -21,6 +21,11 @@ def rec_paths(data):
             raise FileNotFoundError(f"{p}: not an existing .rec file")
     if not paths:
         raise ValueError("no .rec files given")
+    seen = {}
+    for p in paths:  # the same shard twice would be read twice every epoch
+        first = seen.setdefault(os.path.realpath(p), p)
+        if first is not p:
+            raise ValueError(f"{p}: the same shard as {first}, listed twice")
     return paths
 
 

@@ -115,6 +115,12 @@ def check_args(args, info):
         for path in train_data_paths(args.train_data):
             if not Path(path).exists():
                 raise TrainConfigError(f"--train-data: not found: {path}")
+        if not Path(args.train_data).is_dir():
+            from alip.data.loader import rec_paths
+            try:
+                rec_paths(train_data_paths(args.train_data))
+            except (FileNotFoundError, ValueError) as e:
+                raise TrainConfigError(f"--train-data: {e}") from e
         if Path(args.train_data).is_dir() and not any(Path(args.train_data).glob("train-*.rec")):
             raise TrainConfigError(f"--train-data: no train-*.rec shards in {args.train_data} "
                                    f"(expected a data2rec output directory)")
@@ -471,7 +477,9 @@ def _run(args, info, make_loader):
                 scheduler.step()
                 step += 1
                 logger.step()
-                if step % args.log_every_n_steps == 0 or step == total_steps:
+                last = step == total_steps or (args.max_steps is not None
+                                               and step >= args.max_steps)
+                if step % args.log_every_n_steps == 0 or last:  # a run's last step is logged
                     metrics = book.read()  # every rank: a long streak stops them all here
                     sps = logger.after_read(metrics)
                     if info.is_master:

@@ -86,6 +86,10 @@ def check_flags(args):
     if dev.startswith("cuda") and not torch.cuda.is_available():
         raise FlagError(f"--device {dev}: no CUDA GPU is visible (--device auto falls back to "
                         f"the CPU)")
+    unknown = [r for r in str(args.report_to or "").split(",") if r.strip() not in ("", "tensorboard")]
+    if unknown:
+        raise FlagError(f"--report-to {args.report_to!r}: {', '.join(map(repr, unknown))} is not "
+                        f"supported; use 'tensorboard' or '' (results.jsonl is always written)")
     if getattr(args, "length_bucketing", 0):
         if args.data_backend == "dali":
             raise FlagError(f"--length-bucketing {args.length_bucketing}: --data-backend dali does "
@@ -237,18 +241,55 @@ def build_parser():
     return p
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _yaml_problem(e):
+    """A YAMLError in one line: what is wrong, and where."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    return " ".join(str(getattr(e, "problem", None) or e).split()) + where
+
+
 def load_yaml(path):
     path = Path(path)
     if not path.is_file():
-        raise SystemExit(f"--config: file not found: {path}")
+        raise SystemExit(f"train.py: error: --config: file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as e:
-        raise SystemExit(f"--config {path}: not valid YAML: {e}")
+        raise SystemExit(f"train.py: error: --config {path}: not valid YAML: {_yaml_problem(e)}")
     if not isinstance(data, dict):
-        raise SystemExit(f"--config {path}: expected a mapping of flag: value, got "
-                         f"{type(data).__name__}")
+        raise SystemExit(f"train.py: error: --config {path}: expected a mapping of flag: value, "
+                         f"got {type(data).__name__}")
     return data
+
+
+def _config_keys(parser):
+    """Every spelling a --config key may take -> (action, negated): the flag's option strings
+    without their dashes, with ``-`` or ``_`` (``logs-dir``, ``no-cycle-momentum`` included)."""
+    keys = {}
+    for action in parser._actions:
+        if action.dest in ("help", "config"):
+            continue
+        for opt in action.option_strings:
+            if opt.startswith("--"):
+                negated = isinstance(action, argparse.BooleanOptionalAction) and opt.startswith("--no-")
+                for key in (opt[2:], opt[2:].replace("-", "_")):
+                    keys[key] = (action, negated)
+        keys.setdefault(action.dest, (action, False))
+    return keys
 
 
 def yaml_value(action, value):
@@ -288,16 +329,22 @@ def parse_args(argv=None):
     parser = build_parser()
     pre, _ = parser.parse_known_args(argv)
     if pre.config:
-        known = {a.dest: a for a in parser._actions}
-        defaults = {}
+        known = _config_keys(parser)
+        defaults, spelled = {}, {}
         for key, value in load_yaml(pre.config).items():
-            dest = str(key).replace("-", "_")
-            if dest not in known or dest in ("help", "config"):
-                raise SystemExit(f"--config {pre.config}: unknown key {key!r}")
+            if str(key) not in known:
+                raise SystemExit(f"train.py: error: --config {pre.config}: unknown key {key!r} "
+                                 f"(keys are train.py's flag names, as in --help)")
+            action, negated = known[str(key)]
+            if action.dest in spelled:
+                raise SystemExit(f"train.py: error: --config {pre.config}: {key!r} and "
+                                 f"{spelled[action.dest]!r} set the same flag")
+            spelled[action.dest] = key
             try:
-                defaults[dest] = yaml_value(known[dest], value)
+                value = yaml_value(action, value)
             except FlagError as e:
                 raise SystemExit(f"train.py: error: --config {pre.config}: {key}: {e}") from None
+            defaults[action.dest] = (not value) if negated and value is not None else value
         parser.set_defaults(**defaults)
     args = parser.parse_args(argv)
     if args.precision == "amp_bfloat16":
