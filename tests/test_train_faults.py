@@ -310,3 +310,26 @@ def test_a_method_the_model_cannot_serve_is_one_line(tmp_path, method, model, me
     with pytest.raises(SystemExit) as e:
         main(tiny_argv(tmp_path, "r", "--method", method, "--model", model))
     assert str(e.value).startswith(f"train.py: error: {message}") and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--caption-tokens", "8"], "--caption-tokens 8 takes effect with --caption-view truncate, "
+                                "random, block or subcaption; --caption-view is full"),
+    (["--method", "clip", "--caption-view", "truncate"], "--method clip reads no caption view: "
+                                                          "--caption-view truncate --caption-tokens "
+                                                          "32 would be ignored"),
+])
+def test_a_caption_view_flag_that_would_be_ignored_is_refused(tmp_path, extra, message):
+    with pytest.raises(SystemExit) as e:
+        main(tiny_argv(tmp_path, "r", *extra))
+    assert str(e.value) == f"train.py: error: {message}"
+
+
+def test_caption_view_flags_that_take_effect_are_accepted(tmp_path):
+    # CLIPS reads sub-captions by default, so K alone is meant; ALIP with a view uses K
+    for name, extra in (("clips", ["--method", "clips", "--caption-tokens", "8"]),
+                        ("alip", ["--caption-view", "block", "--caption-tokens", "8"])):
+        out = run_single(tiny_argv(tmp_path, name, "--max-steps", "1", *extra))
+        assert out["step"] == 1
+        config = yaml.safe_load((tmp_path / name / "config.yaml").read_text())
+        assert config["caption_tokens"] == 8 and config["caption_view"] != "full"

@@ -84,6 +84,14 @@ class Method:
             raise MethodConfigError(
                 f"--method {cls.name} does not support --accum-mode {args.accum_mode} "
                 f"(supported: {', '.join(cls.accum_modes)})")
+        view = getattr(args, "caption_view", "full")
+        if view != "full" or getattr(args, "caption_tokens_given", False):
+            if CAPTION_VIEW not in {v.name for v in cls.data_spec(args).text_views}:
+                raise MethodConfigError(
+                    f"--method {cls.name} reads no caption view: --caption-view {view} "
+                    f"--caption-tokens {args.caption_tokens} would be ignored" if view != "full"
+                    else f"--caption-tokens {args.caption_tokens} takes effect with --caption-view "
+                         f"truncate, random, block or subcaption; --caption-view is full")
 
     def after_step(self):
         clamp_logit_scale(self.model)

@@ -49,6 +49,9 @@ RESUME_FIXED = ("batch_size", "world_size", "accum_freq", "epochs", "length_buck
 RESUME_DEFAULTS = {"length_bucketing": 0}
 
 
+CAPTION_TOKENS = 32  # --caption-tokens when not given
+
+
 class FlagError(ValueError):
     """A flag or --config value that is out of range or of the wrong type (message names it)."""
 
@@ -162,7 +165,8 @@ def build_parser():
       "reduction, alip.text_views): truncate = first K tokens, random = K random tokens in "
       "order, block = one random span of K, subcaption = whole random sentences up to K; seeded "
       "per sample. Methods that read the caption (alip, clips) use it.")
-    a("--caption-tokens", type=int, default=32, help="K of --caption-view.")
+    a("--caption-tokens", type=int, default=None,
+      help=f"K of --caption-view (default {CAPTION_TOKENS}).")
     a("--accum-freq", type=int, default=1, help="Micro-batches per optimizer step.")
     a("--accum-mode", choices=("batch", "micro"), default="batch",
       help="batch: loss and gates over the whole accumulated batch (== one batch of "
@@ -347,6 +351,10 @@ def parse_args(argv=None):
             defaults[action.dest] = (not value) if negated and value is not None else value
         parser.set_defaults(**defaults)
     args = parser.parse_args(argv)
+    # whether K was asked for: a method whose data has no caption view refuses it (check_args)
+    args.caption_tokens_given = args.caption_tokens is not None
+    if args.caption_tokens is None:
+        args.caption_tokens = CAPTION_TOKENS
     if args.precision == "amp_bfloat16":
         args.precision = "amp_bf16"
     try:
