@@ -7,9 +7,9 @@
 import argparse
 import sys
 
-from alip.eval.datasets import ALIP_TABLE, canonical_name, dataset_root
+from alip.eval.cli import check_args, run_cli
+from alip.eval.datasets import ALIP_TABLE, NO_SPLIT, SPLITS, canonical_name, check_present, dataset_root
 from alip.eval.linear_probe import evaluate_linear_probe
-from alip.eval.cli import run_cli
 from alip.eval.load import add_model_args, load_model_from_args
 from alip.eval.report import table, write_json
 
@@ -21,12 +21,21 @@ def main(argv=None):
     p.add_argument("--root", required=True, help="dataset root; may contain {dataset}")
     p.add_argument("--imagenet-root", default=None, help="ImageNet root (holding train/ and val/)")
     p.add_argument("--val-fraction", type=float, default=0.2,
-                   help="part of train held out to choose the regularisation strength")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-iter", type=int, default=1000, help="L-BFGS iterations per fit")
-    p.add_argument("--output", default=None, help="write the metrics (and the settings) as JSON here")
+                   help="part of train held out to choose the regularisation strength, in (0, 1)")
+    p.add_argument("--seed", type=int, default=0, help="split seed, in [0, 2**32 - 1]")
+    p.add_argument("--max-iter", type=int, default=1000, help="L-BFGS iterations per fit (>= 1)")
+    p.add_argument("--output", default=None,
+                   help="write the metrics (and the settings) as JSON here (its folder is made)")
     args = p.parse_args(argv)
-    names = list(ALIP_TABLE) if args.dataset == "all" else [canonical_name(n) for n in args.dataset.split(",")]
+    names = list(ALIP_TABLE) if args.dataset == "all" else list(dict.fromkeys(
+        canonical_name(n) for n in args.dataset.split(",")))
+    # everything that can be checked without the model, before anything is evaluated: the flags,
+    # and every dataset's train and test split on disk
+    check_args(args)
+    for name in names:
+        root = dataset_root(args.root, name, args.imagenet_root)
+        for split in ((None,) if name in NO_SPLIT else SPLITS[name]):
+            check_present(name, root, split)
     model, preprocess, _ = load_model_from_args(args)
     results = {}
     for name in names:

@@ -8,20 +8,29 @@
 #
 # DATA_ROOT layout:  coco/dataset_coco.json       coco/val2014/*.jpg (the json's filepath/filename)
 #                    flickr30k/dataset_flickr30k.json   flickr30k/flickr30k-images/*.jpg
-# Env: OUT (results dir, default results/), PYTHON (default .venv/bin/python), DATASETS ("coco flickr30k").
+# Every dataset's annotation, images and flags are checked (eval_retrieval.py --check-only) before
+# any is evaluated. Env: OUT (results dir, default results/), PYTHON (default .venv/bin/python),
+# DATASETS ("coco flickr30k").
 set -euo pipefail
 if [ $# -lt 2 ]; then grep '^#' "$0" | sed 1d; exit 2; fi
 HERE="$(cd "$(dirname "$0")/.." && pwd)"
 PY="${PYTHON:-$HERE/.venv/bin/python}"
 CKPT="$1"; ROOT="$2"; shift 2
 OUT="${OUT:-results}"
-mkdir -p "$OUT"
-for ds in ${DATASETS:-coco flickr30k}; do
-  case "$ds" in
+inputs() {  # DATASET -> ann images name
+  case "$1" in
     coco)      ann="$ROOT/coco/dataset_coco.json"; images="$ROOT/coco"; name=MSCOCO ;;
     flickr30k) ann="$ROOT/flickr30k/dataset_flickr30k.json"; images="$ROOT/flickr30k/flickr30k-images"; name=Flickr30k ;;
-    *) echo "unknown retrieval dataset $ds (coco, flickr30k)" >&2; exit 2 ;;
+    *) echo "run_retrieval.sh: error: unknown retrieval dataset $1 in DATASETS (coco, flickr30k)" >&2; exit 2 ;;
   esac
+}
+for ds in ${DATASETS:-coco flickr30k}; do
+  inputs "$ds"
+  "$PY" "$HERE/eval_retrieval.py" --checkpoint "$CKPT" --annotation "$ann" --image-root "$images" \
+    --name "$name" --output "$OUT/retrieval_$ds.json" "$@" --check-only
+done
+for ds in ${DATASETS:-coco flickr30k}; do
+  inputs "$ds"
   "$PY" "$HERE/eval_retrieval.py" --checkpoint "$CKPT" --annotation "$ann" --image-root "$images" \
     --name "$name" --output "$OUT/retrieval_$ds.json" "$@"
 done

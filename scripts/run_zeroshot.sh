@@ -16,7 +16,6 @@ if [ $# -lt 2 ]; then grep '^#' "$0" | sed 1d; exit 2; fi
 HERE="$(cd "$(dirname "$0")/.." && pwd)"
 PY="${PYTHON:-$HERE/.venv/bin/python}"
 CKPT="$1"; ROOT="$2"; shift 2
-OUT="${OUT:-results}"
-mkdir -p "$OUT"
+OUT="${OUT:-results}"  # eval_zeroshot.py makes it
 "$PY" "$HERE/eval_zeroshot.py" --checkpoint "$CKPT" --dataset "${DATASETS:-all}" --root "$ROOT/{dataset}" \
   --output "$OUT/zeroshot.json" "$@"

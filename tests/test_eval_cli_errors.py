@@ -1,6 +1,9 @@
-"""The eval CLIs' expected failures end with one line naming the file at fault: a corrupt image
-in an ImageFolder (also from a DataLoader worker), a training state given as --checkpoint, a
-missing dataset or annotation."""
+"""The eval CLIs' expected failures end with one line naming the file or flag at fault: a corrupt
+image in an ImageFolder (also from a DataLoader worker), a training state given as --checkpoint, a
+missing dataset or annotation; and what can be checked before the model is loaded and anything is
+evaluated (flags out of range, a --device that is not there, --output, every dataset asked for)
+is."""
+import json
 import os
 import subprocess
 import sys
@@ -9,12 +12,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+import eval_linear_probe
 import eval_retrieval
 import eval_zeroshot
 from alip.eval.cli import one_line, run_cli
 from alip.eval.datasets import build_dataset
 from alip.eval.load import load_model
-from eval_fakes import write_id_image
+from eval_fakes import write_id_image, write_karpathy
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -85,3 +89,132 @@ def test_eval_script_missing_dataset_exits_with_one_line(tmp_path, tiny_checkpoi
     assert r.stderr.startswith(f"eval_zeroshot.py: error: cifar10: dataset root {tmp_path / 'no'} "
                                f"does not exist")
     assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1
+
+
+# --- checked before the model is loaded and before anything is evaluated -----------------------
+
+CLIS = {"eval_retrieval.py": eval_retrieval, "eval_zeroshot.py": eval_zeroshot,
+        "eval_linear_probe.py": eval_linear_probe}
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    """ImageFolder train/ and val/ (3 classes, 3 images each) and a 3-image Karpathy json."""
+    root = tmp_path_factory.mktemp("data")
+    for c in range(3):
+        for split in ("train", "val"):
+            for j in range(3):
+                write_id_image(str(root / "imagefolder" / split / f"k{c}" / f"{j}.png"), 3 * c + j)
+        write_id_image(str(root / "coco" / "val2014" / f"{c}.png"), c)
+    write_karpathy(str(root / "coco" / "dataset_coco.json"),
+                   [("val2014", f"{i}.png", "test", [f"image {i} caption {j}" for j in range(5)])
+                    for i in range(3)])
+    return root
+
+
+def cli_args(prog, ckpt, data):
+    if prog == "eval_retrieval.py":
+        return ["--checkpoint", str(ckpt), "--annotation", str(data / "coco" / "dataset_coco.json"),
+                "--image-root", str(data / "coco"), "--workers", "0"]
+    extra = ["--val-fraction", "0.4", "--max-iter", "50"] if prog == "eval_linear_probe.py" else []
+    return ["--checkpoint", str(ckpt), "--dataset", "imagefolder", "--root",
+            str(data / "{dataset}"), "--workers", "0"] + extra
+
+
+@pytest.fixture
+def nothing_heavy(monkeypatch):
+    """Loading the model or evaluating a dataset fails the test: the error must come first."""
+    def heavy(*a, **k):
+        pytest.fail("the model was loaded or a dataset evaluated before the bad input was reported")
+    for module in CLIS.values():
+        monkeypatch.setattr(module, "load_model_from_args", heavy)
+    monkeypatch.setattr(eval_zeroshot, "evaluate_zeroshot", heavy)
+    monkeypatch.setattr(eval_linear_probe, "evaluate_linear_probe", heavy)
+
+
+def run_one_line(prog, argv, capsys):
+    rc = run_cli(CLIS[prog].main, prog, argv)
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("prog", list(CLIS))
+def test_device_without_gpu_is_named_not_blamed_on_the_checkpoint(prog, tiny_checkpoint, small_data,
+                                                                  monkeypatch, nothing_heavy, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = cli_args(prog, tiny_checkpoint, small_data)
+    err = run_one_line(prog, args + ["--device", "cuda"], capsys)
+    assert err == (f"{prog}: error: --device cuda: no CUDA GPU is visible (--device auto falls back "
+                   f"to the CPU)\n")  # train.py's words
+    err = run_one_line(prog, args + ["--device", "gpu"], capsys)
+    assert err == f"{prog}: error: --device must be auto, cpu, cuda or cuda:N, got 'gpu'\n"
+
+
+@pytest.mark.parametrize("prog, flags, message", [
+    ("eval_retrieval.py", ["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    ("eval_zeroshot.py", ["--batch-size", "-3"], "--batch-size must be >= 1, got -3"),
+    ("eval_zeroshot.py", ["--workers", "-1"], "--workers must be >= 0, got -1"),
+    ("eval_linear_probe.py", ["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    ("eval_linear_probe.py", ["--val-fraction", "1.5"], "--val-fraction must be in (0, 1), got 1.5"),
+    ("eval_linear_probe.py", ["--val-fraction", "0"], "--val-fraction must be in (0, 1), got 0.0"),
+    ("eval_linear_probe.py", ["--max-iter", "0"], "--max-iter must be >= 1, got 0"),
+    ("eval_linear_probe.py", ["--seed", "-1"], "--seed must be in [0, 4294967295], got -1"),
+])
+def test_numeric_flag_out_of_range_is_named_first(prog, flags, message, tiny_checkpoint, small_data,
+                                                  nothing_heavy, capsys):
+    err = run_one_line(prog, cli_args(prog, tiny_checkpoint, small_data) + ["--device", "cpu"] + flags,
+                       capsys)
+    assert err == f"{prog}: error: {message}\n"
+
+
+@pytest.mark.parametrize("prog", list(CLIS))
+def test_output_folder_is_made_and_a_bad_output_is_refused_first(prog, tiny_checkpoint, small_data,
+                                                                 tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # --device auto: the CPU
+    out = tmp_path / "not" / "yet" / "r.json"
+    assert run_cli(CLIS[prog].main, prog, cli_args(prog, tiny_checkpoint, small_data)
+                   + ["--output", str(out)]) == 0, capsys.readouterr().err
+    saved = json.loads(out.read_text())
+    assert saved["metrics"] and saved["settings"]["device"] == "cpu"
+    # a file where a folder should be, or a folder given as the file: refused before loading
+    (tmp_path / "f").write_text("")
+    monkeypatch.setattr(CLIS[prog], "load_model_from_args", lambda a: pytest.fail("model loaded"))
+    err = run_one_line(prog, cli_args(prog, tiny_checkpoint, small_data)
+                       + ["--output", str(tmp_path / "f" / "r.json")], capsys)
+    assert err == (f"{prog}: error: --output {tmp_path / 'f' / 'r.json'}: {tmp_path / 'f'} is a "
+                   f"file, not a folder\n")
+    err = run_one_line(prog, cli_args(prog, tiny_checkpoint, small_data)
+                       + ["--output", str(tmp_path)], capsys)
+    assert err.startswith(f"{prog}: error: --output {tmp_path} is a directory")
+
+
+@pytest.mark.parametrize("prog", ["eval_zeroshot.py", "eval_linear_probe.py"])
+def test_every_dataset_is_checked_before_any_is_evaluated(prog, tiny_checkpoint, small_data,
+                                                          nothing_heavy, capsys):
+    args = [a.replace("imagefolder", "imagefolder,cifar10") for a in
+            cli_args(prog, tiny_checkpoint, small_data)] + ["--device", "cpu"]
+    err = run_one_line(prog, args, capsys)
+    assert err.startswith(f"{prog}: error: cifar10: dataset root {small_data / 'cifar10'} does not "
+                          f"exist")
+
+
+def test_linear_probe_checks_the_train_split_first(tiny_checkpoint, tmp_path, nothing_heavy, capsys):
+    write_id_image(str(tmp_path / "imagefolder" / "val" / "k0" / "a.png"), 0)
+    err = run_one_line("eval_linear_probe.py", ["--checkpoint", str(tiny_checkpoint), "--dataset",
+                                                "imagefolder", "--root", str(tmp_path / "imagefolder"),
+                                                "--device", "cpu"], capsys)
+    assert err.startswith(f"eval_linear_probe.py: error: imagefolder: "
+                          f"{tmp_path / 'imagefolder' / 'train'} is missing")
+
+
+def test_skip_missing_with_every_dataset_missing_is_an_error(tiny_checkpoint, tmp_path,
+                                                             nothing_heavy, capsys):
+    out = tmp_path / "o.json"
+    err = run_one_line("eval_zeroshot.py", ["--checkpoint", str(tiny_checkpoint), "--dataset",
+                                            "cifar10,dtd", "--root", str(tmp_path / "{dataset}"),
+                                            "--device", "cpu", "--skip-missing", "--output", str(out)],
+                       capsys)
+    assert err.startswith("eval_zeroshot.py: error: nothing to evaluate: every dataset asked for is "
+                          f"missing (cifar10, dtd); first: cifar10: dataset root {tmp_path / 'cifar10'}")
+    assert not out.exists()

@@ -36,3 +36,23 @@ def test_run_scripts(tmp_path):
         assert set(metrics) == {"i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum"}
     zs = json.loads((tmp_path / "out" / "zeroshot.json").read_text())
     assert set(zs["metrics"]) == {"imagefolder"} and zs["metrics"]["imagefolder"]["num_images"] == 3
+
+
+@pytest.mark.slow  # two fresh Python processes: ~15 s of CPU
+def test_run_retrieval_checks_every_dataset_before_evaluating_any(tmp_path):
+    """Flickr30k is not there: the script stops before COCO is evaluated, naming Flickr's file."""
+    model, _, _ = load_model("ALIP-tiny")
+    torch.save({"state_dict": model.state_dict(), "model": "ALIP-tiny", "epoch": 1, "step": 1}, tmp_path / "e1.pt")
+    data = tmp_path / "data"
+    for i in range(3):
+        write_id_image(str(data / "coco" / "val2014" / f"{i}.png"), i, size=32)
+    write_karpathy(str(data / "coco" / "dataset_coco.json"),
+                   [("val2014", f"{i}.png", "test", [f"image {i} caption {j}" for j in range(5)]) for i in range(3)])
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": sys.executable}
+    r = subprocess.run(["bash", os.path.join(REPO, "scripts", "run_retrieval.sh"), str(tmp_path / "e1.pt"),
+                        str(data), "--device", "cpu", "--workers", "0"], env=env, capture_output=True, text=True)
+    assert r.returncode == 1
+    assert r.stderr == (f"eval_retrieval.py: error: retrieval annotation {data / 'flickr30k' / 'dataset_flickr30k.json'}"
+                        f" does not exist; expected a Karpathy split json (dataset_coco.json / "
+                        f"dataset_flickr30k.json layout)\n")
+    assert not (tmp_path / "out" / "retrieval_coco.json").exists() and "R@1" not in r.stdout

@@ -7,4 +7,5 @@ zeroshot.py      evaluate_zeroshot: top-1 / top-5 / mean-per-class with float lo
 retrieval.py     evaluate_retrieval: Karpathy-split R@1/5/10 both ways and rsum
 linear_probe.py  evaluate_linear_probe: L2 logistic regression, C chosen on held-out train
 report.py        the ALIP README's zero-shot table, JSON output
+cli.py           the CLIs' top level: flag, device, --output checks before loading; one-line errors
 """

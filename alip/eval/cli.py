@@ -1,7 +1,66 @@
 """The eval CLIs' top level: an expected failure (a missing or unreadable dataset, image,
-annotation or checkpoint) ends the program with one line naming the file, not a traceback."""
+annotation or checkpoint, a flag out of range) ends the program with one line naming the file or
+flag, not a traceback; what can be checked before the model is loaded is (``check_args``)."""
+import math
+import os
 import re
 import sys
+
+from .load import resolve_device
+
+# Valid range of the eval CLIs' numeric flags (train.py's notation: "[" / "]" include the bound,
+# "(" / ")" exclude it); a flag a CLI does not have is skipped.
+RANGES = {"batch_size": "[1, inf)", "workers": "[0, inf)", "val_fraction": "(0, 1)",
+          "max_iter": "[1, inf)", "seed": "[0, 4294967295]"}  # sklearn's random_state range
+
+
+def range_error(dest, value):
+    """Why ``value`` is not a valid ``--dest`` (train.py's wording), or None."""
+    lo_b, lo, hi, hi_b = re.fullmatch(r"([\[(])(\S+), (\S+)([\])])", RANGES[dest]).groups()
+    lo, hi, v = float(lo), float(hi), float(value)
+    if (v > lo or (lo_b == "[" and v == lo)) and (v < hi or (hi_b == "]" and v == hi)):
+        return None
+    want = f"{'>=' if lo_b == '[' else '>'} {lo:g}" if hi == math.inf else f"in {RANGES[dest]}"
+    return f"must be {'a finite number ' if not math.isfinite(v) else ''}{want}, got {value}"
+
+
+def check_output(path):
+    """Make ``--output``'s folder (as scripts/run_*.sh do) and check a file can be written there,
+    so a bad path fails before the evaluation, not after it; raises OSError naming the flag."""
+    if path is None:
+        return
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"--output {path} is a directory; give a file name (e.g. "
+                                f"{os.path.join(path, 'results.json')})")
+    parent = os.path.dirname(os.path.abspath(path))
+    above = parent
+    while not os.path.exists(above):
+        above = os.path.dirname(above)
+    if not os.path.isdir(above):
+        raise NotADirectoryError(f"--output {path}: {above} is a file, not a folder")
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"--output {path}: cannot make its folder {parent} "
+                      f"({e.strerror or type(e).__name__})") from e
+    if not os.access(parent, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise PermissionError(f"--output {path}: not writable")
+
+
+def check_args(args):
+    """The checks of every eval CLI that need no model and no data: numeric flags in range,
+    ``--device`` (resolved in place: ``auto`` -> cuda or cpu), that ``--checkpoint`` exists, and
+    ``--output``. Raises ValueError / OSError (one line each, naming the flag or file)."""
+    for dest in RANGES:
+        value = getattr(args, dest, None)
+        why = None if value is None else range_error(dest, value)
+        if why:
+            raise ValueError(f"--{dest.replace('_', '-')} {why}")
+    args.device = resolve_device(args.device)
+    checkpoint = getattr(args, "checkpoint", None)
+    if checkpoint is not None and not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+    check_output(getattr(args, "output", None))
 
 
 def one_line(error):

@@ -204,6 +204,23 @@ def _image_folder_dir(name, root, split):
     raise FileNotFoundError(f"{name}: {sub} is missing; expected {LAYOUTS[name].replace('ROOT', str(root))}")
 
 
+def check_present(name, root, split=None):
+    """Cheaply check that ``name``'s ``split`` (None: the evaluation split) is on disk under
+    ``root`` -- the paths ``build_dataset`` needs first, no image or annotation is read -- so that
+    a CLI evaluating several datasets can refuse a missing one before evaluating any. Raises the
+    FileNotFoundError ``build_dataset`` would (naming the missing path and the layout)."""
+    name = canonical_name(name)
+    root = os.fspath(root)
+    if name not in ("imagenet1k", "imagefolder"):
+        check_layout(name, root)
+        return
+    check_layout(name, root)
+    folder = _image_folder_dir(name, root, split or SPLITS[name][0])
+    if not any(e.is_dir() for e in os.scandir(folder)):
+        raise FileNotFoundError(f"{name}: {folder} has no class folders; expected "
+                                f"{LAYOUTS[name].replace('ROOT', root)}")
+
+
 def _torchvision_dataset(name, root, split, transform):
     if name == "cifar10":
         return _CIFAR10(root, train=split == "train", transform=transform, download=False)

@@ -9,6 +9,7 @@
 """
 import logging
 import os
+import re
 
 import open_clip
 import torch
@@ -16,6 +17,25 @@ import torch
 import alip  # noqa: F401  (registers the ALIP-* model configs with open_clip)
 
 PRECISIONS = ("fp32", "fp16", "bf16", "pure_fp16", "pure_bf16", "amp", "amp_bf16")
+
+
+def resolve_device(device):
+    """``device`` as a torch device string ("auto": cuda if a GPU is visible, else cpu); a value
+    that names no device, or a GPU that is not there, is a ValueError naming ``--device`` (the
+    wording of train.py's check), raised before anything is loaded."""
+    dev = str(device)
+    if dev == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if dev != "cpu" and not re.fullmatch(r"cuda(:\d+)?", dev):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {dev!r}")
+    if dev.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {dev}: no CUDA GPU is visible (--device auto falls back to "
+                             f"the CPU)")
+        if ":" in dev and int(dev.split(":")[1]) >= torch.cuda.device_count():
+            raise ValueError(f"--device {dev}: only {torch.cuda.device_count()} CUDA GPU(s) are "
+                             f"visible (cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
+    return dev
 
 
 def checkpoint_model_name(path):
@@ -37,6 +57,7 @@ def load_model(model_name=None, pretrained=None, checkpoint=None, device="cpu", 
     """-> (model in eval mode, preprocess (the eval transform), tokenizer)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    device = resolve_device(device)
     if pretrained and checkpoint:
         raise ValueError("give either pretrained (--pretrained) or checkpoint (--checkpoint), not both")
     if checkpoint is not None:
@@ -84,9 +105,10 @@ def add_model_args(parser):
     g.add_argument("--checkpoint", default=None,
                    help="a train.py checkpoint, or the ALIP authors' model_{epoch}.pt (with --model)")
     g.add_argument("--precision", default="fp32", choices=PRECISIONS)
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    g.add_argument("--batch-size", type=int, default=64)
-    g.add_argument("--workers", type=int, default=4, help="DataLoader worker processes")
+    g.add_argument("--device", default="auto",
+                   help="auto (cuda if a GPU is visible, else cpu), cpu, cuda or cuda:N")
+    g.add_argument("--batch-size", type=int, default=64, help="images per batch (>= 1)")
+    g.add_argument("--workers", type=int, default=4, help="DataLoader worker processes (>= 0)")
     g.add_argument("--scoring", choices=("auto", "global", "dense"), default="auto",
                    help="auto: the checkpoint's method decides (dense for FILIP/DeFILIP, whose "
                         "model files carry the dense head; global otherwise); global: one "
@@ -111,4 +133,4 @@ def dense_head_from_args(args):
     if args.scoring == "dense" and head is None:
         raise ValueError(f"--scoring dense: {args.checkpoint or args.pretrained or args.model} "
                          "carries no dense head (only FILIP/DeFILIP train.py checkpoints do)")
-    return None if head is None else head.to(args.device)
+    return None if head is None else head.to(resolve_device(args.device))

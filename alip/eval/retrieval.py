@@ -122,13 +122,15 @@ def recall_at_k(i2t, t2i, text_to_image, recall_k=RECALL_K):
 
 def evaluate_retrieval(model, preprocess, tokenizer, annotation, image_root, split="test",
                        caption_prefix="", batch_size=64, device="cpu", workers=0, precision="fp32",
-                       recall_k=RECALL_K, distributed=False, dense_head=None):
+                       recall_k=RECALL_K, distributed=False, dense_head=None, loaded=None):
     """-> {"i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum"} (percent).
 
     ``distributed=True``: every rank of the initialised process group calls this; each encodes
     1/world of the images and captions; all ranks get the result. ``dense_head`` (a FILIPHead):
-    FILIP's token-wise scores (alip.eval.dense) instead of global embeddings."""
-    paths, captions, text_to_image = load_annotation(annotation, image_root, split)
+    FILIP's token-wise scores (alip.eval.dense) instead of global embeddings. ``loaded``: what
+    ``load_annotation(annotation, image_root, split)`` returned (a caller that checked the
+    annotation already), so it is not read twice."""
+    paths, captions, text_to_image = loaded or load_annotation(annotation, image_root, split)
     model = unwrap(model)
     if dense_head is not None:
         from .dense import DenseView
