@@ -1,6 +1,9 @@
 """The demo report: the table carries the right numbers, the plots are valid PNGs, and the
 noise-split gate weights read each training row's own noise label (a hand-built case)."""
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import open_clip
@@ -100,3 +103,24 @@ def test_timings_file_with_a_bad_line_names_file_and_line(tmp_path):
     with pytest.raises(ValueError, match=r"timings.tsv:2: expected"):
         demo_report.timings(tmp_path)
     assert demo_report.timings(tmp_path / "absent") == {}
+
+
+def test_report_of_a_folder_without_runs_is_one_line(tmp_path):
+    """``python -m alip.eval.demo_report`` (scripts/demo.sh's last step) on a folder that holds no
+    runs, or none of a method: one line naming the folder or the missing file, no traceback."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    report = lambda *a: subprocess.run(  # noqa: E731
+        [sys.executable, "-m", "alip.eval.demo_report", "--out", str(tmp_path), *a],
+        capture_output=True, text=True, cwd=repo, timeout=300)
+    r = report("--methods", "clip", "alip")
+    assert r.returncode == 1
+    assert r.stderr == (f"demo_report.py: error: --out {tmp_path} holds no demo run of clip, alip (no "
+                        f"runs/demo-<method>/results.jsonl); run scripts/demo.sh first\n")
+    _write_world(tmp_path / "world", ROWS)
+    _write_run(tmp_path, "clip", [3.0, 2.0], 4.0, 30.0)
+    (tmp_path / "zeroshot_clip.json").unlink()
+    r = report("--methods", "clip")
+    assert r.returncode == 1
+    assert r.stderr == (f"demo_report.py: error: {tmp_path}: {tmp_path / 'zeroshot_clip.json'} is "
+                        f"missing (scripts/demo.sh writes it)\n")
+    assert not (tmp_path / "loss.png").exists()

@@ -195,8 +195,32 @@ def plot_gates(gates, path):
     plt.close(fig)
 
 
+def check_inputs(out_dir, methods, world_dir, gates_run="alip"):
+    """Every file ``build_report`` reads is there; else a FileNotFoundError naming the directory
+    and the first missing file (before any plot is drawn or model encoded)."""
+    out, world = Path(out_dir), Path(world_dir)
+    if not out.is_dir():
+        raise FileNotFoundError(f"--out {out} does not exist (expected scripts/demo.sh's output folder)")
+    runs = [m for m in methods if (out / "runs" / f"demo-{m}" / "results.jsonl").is_file()]
+    if not runs:
+        raise FileNotFoundError(f"--out {out} holds no demo run of {', '.join(methods)} (no "
+                                f"runs/demo-<method>/results.jsonl); run scripts/demo.sh first")
+    need = [world / "retrieval" / "dataset_demo.json", world / "classify" / "classnames.txt"]
+    for m in methods:
+        need += [out / "runs" / f"demo-{m}" / "results.jsonl", out / f"retrieval_{m}.json",
+                 out / f"zeroshot_{m}.json"]
+    if gates_run in methods:
+        run = out / "runs" / f"demo-{gates_run}"
+        need += [run / "config.yaml", run / "checkpoints" / "index.json",
+                 world / "raw" / "train.jsonl"]
+    for path in need:
+        if not path.is_file():
+            raise FileNotFoundError(f"{out}: {path} is missing (scripts/demo.sh writes it)")
+
+
 def build_report(out_dir, methods, world_dir, gates_run="alip", seconds=None, machine=None):
     """Write report.md, loss.png, recall.png (and gates.png when ``gates_run`` was trained)."""
+    check_inputs(out_dir, methods, world_dir, gates_run)
     out = Path(out_dir)
     results = collect(out, methods)
     ref = chance(world_dir)
@@ -232,7 +256,11 @@ def main(argv=None):
     a = p.parse_args(argv)
     print(Path(build_report(a.out, a.methods, a.world or Path(a.out) / "world",
                             seconds=a.seconds, machine=a.machine)).read_text())
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from .cli import run_cli
+    sys.exit(run_cli(main, "demo_report.py"))
