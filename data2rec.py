@@ -8,6 +8,7 @@ Writes train-NNNNN.rec/.idx, manifest.json and rejects.jsonl; rerun the same com
 an interrupted run. See alip/data/pack.py for the behaviour.
 """
 import argparse
+import os
 import shlex
 import sys
 
@@ -66,9 +67,10 @@ def parse_args(argv):
         p.error(f"--part {args.part!r}: expected I/N with 0 <= I < N")
     args.part = (i, n)
     args.text_fields = tuple(f.strip() for f in args.text_fields.split(","))
-    from alip.data.pack import DataError, check_text_fields
+    from alip.data.pack import DataError, check_text_fields, check_tokenizer
     try:
         check_text_fields(args.text_fields, [f for f in args.text_fields if f not in ("raw", "caption")])
+        check_tokenizer(args.tokenizer)
     except DataError as e:
         p.error(str(e))
     return args
@@ -109,9 +111,13 @@ def main(argv=None) -> int:
         print(f"data2rec: part {args.part[0]}/{args.part[1]} done; other parts still have shards to "
               f"build (the run that completes the last one writes manifest.json)")
         return 0
-    print(f"data2rec: rows in {s['rows_in']} = written {s['total_records']} + rejected {s['rejected']}"
-          f" ({len(s['shards'])} shards in {args.output_dir}; rejects.jsonl lists the rejected rows;"
-          f" caption fallbacks {s['caption_fallbacks']})")
+    counts = f"rows in {s['rows_in']} = written {s['total_records']} + rejected {s['rejected']}"
+    if s["total_records"] == 0:  # every row rejected: no data, whatever the shard files say
+        print(f"data2rec: error: {counts}: nothing was written; "
+              f"{os.path.join(args.output_dir, 'rejects.jsonl')} gives each row's reason", file=sys.stderr)
+        return 1
+    print(f"data2rec: {counts} ({len(s['shards'])} shards in {args.output_dir}; rejects.jsonl lists the rejected"
+          f" rows; caption fallbacks {s['caption_fallbacks']})")
     return 0
 
 

@@ -228,6 +228,28 @@ def test_bad_flags_and_missing_vllm_are_one_line_errors(manifest, coca_dir, tmp_
     assert not os.path.exists(tmp_path / "x" / "plan.json")
 
 
+def test_bad_inputs_stop_before_the_model_is_loaded(tmp_path, capsys):
+    """A tar cut short, a text column no row has, a missing --image-root: one line naming it, rc 1
+    (the model name is nonsense: the input is checked first)."""
+    from test_data2rec import tar_cuts
+    pattern, _ = make_wds_dataset(str(tmp_path), 2, per_tar=2)
+    tar = str(tmp_path / "wds" / "00000.tar")
+    data, cut = open(tar, "rb").read(), tar_cuts(tar)["member boundary"]
+    open(tar, "wb").write(data[:cut])
+    root = str(tmp_path / "man")
+    path = make_manifest_dataset(root, 2)
+    out = tmp_path / "caps"
+    for argv, names in ((["--wds", pattern], [tar, "not a readable tar"]),
+                        (["--manifest", path, "--image-root", root, "--text-col", "alt"],
+                         [path, "'alt'", "--text-col"]),
+                        (["--manifest", path, "--image-root", root + "/nope"], ["--image-root", "no such directory"])):
+        assert caption.main(argv + ["--output-dir", str(out), "--model", "no-such-model", "--device", "cpu"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("caption: error: ") and len(err.splitlines()) == 1
+        assert all(n in err for n in names), err
+    assert not out.exists()
+
+
 def test_sigkill_midway_then_rerun_is_byte_identical(manifest, coca_dir, clean, tmp_path):
     root, path = manifest
     args = ["--manifest", path, "--image-root", root] + coca_args(coca_dir)

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 
 import numpy as np
@@ -276,3 +277,94 @@ def test_killed_midway_then_rerun_is_byte_identical(tmp_path):
     assert data2rec.main(args[2:] + ["--output-dir", clean]) == 0
     assert shard_bytes(killed) == shard_bytes(clean) and len(shard_bytes(clean)) == 24
     assert not glob.glob(os.path.join(killed, "*.partial"))
+
+
+@pytest.mark.parametrize("flag,col", [("--text-col", "txt"), ("--image-col", "img"), ("--caption-col", "cap")])
+def test_jsonl_column_in_no_row_stops_before_any_work(ds, tmp_path, capsys, flag, col):
+    root, manifest = ds
+    out = tmp_path / "out"
+    assert data2rec.main(["--manifest", manifest, "--image-root", root, "--output-dir", str(out), flag, col,
+                          "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("data2rec: error: ") and len(err.splitlines()) == 1
+    assert manifest in err and repr(col) in err and flag in err
+    assert not out.exists()  # stopped at the manifest scan, before the output dir and any image
+
+
+def test_missing_image_root_and_empty_inputs_are_errors(ds, tmp_path, capsys):
+    root, manifest = ds
+    out = tmp_path / "out"
+    args = ["--output-dir", str(out), "--no-progress"]
+    assert data2rec.main(["--manifest", manifest, "--image-root", str(tmp_path / "nope")] + args) == 1
+    err = capsys.readouterr().err
+    assert "--image-root" in err and "nope: no such directory" in err and len(err.splitlines()) == 1
+    empty_jsonl, header_only = tmp_path / "empty.jsonl", tmp_path / "empty.csv"
+    empty_jsonl.write_text("\n")
+    header_only.write_text("image,text,caption\n")
+    for path in (empty_jsonl, header_only):
+        assert data2rec.main(["--manifest", str(path), "--image-root", root] + args) == 1
+        err = capsys.readouterr().err
+        assert f"{path}: no rows" in err and len(err.splitlines()) == 1
+    _, captions = make_wds_dataset(str(tmp_path), 1)
+    tarfile.open(tmp_path / "empty.tar", "w").close()  # a whole tar, end marker and all: no samples
+    assert data2rec.main(["--wds", str(tmp_path / "empty.tar"), "--captions", captions] + args) == 1
+    err = capsys.readouterr().err
+    assert "empty.tar" in err and "no samples" in err and len(err.splitlines()) == 1
+    assert not out.exists()  # not one 0-record shard
+
+
+def test_a_run_that_writes_nothing_exits_non_zero(tmp_path, capsys):
+    root = str(tmp_path)
+    make_manifest_dataset(root, 1)
+    path = write_manifest(root, [{"image": f"images/gone{i}.jpg", "text": "t", "caption": "c"} for i in range(3)])
+    out = str(tmp_path / "out")
+    assert data2rec.main(["--manifest", path, "--image-root", root, "--output-dir", out, "--no-progress"]) == 1
+    cap = capsys.readouterr()
+    assert "rows in 3 = written 0 + rejected 3: nothing was written" in cap.err and len(cap.err.splitlines()) == 1
+    assert os.path.join(out, "rejects.jsonl") in cap.err and "written 0" not in cap.out
+    assert len(open(os.path.join(out, "rejects.jsonl")).readlines()) == 3  # the reasons stay listed
+
+
+def tar_cuts(path):
+    """Where a 2-sample tar can be cut so that tarfile lists it without an error: at the member
+    boundary between the samples, inside that member's header, and after the last member's data
+    (only the end-of-archive marker lost)."""
+    with tarfile.open(path) as tar:
+        members = tar.getmembers()
+        end = tar.offset
+    second = next(m for m in members if m.name.startswith("000000001"))
+    return {"member boundary": second.offset, "inside a header": second.offset + 440, "no end marker": end}
+
+
+@pytest.mark.parametrize("cut", ["member boundary", "inside a header", "no end marker"])
+def test_truncated_tar_is_an_error_naming_it(tmp_path, capsys, cut):
+    pattern, captions = make_wds_dataset(str(tmp_path), 2, per_tar=2)
+    tar = str(tmp_path / "wds" / "00000.tar")
+    data = open(tar, "rb").read()
+    at = tar_cuts(tar)[cut]
+    open(tar, "wb").write(data[:at])
+    out = tmp_path / "out"
+    args = ["--wds", pattern, "--captions", captions, "--output-dir", str(out), "--no-progress"]
+    assert data2rec.main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"data2rec: error: {tar}: not a readable tar (") and len(err.splitlines()) == 1
+    assert not out.exists()
+    if cut == "no end marker":  # GNU tar writes two zero blocks after the last member, accepts one: so do we
+        assert len(data) >= at + 1024 and not any(data[at:])
+        open(tar, "wb").write(data[:at + 512])
+        assert data2rec.main(args) == 0
+        assert "rows in 2 = written 2 + rejected 0" in capsys.readouterr().out
+
+
+def test_unknown_tokenizer_is_an_error_before_any_work(ds, tmp_path, capsys):
+    root, manifest = ds
+    out = tmp_path / "out"
+    assert data2rec.main(["--manifest", manifest, "--image-root", root, "--output-dir", str(out),
+                          "--tokenizer", "nope-model", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "error: --tokenizer 'nope-model': not an open_clip model name" in err
+    # a known tokenizer of another context length: the shards hold 77 tokens per text field
+    assert data2rec.main(["--manifest", manifest, "--image-root", root, "--output-dir", str(out),
+                          "--tokenizer", "coca_ViT-B-32", "--no-progress"]) == 2
+    assert "error: --tokenizer 'coca_ViT-B-32': its context length is 76" in capsys.readouterr().err
+    assert not out.exists()

@@ -33,7 +33,7 @@ from array import array
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .recordio import DEFAULT_FIELDS, RecordWriter, pack_fields
+from .recordio import CONTEXT_LENGTH, DEFAULT_FIELDS, RecordWriter, pack_fields
 
 TOOL_VERSION = "1"
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
@@ -108,10 +108,15 @@ class ManifestSource:
         self.extra = tuple(extra_fields)  # extra text fields, each read from its own column
         self._extra_seen = dict.fromkeys(self.extra, 0)
         self.fmt = manifest_format(path)
+        if not os.path.isdir(image_root):
+            raise DataError(f"--image-root {image_root}: "
+                            f"{'not a directory' if os.path.exists(image_root) else 'no such directory'}")
+        self._col_seen = dict.fromkeys(self.cols[:2], 0)  # JSONL: rows with a value in each column
         self.caption_fallback = caption_fallback
         self.max_row_lines = max_row_lines
         self.header = None
         self.bad_rows = {}  # row -> reason, for rows the scan already knows are broken
+        self._parsed = 0  # rows the scan could parse
         offsets = array("q")
         with open(path, "rb") as f:
             if self.fmt == "jsonl":
@@ -127,6 +132,14 @@ class ManifestSource:
                 self._scan_csv(f, offsets)
         self.offsets = np.frombuffer(offsets, np.int64) if len(offsets) else np.zeros(0, np.int64)
         self._f = None
+        if not len(self.offsets):
+            below = "" if self.fmt == "jsonl" else " below its header"
+            raise DataError(f"{path}: no rows (the manifest is empty{below})")
+        if self.fmt == "jsonl" and self._parsed:
+            # as the CSV header check: a typo'd --image-col/--text-col would reject every row
+            for name, flag in zip(self.cols[:2], ("--image-col", "--text-col")):
+                if not self._col_seen[name]:
+                    raise DataError(f"{path}: no row has a value in column {name!r} (set it with {flag})")
         absent = [f for f, n in self._extra_seen.items() if n == 0]
         if absent and len(self.offsets) > len(self.bad_rows):
             raise DataError(f"{path}: no row has a value in column {absent[0]!r} (--text-fields names "
@@ -240,13 +253,16 @@ class ManifestSource:
     def _check_caption(self, i, obj):
         if obj is None:
             return
+        self._parsed += 1
+        for name in self._col_seen:
+            self._col_seen[name] += obj.get(name) is not None
         for name in self.extra:
             self._extra_seen[name] += obj.get(name) is not None
         if self.caption_fallback == "raw":
             return
         if obj.get(self.cols[2]) is None:
-            raise DataError(f"{self._where(i)}: no caption (column {self.cols[2]!r}); "
-                            "pass --caption-fallback raw to use the raw text instead")
+            raise DataError(f"{self._where(i)}: no caption (column {self.cols[2]!r}); set --caption-col, "
+                            "or pass --caption-fallback raw to use the raw text instead")
 
     def read(self, i):
         """(image source, raw text, caption or None) of row i, or raise Reject."""
@@ -313,10 +329,18 @@ class WebDatasetSource:
                         key, _, ext = base.partition(".")
                         prefix = os.path.join(os.path.dirname(m.name), key)
                         groups.setdefault(prefix, {})[ext.lower()] = (m.offset_data, m.size)
+                    end = tar.offset
+                    tar.fileobj.seek(end)
+                    tail = tar.fileobj.read(tarfile.BLOCKSIZE)
             except tarfile.TarError as e:
                 raise DataError(f"{path}: not a readable tar ({e})") from None
+            problem = check_tar_end(tail, end)
+            if problem:
+                raise DataError(f"{path}: not a readable tar ({problem})")
             for prefix in sorted(groups):
                 self.items.append((os.path.basename(prefix), t, groups[prefix]))
+        if not self.items:
+            raise DataError(f"--wds {pattern!r}: no samples in {len(self.tars)} tar(s) (empty tars)")
         columns = load_columns(captions_path, key_col, (caption_col,) + self.extra)
         self.captions = columns[caption_col]
         self.extra_values = {name: columns[name] for name in self.extra}
@@ -365,6 +389,21 @@ class WebDatasetSource:
         """read(i) + {extra field: text or None} from the captions file."""
         key = self.items[i][0]
         return (*self.read(i), {name: _string(v, key) for name, v in self.extra_values.items()})
+
+
+def check_tar_end(tail, offset):
+    """Why the bytes ``tail`` at ``offset``, where tarfile stopped listing a tar (its first
+    BLOCKSIZE bytes after the last member), are not the end-of-archive marker; None if they are.
+    tarfile ends a listing quietly at the end of the file, at a short header or at an unreadable
+    one, so a tar cut at a block boundary or inside a header would lose its later samples unseen
+    (GNU tar says "Unexpected EOF"). Like GNU tar, one zero block (it writes two) is enough."""
+    if not tail:
+        return f"it ends at byte {offset}, after a member, without the end-of-archive marker: cut short?"
+    if len(tail) < tarfile.BLOCKSIZE:
+        return f"it ends {len(tail)} bytes into the header at byte {offset}: cut short?"
+    if tail.count(0) != len(tail):
+        return f"an unreadable header at byte {offset}"
+    return None
 
 
 def load_captions(path, key_col="key", caption_col="caption"):
@@ -513,6 +552,35 @@ def check_text_fields(text_fields, extra=()):
         raise DataError(f"--text-fields {','.join(fields)}: the source reads extra columns {list(extra)}")
 
 
+def check_tokenizer(name):
+    """DataError unless open_clip knows ``name`` (a built-in or ALIP model config, an hf-hub: or an
+    existing local-dir: name) and its context length is the shards' 77: open_clip.get_tokenizer
+    itself only warns and falls back to a plain SimpleTokenizer for an unknown name, which would
+    label the shards with the wrong tokens."""
+    import open_clip
+
+    import alip  # noqa: F401  (registers the ALIP-* model configs)
+    schema, ident = open_clip.factory.parse_model_name(name)
+    if schema == "hf-hub":
+        return  # known only to the hub (network); get_tokenizer says so if it is not there
+    if schema == "local-dir":
+        path = os.path.join(ident, "open_clip_config.json")
+        try:
+            with open(path) as f:
+                config = json.load(f).get("model_cfg", {})
+        except (OSError, ValueError, AttributeError) as e:
+            raise DataError(f"--tokenizer {name!r}: {path}: no readable open_clip config ({e})") from None
+    else:
+        config = open_clip.get_model_config(ident) if ident else None
+        if config is None:
+            raise DataError(f"--tokenizer {name!r}: not an open_clip model name (see open_clip.list_models(); "
+                            f"default {DEFAULT_TOKENIZER})")
+    n = (config.get("text_cfg") or {}).get("context_length", CONTEXT_LENGTH)
+    if n != CONTEXT_LENGTH:
+        raise DataError(f"--tokenizer {name!r}: its context length is {n}, rec shards hold {CONTEXT_LENGTH} "
+                        "tokens per text field")
+
+
 def shard_name(k):
     return f"train-{k:05d}"
 
@@ -558,6 +626,7 @@ def run(source, output_dir, shard_size=10000, workers=1, quality=95, max_size=0,
     ``part=(i, n)`` builds only shards k with k % n == i, so n machines can share one output dir
     on a shared file system; whichever run finds every shard done writes manifest.json and
     rejects.jsonl, the others return None."""
+    check_tokenizer(tokenizer)
     try:
         os.makedirs(output_dir, exist_ok=True)
         lock = _lock_output_dir(output_dir, part)
