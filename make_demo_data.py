@@ -47,8 +47,11 @@ def main(argv=None):
             classify_train_per_class=a.classify_train_per_class,
             classify_val_per_class=a.classify_val_per_class, shards=not a.no_shards,
             shard_size=a.shard_size, workers=a.workers, overwrite=a.overwrite)
-    except (ValueError, FileExistsError, RuntimeError) as e:
+    except (ValueError, RuntimeError) as e:
         print(f"make_demo_data.py: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a non-empty --out (FileExistsError), a file in its path, no permission, ...
+        print(f"make_demo_data.py: error: {f'{e.filename}: {e.strerror}' if e.filename else e}", file=sys.stderr)
         return 2
     print(json.dumps({k: summary[k] for k in ("num_train", "num_test", "noise_counts",
                                               "filler_count", "train")}))

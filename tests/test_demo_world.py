@@ -284,3 +284,21 @@ def test_zero_shot_templates_ensemble_over_every_size_and_shape():
         assert m, t
         seen.append(m.groups())
     assert sorted(seen) == sorted((s, c) for s in dw.SIZES for c in dw.SHAPES)
+
+
+def test_cli_bad_out_and_shard_size_are_one_line_errors_before_drawing(tmp_path, capsys):
+    small = ["--num-train", "4", "--num-test", "2", "--classify-train-per-class", "1",
+             "--classify-val-per-class", "1"]
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for out in (a_file, a_file / "sub"):
+        assert make_demo_data.main(["--out", str(out)] + small) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("make_demo_data.py: error: ") and str(out) in err and len(err.splitlines()) == 1
+        assert out != a_file or f"--out {a_file} is a file, not a directory" in err
+    out = tmp_path / "w"
+    for flag in ("--shard-size", "--workers"):
+        assert make_demo_data.main(["--out", str(out), flag, "0"] + small) == 2
+        err = capsys.readouterr().err
+        assert f"{flag} must be an integer >= 1, got 0" in err and len(err.splitlines()) == 1
+        assert not out.exists()  # checked with the other arguments, before the world is drawn

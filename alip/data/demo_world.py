@@ -513,9 +513,12 @@ def generate(out_dir, num_train=5000, num_test=500, seed=0, image_size=64,
     for name, v, lo in (("seed", seed, 0), ("num-train", num_train, 1), ("num-test", num_test, 1),
                         ("image-size", image_size, 16),
                         ("classify-train-per-class", classify_train_per_class, 0),
-                        ("classify-val-per-class", classify_val_per_class, 1)):
+                        ("classify-val-per-class", classify_val_per_class, 1),
+                        ("shard-size", shard_size, 1), ("workers", workers, 1)):
         if int(v) != v or v < lo:
             raise ValueError(f"demo world: --{name} must be an integer >= {lo}, got {v}")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"demo world: --out {out} is a file, not a directory")
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise FileExistsError(f"demo world: {out} is not empty; choose another --out or pass "
