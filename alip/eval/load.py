@@ -9,33 +9,14 @@
 """
 import logging
 import os
-import re
 
 import open_clip
 import torch
 
 import alip  # noqa: F401  (registers the ALIP-* model configs with open_clip)
+from alip.device import resolve_device
 
 PRECISIONS = ("fp32", "fp16", "bf16", "pure_fp16", "pure_bf16", "amp", "amp_bf16")
-
-
-def resolve_device(device):
-    """``device`` as a torch device string ("auto": cuda if a GPU is visible, else cpu); a value
-    that names no device, or a GPU that is not there, is a ValueError naming ``--device`` (the
-    wording of train.py's check), raised before anything is loaded."""
-    dev = str(device)
-    if dev == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if dev != "cpu" and not re.fullmatch(r"cuda(:\d+)?", dev):
-        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {dev!r}")
-    if dev.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {dev}: no CUDA GPU is visible (--device auto falls back to "
-                             f"the CPU)")
-        if ":" in dev and int(dev.split(":")[1]) >= torch.cuda.device_count():
-            raise ValueError(f"--device {dev}: only {torch.cuda.device_count()} CUDA GPU(s) are "
-                             f"visible (cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
-    return dev
 
 
 def checkpoint_model_name(path):

@@ -9,6 +9,8 @@ import torch
 import torch.distributed as dist
 from open_clip_train.distributed import init_distributed_device_so
 
+from alip.device import resolve_device
+
 
 @dataclass
 class DistInfo:
@@ -24,12 +26,10 @@ class DistInfo:
 
 
 def init_distributed(device="auto", dist_backend=None, dist_url=None):
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif str(device).startswith("cuda") and not torch.cuda.is_available():
-        # open_clip_train's helper would quietly run on the CPU
-        raise RuntimeError(f"--device {device}: no CUDA GPU is visible (--device auto falls back "
-                           f"to the CPU)")
+    try:  # open_clip_train's helper would quietly run on the CPU without a GPU
+        device = resolve_device(device)
+    except ValueError as e:
+        raise RuntimeError(str(e)) from None
     r = init_distributed_device_so(device=device, dist_backend=dist_backend, dist_url=dist_url)
     dev = torch.device(r["device"])
     if dev.type == "cuda" and dev.index is None:  # a plain "cuda": name the GPU (DALI, DDP)

@@ -13,9 +13,9 @@ import os
 import re
 from pathlib import Path
 
-import torch
 import yaml
 
+from alip.device import resolve_device
 from alip.methods import get_method, method_names
 
 PRECISIONS = ("amp", "amp_bf16", "amp_bfloat16", "fp32")
@@ -83,12 +83,10 @@ def check_flags(args):
         why = range_error(dest, getattr(args, dest, None))
         if why:
             raise FlagError(f"--{dest.replace('_', '-')} {why}")
-    dev = str(args.device)
-    if dev not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", dev):
-        raise FlagError(f"--device must be auto, cpu, cuda or cuda:N, got {dev!r}")
-    if dev.startswith("cuda") and not torch.cuda.is_available():
-        raise FlagError(f"--device {dev}: no CUDA GPU is visible (--device auto falls back to "
-                        f"the CPU)")
+    try:
+        resolve_device(args.device)
+    except ValueError as e:
+        raise FlagError(str(e)) from None
     unknown = [r for r in str(args.report_to or "").split(",") if r.strip() not in ("", "tensorboard")]
     if unknown:
         raise FlagError(f"--report-to {args.report_to!r}: {', '.join(map(repr, unknown))} is not "
