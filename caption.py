@@ -70,10 +70,11 @@ def parse_args(argv):
 
 
 def resolve_device(device, precision, local_rank):
-    import torch
+    """(device, precision); a --device naming no device or a GPU that is not there is a
+    ValueError in train.py's words (alip.device)."""
+    from alip.device import resolve_device as resolve
 
-    if device == "auto":
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    device = resolve(device, local_rank)
     if precision == "auto":
         precision = "bf16" if device.startswith("cuda") else "fp32"
     return device, precision
@@ -90,7 +91,12 @@ def main(argv=None) -> int:
     except SystemExit as e:
         return int(e.code or 0)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device, precision = resolve_device(args.device, args.precision, int(os.environ.get("LOCAL_RANK", 0)))
+    try:
+        device, precision = resolve_device(args.device, args.precision,
+                                           int(os.environ.get("LOCAL_RANK", 0)))
+    except ValueError as e:
+        print(f"caption: error: {e}", file=sys.stderr)
+        return 2
     gen = GenSettings(args.decoding, args.num_beams, args.max_new_tokens, args.min_new_tokens, args.temperature,
                       args.top_p, args.repetition_penalty, args.prompt, args.seed)
     try:

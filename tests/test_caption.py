@@ -250,6 +250,15 @@ def test_bad_inputs_stop_before_the_model_is_loaded(tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_a_device_that_is_not_there_is_one_line(tmp_path, capsys):
+    for device, message in (("cuda", "--device cuda: no CUDA GPU is visible"),
+                            ("gpu", "--device must be auto, cpu, cuda or cuda:N, got 'gpu'")):
+        assert caption.main(["--manifest", "none.jsonl", "--output-dir", str(tmp_path / "o"),
+                             "--device", device]) == 2
+        assert capsys.readouterr().err.startswith(f"caption: error: {message}")
+
+
 def test_sigkill_midway_then_rerun_is_byte_identical(manifest, coca_dir, clean, tmp_path):
     root, path = manifest
     args = ["--manifest", path, "--image-root", root] + coca_args(coca_dir)
