@@ -1,27 +1,16 @@
 """The eval CLIs' top level: an expected failure (a missing or unreadable dataset, image,
 annotation or checkpoint, a flag out of range) ends the program with one line naming the file or
 flag, not a traceback; what can be checked before the model is loaded is (``check_args``)."""
-import math
 import os
 import re
 import sys
 
-from .load import resolve_device
+from alip.flags import interval_error, resolve_device
 
 # Valid range of the eval CLIs' numeric flags (train.py's notation: "[" / "]" include the bound,
 # "(" / ")" exclude it); a flag a CLI does not have is skipped.
 RANGES = {"batch_size": "[1, inf)", "workers": "[0, inf)", "val_fraction": "(0, 1)",
           "max_iter": "[1, inf)", "seed": "[0, 4294967295]"}  # sklearn's random_state range
-
-
-def range_error(dest, value):
-    """Why ``value`` is not a valid ``--dest`` (train.py's wording), or None."""
-    lo_b, lo, hi, hi_b = re.fullmatch(r"([\[(])(\S+), (\S+)([\])])", RANGES[dest]).groups()
-    lo, hi, v = float(lo), float(hi), float(value)
-    if (v > lo or (lo_b == "[" and v == lo)) and (v < hi or (hi_b == "]" and v == hi)):
-        return None
-    want = f"{'>=' if lo_b == '[' else '>'} {lo:g}" if hi == math.inf else f"in {RANGES[dest]}"
-    return f"must be {'a finite number ' if not math.isfinite(v) else ''}{want}, got {value}"
 
 
 def check_output(path):
@@ -53,7 +42,7 @@ def check_args(args):
     ``--output``. Raises ValueError / OSError (one line each, naming the flag or file)."""
     for dest in RANGES:
         value = getattr(args, dest, None)
-        why = None if value is None else range_error(dest, value)
+        why = None if value is None else interval_error(RANGES[dest], value)
         if why:
             raise ValueError(f"--{dest.replace('_', '-')} {why}")
     args.device = resolve_device(args.device)

@@ -211,10 +211,9 @@ def check_present(name, root, split=None):
     FileNotFoundError ``build_dataset`` would (naming the missing path and the layout)."""
     name = canonical_name(name)
     root = os.fspath(root)
-    if name not in ("imagenet1k", "imagefolder"):
-        check_layout(name, root)
-        return
     check_layout(name, root)
+    if name not in ("imagenet1k", "imagefolder"):
+        return
     folder = _image_folder_dir(name, root, split or SPLITS[name][0])
     if not any(e.is_dir() for e in os.scandir(folder)):
         raise FileNotFoundError(f"{name}: {folder} has no class folders; expected "

@@ -8,14 +8,12 @@ range is an error naming the file and key. Every numeric flag has its valid rang
 the files and directories of the evaluation flags.
 """
 import argparse
-import math
 import os
-import re
 from pathlib import Path
 
 import yaml
 
-from alip.device import resolve_device
+from alip.flags import interval_error, resolve_device
 from alip.methods import get_method, method_names
 
 PRECISIONS = ("amp", "amp_bf16", "amp_bfloat16", "fp32")
@@ -56,25 +54,11 @@ class FlagError(ValueError):
     """A flag or --config value that is out of range or of the wrong type (message names it)."""
 
 
-def _interval(text):
-    lo_b, lo, hi, hi_b = re.fullmatch(r"([\[(])(\S+), (\S+)([\])])", text).groups()
-    return float(lo), float(hi), lo_b == "[", hi_b == "]"
-
-
 def range_error(dest, value):
     """Why ``value`` is not a valid ``--dest``, or None."""
     if dest not in RANGES or value is None:
         return None
-    lo, hi, lo_in, hi_in = _interval(RANGES[dest])
-    v = float(value)
-    ok = (v > lo or (lo_in and v == lo)) and (v < hi or (hi_in and v == hi))
-    if ok:
-        return None
-    if hi == math.inf:
-        want = f"{'>=' if lo_in else '>'} {lo:g}"
-    else:
-        want = f"in {RANGES[dest]}"
-    return f"must be {'a finite number ' if not math.isfinite(v) else ''}{want}, got {value}"
+    return interval_error(RANGES[dest], value)
 
 
 def check_flags(args):

@@ -1,8 +1,21 @@
-"""The ``--device`` flag of train.py, the eval CLIs and caption.py: ``auto``, ``cpu``, ``cuda``
-or ``cuda:N``, checked before anything is loaded, with one wording everywhere."""
+"""Flag checks shared by train.py, the eval CLIs and caption.py, with one wording everywhere:
+numeric ranges in interval notation (``"[1, inf)"``, ``"(0, 1)"``) and ``--device``, checked
+before anything is loaded."""
+import math
 import re
 
 import torch
+
+
+def interval_error(interval, value):
+    """Why ``value`` is not in ``interval`` (``"[lo, hi)"``: ``[``/``]`` include the bound,
+    ``(``/``)`` exclude it; NaN never passes), as ``"must be ..., got V"``, or None."""
+    lo_b, lo, hi, hi_b = re.fullmatch(r"([\[(])(\S+), (\S+)([\])])", interval).groups()
+    lo, hi, v = float(lo), float(hi), float(value)
+    if (v > lo or (lo_b == "[" and v == lo)) and (v < hi or (hi_b == "]" and v == hi)):
+        return None
+    want = f"{'>=' if lo_b == '[' else '>'} {lo:g}" if hi == math.inf else f"in {interval}"
+    return f"must be {'a finite number ' if not math.isfinite(v) else ''}{want}, got {value}"
 
 
 def resolve_device(device, local_rank=None):
