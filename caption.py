@@ -71,8 +71,8 @@ def parse_args(argv):
 
 def resolve_device(device, precision, local_rank):
     """(device, precision); a --device naming no device or a GPU that is not there is a
-    ValueError in train.py's words (alip.flags)."""
-    from alip.flags import resolve_device as resolve
+    ValueError in train.py's words (alip.cli)."""
+    from alip.cli import resolve_device as resolve
 
     device = resolve(device, local_rank)
     if precision == "auto":

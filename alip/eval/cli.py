@@ -2,10 +2,9 @@
 annotation or checkpoint, a flag out of range) ends the program with one line naming the file or
 flag, not a traceback; what can be checked before the model is loaded is (``check_args``)."""
 import os
-import re
 import sys
 
-from alip.flags import interval_error, resolve_device
+from alip.cli import interval_error, one_line, resolve_device
 
 # Valid range of the eval CLIs' numeric flags (train.py's notation: "[" / "]" include the bound,
 # "(" / ")" exclude it); a flag a CLI does not have is skipped.
@@ -50,15 +49,6 @@ def check_args(args):
     if checkpoint is not None and not os.path.isfile(checkpoint):
         raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
     check_output(getattr(args, "output", None))
-
-
-def one_line(error):
-    """The message of ``error`` as one line. An error re-raised from a DataLoader worker carries
-    the worker's traceback; its last line holds the original message."""
-    text = str(error).strip()
-    if "Original Traceback" in text:
-        text = re.sub(r"^[\w.]+: ", "", text.splitlines()[-1].strip())
-    return " ".join(text.split()) or type(error).__name__
 
 
 def run_cli(main, prog, argv=None):

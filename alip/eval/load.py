@@ -14,7 +14,7 @@ import open_clip
 import torch
 
 import alip  # noqa: F401  (registers the ALIP-* model configs with open_clip)
-from alip.flags import resolve_device
+from alip.cli import resolve_device
 
 PRECISIONS = ("fp32", "fp16", "bf16", "pure_fp16", "pure_bf16", "amp", "amp_bf16")
 

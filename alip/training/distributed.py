@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from open_clip_train.distributed import init_distributed_device_so
 
-from alip.flags import resolve_device
+from alip.cli import resolve_device
 
 
 @dataclass

@@ -6,7 +6,6 @@ namespace; ``make_loader(args, info, image_size)`` may replace the data loader (
 import importlib.util
 import logging
 import random
-import re
 from datetime import datetime
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 from open_clip_train.precision import get_autocast
 
 import alip  # noqa: F401  (registers the ALIP-* model configs)
+from alip.cli import one_line
 from alip.data.recordio import RecordIOError
 from alip.methods import MethodConfigError, get_method
 from alip.model import to_device_keeping_host_tokens
@@ -525,15 +525,6 @@ def main(argv=None):
     try:
         run(args)
     except (TrainConfigError, NonFiniteLossError, ckpt.CheckpointError, RecordIOError) as e:
-        raise SystemExit(f"train.py: error: {_one_line(e)}")
+        raise SystemExit(f"train.py: error: {one_line(e)}")
     return 0
 
-
-def _one_line(error):
-    """The message of ``error``; for one re-raised from a DataLoader worker (whose message is
-    the worker's traceback), the original exception's own line."""
-    text = str(error)
-    if "Original Traceback" in text:
-        last = [line for line in text.splitlines() if line.strip()][-1]
-        text = re.sub(rf"^(?:[\w.]+\.)?{type(error).__name__}: ", "", last)
-    return text

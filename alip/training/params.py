@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from alip.flags import interval_error, resolve_device
+from alip.cli import interval_error, resolve_device
 from alip.methods import get_method, method_names
 
 PRECISIONS = ("amp", "amp_bf16", "amp_bfloat16", "fp32")

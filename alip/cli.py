@@ -1,6 +1,6 @@
-"""Flag checks shared by train.py, the eval CLIs and caption.py, with one wording everywhere:
-numeric ranges in interval notation (``"[1, inf)"``, ``"(0, 1)"``) and ``--device``, checked
-before anything is loaded."""
+"""What train.py, the eval CLIs and caption.py share, with one wording everywhere: flag checks
+made before anything is loaded (numeric ranges in interval notation, ``"[1, inf)"``,
+``"(0, 1)"``, and ``--device``) and errors as one line."""
 import math
 import re
 
@@ -37,3 +37,12 @@ def resolve_device(device, local_rank=None):
             raise ValueError(f"--device {dev}: only {torch.cuda.device_count()} CUDA GPU(s) are "
                              f"visible (cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
     return dev
+
+
+def one_line(error):
+    """The message of ``error`` as one line. An error re-raised from a DataLoader worker carries
+    the worker's traceback; its last line holds the original message."""
+    text = str(error).strip()
+    if "Original Traceback" in text:
+        text = re.sub(r"^[\w.]+: ", "", text.splitlines()[-1].strip())
+    return " ".join(text.split()) or type(error).__name__
