@@ -46,3 +46,9 @@ def one_line(error):
     if "Original Traceback" in text:
         text = re.sub(r"^[\w.]+: ", "", text.splitlines()[-1].strip())
     return " ".join(text.split()) or type(error).__name__
+
+
+def without_addresses(text):
+    """``text`` without object reprs such as ``<_io.BytesIO object at 0x7f..>`` (PIL puts them in
+    its messages): the same bytes every run."""
+    return re.sub(r" ?<[^<>]* at 0x[0-9a-fA-F]+>", "", text)

@@ -10,12 +10,12 @@ bytes whoever does it).
 import io
 import math
 import os
-import re
 import signal
 
 import torch
 from PIL import Image, ImageOps
 
+from ..cli import without_addresses
 from . import writer
 from .sources import Reject
 
@@ -30,7 +30,7 @@ def decode_image(data):
         img = ImageOps.exif_transpose(img)
         return img.convert("RGB") if img.mode != "RGB" else img
     except Exception as e:  # Pillow raises many types for bad files
-        msg = re.sub(r" ?<[^<>]* at 0x[0-9a-f]+>", "", str(e))  # no memory addresses: same bytes every run
+        msg = without_addresses(str(e))  # same bytes every run
         raise Reject(f"undecodable image: {type(e).__name__}: {msg}") from None
 
 

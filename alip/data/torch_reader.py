@@ -11,12 +11,12 @@ length (alip.data.bucketing; lengths from alip.data.lengths), keeping all of the
 """
 import io
 import math
-import re
 
 import numpy as np
 import torch
 from PIL import Image
 
+from ..cli import without_addresses
 from . import text_views
 from .augment import eval_transform, image_views, sample_rng, train_transform, view_rngs
 from .bucketing import bucketed_batches, sort_key
@@ -30,7 +30,7 @@ from .spec import DEFAULT_TEXT_FIELDS
 def _undecodable(dataset, i, rec, e):
     """The one-line error for record ``i`` of ``dataset`` whose image does not decode."""
     s = int(np.searchsorted(dataset.starts, i, side="right")) - 1
-    why = re.sub(r" <[^<>]* at 0x[0-9a-fA-F]+>", "", f"{type(e).__name__}: {e}")  # no object reprs
+    why = without_addresses(f"{type(e).__name__}: {e}")
     return RecordIOError(f"{dataset.readers[s].rec_path}: record key {rec.key}: undecodable "
                          f"image ({why}); `data2rec.py verify` checks every record of the shards")
 
