@@ -6,7 +6,9 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 from torchvision import transforms
 
-from alip.eval.linear_probe import C_GRID, _split, evaluate_linear_probe, fit_linear_probe, select_C
+from alip.eval.datasets import build_dataset
+from alip.eval.linear_probe import (C_GRID, _split, check_splits, evaluate_linear_probe,
+                                     fit_linear_probe, labels_of, select_C)
 from eval_fakes import TableModel, write_id_image
 
 
@@ -58,3 +60,54 @@ def test_imagefolder_probe_end_to_end(tmp_path):
                               val_fraction=0.34, max_iter=200)
     assert m["top1"] == 100.0 and m["mean_per_class"] == 100.0 and m["top5"] != m["top5"]
     assert m["C"] in set(C_GRID.tolist())
+
+
+class NoImages(TableModel):
+    def encode_image(self, images, normalize=False):
+        pytest.fail("a feature was extracted before the impossible split was reported")
+
+
+def test_impossible_held_out_split_is_named_before_any_feature(tmp_path):
+    """9 train images of 3 classes: --val-fraction 0.2 holds out 2 (< 3 classes), 0.8 keeps 1;
+    sklearn would refuse only after the features of train and test were extracted."""
+    for split in ("train", "val"):
+        for i in range(9):
+            write_id_image(os.path.join(tmp_path, split, f"k{i % 3}", f"{i}.png"), i)
+    model = NoImages([[1.0]] * 9, [[1.0]])
+    with pytest.raises(ValueError, match=r"^imagefolder: --val-fraction 0.2 holds out 2 of the 9 train "
+                                         r"images, fewer than their 3 classes .* between 3/9 and 6/9$"):
+        evaluate_linear_probe(model, transforms.ToTensor(), "imagefolder", str(tmp_path), val_fraction=0.2)
+    with pytest.raises(ValueError, match=r"--val-fraction 0.8 keeps 1 of the 9 train images"):
+        evaluate_linear_probe(model, transforms.ToTensor(), "imagefolder", str(tmp_path), val_fraction=0.8)
+    # the bounds it names are feasible: 3/9 and 6/9 split
+    for fraction in (3 / 9, 6 / 9):
+        check_splits("imagefolder", labels_of(build_dataset("imagefolder", str(tmp_path), None,
+                                                            "train").dataset), fraction)
+
+
+def test_split_check_agrees_with_sklearn():
+    """check_splits refuses exactly what the probe's own splits would refuse."""
+    y = np.repeat(np.arange(5), 3)  # 15 images, 5 classes
+    for fraction in np.linspace(0.05, 0.95, 19):
+        try:
+            _split(len(y), y, fraction, 0)
+            feasible = True
+        except ValueError:
+            feasible = False
+        if feasible:
+            check_splits("cifar10", y, fraction)
+        else:
+            with pytest.raises(ValueError, match="cifar10: --val-fraction"):
+                check_splits("cifar10", y, fraction)
+    # every class once: not stratified; only an empty side is refused
+    with pytest.raises(ValueError, match=r"^dtd: --val-fraction 0.9 holds out all 5 train images"):
+        check_splits("dtd", np.arange(5), 0.9)
+    check_splits("dtd", np.arange(5), 0.5)
+    # SUN397 / Caltech101: the protocol's 50/50 split first, then --val-fraction of its train half
+    with pytest.raises(ValueError, match=r"^sun397: 1 image\(s\) are too few for the protocol's 50/50"):
+        check_splits("sun397", np.array([3]), 0.2)
+    with pytest.raises(ValueError, match=r"^caltech101: --val-fraction 0.2 holds out 2 of the 10 train "
+                                         r"images, fewer than their 5 classes"):
+        check_splits("caltech101", np.repeat(np.arange(5), 4), 0.2)
+    check_splits("caltech101", np.repeat(np.arange(5), 4), 0.5)
+    assert labels_of(object()) is None

@@ -27,6 +27,49 @@ def _split(n, labels, fraction, seed):
     return train_test_split(idx, test_size=fraction, random_state=seed, stratify=stratify)
 
 
+def labels_of(ds):
+    """A dataset's labels in index order, read from its index (no image is decoded), or None for
+    a class that keeps them elsewhere. ImageFolder and CIFAR: ``targets``; most torchvision sets:
+    ``_labels``; StanfordCars: ``_samples``; clip_benchmark's Caltech101: ``y``."""
+    for attr in ("targets", "_labels", "y"):
+        labels = getattr(ds, attr, None)
+        if labels is not None:
+            return np.asarray(labels)
+    samples = getattr(ds, "_samples", None)
+    return None if samples is None else np.asarray([label for _, label in samples])
+
+
+def _split_error(name, y, fraction):
+    """Why ``_split`` cannot split ``y`` at ``fraction``, in the user's terms (a stratified split
+    needs one image of every class on each side; any split needs an image on each side)."""
+    n, classes = len(y), len(np.unique(y))
+    held = int(np.ceil(fraction * n))
+    if held >= n:
+        return f"{name}: --val-fraction {fraction} holds out all {n} train images, leaving none to fit on"
+    side = f"holds out {held}" if held < classes else f"keeps {n - held}"
+    return (f"{name}: --val-fraction {fraction} {side} of the {n} train images, fewer than their "
+            f"{classes} classes (the split is stratified: one image per class on each side); "
+            f"use a --val-fraction between {classes}/{n} and {n - classes}/{n}")
+
+
+def check_splits(name, labels, val_fraction=0.2, seed=0):
+    """Raise ValueError, naming the dataset and the flag, when the probe's stratified splits of
+    ``labels`` (the train split's, or all of a NO_SPLIT dataset's) cannot be made: sklearn would
+    refuse only after every feature was extracted."""
+    labels = np.asarray(labels)
+    if name in NO_SPLIT:
+        try:
+            train, _ = _split(len(labels), labels, 0.5, seed)
+        except ValueError:
+            raise ValueError(f"{name}: {len(labels)} image(s) are too few for the protocol's 50/50 "
+                             f"train/test split") from None
+        labels = labels[train]
+    try:
+        _split(len(labels), labels, val_fraction, seed)
+    except ValueError:
+        raise ValueError(_split_error(name, labels, val_fraction)) from None
+
+
 def _fit(x, y, C, max_iter):
     return LogisticRegression(C=C, max_iter=max_iter).fit(x, y)
 
@@ -73,25 +116,32 @@ def fit_linear_probe(train_x, train_y, test_x, test_y, num_classes=None, val_fra
 
 def evaluate_linear_probe(model, preprocess, dataset, root, batch_size=64, device="cpu", workers=0,
                           precision="fp32", val_fraction=0.2, seed=0, max_iter=1000):
-    """Linear probe of ``model``'s image tower on ``dataset`` (names as evaluate_zeroshot)."""
+    """Linear probe of ``model``'s image tower on ``dataset`` (names as evaluate_zeroshot). The
+    splits are checked (``check_splits``) before any feature is extracted."""
     name = canonical_name(dataset)
     model = unwrap(model)
+    splits = (None,) if name in NO_SPLIT else SPLITS[name][::-1]  # (train, test)
+    sets = [build_dataset(name, root, preprocess, split=split) for split in splits]
+    early = labels_of(sets[0].dataset)
+    if early is not None:
+        check_splits(name, early, val_fraction, seed)
 
-    def features(split):
-        data = build_dataset(name, root, preprocess, split=split)
+    def features(data):
         f, y = image_features(model, make_loader(data.dataset, batch_size, workers, device),
                               device=device, precision=precision)
-        return f.cpu().numpy(), y.numpy(), len(data.classnames)
+        return f.cpu().numpy(), y.numpy()
 
+    num_classes = len(sets[0].classnames)
     with eval_mode(model):
+        x, y = features(sets[0])
+        if early is None:
+            check_splits(name, y, val_fraction, seed)
         if name in NO_SPLIT:
-            x, y, num_classes = features(None)
             tr, te = _split(len(y), y, 0.5, seed)
             train_x, train_y, test_x, test_y = x[tr], y[tr], x[te], y[te]
         else:
-            test_split, train_split = SPLITS[name]
-            train_x, train_y, num_classes = features(train_split)
-            test_x, test_y, _ = features(test_split)
+            train_x, train_y = x, y
+            test_x, test_y = features(sets[1])
     metrics = fit_linear_probe(train_x, train_y, test_x, test_y, num_classes, val_fraction, seed, max_iter)
     metrics["uses_mean_per_class"] = float(name in MEAN_PER_CLASS)
     return metrics
