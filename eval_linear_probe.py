@@ -25,7 +25,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="split seed, in [0, 2**32 - 1]")
     p.add_argument("--max-iter", type=int, default=1000, help="L-BFGS iterations per fit (>= 1)")
     p.add_argument("--output", default=None,
-                   help="write the metrics (and the settings) as JSON here (its folder is made)")
+                   help="write the metrics (and the settings) as JSON here (its folder is made); "
+                        "rewritten after every dataset, with \"complete\": false until the last")
     args = p.parse_args(argv)
     names = list(ALIP_TABLE) if args.dataset == "all" else list(dict.fromkeys(
         canonical_name(n) for n in args.dataset.split(",")))
@@ -46,10 +47,12 @@ def main(argv=None):
         results[name] = m
         print(f"{name}: top1 {m['top1']:.2f}  top5 {m['top5']:.2f}  mean-per-class "
               f"{m['mean_per_class']:.2f}  (C = {m['C']:.3g})", flush=True)
+        if args.output:  # kept after every dataset: a later failure loses nothing done
+            write_json(args.output, metrics=results, settings=vars(args), complete=False)
     text, mean = table(results)
     print(text)
     if args.output:
-        write_json(args.output, metrics=results, mean=mean, settings=vars(args))
+        write_json(args.output, metrics=results, mean=mean, settings=vars(args), complete=True)
     return 0
 
 

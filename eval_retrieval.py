@@ -48,7 +48,7 @@ def main(argv=None):
     print("| " + " | ".join(f"{metrics[f'i2t_R@{k}']:.1f}/{metrics[f't2i_R@{k}']:.1f}" for k in (1, 5, 10))
           + f" | {metrics['rsum']:.1f} |")
     if args.output:
-        write_json(args.output, metrics=metrics, settings=vars(args))
+        write_json(args.output, metrics=metrics, settings=vars(args), complete=True)
     return 0
 
 

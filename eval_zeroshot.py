@@ -29,7 +29,8 @@ def main(argv=None):
     p.add_argument("--skip-missing", action="store_true",
                    help="report a dataset that is not on disk and go on with the others")
     p.add_argument("--output", default=None,
-                   help="write the metrics (and the settings) as JSON here (its folder is made)")
+                   help="write the metrics (and the settings) as JSON here (its folder is made); "
+                        "rewritten after every dataset, with \"complete\": false until the last")
     args = p.parse_args(argv)
     names = list(ALIP_TABLE) if args.dataset == "all" else list(dict.fromkeys(
         canonical_name(n) for n in args.dataset.split(",")))
@@ -80,6 +81,8 @@ def main(argv=None):
         results[name] = m
         print(f"{name}: top1 {m['top1']:.2f}  top5 {m['top5']:.2f}  mean-per-class "
               f"{m['mean_per_class']:.2f}  ({int(m['num_images'])} images)", flush=True)
+        if args.output:  # kept after every dataset: a later failure loses nothing done
+            write_json(args.output, metrics=results, skipped=skipped, settings=vars(args), complete=False)
     if not results:
         raise FileNotFoundError(f"nothing was evaluated: every dataset asked for is missing "
                                 f"({'; '.join(skipped.values())})")
@@ -88,7 +91,8 @@ def main(argv=None):
     if skipped:
         print(f"not evaluated (missing): {', '.join(skipped)}")
     if args.output:
-        write_json(args.output, metrics=results, mean=mean, skipped=skipped, settings=vars(args))
+        write_json(args.output, metrics=results, mean=mean, skipped=skipped, settings=vars(args),
+                   complete=True)
     return 0
 
 

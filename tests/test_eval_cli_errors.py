@@ -18,6 +18,7 @@ import eval_zeroshot
 from alip.eval.cli import one_line, run_cli
 from alip.eval.datasets import build_dataset
 from alip.eval.load import load_model
+from alip.eval.report import write_json
 from eval_fakes import write_id_image, write_karpathy
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -176,7 +177,8 @@ def test_output_folder_is_made_and_a_bad_output_is_refused_first(prog, tiny_chec
     assert run_cli(CLIS[prog].main, prog, cli_args(prog, tiny_checkpoint, small_data)
                    + ["--output", str(out)]) == 0, capsys.readouterr().err
     saved = json.loads(out.read_text())
-    assert saved["metrics"] and saved["settings"]["device"] == "cpu"
+    assert saved["metrics"] and saved["settings"]["device"] == "cpu" and saved["complete"] is True
+    assert os.listdir(out.parent) == ["r.json"]  # written through a temporary file, renamed
     # a file where a folder should be, or a folder given as the file: refused before loading
     (tmp_path / "f").write_text("")
     monkeypatch.setattr(CLIS[prog], "load_model_from_args", lambda a: pytest.fail("model loaded"))
@@ -218,3 +220,34 @@ def test_skip_missing_with_every_dataset_missing_is_an_error(tiny_checkpoint, tm
     assert err.startswith("eval_zeroshot.py: error: nothing to evaluate: every dataset asked for is "
                           f"missing (cifar10, dtd); first: cifar10: dataset root {tmp_path / 'cifar10'}")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("prog", ["eval_zeroshot.py", "eval_linear_probe.py"])
+def test_a_late_failure_keeps_the_datasets_done(prog, tiny_checkpoint, small_data, tmp_path, capsys):
+    """imagefolder is evaluated, then cifar10 (present on disk, checked, but its batches are not
+    pickles) fails: --output holds imagefolder's metrics, marked incomplete."""
+    root = tmp_path / "data"
+    root.mkdir()
+    os.symlink(small_data / "imagefolder", root / "imagefolder")
+    batches = root / "cifar10" / "cifar-10-batches-py"
+    batches.mkdir(parents=True)
+    for f in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]:
+        (batches / f).write_bytes(b"not a pickle")
+    out = tmp_path / "r.json"
+    args = [a.replace("imagefolder", "imagefolder,cifar10").replace(str(small_data), str(root))
+            for a in cli_args(prog, tiny_checkpoint, small_data)]
+    err = run_one_line(prog, args + ["--device", "cpu", "--output", str(out)], capsys)
+    assert err.startswith(f"{prog}: error: cifar10: cannot read the dataset under {root / 'cifar10'}")
+    saved = json.loads(out.read_text())
+    assert list(saved["metrics"]) == ["imagefolder"] and saved["complete"] is False
+    assert saved["metrics"]["imagefolder"]["top1"] >= 0
+
+
+def test_output_json_is_replaced_whole_or_not_at_all(tmp_path):
+    out = tmp_path / "r.json"
+    write_json(str(out), metrics={"a": float("nan")}, complete=True)
+    before = out.read_text()
+    assert json.loads(before) == {"metrics": {"a": None}, "complete": True}
+    with pytest.raises(TypeError):  # fails half-way through json.dump
+        write_json(str(out), metrics={"a": 1.0, "b": object()}, complete=True)
+    assert out.read_text() == before and os.listdir(tmp_path) == ["r.json"]
