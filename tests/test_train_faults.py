@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from alip.training import checkpoint as ckpt
-from alip.training.loop import NonFiniteLossError, TrainConfigError, main
+from alip.training.loop import NonFiniteLossError, TrainConfigError, check_global_batch, main
 from alip.training.params import RANGES, build_parser, parse_args
 from test_train_helpers import read_results, run_single, tiny_argv
 
@@ -87,6 +87,7 @@ BAD_FLAGS = [
     (["--keep-last", "0"], "--keep-last must be >= 1, got 0"),
     (["--workers", "-1"], "--workers must be >= 0, got -1"),
     (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--global-batch-size", "0"], "--global-batch-size must be >= 1, got 0"),
     (["--max-steps", "0"], "--max-steps must be >= 1"),
     (["--seed", "-1"], "--seed must be in [0, 4294967295], got -1"),
     (["--eval-batch-size", "0"], "--eval-batch-size must be >= 1"),
@@ -187,6 +188,28 @@ def test_eval_inputs_are_checked_at_start_up(tmp_path, extra, message):
         run_single(tiny_argv(tmp_path, "r", *extra))
     assert str(e.value).startswith(message)
     assert not (tmp_path / "r").exists()  # failed before the run directory, the model, a step
+
+
+def test_a_launch_off_the_recipes_global_batch_is_refused(tmp_path):
+    """--global-batch-size (the YFCC recipes set it): batch x processes x accum-freq must match,
+    checked before the run directory or the model."""
+    with pytest.raises(TrainConfigError) as e:
+        run_single(tiny_argv(tmp_path, "r", "--global-batch-size", "32", "--accum-freq", "2"))
+    assert str(e.value) == ("--global-batch-size 32, but --batch-size 8 x 1 process(es) x "
+                            "--accum-freq 2 = 16: launch 2 processes, or change --batch-size / "
+                            "--accum-freq (the learning rate and schedule of the recipe assume 32)")
+    assert not (tmp_path / "r").exists()
+    args = parse_args(tiny_argv(tmp_path, "r", "--global-batch-size", "4096", "--batch-size", "128"))
+    check_global_batch(args, 32)  # the DeCLIP-toolbox recipes: 128 x 32 GPUs
+    with pytest.raises(TrainConfigError, match=r"x 8 process\(es\) x --accum-freq 1 = 1024: launch "
+                                               r"32 processes"):
+        check_global_batch(args, 8)  # one node of 8 where the recipe wants four
+    args.batch_size = 100
+    with pytest.raises(TrainConfigError, match="no whole number of processes gives 4096 at "
+                                               "--batch-size 100"):
+        check_global_batch(args, 32)
+    run_single(tiny_argv(tmp_path, "ok", "--global-batch-size", "16", "--accum-freq", "2",
+                         "--max-steps", "1"))
 
 
 def test_retrieval_annotation_is_read_at_start_up(tmp_path):

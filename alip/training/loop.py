@@ -129,12 +129,28 @@ def check_args(args, info):
                                "--retrieval-image-root")
     if args.zeroshot_frequency and not (args.imagenet_val or args.zeroshot_root):
         raise TrainConfigError("--zeroshot-frequency needs --imagenet-val or --zeroshot-root")
+    check_global_batch(args, info.world_size)
     if args.ddp_gradients == "global" and args.local_loss and not args.gather_with_grad:
         # local rows against gathered columns: the columns' gradient lives on the other ranks,
         # so exact global gradients need the gather's backward (see alip.loss.local_grad_scale)
         args.gather_with_grad = True
     if args.precision == "amp" and info.device.type == "cpu":
         args.precision = "amp_bf16"  # fp16 autocast on CPU is slow and needs no scaler; use bf16
+
+
+def check_global_batch(args, world_size):
+    """--global-batch-size N: refuse a launch whose samples per step differ from the recipe's."""
+    want = args.global_batch_size
+    got = args.batch_size * world_size * args.accum_freq
+    if want is None or want == got:
+        return
+    per_process = args.batch_size * args.accum_freq
+    fix = (f"launch {want // per_process} processes" if want % per_process == 0 else
+           f"no whole number of processes gives {want} at --batch-size {args.batch_size}")
+    raise TrainConfigError(
+        f"--global-batch-size {want}, but --batch-size {args.batch_size} x {world_size} "
+        f"process(es) x --accum-freq {args.accum_freq} = {got}: {fix}, or change --batch-size / "
+        f"--accum-freq (the learning rate and schedule of the recipe assume {want})")
 
 
 def train_data_paths(train_data):

@@ -22,7 +22,7 @@ PRECISIONS = ("amp", "amp_bf16", "amp_bfloat16", "fp32")
 # exclude it. NaN is never in range, nor is inf (every upper bound "inf" is open).
 RANGES = {
     "train_num_samples": "[1, inf)", "workers": "[0, inf)", "batch_size": "[1, inf)",
-    "accum_freq": "[1, inf)", "epochs": "[1, inf)",
+    "accum_freq": "[1, inf)", "global_batch_size": "[1, inf)", "epochs": "[1, inf)",
     "lr": "(0, inf)", "wd": "[0, inf)", "beta1": "[0, 1)", "beta2": "[0, 1)", "eps": "(0, inf)",
     "pct_start": "(0, 1)", "warmup": "[0, inf)", "warmup_start_lr": "[0, inf)",
     "grad_clip_norm": "[0, inf)",
@@ -150,6 +150,10 @@ def build_parser():
     a("--caption-tokens", type=int, default=None,
       help=f"K of --caption-view (default {CAPTION_TOKENS}).")
     a("--accum-freq", type=int, default=1, help="Micro-batches per optimizer step.")
+    a("--global-batch-size", type=int, default=None, metavar="N",
+      help="The samples per optimizer step the recipe was made for: start-up fails unless "
+           "--batch-size x processes x --accum-freq equals N (a launch on the wrong number of "
+           "nodes would silently train another recipe). Unset: no check.")
     a("--accum-mode", choices=("batch", "micro"), default="batch",
       help="batch: loss and gates over the whole accumulated batch (== one batch of "
            "accum-freq x batch-size); micro: each micro-batch its own loss/accum-freq and gates.")
