@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # ALIP ViT-B/32 on YFCC15M with the reference recipe (configs/yfcc15m_vit_b32_alip.yaml):
-# 8 GPUs per node, batch 512 per GPU, 32 epochs. Run the same command on every node:
-#   TRAIN_DATA=/data/yfcc15m_rec NNODES=4 NODE_RANK=<0..3> MASTER_ADDR=<node 0> \
-#     scripts/train_yfcc15m_B32_ALIP.sh [extra train.py flags]
+# one node of 8 GPUs, batch 512 per GPU (global 4096), 32 epochs:
+#   TRAIN_DATA=/data/yfcc15m_rec scripts/train_yfcc15m_B32_ALIP.sh [extra train.py flags]
+# Recipes for several nodes (SLIP, DeCLIP, FILIP, DeFILIP: 4 x 8 GPUs) run the same command on
+# every node with NNODES=4 NODE_RANK=<0..3> MASTER_ADDR=<node 0>. Each recipe's
+# global-batch-size makes a launch on another number of GPUs fail at start-up, naming the count.
 # Restarting the command resumes the run from its newest complete checkpoint.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # CLIPS ViT-B/32 on YFCC15M (configs/yfcc15m_vit_b32_clips.yaml). Same environment variables as
 # train_yfcc15m_B32_ALIP.sh:
-#   TRAIN_DATA=/data/yfcc15m_rec NNODES=4 NODE_RANK=<0..3> MASTER_ADDR=<node 0> \
-#     scripts/train_yfcc15m_B32_CLIPS.sh [extra train.py flags]
+#   TRAIN_DATA=/data/yfcc15m_rec scripts/train_yfcc15m_B32_CLIPS.sh [extra train.py flags]
+# on one node of 8 GPUs (global batch 4096; the recipe's global-batch-size refuses other counts).
 set -euo pipefail
 CONFIG=${CONFIG:-configs/yfcc15m_vit_b32_clips.yaml} NAME=${NAME:-yfcc15m-B32-CLIPS} \
   exec "$(dirname "$0")/train_yfcc15m_B32_ALIP.sh" "$@"

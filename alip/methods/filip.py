@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from alip.loss import gather_features
 from alip.model import text_lengths
 
-from ..data.spec import CLIP_DATA
+from ..data.spec import RECIPES, DataSpec, ImageView
 from .base import Method, MethodConfigError, clamp_logit_scale
 
 DENSE_DIM = 256
@@ -302,7 +302,6 @@ class FILIP(Method):
     zero-weight global CLIP loss is not computed)."""
 
     name = "filip"
-    data = CLIP_DATA
     scoring = "dense"
     find_unused_parameters = True  # ln_post / proj / text_projection: outside the dense loss
     flag_ranges = {"filip_k_image": "[1, inf)", "filip_k_text": "[1, inf)",
@@ -315,10 +314,19 @@ class FILIP(Method):
         g.add_argument("--filip-input-mask", action="store_true", default=False,
                        help="The reference's stray 15%% input masking of the text (an unused MLM "
                             "setting; needs a vocabulary with a mask token: DeCLIP-* models).")
+        g.add_argument("--filip-augment", choices=RECIPES, default="mocov2",
+                       help="The image view's augmentation: mocov2 (the DeCLIP toolbox's FILIP, "
+                            "which made the 39.5 row: its MOCOV2 transform, view 1), reference "
+                            "(ALIP's and CLIP's here), slip_base, simclr.")
+
+    @classmethod
+    def data_spec(cls, args):
+        return DataSpec(image_views=(ImageView("image", args.filip_augment),), text_fields=("raw",))
 
     def __init__(self, model, args, rank=0, world_size=1):
         super().__init__(model, args, rank, world_size)
         require_token_towers(model, self.name, args.model)
+        self.data = self.data_spec(args)
         if args.filip_input_mask and model.token_embedding.num_embeddings < 49409:
             raise MethodConfigError("--filip-input-mask needs a vocabulary with a mask token "
                                     f"(DeCLIP-* models); --model {args.model} has none")
