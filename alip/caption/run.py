@@ -17,7 +17,7 @@ from PIL import Image, ImageOps
 
 from ..cli import without_addresses
 from . import writer
-from .sources import Reject
+from .sources import DataError, Reject
 
 KILL_HOOK = "ALIP_CAPTION_TEST_KILL_AFTER_CHUNKS"  # tests: SIGKILL this process after k chunks
 
@@ -133,4 +133,10 @@ def caption_dataset(source, captioner, gen, output_dir, batch_size=64, chunk_siz
         writer.write_chunk(output_dir, 0, 0, 0, [], [])
     if not all(writer.chunk_done(output_dir, c) for c in range(num_chunks)):
         return None
-    return writer.assemble(output_dir, num_chunks, n, source, plan, command)
+    try:
+        return writer.assemble(output_dir, num_chunks, n, source, plan, command)
+    except Exception as e:  # the chunks are the work done: say they are kept and how to finish
+        why = " ".join(str(e).split())  # one line
+        raise DataError(f"{output_dir}: assembling the outputs failed ({type(e).__name__}: {why}); the "
+                        f"{num_chunks} chunk file(s) in {os.path.join(output_dir, 'chunks')} are kept: "
+                        "rerun the same command to assemble them") from e

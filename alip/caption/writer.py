@@ -18,7 +18,7 @@ import io
 import json
 import os
 
-from alip.data.pack import DataError
+from alip.data.pack import DataError, _csv_kwargs
 
 TOOL_VERSION = "1"
 
@@ -26,11 +26,16 @@ TOOL_VERSION = "1"
 def _atomic_write(path, text, errors="strict"):
     """Write to a per-process temporary name, fsync, rename: whole or absent, whoever else writes it."""
     tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8", errors=errors, newline="") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8", errors=errors, newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def check_plan(output_dir, plan):
@@ -128,22 +133,34 @@ def write_captioned_manifest(output_dir, source, caption_of_row):
         for i in range(len(ms)):
             out.write(_jsonl_row(data[bounds[i]:bounds[i + 1]], col, caption_of_row.get(i)))
     else:
-        kw = dict(delimiter="\t", quoting=csv.QUOTE_NONE, escapechar=None) if ms.fmt == "tsv" else dict(delimiter=",")
+        read_kw = _csv_kwargs(ms.fmt)  # exactly how data2rec reads it
         header = list(ms.header)
         if col not in header:
             header.append(col)
-        writer = csv.writer(out, lineterminator="\n", **kw)
-        writer.writerow(header)
+        write_row = _tsv_writer(out, ms.path) if ms.fmt == "tsv" else csv.writer(out, lineterminator="\n").writerow
+        write_row(header)
         for i in range(len(ms)):
             raw = data[bounds[i]:bounds[i + 1]]
-            row = next(csv.reader(io.StringIO(raw.decode("utf-8", "surrogateescape"), newline=""), **kw), None)
+            row = next(csv.reader(io.StringIO(raw.decode("utf-8", "surrogateescape"), newline=""), **read_kw), None)
             if row is None or len(row) != len(ms.header):
                 out.write(raw.decode("utf-8", "surrogateescape"))  # unparseable: as it was
                 continue
             cells = dict(zip(ms.header, row), **{col: caption_of_row.get(i, "")})
-            writer.writerow([cells.get(h, "") for h in header])
+            write_row([cells.get(h, "") for h in header])
     _atomic_write(os.path.join(output_dir, name), out.getvalue(), errors="surrogateescape")
     return name
+
+
+def _tsv_writer(out, path):
+    """Rows as data2rec reads a TSV (tab separated, no quoting: a quote is a plain character), so
+    every cell reads back as it was. A cell read from a TSV holds no tab or line break, nor does a
+    caption (``run.clean``); anything else is refused rather than written as another row."""
+    def write_row(cells):
+        for cell in cells:
+            if "\t" in cell or "\n" in cell or "\r" in cell:
+                raise DataError(f"{path}: cannot write the cell {cell[:40]!r} to a TSV (a tab or line break)")
+        out.write("\t".join(cells) + "\n")
+    return write_row
 
 
 def _jsonl_row(raw, col, caption):
