@@ -53,7 +53,10 @@ def parse_args(argv):
     o.add_argument("--batch-size", type=int, default=64)
     o.add_argument("--chunk-size", type=int, default=1000, help="rows per chunk file (the unit of resume)")
     o.add_argument("--workers", type=int, default=4, help="DataLoader processes reading and decoding images")
-    o.add_argument("--part", default="0/1", metavar="I/N", help="caption only chunks c with c %% N == I")
+    o.add_argument("--part", default="0/1", metavar="I/N",
+                   help="caption only chunks c with c %% N == I; a part is one machine's: give each machine "
+                        "(each node of a multi-node torchrun) its own I, and its processes split the part by "
+                        "LOCAL_RANK/LOCAL_WORLD_SIZE (without --part: by RANK/WORLD_SIZE over the whole launch)")
     o.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if sum(map(bool, (args.manifest, args.wds, args.rec))) != 1:
@@ -82,7 +85,7 @@ def resolve_device(device, precision, local_rank):
 
 def main(argv=None) -> int:
     from alip.caption.backends import GenSettings, build_captioner
-    from alip.caption.run import caption_dataset
+    from alip.caption.run import caption_dataset, process_slot
     from alip.caption.sources import DataError, ManifestRows, RecRows, TarRows
 
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -90,8 +93,8 @@ def main(argv=None) -> int:
         args = parse_args(argv)
     except SystemExit as e:
         return int(e.code or 0)
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     try:
+        slot, slots, who = process_slot(args.part)
         device, precision = resolve_device(args.device, args.precision,
                                            int(os.environ.get("LOCAL_RANK", 0)))
     except ValueError as e:
@@ -110,15 +113,15 @@ def main(argv=None) -> int:
         captioner = build_captioner(args.backend, args.model, args.pretrained, gen, device, precision,
                                     args.trust_remote_code)
         s = caption_dataset(source, captioner, gen, args.output_dir, batch_size=args.batch_size,
-                            chunk_size=args.chunk_size, workers=args.workers, part=args.part, rank=rank,
-                            world_size=world, command=shlex.join(["caption.py", *argv]),
-                            progress=not args.no_progress and rank == 0)
+                            chunk_size=args.chunk_size, workers=args.workers, part=args.part, rank=slot,
+                            world_size=slots, command=shlex.join(["caption.py", *argv]),
+                            progress=not args.no_progress and slot == 0)
     except (DataError, ValueError, OSError) as e:  # bad input, missing files/models, unwritable output
         print(f"caption: error: {e}", file=sys.stderr)
         return 1
     if s is None:
-        print(f"caption: part {args.part[0]}/{args.part[1]} rank {rank}/{world} done; other processes still "
-              "have chunks to caption (the one that writes the last chunk assembles the output)")
+        print(f"caption: {who} done; other processes still have chunks to caption (the one that finds every "
+              "chunk written assembles the output; rerun the same command once all are done if none did)")
         return 0
     print(f"caption: rows in {s['rows_in']} = captioned {s['captioned']} + failed {s['failed']} "
           f"({args.output_dir}/captions.jsonl; failed.jsonl lists the failed rows)")

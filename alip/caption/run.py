@@ -1,11 +1,12 @@
 """The captioning run: rows -> DataLoader workers (read + decode + preprocess) -> captioner -> chunks.
 
-Rows are cut into chunks of ``chunk_size`` consecutive rows; chunk c belongs to part
-``c % N`` of ``--part I/N`` and, within a part, to rank ``j % W`` of its W processes (j = the
-chunk's position in the part). Each process captions its chunks in batches that never straddle
-a chunk, so a chunk's captions do not depend on who made them, and writes each chunk whole.
-No collectives: any process that finds every chunk written assembles the output (identical
-bytes whoever does it).
+Rows are cut into chunks of ``chunk_size`` consecutive rows; chunk c belongs to part ``c % N``
+of ``--part I/N`` and, within a part, to process ``j % W`` of the W processes that share the
+part (j = the chunk's position in the part; ``process_slot``: without --part, all processes of
+the launch by RANK / WORLD_SIZE; with --part, a part per machine, its processes by LOCAL_RANK /
+LOCAL_WORLD_SIZE). Each process captions its chunks in batches that never straddle a chunk, so
+a chunk's captions do not depend on who made them, and writes each chunk whole. No collectives:
+any process that finds every chunk written assembles the output (identical bytes whoever does it).
 """
 import io
 import math
@@ -59,8 +60,36 @@ def _collate(items):
 
 
 def my_chunks(num_chunks, part, rank, world_size):
+    """The chunks of process ``rank`` of the ``world_size`` processes sharing ``part`` (``process_slot``)."""
     i, n = part
     return list(range(i, num_chunks, n))[rank::world_size]
+
+
+def process_slot(part, env=None):
+    """(j, W, label): this process is number j of the W processes that share its part.
+
+    Without ``--part`` (N == 1) the part is the whole launch: RANK / WORLD_SIZE, so one torchrun
+    over many nodes splits the chunks over all its processes. With ``--part I/N`` (N > 1) a part
+    is one machine's: LOCAL_RANK / LOCAL_WORLD_SIZE, so each machine (each node of a multi-node
+    torchrun, or a separate launch per machine) given its own I covers its part whatever the
+    global ranks. Over all parts and processes every chunk is captioned exactly once.
+    """
+    env = os.environ if env is None else env
+    i, n = part
+    rank, world = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))
+    if n == 1:
+        j, w, label = rank, world, f"rank {rank}/{world}"
+    elif world == 1:
+        j, w, label = 0, 1, f"part {i}/{n}"
+    elif "LOCAL_RANK" in env and "LOCAL_WORLD_SIZE" in env:
+        j, w = int(env["LOCAL_RANK"]), int(env["LOCAL_WORLD_SIZE"])
+        label = f"part {i}/{n} local rank {j}/{w}"
+    else:
+        raise ValueError(f"--part {i}/{n} with {world} processes needs LOCAL_RANK and LOCAL_WORLD_SIZE "
+                         "(torchrun sets them): a part is one machine's, split over its local processes")
+    if not 0 <= j < w:
+        raise ValueError(f"process {j} of {w}: the rank must be in 0..{w - 1}")
+    return j, w, label
 
 
 def clean(caption):

@@ -1,0 +1,64 @@
+"""caption.py runs: which process captions which chunk (--part with a multi-node torchrun),
+weights required for CoCa, output dir and plan checked before the model loads."""
+import itertools
+import os
+
+import pytest
+
+import caption
+from alip.caption.run import my_chunks, process_slot
+from test_caption import clean, coca_args, coca_dir, manifest, one_thread, outputs  # noqa: F401  (fixtures)
+
+
+def launches(parts, nodes_per_part, local):
+    """The env of every process: N parts (machines groups) of nodes_per_part nodes x local processes.
+    One torchrun spans all nodes of all parts (global RANK), each node given its part's --part I/N."""
+    world = parts * nodes_per_part * local
+    for p in range(parts):
+        for node in range(nodes_per_part):
+            for lr in range(local):
+                rank = (p * nodes_per_part + node) * local + lr
+                yield (p, parts), {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(lr),
+                                   "LOCAL_WORLD_SIZE": str(local)}
+
+
+@pytest.mark.parametrize("num_chunks", [1, 2, 7, 24])
+def test_every_chunk_is_captioned_exactly_once_over_parts_and_ranks(num_chunks):
+    """Each machine its own --part (one node of a multi-node torchrun, or a launch per machine),
+    or one torchrun over every node without --part: the union over all (part, rank) pairs is every
+    chunk, once. (With global RANK inside a part, a multi-node torchrun left chunks uncaptioned.)"""
+    for parts, local in itertools.product((1, 2, 3), (1, 2, 4)):
+        layouts = [list(launches(parts, 1, local))]  # a multi-node torchrun, a part per node
+        layouts.append([((p, parts), dict(env, RANK=env["LOCAL_RANK"], WORLD_SIZE=str(local)))  # a launch per machine
+                        for (p, _), env in launches(parts, 1, local)])
+        if parts == 1:
+            layouts.append(list(launches(1, 3, local)))  # one torchrun over 3 nodes, no --part
+        for layout in layouts:
+            got = sorted(c for part, env in layout for c in my_chunks(num_chunks, part, *process_slot(part, env)[:2]))
+            assert got == list(range(num_chunks)), (parts, local, layout)
+
+
+def test_part_with_several_processes_needs_the_local_rank():
+    with pytest.raises(ValueError, match="LOCAL_RANK and LOCAL_WORLD_SIZE"):
+        process_slot((0, 2), {"RANK": "1", "WORLD_SIZE": "2"})
+    assert process_slot((1, 2), {})[:2] == (0, 1)
+    assert process_slot((0, 1), {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4"})[:2] \
+        == (5, 8)
+
+
+def test_two_nodes_each_its_own_part_give_the_same_bytes(manifest, coca_dir, clean, tmp_path,  # noqa: F811
+                                                         monkeypatch, capsys):
+    """The reviewer's case: a 2-node torchrun, 2 processes per node, node k with --part k/2 (3 chunks)."""
+    root, path = manifest
+    out = str(tmp_path / "caps")
+    args = ["--manifest", path, "--image-root", root, "--output-dir", out] + coca_args(coca_dir)
+    said = []
+    for (i, n), env in launches(2, 1, 2):  # part 0: chunks 0 (local rank 0), 2 (1); part 1: chunk 1 (0)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        assert caption.main(args + ["--part", f"{i}/{n}"]) == 0
+        said.append(capsys.readouterr().out)
+    assert "part 0/2 local rank 0/2 done; other processes" in said[0]
+    assert "part 0/2 local rank 1/2 done; other processes" in said[1]
+    assert "rows in 12 = captioned" in said[2]
+    assert outputs(out) == outputs(clean) and len(outputs(out)) == 3
