@@ -33,7 +33,8 @@ def parse_args(argv):
     m.add_argument("--model", default="coca_ViT-L-14",
                    help="open_clip CoCa name | transformers/vLLM hub id or local directory")
     m.add_argument("--pretrained", default="",
-                   help="open_clip backend: a local file or an open_clip tag / hf-hub name (needs network)")
+                   help="open_clip backend: a weights file or an open_clip tag (needs network); required for a "
+                        "built-in CoCa name (no random-init captions); local-dir:/hf-hub: models carry their own")
     m.add_argument("--trust-remote-code", action="store_true", help="hf/vllm: models with their own code (Florence-2)")
     m.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if present, else cpu), cpu, cuda:N")
     m.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
@@ -84,7 +85,7 @@ def resolve_device(device, precision, local_rank):
 
 
 def main(argv=None) -> int:
-    from alip.caption.backends import GenSettings, build_captioner
+    from alip.caption.backends import GenSettings, build_captioner, check_coca_weights
     from alip.caption.run import caption_dataset, process_slot
     from alip.caption.sources import DataError, ManifestRows, RecRows, TarRows
 
@@ -104,6 +105,8 @@ def main(argv=None) -> int:
                       args.top_p, args.repetition_penalty, args.prompt, args.seed)
     try:
         gen.check()
+        if args.backend == "open_clip":
+            check_coca_weights(args.model, args.pretrained)  # before any input is read
         if args.manifest:
             source = ManifestRows(args.manifest, args.image_root, args.image_col, args.text_col, args.caption_col)
         elif args.wds:

@@ -74,6 +74,19 @@ def clean(manifest, coca_dir, tmp_path_factory):
     return out
 
 
+def save_tiny_clip(d):
+    """A tiny CLIP (TINY_COCA without its decoder) with weights, as an open_clip local-dir: model."""
+    import open_clip
+
+    from alip.caption.tiny import TINY_COCA
+    os.makedirs(d, exist_ok=True)
+    cfg = {k: v for k, v in TINY_COCA.items() if k != "multimodal_cfg"}
+    with open(os.path.join(d, "open_clip_config.json"), "w") as f:
+        json.dump({"model_cfg": cfg, "preprocess_cfg": {}}, f)
+    torch.save(open_clip.create_model(f"local-dir:{d}").state_dict(), os.path.join(d, "open_clip_pytorch_model.bin"))
+    return f"local-dir:{d}"
+
+
 def coca_args(coca_dir, *extra):
     return ["--model", coca_dir, "--decoding", "greedy", "--max-new-tokens", "8", "--min-new-tokens", "2",
             "--batch-size", "3", "--chunk-size", "4", "--workers", "0", "--no-progress", *extra]
@@ -218,7 +231,8 @@ def test_bad_flags_and_missing_vllm_are_one_line_errors(manifest, coca_dir, tmp_
     base = ["--manifest", path, "--image-root", root, "--output-dir", str(tmp_path / "x")]
     assert caption.main(base + coca_args(coca_dir, "--prompt", "hi")) == 1
     assert "--prompt" in capsys.readouterr().err
-    assert caption.main(base + ["--model", "RN50", "--workers", "0"]) == 1
+    clip_dir = save_tiny_clip(str(tmp_path / "clip"))  # a CLIP with weights: no text decoder
+    assert caption.main(base + ["--model", clip_dir, "--workers", "0"]) == 1
     assert "not a CoCa model" in capsys.readouterr().err
     try:
         import vllm  # noqa: F401
@@ -243,7 +257,8 @@ def test_bad_inputs_stop_before_the_model_is_loaded(tmp_path, capsys):
                         (["--manifest", path, "--image-root", root, "--text-col", "alt"],
                          [path, "'alt'", "--text-col"]),
                         (["--manifest", path, "--image-root", root + "/nope"], ["--image-root", "no such directory"])):
-        assert caption.main(argv + ["--output-dir", str(out), "--model", "no-such-model", "--device", "cpu"]) == 1
+        assert caption.main(argv + ["--output-dir", str(out), "--model", "no-such-model", "--pretrained", "x.pt",
+                                    "--device", "cpu"]) == 1
         err = capsys.readouterr().err
         assert err.startswith("caption: error: ") and len(err.splitlines()) == 1
         assert all(n in err for n in names), err

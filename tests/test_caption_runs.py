@@ -62,3 +62,47 @@ def test_two_nodes_each_its_own_part_give_the_same_bytes(manifest, coca_dir, cle
     assert "part 0/2 local rank 1/2 done; other processes" in said[1]
     assert "rows in 12 = captioned" in said[2]
     assert outputs(out) == outputs(clean) and len(outputs(out)) == 3
+
+
+def _no_model_load(monkeypatch):
+    import open_clip
+
+    def loaded(*a, **k):
+        raise AssertionError("the model was loaded")
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", loaded)
+
+
+def _no_image_read(monkeypatch):
+    from alip.caption import sources
+
+    def read(*a, **k):
+        raise AssertionError("an image was read")
+    monkeypatch.setattr(sources, "read_source", read)
+
+
+def test_a_coca_without_weights_is_refused_before_any_image_is_read(manifest, coca_dir, tmp_path,  # noqa: F811
+                                                                    monkeypatch, capsys):
+    """The default --model coca_ViT-L-14 without --pretrained was a random-init CoCa: junk captions,
+    exit 0. Now one line, before any image is read or model loaded; a local-dir: model with
+    weights (the tests' tiny CoCa) still runs."""
+    root, path = manifest
+    out = tmp_path / "caps"
+    base = ["--manifest", path, "--image-root", root, "--output-dir", str(out), "--workers", "0", "--no-progress"]
+    _no_model_load(monkeypatch)
+    _no_image_read(monkeypatch)
+    bare = tmp_path / "bare"  # a local-dir CoCa with its config but no weights file
+    bare.mkdir()
+    (bare / "open_clip_config.json").write_bytes(open(os.path.join(coca_dir[len("local-dir:"):],
+                                                                   "open_clip_config.json"), "rb").read())
+    for argv, names in (([], ["--model coca_ViT-L-14 needs --pretrained", "laion2b_s13b_b90k", "random-init"]),
+                        (["--model", "coca_ViT-B-32", "--decoding", "greedy"], ["--model coca_ViT-B-32 needs --pretrained"]),
+                        (["--model", f"local-dir:{bare}"], [f"no weights file (*.safetensors, *.bin, *.pth) in {bare}"]),
+                        (["--model", coca_dir, "--pretrained", "w.pt"], ["--pretrained w.pt: open_clip ignores it"])):
+        assert caption.main(base + argv) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("caption: error: ") and len(err.splitlines()) == 1
+        assert all(n in err for n in names), err
+    assert not out.exists()
+    from alip.caption.backends import GenSettings, build_captioner
+    with pytest.raises(ValueError, match="needs --pretrained"):  # the library refuses too
+        build_captioner("open_clip", "coca_ViT-B-32", "", GenSettings(decoding="greedy"))

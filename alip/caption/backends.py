@@ -10,6 +10,7 @@ Each backend has
 ``open_clip`` (CoCa, the default), ``hf`` (transformers image-to-text models), ``vllm`` (chat
 VLMs; imported only when asked for).
 """
+import os
 from dataclasses import asdict, dataclass
 
 import torch
@@ -56,6 +57,31 @@ def _autocast(device, precision):
 # ----------------------------------------------------------------------------------------------
 # open_clip CoCa
 
+WEIGHT_FILES = (".safetensors", ".bin", ".pth")  # what open_clip looks for in a local-dir: model
+
+
+def check_coca_weights(model, pretrained):
+    """Refuse a CoCa that open_clip would build random-init (it writes junk captions and exits 0):
+    a built-in name needs --pretrained; a ``local-dir:`` model needs a weights file in its dir; a
+    ``local-dir:``/``hf-hub:`` model carries its weights, and open_clip ignores --pretrained for it.
+    Checks flags and one directory listing only: runs before any input is read."""
+    schema = next((s for s in ("local-dir:", "hf-hub:") if model.startswith(s)), None)
+    if schema and pretrained:
+        raise ValueError(f"--pretrained {pretrained}: open_clip ignores it for --model {model} (a {schema} model "
+                         "carries its own weights); drop --pretrained")
+    if schema == "local-dir:":
+        d = model[len(schema):]
+        if os.path.isdir(d) and not any(f.endswith(WEIGHT_FILES) for f in os.listdir(d)):
+            raise ValueError(f"--model {model}: no weights file (*.safetensors, *.bin, *.pth) in {d}; without "
+                             "one the CoCa is random-init and writes junk captions")
+    elif schema is None and not pretrained:
+        import open_clip
+        tags = open_clip.list_pretrained_tags_by_model(model)
+        hint = f" (open_clip's tags for it: {', '.join(tags)}; a tag downloads)" if tags else ""
+        raise ValueError(f"--model {model} needs --pretrained, a weights file or an open_clip tag{hint}: "
+                         "without it the CoCa is random-init and writes junk captions")
+
+
 class CocaCaptioner:
     """open_clip CoCa (``coca_ViT-B-32``, ``coca_ViT-L-14`` or any CoCa config) via ``model.generate``."""
 
@@ -72,8 +98,16 @@ class CocaCaptioner:
             raise ValueError("--prompt: the open_clip CoCa backend captions without a prompt")
         if gen.decoding == "beam" and gen.num_beams < 2:
             raise ValueError("--decoding beam with open_clip CoCa needs --num-beams >= 2 (or --decoding greedy)")
+        check_coca_weights(model, pretrained)
         self.model_name, self.pretrained, self.gen = model, pretrained, gen
         self.device, self.precision = torch.device(device), precision
+        if model.startswith("hf-hub:"):  # open_clip only warns when the hub has no weights: random init
+            from open_clip.pretrained import download_pretrained_from_hf
+            try:
+                download_pretrained_from_hf(model[len("hf-hub:"):])
+            except Exception as e:
+                raise ValueError(f"--model {model}: no weights from the hub ({type(e).__name__}: "
+                                 f"{' '.join(str(e).split())[:300]})") from None
         try:
             self.model, _, self.preprocess = open_clip.create_model_and_transforms(
                 model, pretrained=pretrained or None, device=self.device)
