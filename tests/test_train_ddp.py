@@ -19,6 +19,7 @@ import torch.multiprocessing as mp
 import alip  # noqa: F401
 from alip.loss import ALIPLoss, GlobalGradClipLoss, local_grad_scale
 from alip.model import TripletEncoder
+from alip.training import checkpoint as ckpt
 from alip.training.synthetic import synthetic_sample
 from test_train_helpers import (assert_weights_close, final_state, free_port, gloo_worker, read_results,
                                 run_single, tiny_argv)
@@ -117,3 +118,66 @@ def test_ddp_gradient_semantics(tmp_path, method):
         torch.testing.assert_close(ddp["reference"][name], expected, rtol=1e-9, atol=1e-14,
                                    msg=name)
     assert one["logit_scale"].abs() > 0
+
+
+def _resume_worker(rank, world_size, port, logs, out_dir):
+    """Rank r reads --logs-dir logs[r]: rank 0 sees the run's checkpoints, rank 1 a node-local
+    directory without them. Records what each rank raised."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)
+    from alip.training.loop import run
+    from alip.training.params import parse_args
+    try:
+        run(parse_args(tiny_argv(logs[rank], "r", "--save-every-n-steps", "2", "--resume", "latest")))
+        outcome = "trained"
+    except Exception as e:  # noqa: BLE001
+        outcome = f"{type(e).__name__}: {e}"
+    with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+        f.write(outcome)
+
+
+def test_ranks_that_see_different_checkpoints_fail_together_instead_of_hanging(tmp_path):
+    mp.spawn(gloo_worker, nprocs=2, join=True,  # a 2-process run with checkpoints
+             args=(2, free_port(), tiny_argv(tmp_path / "shared", "r", "--save-every-n-steps", "2")))
+    latest = ckpt.find_latest(tmp_path / "shared" / "r" / "checkpoints")
+    (tmp_path / "local").mkdir()
+    ctx = mp.start_processes(_resume_worker, nprocs=2, join=False, start_method="spawn",
+                             args=(2, free_port(), [tmp_path / "shared", tmp_path / "local"],
+                                   str(tmp_path)))
+    for _ in range(120):  # both ranks must end; before the check rank 0 waited forever
+        if ctx.join(timeout=1):
+            break
+    else:
+        for p in ctx.processes:
+            p.kill()
+        pytest.fail("the ranks hung")
+    expected = (f"TrainConfigError: --resume latest: the processes do not see the same checkpoint "
+                f"(rank(s) 0: {latest}; rank(s) 1: "
+                f"no checkpoint (a fresh start)); --logs-dir must be one directory every node shares")
+    for rank in (0, 1):
+        assert (tmp_path / f"rank{rank}.txt").read_text() == expected
+
+
+def test_a_resume_error_on_one_rank_is_raised_on_every_rank(tmp_path, monkeypatch):
+    """Rank 1 cannot find --resume PATH (not on its node): rank 0, which can, raises too, naming
+    rank 1 and its error, instead of waiting for it at the first collective."""
+    import logging
+
+    from alip.training import loop
+    from alip.training.distributed import DistInfo
+    from alip.training.params import parse_args
+    path = tmp_path / "step_2.pt"
+    path.write_bytes(b"")
+    args = parse_args(tiny_argv(tmp_path, "r", "--resume", str(path)))
+    info = DistInfo(rank=0, local_rank=0, world_size=2, distributed=True, device=torch.device("cpu"))
+    gathered = []
+
+    def fake_gather(obj, info):
+        gathered.append(obj)
+        return [obj, (None, f"--resume: no such checkpoint: {path}")]
+    monkeypatch.setattr(loop, "all_gather_object", fake_gather)
+    with pytest.raises(loop.TrainConfigError) as e:
+        loop.agree_on_resume(args, info, tmp_path, logging.getLogger("t"))
+    assert str(e.value) == f"rank 1: --resume: no such checkpoint: {path}"
+    assert gathered == [(str(path), None)]  # rank 0 told the others what it found

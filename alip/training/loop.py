@@ -159,6 +159,54 @@ def train_data_paths(train_data):
     return [p for p in str(train_data).split(",") if p]
 
 
+def find_resume(args, ckpt_dir, log):
+    """The checkpoint this process would resume from (None: a fresh start)."""
+    if args.resume == "latest":
+        path = ckpt.find_latest(ckpt_dir, verify=True, warn=log.warning)
+        if path is None:
+            log.info("--resume latest: no complete checkpoint in %s, starting fresh", ckpt_dir)
+        return path
+    if args.resume:
+        path = Path(args.resume)
+        if not path.is_file():
+            raise TrainConfigError(f"--resume: no such checkpoint: {path}")
+        return path
+    return None
+
+
+def agree_on_resume(args, info, ckpt_dir, log):
+    """``find_resume`` on every rank, and the same answer on every rank, or an error on every
+    rank: with a --logs-dir that is not shared between nodes, rank 0 would resume while the
+    others start fresh, and the job would hang at its first collective."""
+    try:
+        mine, failure = find_resume(args, ckpt_dir, log), None
+    except Exception as e:  # noqa: BLE001  (told to every rank below, then raised here)
+        mine, failure = None, e
+    views = all_gather_object((None if mine is None else str(mine),
+                               None if failure is None else one_line(failure)), info)
+    if failure is not None:
+        raise failure
+    errors = [(rank, e) for rank, (_, e) in enumerate(views) if e]
+    if errors:
+        rank, e = errors[0]
+        raise TrainConfigError(f"rank {rank}: {e}")
+    ranks_of = {}
+    for rank, (path, _) in enumerate(views):
+        ranks_of.setdefault(path, []).append(rank)
+    if len(ranks_of) > 1:
+        seen = "; ".join(f"rank(s) {_span(ranks)}: {path or 'no checkpoint (a fresh start)'}"
+                         for path, ranks in ranks_of.items())
+        raise TrainConfigError(
+            f"--resume {args.resume}: the processes do not see the same checkpoint ({seen}); "
+            f"--logs-dir must be one directory every node shares")
+    return mine
+
+
+def _span(ranks):
+    return f"{ranks[0]}-{ranks[-1]}" if len(ranks) > 2 and ranks == list(
+        range(ranks[0], ranks[-1] + 1)) else ",".join(map(str, ranks))
+
+
 def prepare_run_dir(args, info):
     run_dir = run_dir_of(args)
     error = None
@@ -318,15 +366,7 @@ def _run(args, info, make_loader):
     log = setup_text_log(run_dir, info.is_master)
     ckpt_dir = run_dir / "checkpoints"
 
-    resume_path = None
-    if args.resume == "latest":
-        resume_path = ckpt.find_latest(ckpt_dir, verify=True, warn=log.warning)
-        if resume_path is None:
-            log.info("--resume latest: no complete checkpoint in %s, starting fresh", ckpt_dir)
-    elif args.resume:
-        resume_path = Path(args.resume)
-        if not resume_path.is_file():
-            raise TrainConfigError(f"--resume: no such checkpoint: {resume_path}")
+    resume_path = agree_on_resume(args, info, ckpt_dir, log)
 
     seed_everything(args.seed)
     try:
