@@ -6,17 +6,18 @@
 #   DEMO_METHODS="alip clip" ./scripts/demo.sh   # a subset, in this order (DEMO_METHODS=all: every one)
 #   DEMO_QUICK=1 ./scripts/demo.sh               # a first look: ALIP and the CLIP baseline only
 #                                                # (the same recipe, so the same numbers as in the full run)
-#   DEMO_OUT=/tmp/demo ./scripts/demo.sh         # somewhere other than demo_output/
+#   DEMO_OUT=/tmp/demo ./scripts/demo.sh         # somewhere other than demo_output/ (of the repo)
 #
 # Outputs go to demo_output/ (DEMO_OUT): the world (shards, retrieval and classification splits),
 # one run directory per method (checkpoints, results.jsonl, TensorBoard), the eval JSONs,
 # timings.tsv (train and eval wall seconds per method), and report.md with loss.png, recall.png
 # and gates.png (ALIP's gates by noise label).
 set -euo pipefail
+OUT=${DEMO_OUT:+$(realpath -m -- "$DEMO_OUT")}  # relative to where it was run from
 cd "$(dirname "$0")/.."
 ./scripts/setup_env.sh
 PY=.venv/bin/python
-OUT=${DEMO_OUT:-demo_output}
+OUT=${OUT:-demo_output}
 if [ "${DEMO_QUICK:-0}" = 1 ]; then
   METHODS=${DEMO_METHODS:-alip clip}
 else

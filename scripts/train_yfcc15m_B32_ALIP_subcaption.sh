@@ -4,5 +4,5 @@
 #   TRAIN_DATA=/data/yfcc15m_rec scripts/train_yfcc15m_B32_ALIP_subcaption.sh [extra train.py flags]
 # on one node of 8 GPUs (global batch 4096; the recipe's global-batch-size refuses other counts).
 set -euo pipefail
-CONFIG=${CONFIG:-configs/yfcc15m_vit_b32_alip_subcaption.yaml} NAME=${NAME:-yfcc15m-B32-ALIP_subcaption} \
+CONFIG=${CONFIG:-$(dirname "$0")/../configs/yfcc15m_vit_b32_alip_subcaption.yaml} NAME=${NAME:-yfcc15m-B32-ALIP_subcaption} \
   exec "$(dirname "$0")/train_yfcc15m_B32_ALIP.sh" "$@"

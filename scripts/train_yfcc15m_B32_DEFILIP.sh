@@ -4,5 +4,5 @@
 #   TRAIN_DATA=/data/yfcc15m_rec NNODES=4 NODE_RANK=<0..3> MASTER_ADDR=<node 0> \
 #     scripts/train_yfcc15m_B32_DEFILIP.sh [extra train.py flags]
 set -euo pipefail
-CONFIG=${CONFIG:-configs/yfcc15m_vit_b32_defilip.yaml} NAME=${NAME:-yfcc15m-B32-DEFILIP} \
+CONFIG=${CONFIG:-$(dirname "$0")/../configs/yfcc15m_vit_b32_defilip.yaml} NAME=${NAME:-yfcc15m-B32-DEFILIP} \
   exec "$(dirname "$0")/train_yfcc15m_B32_ALIP.sh" "$@"
