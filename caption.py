@@ -85,8 +85,9 @@ def resolve_device(device, precision, local_rank):
 
 
 def main(argv=None) -> int:
-    from alip.caption.backends import GenSettings, build_captioner, check_coca_weights
-    from alip.caption.run import caption_dataset, process_slot
+    from alip.caption import writer
+    from alip.caption.backends import GenSettings, build_captioner, check_coca_weights, plan_description
+    from alip.caption.run import caption_dataset, make_plan, process_slot
     from alip.caption.sources import DataError, ManifestRows, RecRows, TarRows
 
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -113,12 +114,18 @@ def main(argv=None) -> int:
             source = TarRows(args.wds)
         else:
             source = RecRows(args.rec)
+        # the output dir and the plan before the model (a vLLM load takes minutes); plan.json is
+        # written once the model has loaded, so a model that does not load leaves no plan behind
+        plan = make_plan(source, plan_description(args.backend, args.model, args.pretrained, precision), gen,
+                         args.batch_size, args.chunk_size)
+        writer.check_output_dir(args.output_dir)
+        writer.check_plan(args.output_dir, plan, write=False)
         captioner = build_captioner(args.backend, args.model, args.pretrained, gen, device, precision,
                                     args.trust_remote_code)
         s = caption_dataset(source, captioner, gen, args.output_dir, batch_size=args.batch_size,
                             chunk_size=args.chunk_size, workers=args.workers, part=args.part, rank=slot,
                             world_size=slots, command=shlex.join(["caption.py", *argv]),
-                            progress=not args.no_progress and slot == 0)
+                            progress=not args.no_progress and slot == 0, plan=plan)
     except (DataError, ValueError, OSError) as e:  # bad input, missing files/models, unwritable output
         print(f"caption: error: {e}", file=sys.stderr)
         return 1

@@ -106,3 +106,31 @@ def test_a_coca_without_weights_is_refused_before_any_image_is_read(manifest, co
     from alip.caption.backends import GenSettings, build_captioner
     with pytest.raises(ValueError, match="needs --pretrained"):  # the library refuses too
         build_captioner("open_clip", "coca_ViT-B-32", "", GenSettings(decoding="greedy"))
+
+
+def test_output_dir_and_plan_are_checked_before_the_model_is_loaded(manifest, coca_dir, clean, tmp_path,  # noqa: F811
+                                                                     monkeypatch, capsys):
+    """An --output-dir that is a file, or one holding other settings' captions, fails in seconds
+    (the model was loaded first: minutes for a vLLM model); a model that fails to load leaves no
+    plan.json behind, so a corrected --model reruns into the same dir."""
+    import shutil
+    root, path = manifest
+    base = ["--manifest", path, "--image-root", root]
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    other = str(tmp_path / "other")
+    shutil.copytree(clean, other)
+    _no_model_load(monkeypatch)
+    for out, names in ((str(afile), [f"--output-dir {afile}: cannot write there"]),
+                       (str(afile / "sub"), [f"--output-dir {afile / 'sub'}: cannot write there"]),
+                       (other, [other, "generation"])):
+        assert caption.main(base + ["--output-dir", out] + coca_args(coca_dir, "--max-new-tokens", "9")) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("caption: error: ") and len(err.splitlines()) == 1
+        assert all(n in err for n in names), err
+    monkeypatch.undo()
+    fresh = str(tmp_path / "fresh")
+    assert caption.main(base + ["--output-dir", fresh] + coca_args(f"local-dir:{tmp_path}/nope")) == 1
+    assert "nope" in capsys.readouterr().err and not os.path.exists(os.path.join(fresh, "plan.json"))
+    assert caption.main(base + ["--output-dir", fresh] + coca_args(coca_dir)) == 0
+    assert outputs(fresh) == outputs(clean)

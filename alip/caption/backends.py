@@ -343,6 +343,15 @@ class CLIPSCaptioner:
 BACKENDS = ("open_clip", "hf", "vllm", "clips")
 
 
+def plan_description(backend, model, pretrained="", precision="fp32"):
+    """The captioner as plan.json records it, from the flags alone (the model is not loaded yet;
+    captions.json records the loaded captioner's ``describe()``)."""
+    desc = {"backend": backend, "model": model}
+    if backend == "open_clip":
+        desc["pretrained"] = pretrained
+    return dict(desc, precision=precision)
+
+
 def build_captioner(backend, model, pretrained, gen, device="cpu", precision="fp32", trust_remote_code=False):
     gen.check()
     if backend == "open_clip":

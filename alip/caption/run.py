@@ -116,16 +116,26 @@ def caption_batch(captioner, items, source, seed):
     return captions, failed
 
 
+def make_plan(source, captioner_description, gen, batch_size, chunk_size):
+    """What plan.json records: the input and every setting that changes a caption. Made from the
+    flags (``backends.plan_description``), so caption.py checks it before the model is loaded."""
+    settings = {"captioner": captioner_description, "generation": gen.asdict(),
+                "batch_size": batch_size, "chunk_size": chunk_size}
+    return {"tool_version": writer.TOOL_VERSION, "rows": len(source), "inputs": source.describe(),
+            "settings": settings}
+
+
 def caption_dataset(source, captioner, gen, output_dir, batch_size=64, chunk_size=1000, workers=4,
-                    part=(0, 1), rank=0, world_size=1, command=None, progress=True):
+                    part=(0, 1), rank=0, world_size=1, command=None, progress=True, plan=None):
     """Caption this process's share of ``source`` into ``output_dir``; returns the summary when
-    every chunk is written (then captions.jsonl & co are assembled), else None."""
+    every chunk is written (then captions.jsonl & co are assembled), else None. ``plan``: from
+    ``make_plan`` (caption.py checked it before loading the model); None: made here from
+    ``captioner.describe()``."""
     from tqdm import tqdm
 
     n = len(source)
-    settings = {"captioner": captioner.describe(), "generation": gen.asdict(),
-                "batch_size": batch_size, "chunk_size": chunk_size}
-    plan = {"tool_version": writer.TOOL_VERSION, "rows": n, "inputs": source.describe(), "settings": settings}
+    if plan is None:
+        plan = make_plan(source, captioner.describe(), gen, batch_size, chunk_size)
     writer.check_plan(output_dir, plan)
     num_chunks = max(1, math.ceil(n / chunk_size))
     todo = [c for c in my_chunks(num_chunks, part, rank, world_size) if not writer.chunk_done(output_dir, c)]
@@ -163,7 +173,7 @@ def caption_dataset(source, captioner, gen, output_dir, batch_size=64, chunk_siz
     if not all(writer.chunk_done(output_dir, c) for c in range(num_chunks)):
         return None
     try:
-        return writer.assemble(output_dir, num_chunks, n, source, plan, command)
+        return writer.assemble(output_dir, num_chunks, n, source, plan, command, captioner.describe())
     except Exception as e:  # the chunks are the work done: say they are kept and how to finish
         why = " ".join(str(e).split())  # one line
         raise DataError(f"{output_dir}: assembling the outputs failed ({type(e).__name__}: {why}); the "

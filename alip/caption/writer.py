@@ -38,9 +38,21 @@ def _atomic_write(path, text, errors="strict"):
         raise
 
 
-def check_plan(output_dir, plan):
-    """Write plan.json, or refuse if the directory holds another input's or settings' captions."""
-    os.makedirs(os.path.join(output_dir, "chunks"), exist_ok=True)
+def check_output_dir(output_dir):
+    """Create OUT/chunks and check that a file can be written there (before any model is loaded)."""
+    probe = os.path.join(output_dir, "chunks", f".probe.{os.getpid()}.tmp")
+    try:
+        os.makedirs(os.path.join(output_dir, "chunks"), exist_ok=True)
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise DataError(f"--output-dir {output_dir}: cannot write there ({e.strerror}: {e.filename})") from None
+
+
+def check_plan(output_dir, plan, write=True):
+    """Refuse if the directory holds another input's or settings' captions; else write plan.json
+    (``write=False``: only check, as caption.py does before loading the model)."""
     path = os.path.join(output_dir, "plan.json")
     text = json.dumps(plan, indent=1, sort_keys=True)
     if os.path.exists(path):
@@ -52,7 +64,8 @@ def check_plan(output_dir, plan):
             what = f"settings {diff}" if diff else "input"
             raise DataError(f"{output_dir} holds captions made with another {what} ({path}); "
                             "use a new --output-dir or delete that one")
-    else:
+    elif write:
+        os.makedirs(os.path.join(output_dir, "chunks"), exist_ok=True)
         _atomic_write(path, text)
 
 
@@ -89,7 +102,7 @@ def _jsonl(rows):
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
 
-def assemble(output_dir, num_chunks, n, source, plan, command):
+def assemble(output_dir, num_chunks, n, source, plan, command, captioner=None):
     """Write captions.jsonl, failed.jsonl, captioned.<ext> (manifests) and captions.json."""
     captions, failed = read_chunks(output_dir, num_chunks)
     if len(captions) + len(failed) != n:
@@ -108,6 +121,7 @@ def assemble(output_dir, num_chunks, n, source, plan, command):
     import alip
     summary = {"tool": "alip caption", "tool_version": TOOL_VERSION, "alip_version": alip.__version__,
                "command": command, "inputs": plan["inputs"], **plan["settings"],
+               **({"captioner": captioner} if captioner is not None else {}),
                "rows_in": n, "captioned": len(captions), "failed": len(failed),
                "failure_kinds": dict(sorted(reasons.items())), "outputs": outputs}
     _atomic_write(os.path.join(output_dir, "captions.json"), json.dumps(summary, indent=1, ensure_ascii=False))
