@@ -1,6 +1,7 @@
 """caption.py runs: which process captions which chunk (--part with a multi-node torchrun),
 weights required for CoCa, output dir and plan checked before the model loads."""
 import itertools
+import json
 import os
 
 import pytest
@@ -123,7 +124,7 @@ def test_output_dir_and_plan_are_checked_before_the_model_is_loaded(manifest, co
     _no_model_load(monkeypatch)
     for out, names in ((str(afile), [f"--output-dir {afile}: cannot write there"]),
                        (str(afile / "sub"), [f"--output-dir {afile / 'sub'}: cannot write there"]),
-                       (other, [other, "generation"])):
+                       (other, [other, "generation.max_new_tokens: 8 there, 9 now"])):
         assert caption.main(base + ["--output-dir", out] + coca_args(coca_dir, "--max-new-tokens", "9")) == 1
         err = capsys.readouterr().err
         assert err.startswith("caption: error: ") and len(err.splitlines()) == 1
@@ -134,3 +135,48 @@ def test_output_dir_and_plan_are_checked_before_the_model_is_loaded(manifest, co
     assert "nope" in capsys.readouterr().err and not os.path.exists(os.path.join(fresh, "plan.json"))
     assert caption.main(base + ["--output-dir", fresh] + coca_args(coca_dir)) == 0
     assert outputs(fresh) == outputs(clean)
+
+
+def test_a_chunk_of_other_settings_is_never_reused(manifest, coca_dir, clean, tmp_path, capsys):  # noqa: F811
+    """The reviewer's case: plan.json deleted after a greedy run, then a beam rerun exited 0 at once,
+    reusing the greedy chunk files while captions.json claimed beam. Chunk files carry the plan's
+    fingerprint: the beam run captions anew and gives what a fresh beam run gives."""
+    import shutil
+    root, path = manifest
+    base = ["--manifest", path, "--image-root", root]
+    beam = coca_args(coca_dir) + ["--decoding", "beam", "--num-beams", "2"]
+    fresh = str(tmp_path / "fresh")
+    assert caption.main(base + ["--output-dir", fresh] + beam) == 0
+    out = str(tmp_path / "caps")
+    shutil.copytree(clean, out)
+    assert caption.main(base + ["--output-dir", out] + beam) == 1  # plan.json there: refused, naming it
+    err = capsys.readouterr().err
+    assert 'generation.decoding: "greedy" there, "beam" now' in err and "generation.num_beams: null there, 2" in err
+    os.remove(os.path.join(out, "plan.json"))
+    assert caption.main(base + ["--output-dir", out] + beam) == 0
+    assert outputs(out) == outputs(fresh) != outputs(clean)
+    side = json.load(open(os.path.join(out, "captions.json")))
+    assert side["generation"]["decoding"] == "beam"
+
+
+def test_settings_that_cannot_change_the_captions_do_not_lock_the_dir(manifest, coca_dir, clean, tmp_path,  # noqa: F811
+                                                                      capsys):
+    """Under --decoding greedy, --num-beams/--temperature/--top-p change nothing: the rerun finds its
+    chunks (none redone, same bytes). The open_clip seed does count (its greedy is top-1 sampling,
+    the seed picks among tied logits)."""
+    import glob
+    import shutil
+    root, path = manifest
+    base = ["--manifest", path, "--image-root", root]
+    out = str(tmp_path / "caps")
+    shutil.copytree(clean, out)
+    chunks = {p: os.stat(p).st_mtime_ns for p in glob.glob(os.path.join(out, "chunks", "*.json"))}
+    os.remove(os.path.join(out, "captions.json"))  # assembled again from the same chunks
+    assert caption.main(base + ["--output-dir", out] + coca_args(coca_dir, "--num-beams", "7", "--temperature",
+                                                                   "0.5", "--top-p", "0.3")) == 0
+    assert {p: os.stat(p).st_mtime_ns for p in chunks} == chunks and outputs(out) == outputs(clean)
+    side = json.load(open(os.path.join(out, "captions.json")))
+    assert side["generation"]["num_beams"] == 7  # captions.json records the settings as given
+    capsys.readouterr()
+    assert caption.main(base + ["--output-dir", out] + coca_args(coca_dir, "--seed", "3")) == 1
+    assert "generation.seed: 0 there, 3 now" in capsys.readouterr().err

@@ -343,6 +343,25 @@ class CLIPSCaptioner:
 BACKENDS = ("open_clip", "hf", "vllm", "clips")
 
 
+def output_generation(backend, gen):
+    """The generation settings as plan.json records them: those that cannot change this backend's
+    captions are None, so changing them does not lock an output dir. greedy: no beams, temperature
+    or top-p (and no seed, except open_clip, whose greedy is top-1 sampling: the seed picks among
+    tied logits); beam: no temperature, top-p or seed (deterministic); sample: no beams. Any other
+    backend (library use): every setting."""
+    g = gen.asdict()
+    if backend not in BACKENDS:
+        return g
+    unused = set()
+    if gen.decoding != "beam":
+        unused.add("num_beams")
+    if gen.decoding != "sample":
+        unused |= {"temperature", "top_p"}
+    if gen.decoding == "beam" or (gen.decoding == "greedy" and backend != "open_clip"):
+        unused.add("seed")
+    return {k: None if k in unused else v for k, v in g.items()}
+
+
 def plan_description(backend, model, pretrained="", precision="fp32"):
     """The captioner as plan.json records it, from the flags alone (the model is not loaded yet;
     captions.json records the loaded captioner's ``describe()``)."""

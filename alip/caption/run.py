@@ -18,6 +18,7 @@ from PIL import Image, ImageOps
 
 from ..cli import without_addresses
 from . import writer
+from .backends import output_generation
 from .sources import DataError, Reject
 
 KILL_HOOK = "ALIP_CAPTION_TEST_KILL_AFTER_CHUNKS"  # tests: SIGKILL this process after k chunks
@@ -119,7 +120,8 @@ def caption_batch(captioner, items, source, seed):
 def make_plan(source, captioner_description, gen, batch_size, chunk_size):
     """What plan.json records: the input and every setting that changes a caption. Made from the
     flags (``backends.plan_description``), so caption.py checks it before the model is loaded."""
-    settings = {"captioner": captioner_description, "generation": gen.asdict(),
+    generation = output_generation(captioner_description.get("backend"), gen)
+    settings = {"captioner": captioner_description, "generation": generation,
                 "batch_size": batch_size, "chunk_size": chunk_size}
     return {"tool_version": writer.TOOL_VERSION, "rows": len(source), "inputs": source.describe(),
             "settings": settings}
@@ -137,8 +139,9 @@ def caption_dataset(source, captioner, gen, output_dir, batch_size=64, chunk_siz
     if plan is None:
         plan = make_plan(source, captioner.describe(), gen, batch_size, chunk_size)
     writer.check_plan(output_dir, plan)
+    fp = writer.fingerprint(plan)
     num_chunks = max(1, math.ceil(n / chunk_size))
-    todo = [c for c in my_chunks(num_chunks, part, rank, world_size) if not writer.chunk_done(output_dir, c)]
+    todo = [c for c in my_chunks(num_chunks, part, rank, world_size) if not writer.chunk_done(output_dir, c, fp)]
     batches, chunk_of_batch = [], []
     for c in todo:
         rows = list(range(c * chunk_size, min(n, (c + 1) * chunk_size)))
@@ -161,19 +164,20 @@ def caption_dataset(source, captioner, gen, output_dir, batch_size=64, chunk_siz
             bar.update(len(items))
             c = chunk_of_batch[b]
             if b + 1 == len(batches) or chunk_of_batch[b + 1] != c:
-                writer.write_chunk(output_dir, c, c * chunk_size, min(n, (c + 1) * chunk_size), *acc)
+                writer.write_chunk(output_dir, c, fp, c * chunk_size, min(n, (c + 1) * chunk_size), *acc)
                 acc = ([], [])
                 done_chunks += 1
                 if done_chunks == kill_after:
                     os.kill(os.getpid(), signal.SIGKILL)
     finally:
         bar.close()
-    if n == 0 and not writer.chunk_done(output_dir, 0) and 0 in my_chunks(1, part, rank, world_size):
-        writer.write_chunk(output_dir, 0, 0, 0, [], [])
-    if not all(writer.chunk_done(output_dir, c) for c in range(num_chunks)):
+    if n == 0 and not writer.chunk_done(output_dir, 0, fp) and 0 in my_chunks(1, part, rank, world_size):
+        writer.write_chunk(output_dir, 0, fp, 0, 0, [], [])
+    if not all(writer.chunk_done(output_dir, c, fp) for c in range(num_chunks)):
         return None
     try:
-        return writer.assemble(output_dir, num_chunks, n, source, plan, command, captioner.describe())
+        return writer.assemble(output_dir, num_chunks, n, source, plan, command,
+                               {"captioner": captioner.describe(), "generation": gen.asdict()})
     except Exception as e:  # the chunks are the work done: say they are kept and how to finish
         why = " ".join(str(e).split())  # one line
         raise DataError(f"{output_dir}: assembling the outputs failed ({type(e).__name__}: {why}); the "

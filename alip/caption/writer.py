@@ -3,7 +3,8 @@
 Layout of ``OUT/``::
 
     plan.json              input + every setting that changes a caption; a rerun must match it
-    chunks/chunk-NNNNNN.json   rows [start, end): their captions and failures; complete or absent
+    chunks/chunk-NNNNNN.FP.json   rows [start, end): their captions and failures; complete or absent;
+                           FP = the plan's fingerprint, so a chunk made with other settings is never reused
     captions.jsonl         {"key", "caption"} per captioned row, in input order (data2rec --captions)
     failed.jsonl           {"key", "reason", "source", row|sample|record} per row without a caption
     captioned.<ext>        manifest inputs only: the manifest with the caption column filled
@@ -14,13 +15,14 @@ whole or absent; the assembled files depend only on the chunks, so the same inpu
 give the same bytes however the run was split, interrupted or spread over ranks and machines.
 """
 import csv
+import hashlib
 import io
 import json
 import os
 
 from alip.data.pack import DataError, _csv_kwargs
 
-TOOL_VERSION = "1"
+TOOL_VERSION = "2"  # 2: chunk files carry the plan fingerprint; plan.generation normalised
 
 
 def _atomic_write(path, text, errors="strict"):
@@ -50,49 +52,76 @@ def check_output_dir(output_dir):
         raise DataError(f"--output-dir {output_dir}: cannot write there ({e.strerror}: {e.filename})") from None
 
 
+def fingerprint(plan):
+    """16 hex digits of the plan's SHA-256: the name tag of the chunks made under this plan."""
+    return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:16]
+
+
+_ABSENT = object()
+
+
+def _differences(old, new, prefix=""):
+    """[(dotted field, old value, new value)] where two plans differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new), key=str)
+                for d in _differences(old.get(k, _ABSENT), new.get(k, _ABSENT), f"{prefix}{k}.")]
+    return [] if old == new else [(prefix[:-1], old, new)]
+
+
+def _short(v):
+    text = "(absent)" if v is _ABSENT else json.dumps(v, ensure_ascii=False)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def check_plan(output_dir, plan, write=True):
-    """Refuse if the directory holds another input's or settings' captions; else write plan.json
-    (``write=False``: only check, as caption.py does before loading the model)."""
+    """Refuse if the directory holds another input's or settings' captions, naming the fields that
+    differ; else write plan.json (``write=False``: only check, as caption.py does before loading
+    the model)."""
     path = os.path.join(output_dir, "plan.json")
     text = json.dumps(plan, indent=1, sort_keys=True)
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             old = json.load(f)
-        if old != json.loads(text):
-            diff = sorted(k for k in set(old["settings"]) | set(plan["settings"])
-                          if old["settings"].get(k) != plan["settings"].get(k))
-            what = f"settings {diff}" if diff else "input"
-            raise DataError(f"{output_dir} holds captions made with another {what} ({path}); "
-                            "use a new --output-dir or delete that one")
+        diff = _differences(old, json.loads(text))
+        if diff:
+            fields = "; ".join(f"{k}: {_short(a)} there, {_short(b)} now" for k, a, b in diff[:4])
+            more = f" and {len(diff) - 4} more" if len(diff) > 4 else ""
+            raise DataError(f"{output_dir} holds captions made with other settings or input ({fields}{more}; "
+                            f"from {path}): use a new --output-dir, or delete the whole directory {output_dir} "
+                            "to caption it anew with these settings")
     elif write:
         os.makedirs(os.path.join(output_dir, "chunks"), exist_ok=True)
         _atomic_write(path, text)
 
 
-def chunk_path(output_dir, c):
-    return os.path.join(output_dir, "chunks", f"chunk-{c:06d}.json")
+def chunk_path(output_dir, c, fp):
+    return os.path.join(output_dir, "chunks", f"chunk-{c:06d}.{fp}.json")
 
 
-def chunk_done(output_dir, c):
-    return os.path.exists(chunk_path(output_dir, c))
+def chunk_done(output_dir, c, fp):
+    """Chunk c is written under the plan with fingerprint fp (a chunk of other settings is not)."""
+    return os.path.exists(chunk_path(output_dir, c, fp))
 
 
-def write_chunk(output_dir, c, start, end, captions, failed):
+def write_chunk(output_dir, c, fp, start, end, captions, failed):
     """captions: [(row, key, caption)], failed: [(row, key, reason, where)], rows start..end-1 each once."""
     rows = sorted([r for r, _, _ in captions] + [r for r, *_ in failed])
     if rows != list(range(start, end)):
         raise RuntimeError(f"chunk {c}: rows {start}..{end - 1} but got {len(rows)} results")
-    doc = {"start": start, "end": end,
+    doc = {"plan": fp, "start": start, "end": end,
            "captions": sorted([r, k, cap] for r, k, cap in captions),
            "failed": sorted(([r, k, reason, where] for r, k, reason, where in failed), key=lambda x: x[0])}
-    _atomic_write(chunk_path(output_dir, c), json.dumps(doc, ensure_ascii=False))
+    _atomic_write(chunk_path(output_dir, c, fp), json.dumps(doc, ensure_ascii=False))
 
 
-def read_chunks(output_dir, num_chunks):
+def read_chunks(output_dir, num_chunks, fp):
     captions, failed = [], []
     for c in range(num_chunks):
-        with open(chunk_path(output_dir, c), encoding="utf-8") as f:
+        path = chunk_path(output_dir, c, fp)
+        with open(path, encoding="utf-8") as f:
             doc = json.load(f)
+        if doc.get("plan") != fp:
+            raise DataError(f"{path}: made under plan {doc.get('plan')}, not {fp}")
         captions.extend(doc["captions"])
         failed.extend(doc["failed"])
     return captions, failed
@@ -102,9 +131,10 @@ def _jsonl(rows):
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
 
-def assemble(output_dir, num_chunks, n, source, plan, command, captioner=None):
-    """Write captions.jsonl, failed.jsonl, captioned.<ext> (manifests) and captions.json."""
-    captions, failed = read_chunks(output_dir, num_chunks)
+def assemble(output_dir, num_chunks, n, source, plan, command, recorded=None):
+    """Write captions.jsonl, failed.jsonl, captioned.<ext> (manifests) and captions.json
+    (``recorded``: entries that replace the plan's there: the loaded captioner, every setting)."""
+    captions, failed = read_chunks(output_dir, num_chunks, fingerprint(plan))
     if len(captions) + len(failed) != n:
         raise RuntimeError(f"{output_dir}: {n} rows in but {len(captions)} captioned + {len(failed)} failed")
     _atomic_write(os.path.join(output_dir, "captions.jsonl"),
@@ -121,7 +151,7 @@ def assemble(output_dir, num_chunks, n, source, plan, command, captioner=None):
     import alip
     summary = {"tool": "alip caption", "tool_version": TOOL_VERSION, "alip_version": alip.__version__,
                "command": command, "inputs": plan["inputs"], **plan["settings"],
-               **({"captioner": captioner} if captioner is not None else {}),
+               **(recorded or {}), "plan_fingerprint": fingerprint(plan),
                "rows_in": n, "captioned": len(captions), "failed": len(failed),
                "failure_kinds": dict(sorted(reasons.items())), "outputs": outputs}
     _atomic_write(os.path.join(output_dir, "captions.json"), json.dumps(summary, indent=1, ensure_ascii=False))
