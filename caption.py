@@ -87,7 +87,7 @@ def resolve_device(device, precision, local_rank):
 def main(argv=None) -> int:
     from alip.caption import writer
     from alip.caption.backends import GenSettings, build_captioner, check_coca_weights, plan_description
-    from alip.caption.run import caption_dataset, make_plan, process_slot
+    from alip.caption.run import ASSEMBLING_ELSEWHERE, caption_dataset, make_plan, process_slot
     from alip.caption.sources import DataError, ManifestRows, RecRows, TarRows
 
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -129,6 +129,10 @@ def main(argv=None) -> int:
     except (DataError, ValueError, OSError) as e:  # bad input, missing files/models, unwritable output
         print(f"caption: error: {e}", file=sys.stderr)
         return 1
+    if s == ASSEMBLING_ELSEWHERE:
+        print(f"caption: {who} done; every chunk is written and another process is assembling the outputs "
+              f"({args.output_dir}/captions.json is written last)")
+        return 0
     if s is None:
         print(f"caption: {who} done; other processes still have chunks to caption (the one that finds every "
               "chunk written assembles the output; rerun the same command once all are done if none did)")

@@ -102,7 +102,7 @@ def test_a_failed_assembly_keeps_the_chunks_and_a_rerun_assembles(coca_dir, tmp_
 
     def boom(*a, **k):
         raise RuntimeError("disk\non fire")
-    monkeypatch.setattr(writer, "write_captioned_manifest", boom)
+    monkeypatch.setattr(writer, "_tsv_writer", boom)
     capsys.readouterr()
     assert caption.main(args + ["--output-dir", out]) == 1
     err = capsys.readouterr().err
@@ -116,3 +116,146 @@ def test_a_failed_assembly_keeps_the_chunks_and_a_rerun_assembles(coca_dir, tmp_
     assert {p: os.stat(p).st_mtime_ns for p in chunks} == mtimes  # assembled from the kept chunks
     assert outputs(out, ("captions.jsonl", "failed.jsonl", "captioned.tsv")) == \
         outputs(ref, ("captions.jsonl", "failed.jsonl", "captioned.tsv"))
+
+
+# ------------------------------------------------------------------------------------------------
+# the assembly: streamed, the same bytes as before, one process
+
+
+class _Echo:
+    """The fake captioner the golden digests below were made with (empty for some images)."""
+    name = "echo"
+
+    def __init__(self):
+        self.preprocess = lambda img: torch.tensor(img.getpixel((0, 0)), dtype=torch.float64)
+
+    def describe(self):
+        return {"backend": "echo"}
+
+    def collate(self, items):
+        return torch.stack(items)
+
+    def __call__(self, x):
+        return ["  " if int(v[2]) % 3 == 0 else f"pixel\t{int(v[0])}\n {int(v[1])}" for v in x]
+
+
+def _golden_manifest(root, fmt):
+    from data_fixtures import make_manifest_dataset
+    path = make_manifest_dataset(root, 11, fmt=fmt)
+    with open(path, "a") as f:  # a missing image and an unparseable row (copied as it was)
+        if fmt == "jsonl":
+            f.write('{"image": "images/missing.jpg", "text": "gone"}\n{"image": "images/0001.jpg", "text": broken\n')
+        elif fmt == "csv":
+            f.write('images/missing.jpg,"a ""quoted"", text",\nimages/0002.jpg,two fields\n')
+        else:
+            f.write("images/missing.jpg\tgone\t\nimages/0002.jpg\ttwo fields\n")
+    return path
+
+
+# sha256[:16] of each output (tmp dir replaced by <ROOT>) as the in-memory assembly wrote them
+# before it streamed (commit 9c9d39b, the same case)
+GOLDEN = {"jsonl/captions.jsonl": "d246a79cef812154", "jsonl/failed.jsonl": "8a600c6a2eef0bfb",
+          "jsonl/captioned.jsonl": "6d794cfd61eb44fc", "csv/captions.jsonl": "d246a79cef812154",
+          "csv/failed.jsonl": "d1ee2cd235c34f87", "csv/captioned.csv": "2d080406ff0fe50b",
+          "tsv/captions.jsonl": "d246a79cef812154", "tsv/failed.jsonl": "6f30d038a2212beb",
+          "tsv/captioned.tsv": "be2c323a2b9a3f64", "wds/captions.jsonl": "9e68ccdf46418969",
+          "wds/failed.jsonl": "c704b359589fc341"}
+
+
+def test_streamed_assembly_gives_the_bytes_of_the_in_memory_one(tmp_path):
+    import hashlib
+    from alip.caption.sources import TarRows
+    from data_fixtures import make_wds_dataset
+    root = str(tmp_path)
+    got = {}
+
+    def digest(d, names, label):
+        for name in names:
+            data = open(os.path.join(d, "out", name), "rb").read().replace(root.encode(), b"<ROOT>")
+            got[f"{label}/{name}"] = hashlib.sha256(data).hexdigest()[:16]
+
+    for fmt in ("jsonl", "csv", "tsv"):
+        d = os.path.join(root, fmt)
+        caption_run.caption_dataset(ManifestRows(_golden_manifest(d, fmt), d), _Echo(), GenSettings(),
+                                    os.path.join(d, "out"), batch_size=3, chunk_size=4, workers=0, progress=False)
+        digest(d, ("captions.jsonl", "failed.jsonl", f"captioned.{fmt}"), fmt)
+    pattern, _ = make_wds_dataset(os.path.join(root, "w"), 9, per_tar=4)
+    caption_run.caption_dataset(TarRows(pattern), _Echo(), GenSettings(), os.path.join(root, "w", "out"),
+                                batch_size=3, chunk_size=4, workers=0, progress=False)
+    digest(os.path.join(root, "w"), ("captions.jsonl", "failed.jsonl"), "wds")
+    assert got == GOLDEN
+
+
+def _fake_chunks(root, n, chunk_size):
+    """A JSONL manifest of n rows and its chunk files, written directly (no images, no model)."""
+    path = os.path.join(root, "rows.jsonl")
+    with open(path, "w") as f:
+        f.writelines(json.dumps({"image": f"images/{i:08d}.jpg", "text": f"web text {i} " * 4}) + "\n"
+                     for i in range(n))
+    source = ManifestRows(path, root)
+    plan = caption_run.make_plan(source, {"backend": "fake"}, GenSettings(), 8, chunk_size)
+    out = os.path.join(root, "out")
+    writer.check_plan(out, plan)
+    fp = writer.fingerprint(plan)
+    for c in range(-(-n // chunk_size)):
+        rows = range(c * chunk_size, min(n, (c + 1) * chunk_size))
+        writer.write_chunk(out, c, fp, rows[0], rows[-1] + 1,
+                           [(i, i, f"a synthetic caption of picture {i} " * 3) for i in rows if i % 10],
+                           [(i, i, "undecodable image: x", {"source": path, "row": i}) for i in rows if not i % 10])
+    return source, plan, out
+
+
+def test_the_assembly_streams_memory_does_not_grow_with_the_rows(tmp_path):
+    """Peak Python memory of the assembly for 2,000 and for 20,000 rows (chunks of 500): about
+    the same (the in-memory assembly held every caption and the whole manifest: ~10x)."""
+    import tracemalloc
+    peaks = []
+    for n in (2000, 20000):
+        root = str(tmp_path / str(n))
+        os.makedirs(root)
+        source, plan, out = _fake_chunks(root, n, 500)
+        tracemalloc.start()
+        s = writer.assemble(out, -(-n // 500), n, source, plan, "cmd")
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+        assert (s["captioned"], s["failed"]) == (n - n // 10, n // 10)
+        copy = open(os.path.join(out, "captioned.jsonl")).read().splitlines()
+        assert len(copy) == n and json.loads(copy[-1])["caption"].startswith(f"a synthetic caption of picture {n - 1}")
+    assert peaks[1] < 1.5 * peaks[0] + 200_000, peaks
+
+
+def test_chunks_are_read_one_at_a_time(tmp_path):
+    """iter_chunks is a generator: the first chunk comes before the second file is opened."""
+    source, plan, out = _fake_chunks(str(tmp_path), 30, 10)
+    fp = writer.fingerprint(plan)
+    it = writer.iter_chunks(out, 3, fp)
+    start, end, caps, fails = next(it)
+    assert (start, end, len(caps), len(fails)) == (0, 10, 9, 1)
+    os.remove(writer.chunk_path(out, 2, fp))
+    assert next(it)[:2] == (10, 20)
+    with pytest.raises(FileNotFoundError):
+        next(it)
+
+
+def test_one_process_assembles(coca_dir, tmp_path, capsys):  # noqa: F811
+    """While one process holds OUT/.assemble.lock (it is assembling), another that finds every chunk
+    written leaves the outputs to it; outputs assembled for this plan are not written again."""
+    import fcntl
+    root = str(tmp_path)
+    path = quoted_tsv(root)
+    out = str(tmp_path / "caps")
+    args = ["--manifest", path, "--image-root", root, "--output-dir", out] + coca_args(coca_dir)
+    assert caption.main(args + ["--part", "1/2"]) == 0
+    capsys.readouterr()
+    with open(os.path.join(out, ".assemble.lock"), "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert caption.main(args + ["--part", "0/2"]) == 0
+        assert "every chunk is written and another process is assembling the outputs" in capsys.readouterr().out
+        assert not outputs(out, ("captions.jsonl", "failed.jsonl", "captioned.tsv", "captions.json"))
+    assert caption.main(args + ["--part", "0/2"]) == 0  # the lock is free: this one assembles
+    assert f"rows in {len(QUOTED_TEXTS)} = captioned" in capsys.readouterr().out
+    names = ("captions.jsonl", "failed.jsonl", "captioned.tsv", "captions.json")
+    mtimes = {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in names}
+    assert caption.main(args) == 0  # a rerun: assembled already, nothing written
+    assert f"rows in {len(QUOTED_TEXTS)} = captioned" in capsys.readouterr().out
+    assert {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in names} == mtimes

@@ -21,6 +21,7 @@ from . import writer
 from .backends import output_generation
 from .sources import DataError, Reject
 
+ASSEMBLING_ELSEWHERE = "assembling elsewhere"  # caption_dataset: every chunk is written, another process assembles
 KILL_HOOK = "ALIP_CAPTION_TEST_KILL_AFTER_CHUNKS"  # tests: SIGKILL this process after k chunks
 
 
@@ -130,7 +131,8 @@ def make_plan(source, captioner_description, gen, batch_size, chunk_size):
 def caption_dataset(source, captioner, gen, output_dir, batch_size=64, chunk_size=1000, workers=4,
                     part=(0, 1), rank=0, world_size=1, command=None, progress=True, plan=None):
     """Caption this process's share of ``source`` into ``output_dir``; returns the summary when
-    every chunk is written (then captions.jsonl & co are assembled), else None. ``plan``: from
+    every chunk is written (then captions.jsonl & co are assembled, by this process or before),
+    ``ASSEMBLING_ELSEWHERE`` when another process is assembling them, else None. ``plan``: from
     ``make_plan`` (caption.py checked it before loading the model); None: made here from
     ``captioner.describe()``."""
     from tqdm import tqdm
@@ -176,10 +178,11 @@ def caption_dataset(source, captioner, gen, output_dir, batch_size=64, chunk_siz
     if not all(writer.chunk_done(output_dir, c, fp) for c in range(num_chunks)):
         return None
     try:
-        return writer.assemble(output_dir, num_chunks, n, source, plan, command,
-                               {"captioner": captioner.describe(), "generation": gen.asdict()})
+        summary = writer.assemble_once(output_dir, num_chunks, n, source, plan, command,
+                                       {"captioner": captioner.describe(), "generation": gen.asdict()})
     except Exception as e:  # the chunks are the work done: say they are kept and how to finish
         why = " ".join(str(e).split())  # one line
         raise DataError(f"{output_dir}: assembling the outputs failed ({type(e).__name__}: {why}); the "
                         f"{num_chunks} chunk file(s) in {os.path.join(output_dir, 'chunks')} are kept: "
                         "rerun the same command to assemble them") from e
+    return ASSEMBLING_ELSEWHERE if summary is None else summary

@@ -15,10 +15,12 @@ whole or absent; the assembled files depend only on the chunks, so the same inpu
 give the same bytes however the run was split, interrupted or spread over ranks and machines.
 """
 import csv
+import errno
 import hashlib
 import io
 import json
 import os
+import socket
 
 from alip.data.pack import DataError, _csv_kwargs
 
@@ -27,7 +29,7 @@ TOOL_VERSION = "2"  # 2: chunk files carry the plan fingerprint; plan.generation
 
 def _atomic_write(path, text, errors="strict"):
     """Write to a per-process temporary name, fsync, rename: whole or absent, whoever else writes it."""
-    tmp = f"{path}.{os.getpid()}.tmp"
+    tmp = _tmp_name(path)
     try:
         with open(tmp, "w", encoding="utf-8", errors=errors, newline="") as f:
             f.write(text)
@@ -114,85 +116,179 @@ def write_chunk(output_dir, c, fp, start, end, captions, failed):
     _atomic_write(chunk_path(output_dir, c, fp), json.dumps(doc, ensure_ascii=False))
 
 
-def read_chunks(output_dir, num_chunks, fp):
-    captions, failed = [], []
+def iter_chunks(output_dir, num_chunks, fp):
+    """(start, end, captions, failed) of each chunk in order, read one at a time (a generator: the
+    assembly holds one chunk, never the whole output)."""
+    expect = 0
     for c in range(num_chunks):
         path = chunk_path(output_dir, c, fp)
         with open(path, encoding="utf-8") as f:
             doc = json.load(f)
-        if doc.get("plan") != fp:
-            raise DataError(f"{path}: made under plan {doc.get('plan')}, not {fp}")
-        captions.extend(doc["captions"])
-        failed.extend(doc["failed"])
-    return captions, failed
+        if doc.get("plan") != fp or doc["start"] != expect:
+            raise DataError(f"{path}: not chunk {c} of plan {fp} (plan {doc.get('plan')}, rows from {doc['start']})")
+        expect = doc["end"]
+        yield doc["start"], doc["end"], doc["captions"], doc["failed"]
 
 
 def _jsonl(rows):
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
 
+def _tmp_name(path):
+    """A temporary name no other process (on any machine sharing the dir) uses."""
+    return f"{path}.{socket.gethostname()}.{os.getpid()}.tmp"
+
+
+def read_summary(output_dir, plan):
+    """captions.json if the outputs are assembled for this plan (every output present), else None."""
+    try:
+        with open(os.path.join(output_dir, "captions.json"), encoding="utf-8") as f:
+            summary = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(summary, dict) or summary.get("plan_fingerprint") != fingerprint(plan):
+        return None
+    names = summary.get("outputs", {}).values()
+    return summary if all(os.path.exists(os.path.join(output_dir, n)) for n in names) else None
+
+
+def assemble_once(output_dir, num_chunks, n, source, plan, command, recorded=None):
+    """``assemble`` by one process only: the one that takes OUT/.assemble.lock (an flock, released
+    when the process ends however it ends). Returns the summary, or None when another process holds
+    the lock (it is assembling). Outputs already assembled for this plan are not written again:
+    their summary is returned. Where the file system has no locks, every process that gets here
+    assembles (the same bytes, each file renamed into place whole)."""
+    import fcntl
+
+    path = os.path.join(output_dir, ".assemble.lock")
+    lock = open(path, "a+")
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                return None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"{socket.gethostname()} {os.getpid()}\n")
+        lock.flush()
+        done = read_summary(output_dir, plan)
+        if done is not None:
+            return done
+        return assemble(output_dir, num_chunks, n, source, plan, command, recorded)
+    finally:
+        lock.close()
+
+
 def assemble(output_dir, num_chunks, n, source, plan, command, recorded=None):
-    """Write captions.jsonl, failed.jsonl, captioned.<ext> (manifests) and captions.json
-    (``recorded``: entries that replace the plan's there: the loaded captioner, every setting)."""
-    captions, failed = read_chunks(output_dir, num_chunks, fingerprint(plan))
-    if len(captions) + len(failed) != n:
-        raise RuntimeError(f"{output_dir}: {n} rows in but {len(captions)} captioned + {len(failed)} failed")
-    _atomic_write(os.path.join(output_dir, "captions.jsonl"),
-                  _jsonl({"key": k, "caption": cap} for _, k, cap in captions))
-    _atomic_write(os.path.join(output_dir, "failed.jsonl"),
-                  _jsonl({"key": k, "reason": reason, **where} for _, k, reason, where in failed))
+    """Write captions.jsonl, failed.jsonl, captioned.<ext> (manifests) and, last, captions.json
+    (``recorded``: entries that replace the plan's there: the loaded captioner, every setting).
+
+    Streams: the chunks and the manifest are read in order and rows written as they come, so
+    memory does not grow with the number of rows. Each file is written to a temporary name and
+    renamed into place once all are complete; on any error the temporary files are removed (the
+    chunks are never touched)."""
+    fp = fingerprint(plan)
     outputs = {"captions": "captions.jsonl", "failed": "failed.jsonl"}
-    if source.kind == "manifest":
-        outputs["manifest"] = write_captioned_manifest(output_dir, source, {r: cap for r, _, cap in captions})
-    reasons = {}
-    for _, _, reason, _ in failed:
-        kind = " ".join(w for w in reason.split(":")[0].split() if os.sep not in w)  # no paths
-        reasons[kind] = reasons.get(kind, 0) + 1
+    manifest = source.kind == "manifest"
+    if manifest:
+        outputs["manifest"] = "captioned" + os.path.splitext(source.rows.path)[1].lower()
+    tmps = {k: _tmp_name(os.path.join(output_dir, name)) for k, name in outputs.items()}
+    files = {}
+    try:
+        for k, tmp in tmps.items():
+            files[k] = open(tmp, "w", encoding="utf-8", newline="",
+                            errors="surrogateescape" if k == "manifest" else "strict")
+        copy = _CaptionedManifest(source, files["manifest"]) if manifest else None
+        captioned = failed = 0
+        reasons = {}
+        for start, end, caps, fails in iter_chunks(output_dir, num_chunks, fp):
+            files["captions"].write(_jsonl({"key": k, "caption": cap} for _, k, cap in caps))
+            files["failed"].write(_jsonl({"key": k, "reason": reason, **where} for _, k, reason, where in fails))
+            captioned, failed = captioned + len(caps), failed + len(fails)
+            for _, _, reason, _ in fails:
+                kind = " ".join(w for w in reason.split(":")[0].split() if os.sep not in w)  # no paths
+                reasons[kind] = reasons.get(kind, 0) + 1
+            if copy is not None:
+                copy.rows(start, end, {r: cap for r, _, cap in caps})
+        if captioned + failed != n:
+            raise RuntimeError(f"{output_dir}: {n} rows in but {captioned} captioned + {failed} failed")
+        if copy is not None:
+            copy.close()
+        for k, f in files.items():
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+        for k, name in outputs.items():
+            os.replace(tmps[k], os.path.join(output_dir, name))
+    except BaseException:
+        for k, f in files.items():
+            f.close()
+        for tmp in tmps.values():
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        raise
     import alip
     summary = {"tool": "alip caption", "tool_version": TOOL_VERSION, "alip_version": alip.__version__,
                "command": command, "inputs": plan["inputs"], **plan["settings"],
-               **(recorded or {}), "plan_fingerprint": fingerprint(plan),
-               "rows_in": n, "captioned": len(captions), "failed": len(failed),
+               **(recorded or {}), "plan_fingerprint": fp,
+               "rows_in": n, "captioned": captioned, "failed": failed,
                "failure_kinds": dict(sorted(reasons.items())), "outputs": outputs}
     _atomic_write(os.path.join(output_dir, "captions.json"), json.dumps(summary, indent=1, ensure_ascii=False))
     return summary
 
 
-def write_captioned_manifest(output_dir, source, caption_of_row):
-    """A copy of the input manifest with the caption column set, row for row (data2rec --manifest).
+class _CaptionedManifest:
+    """The input manifest with the caption column set, row for row (data2rec --manifest), written
+    as the chunks come: ``rows(start, end, caption_of_row)`` reads those rows' bytes from the
+    manifest in order (never the whole file) and writes their copies.
 
     Rows without a caption keep their line but get caption null (JSONL) or "" (CSV/TSV), so
     data2rec stops (JSONL) or rejects them (CSV/TSV), or with ``--caption-fallback raw`` uses the
     raw text, counted. Rows caption.py could not parse are copied byte for byte.
     """
-    ms = source.rows
-    col = source.caption_col
-    with open(ms.path, "rb") as f:
-        data = f.read()
-    bounds = list(map(int, ms.offsets)) + [len(data)]
-    ext = os.path.splitext(ms.path)[1].lower()
-    name = "captioned" + ext
-    out = io.StringIO(newline="")
-    if ms.fmt == "jsonl":
-        for i in range(len(ms)):
-            out.write(_jsonl_row(data[bounds[i]:bounds[i + 1]], col, caption_of_row.get(i)))
-    else:
-        read_kw = _csv_kwargs(ms.fmt)  # exactly how data2rec reads it
-        header = list(ms.header)
-        if col not in header:
-            header.append(col)
-        write_row = _tsv_writer(out, ms.path) if ms.fmt == "tsv" else csv.writer(out, lineterminator="\n").writerow
-        write_row(header)
-        for i in range(len(ms)):
-            raw = data[bounds[i]:bounds[i + 1]]
-            row = next(csv.reader(io.StringIO(raw.decode("utf-8", "surrogateescape"), newline=""), **read_kw), None)
+
+    def __init__(self, source, out):
+        self.ms, self.col, self.out = source.rows, source.caption_col, out
+        self.f = open(self.ms.path, "rb")
+        self.next = 0
+        if len(self.ms):
+            self.f.seek(int(self.ms.offsets[0]))
+        if self.ms.fmt != "jsonl":
+            self.read_kw = _csv_kwargs(self.ms.fmt)  # exactly how data2rec reads it
+            self.header = list(self.ms.header)
+            if self.col not in self.header:
+                self.header.append(self.col)
+            self.write_row = (_tsv_writer(out, self.ms.path) if self.ms.fmt == "tsv"
+                              else csv.writer(out, lineterminator="\n").writerow)
+            self.write_row(self.header)
+
+    def _raw(self, i):
+        """Row i's bytes: from its offset to the next row's (the last: to the end of the file)."""
+        if i + 1 < len(self.ms):
+            return self.f.read(int(self.ms.offsets[i + 1]) - int(self.ms.offsets[i]))
+        return self.f.read()
+
+    def rows(self, start, end, caption_of_row):
+        if start != self.next:
+            raise RuntimeError(f"manifest copy: rows from {start}, expected {self.next}")
+        ms, col, out = self.ms, self.col, self.out
+        for i in range(start, end):
+            raw = self._raw(i)
+            if ms.fmt == "jsonl":
+                out.write(_jsonl_row(raw, col, caption_of_row.get(i)))
+                continue
+            row = next(csv.reader(io.StringIO(raw.decode("utf-8", "surrogateescape"), newline=""), **self.read_kw),
+                       None)
             if row is None or len(row) != len(ms.header):
                 out.write(raw.decode("utf-8", "surrogateescape"))  # unparseable: as it was
                 continue
             cells = dict(zip(ms.header, row), **{col: caption_of_row.get(i, "")})
-            write_row([cells.get(h, "") for h in header])
-    _atomic_write(os.path.join(output_dir, name), out.getvalue(), errors="surrogateescape")
-    return name
+            self.write_row([cells.get(h, "") for h in self.header])
+        self.next = end
+
+    def close(self):
+        self.f.close()
 
 
 def _tsv_writer(out, path):
