@@ -17,6 +17,7 @@ import torch
 from PIL import Image, ImageOps
 
 from ..cli import without_addresses
+from ..data.pack import _gray16_to_8
 from . import writer
 from .backends import output_generation
 from .sources import DataError, Reject
@@ -26,11 +27,14 @@ KILL_HOOK = "ALIP_CAPTION_TEST_KILL_AFTER_CHUNKS"  # tests: SIGKILL this process
 
 
 def decode_image(data):
-    """RGB PIL image, EXIF orientation applied (as data2rec stores it); raise Reject if undecodable."""
+    """RGB PIL image, EXIF orientation applied, 16-bit grayscale scaled to 8 bits (data2rec's own
+    ``_gray16_to_8``: the captioner sees what data2rec stores); raise Reject if undecodable."""
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
         img = ImageOps.exif_transpose(img)
+        if img.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):  # as data2rec's encode_image
+            img = _gray16_to_8(img)
         return img.convert("RGB") if img.mode != "RGB" else img
     except Exception as e:  # Pillow raises many types for bad files
         msg = without_addresses(str(e))  # same bytes every run
