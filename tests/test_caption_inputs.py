@@ -66,3 +66,22 @@ def test_16bit_png_through_the_pipeline(tmp_path):
     import json
     (row,) = [json.loads(line) for line in open(tmp_path / "out" / "captions.jsonl")]
     assert row["caption"] == "grey 117 117 117"  # round(30000 / 257), not 255
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "tsv"])
+def test_a_manifest_without_raw_text_is_refused_saying_why(tmp_path, capsys, fmt):
+    """Captioning needs only images, but data2rec (which reads captioned.<ext>) packs each row's raw
+    text with its caption: an image-only manifest stays refused, and the line now says why."""
+    root = str(tmp_path)
+    os.makedirs(os.path.join(root, "images"))
+    path = os.path.join(root, f"rows.{fmt}")
+    with open(path, "w") as f:
+        f.write('{"image": "images/a.jpg"}\n' if fmt == "jsonl" else "image\nimages/a.jpg\n")
+    with pytest.raises(DataError, match="data2rec, which reads this run's captioned manifest, stores each row's raw"):
+        ManifestRows(path, root)
+    out = tmp_path / "caps"
+    assert caption.main(["--manifest", path, "--image-root", root, "--output-dir", str(out), "--model", "x",
+                         "--pretrained", "y"]) == 1
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and path in err and "'text'" in err and "--text-col" in err
+    assert "raw text" in err and not out.exists()

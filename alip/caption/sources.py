@@ -29,7 +29,16 @@ class ManifestRows:
 
     def __init__(self, path, image_root=".", image_col="image", text_col="text", caption_col="caption"):
         # caption_fallback="raw": the caption column may be absent, it is what we are making
-        self.rows = ManifestSource(path, image_root, image_col, text_col, caption_col, caption_fallback="raw")
+        try:
+            self.rows = ManifestSource(path, image_root, image_col, text_col, caption_col, caption_fallback="raw")
+        except DataError as e:
+            if "--text-col" not in str(e):
+                raise
+            # an image-only manifest is refused on purpose: captioned.<ext> is data2rec's input, and
+            # data2rec packs each row's raw text with its caption (ALIP trains on both)
+            raise DataError(f"{e}; captioning needs only images, but data2rec, which reads this run's "
+                            "captioned manifest, stores each row's raw text next to its caption (ALIP "
+                            "trains on both), so a manifest without raw text is refused here") from None
         self.path, self.caption_col = path, caption_col
 
     def __len__(self):
