@@ -26,7 +26,8 @@ def parse_args(argv):
     src.add_argument("--text-col", default="text")
     src.add_argument("--caption-col", default="caption", help="column the captioned manifest copy fills")
     src.add_argument("--wds", help="glob of img2dataset-style tars (KEY.jpg + KEY.txt)")
-    src.add_argument("--rec", help="a directory (or glob) of rec shards: caption the images already packed")
+    src.add_argument("--rec", help="a directory (or glob) of rec shards: caption the images already packed "
+                                   "(captions.jsonl keyed by record key; no tool here packs them back into shards)")
     m = p.add_argument_group("captioner")
     m.add_argument("--backend", default="open_clip", choices=["open_clip", "hf", "vllm", "clips"],
                    help="clips: --model is the model file of a train.py --method clips run")
@@ -39,7 +40,8 @@ def parse_args(argv):
     m.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if present, else cpu), cpu, cuda:N")
     m.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto: bf16 on GPU, fp32 on CPU")
-    g = p.add_argument_group("generation (recorded; a rerun must use the same)")
+    g = p.add_argument_group("generation (recorded; a rerun into the same --output-dir must use the same, "
+                             "except those the --decoding does not use)")
     g.add_argument("--decoding", default="beam", choices=["greedy", "beam", "sample"])
     g.add_argument("--num-beams", type=int, default=3)
     g.add_argument("--max-new-tokens", type=int, default=30)

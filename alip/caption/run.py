@@ -6,7 +6,8 @@ part (j = the chunk's position in the part; ``process_slot``: without --part, al
 the launch by RANK / WORLD_SIZE; with --part, a part per machine, its processes by LOCAL_RANK /
 LOCAL_WORLD_SIZE). Each process captions its chunks in batches that never straddle a chunk, so
 a chunk's captions do not depend on who made them, and writes each chunk whole. No collectives:
-any process that finds every chunk written assembles the output (identical bytes whoever does it).
+a process that finds every chunk written assembles the output unless another holds the assembly
+lock or it is assembled already (``writer.assemble_once``; identical bytes whoever does it).
 """
 import io
 import math

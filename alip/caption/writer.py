@@ -8,11 +8,14 @@ Layout of ``OUT/``::
     captions.jsonl         {"key", "caption"} per captioned row, in input order (data2rec --captions)
     failed.jsonl           {"key", "reason", "source", row|sample|record} per row without a caption
     captioned.<ext>        manifest inputs only: the manifest with the caption column filled
-    captions.json          the sidecar: captioner, generation settings, counts, command
+    captions.json          the sidecar: captioner, generation settings, counts, command; written
+                           last, with the plan's fingerprint: the outputs are complete
+    .assemble.lock         flock'd by the one process that assembles
 
 Chunks are written to a temporary name, fsynced and renamed, so a killed run leaves each chunk
 whole or absent; the assembled files depend only on the chunks, so the same input and settings
 give the same bytes however the run was split, interrupted or spread over ranks and machines.
+The assembly streams (one chunk and one manifest row in memory at a time).
 """
 import csv
 import errno
