@@ -13,7 +13,7 @@ import data2rec
 from alip.caption import run as caption_run
 from alip.caption import writer
 from alip.caption.backends import GenSettings
-from alip.caption.sources import DataError, ManifestRows
+from alip.caption.sources import ManifestRows
 from alip.data.pack import ManifestSource
 from alip.data.recordio import RecordReader
 from data_fixtures import image

@@ -95,10 +95,11 @@ def test_a_coca_without_weights_is_refused_before_any_image_is_read(manifest, co
     bare.mkdir()
     (bare / "open_clip_config.json").write_bytes(open(os.path.join(coca_dir[len("local-dir:"):],
                                                                    "open_clip_config.json"), "rb").read())
-    for argv, names in (([], ["--model coca_ViT-L-14 needs --pretrained", "laion2b_s13b_b90k", "random-init"]),
-                        (["--model", "coca_ViT-B-32", "--decoding", "greedy"], ["--model coca_ViT-B-32 needs --pretrained"]),
-                        (["--model", f"local-dir:{bare}"], [f"no weights file (*.safetensors, *.bin, *.pth) in {bare}"]),
-                        (["--model", coca_dir, "--pretrained", "w.pt"], ["--pretrained w.pt: open_clip ignores it"])):
+    cases = (([], ["--model coca_ViT-L-14 needs --pretrained", "laion2b_s13b_b90k", "random-init"]),
+             (["--model", "coca_ViT-B-32", "--decoding", "greedy"], ["--model coca_ViT-B-32 needs --pretrained"]),
+             (["--model", f"local-dir:{bare}"], [f"no weights file (*.safetensors, *.bin, *.pth) in {bare}"]),
+             (["--model", coca_dir, "--pretrained", "w.pt"], ["--pretrained w.pt: open_clip ignores it"]))
+    for argv, names in cases:
         assert caption.main(base + argv) == 1
         err = capsys.readouterr().err
         assert err.startswith("caption: error: ") and len(err.splitlines()) == 1

@@ -24,6 +24,7 @@ import io
 import json
 import os
 import socket
+import sys
 
 from alip.data.pack import DataError, _csv_kwargs
 
@@ -171,6 +172,8 @@ def assemble_once(output_dir, num_chunks, n, source, plan, command, recorded=Non
         except OSError as e:
             if e.errno in (errno.EAGAIN, errno.EACCES):
                 return None
+            print(f"caption: warning: {path}: no file locking here ({e.strerror}); every process that finds "
+                  "all chunks written assembles (the same bytes)", file=sys.stderr)
         lock.seek(0)
         lock.truncate()
         lock.write(f"{socket.gethostname()} {os.getpid()}\n")
