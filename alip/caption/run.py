@@ -66,6 +66,28 @@ def _collate(items):
     return items
 
 
+class ChunkBatches:
+    """The DataLoader's batch sampler: the rows of chunks ``todo`` in batches of ``batch_size`` that
+    never straddle a chunk, made as the loader asks for them (memory does not grow with the rows)."""
+
+    def __init__(self, todo, n, chunk_size, batch_size):
+        self.todo, self.n, self.chunk_size, self.batch_size = todo, n, chunk_size, batch_size
+        self.rows = sum(self._end(c) - c * chunk_size for c in todo)
+        self.count = sum(-(-(self._end(c) - c * chunk_size) // batch_size) for c in todo)
+
+    def _end(self, c):
+        return min(self.n, (c + 1) * self.chunk_size)
+
+    def __iter__(self):
+        for c in self.todo:
+            end = self._end(c)
+            for b in range(c * self.chunk_size, end, self.batch_size):
+                yield list(range(b, min(end, b + self.batch_size)))
+
+    def __len__(self):
+        return self.count
+
+
 def my_chunks(num_chunks, part, rank, world_size):
     """The chunks of process ``rank`` of the ``world_size`` processes sharing ``part`` (``process_slot``)."""
     i, n = part
@@ -149,28 +171,23 @@ def caption_dataset(source, captioner, gen, output_dir, batch_size=64, chunk_siz
     fp = writer.fingerprint(plan)
     num_chunks = max(1, math.ceil(n / chunk_size))
     todo = [c for c in my_chunks(num_chunks, part, rank, world_size) if not writer.chunk_done(output_dir, c, fp)]
-    batches, chunk_of_batch = [], []
-    for c in todo:
-        rows = list(range(c * chunk_size, min(n, (c + 1) * chunk_size)))
-        for b in range(0, len(rows), batch_size):
-            batches.append(rows[b:b + batch_size])
-            chunk_of_batch.append(c)
+    batches = ChunkBatches(todo, n, chunk_size, batch_size)
     loader = torch.utils.data.DataLoader(
         RowImages(source, captioner.preprocess), batch_sampler=batches, collate_fn=_collate,
         num_workers=workers, pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers else None,
         persistent_workers=False)
     kill_after = int(os.environ.get(KILL_HOOK, "0"))
-    bar = tqdm(total=sum(map(len, batches)), unit="img", desc=f"caption rank {rank}",
+    bar = tqdm(total=batches.rows, unit="img", desc=f"caption rank {rank}",
                disable=not progress, smoothing=0.05)
     done_chunks, acc = 0, ([], [])
     try:
-        for b, items in enumerate(loader):
+        for items in loader:
             captions, failed = caption_batch(captioner, items, source, gen.seed)
             acc[0].extend(captions)
             acc[1].extend(failed)
             bar.update(len(items))
-            c = chunk_of_batch[b]
-            if b + 1 == len(batches) or chunk_of_batch[b + 1] != c:
+            c = items[0][0] // chunk_size  # a batch never straddles a chunk
+            if items[-1][0] + 1 == min(n, (c + 1) * chunk_size):  # the chunk's last batch
                 writer.write_chunk(output_dir, c, fp, c * chunk_size, min(n, (c + 1) * chunk_size), *acc)
                 acc = ([], [])
                 done_chunks += 1
