@@ -200,7 +200,7 @@ def assemble(output_dir, num_chunks, n, source, plan, command, recorded=None):
     if manifest:
         outputs["manifest"] = "captioned" + os.path.splitext(source.rows.path)[1].lower()
     tmps = {k: _tmp_name(os.path.join(output_dir, name)) for k, name in outputs.items()}
-    files = {}
+    files, copy = {}, None
     try:
         for k, tmp in tmps.items():
             files[k] = open(tmp, "w", encoding="utf-8", newline="",
@@ -228,7 +228,7 @@ def assemble(output_dir, num_chunks, n, source, plan, command, recorded=None):
         for k, name in outputs.items():
             os.replace(tmps[k], os.path.join(output_dir, name))
     except BaseException:
-        for k, f in files.items():
+        for f in [*files.values(), *([copy] if copy is not None else [])]:
             f.close()
         for tmp in tmps.values():
             if os.path.exists(tmp):
