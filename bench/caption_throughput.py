@@ -110,8 +110,10 @@ def main():
                           os.path.join(tmp, "in"))
     coca = args.coca or save_tiny_coca(os.path.join(tmp, "coca"))
     variants = {}
-    cap = build_captioner("open_clip", coca, args.pretrained, gen, args.device, precision)
-    if args.coca and not args.pretrained and not args.coca.startswith(("local-dir:", "hf-hub:")):
+    random_init = bool(args.coca) and not args.pretrained and not args.coca.startswith(("local-dir:", "hf-hub:"))
+    cap = build_captioner("open_clip", coca, args.pretrained, gen, args.device, precision,
+                          random_init=random_init)
+    if random_init:
         # random init (throughput only): open_clip leaves the decoder's output projection
         # uninitialised, so give it values or every logit ties
         torch.nn.init.normal_(cap.model.text_decoder.text_projection, std=cap.model.text_decoder.width ** -0.5)

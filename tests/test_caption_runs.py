@@ -203,3 +203,12 @@ def test_batches_are_made_as_the_loader_asks_for_them():
     assert (big.rows, len(big)) == (125 * 10**6, 125_000 * 16)
     assert first[15] == list(range(960, 1000)) and first[16] == list(range(8000, 8064))
     assert peak < 1_000_000, peak
+
+
+def test_a_benchmark_may_time_a_random_init_coca():
+    """bench/caption_throughput.py times a random-init coca_ViT-B-32 on purpose: the library lets
+    it through only when asked (random_init=True)."""
+    from alip.caption.backends import GenSettings, build_captioner
+    cap = build_captioner("open_clip", "coca_ViT-B-32", "", GenSettings(decoding="greedy"),
+                          random_init=True)
+    assert cap.model_name == "coca_ViT-B-32"

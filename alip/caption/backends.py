@@ -87,7 +87,7 @@ class CocaCaptioner:
 
     name = "open_clip"
 
-    def __init__(self, model, pretrained, gen, device="cpu", precision="fp32"):
+    def __init__(self, model, pretrained, gen, device="cpu", precision="fp32", random_init=False):
         import open_clip
         from open_clip import coca_model
 
@@ -98,7 +98,8 @@ class CocaCaptioner:
             raise ValueError("--prompt: the open_clip CoCa backend captions without a prompt")
         if gen.decoding == "beam" and gen.num_beams < 2:
             raise ValueError("--decoding beam with open_clip CoCa needs --num-beams >= 2 (or --decoding greedy)")
-        check_coca_weights(model, pretrained)
+        if not random_init:  # a benchmark times random-init models on purpose
+            check_coca_weights(model, pretrained)
         self.model_name, self.pretrained, self.gen = model, pretrained, gen
         self.device, self.precision = torch.device(device), precision
         if model.startswith("hf-hub:"):  # open_clip only warns when the hub has no weights: random init
@@ -371,10 +372,13 @@ def plan_description(backend, model, pretrained="", precision="fp32"):
     return dict(desc, precision=precision)
 
 
-def build_captioner(backend, model, pretrained, gen, device="cpu", precision="fp32", trust_remote_code=False):
+def build_captioner(backend, model, pretrained, gen, device="cpu", precision="fp32", trust_remote_code=False,
+                    random_init=False):
+    """The captioner of ``backend``; ``random_init=True`` lets a CoCa without weights through (only
+    for timing: it writes junk captions)."""
     gen.check()
     if backend == "open_clip":
-        return CocaCaptioner(model, pretrained, gen, device, precision)
+        return CocaCaptioner(model, pretrained, gen, device, precision, random_init)
     if pretrained:
         raise ValueError(f"--pretrained is for the open_clip backend; --backend {backend} takes weights via --model")
     if backend == "hf":
