@@ -162,29 +162,34 @@ def test_tars_with_hf_blip_keyed_by_sample_name(blip_dir, tmp_path, capsys):
     assert "written 6 + rejected 1" in capsys.readouterr().out
 
 
-class _Echo:
-    """A fake captioner: row-dependent text, empty for some images."""
-    name = "echo"
+class FakeCaptioner:
+    """A captioner stand-in: each image's first pixel (as a float64 tensor) -> ``caption_of``."""
 
-    def __init__(self, empty_every=3):
-        self.empty_every = empty_every
+    def __init__(self, name, caption_of):
+        self.name, self.caption_of = name, caption_of
         self.preprocess = lambda img: torch.tensor(img.getpixel((0, 0)), dtype=torch.float64)
 
     def describe(self):
-        return {"backend": "echo"}
+        return {"backend": self.name}
 
     def collate(self, items):
         return torch.stack(items)
 
     def __call__(self, x):
-        return ["  " if int(v[2]) % self.empty_every == 0 else f"pixel\t{int(v[0])}\n {int(v[1])}" for v in x]
+        return [self.caption_of(v) for v in x]
+
+
+def echo_captioner(empty_every=3):
+    """Row-dependent text with a tab and a newline in it, empty (blank) for some images."""
+    return FakeCaptioner("echo", lambda v: "  " if int(v[2]) % empty_every == 0
+                         else f"pixel\t{int(v[0])}\n {int(v[1])}")
 
 
 def test_empty_generations_are_failures_counted_not_dropped(tmp_path):
     root = str(tmp_path)
     path = make_manifest_dataset(root, 12, fmt="tsv")
     src = ManifestRows(path, root)
-    cap = _Echo()
+    cap = echo_captioner()
     s = caption_run.caption_dataset(src, cap, GenSettings(), str(tmp_path / "out"), batch_size=5, chunk_size=7,
                                     workers=0, progress=False)
     empty = [i for i in range(12) if caption_run.decode_image(src.image_bytes(i)).getpixel((0, 0))[2] % 3 == 0]
@@ -207,7 +212,7 @@ def test_unparseable_manifest_rows_fail_and_are_copied_as_they_were(tmp_path):
     lines = open(path).read().splitlines(keepends=True)
     lines[1] = '{"image": "images/0001.jpg", "text": broken\n'
     open(path, "w").writelines(lines)
-    s = caption_run.caption_dataset(ManifestRows(path, root), _Echo(empty_every=10**6), GenSettings(),
+    s = caption_run.caption_dataset(ManifestRows(path, root), echo_captioner(empty_every=10**6), GenSettings(),
                                     str(tmp_path / "out"), batch_size=4, workers=0, progress=False)
     assert (s["captioned"], s["failed"]) == (3, 1)
     (bad,) = read_jsonl(str(tmp_path / "out" / "failed.jsonl"))

@@ -4,7 +4,6 @@ import os
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import caption
@@ -12,6 +11,7 @@ from alip.caption import run as caption_run
 from alip.caption.backends import GenSettings
 from alip.caption.sources import DataError, ManifestRows
 from alip.data.pack import encode_image
+from test_caption import FakeCaptioner
 
 
 def png16(path, value=30000):
@@ -37,22 +37,6 @@ def test_16bit_grayscale_is_scaled_as_data2rec_stores_it(tmp_path):
     assert np.abs(stored - got.astype(int)).max() <= 3
 
 
-class _Pixel:
-    name = "pixel"
-
-    def __init__(self):
-        self.preprocess = lambda img: torch.tensor(img.getpixel((0, 0)), dtype=torch.float64)
-
-    def describe(self):
-        return {"backend": "pixel"}
-
-    def collate(self, items):
-        return torch.stack(items)
-
-    def __call__(self, x):
-        return [f"grey {int(v[0])} {int(v[1])} {int(v[2])}" for v in x]
-
-
 def test_16bit_png_through_the_pipeline(tmp_path):
     root = str(tmp_path)
     os.makedirs(os.path.join(root, "images"))
@@ -60,7 +44,7 @@ def test_16bit_png_through_the_pipeline(tmp_path):
     path = os.path.join(root, "rows.jsonl")
     with open(path, "w") as f:
         f.write('{"image": "images/g16.png", "text": "a grey card"}\n')
-    s = caption_run.caption_dataset(ManifestRows(path, root), _Pixel(), GenSettings(), str(tmp_path / "out"),
+    s = caption_run.caption_dataset(ManifestRows(path, root), FakeCaptioner("pixel", lambda v: f"grey {int(v[0])} {int(v[1])} {int(v[2])}"), GenSettings(), str(tmp_path / "out"),
                                     workers=0, progress=False)
     assert s["captioned"] == 1
     import json

@@ -6,7 +6,6 @@ import json
 import os
 
 import pytest
-import torch
 
 import caption
 import data2rec
@@ -18,23 +17,13 @@ from alip.data.pack import ManifestSource
 from alip.data.recordio import RecordReader
 from data_fixtures import image
 from test_caption import coca_args, coca_dir, one_thread, outputs  # noqa: F401  (fixtures)
+from test_caption import FakeCaptioner, echo_captioner  # (the golden digests below were made with echo)
 
 
-class _Quoting:
-    """A fake captioner whose captions hold quotes (row-dependent, never empty)."""
-    name = "quoting"
-
-    def __init__(self):
-        self.preprocess = lambda img: torch.tensor(img.getpixel((0, 0)), dtype=torch.float64)
-
-    def describe(self):
-        return {"backend": "quoting"}
-
-    def collate(self, items):
-        return torch.stack(items)
-
-    def __call__(self, x):
-        return [f'a "quoted" caption {int(v[0])}"' if int(v[0]) % 2 else f'"{int(v[1])} inches" tall' for v in x]
+def quoting_captioner():
+    """Captions that hold quotes (row-dependent, never empty)."""
+    return FakeCaptioner("quoting", lambda v: f'a "quoted" caption {int(v[0])}"' if int(v[0]) % 2
+                         else f'"{int(v[1])} inches" tall')
 
 
 QUOTED_TEXTS = ['a "quoted" word', '"starts with a quote', 'ends with a quote"', 'plain text', "it's 5'10\"",
@@ -60,7 +49,7 @@ def test_tsv_with_quotes_round_trips_caption_py_to_data2rec(tmp_path, capsys):
     root = str(tmp_path)
     path = quoted_tsv(root)
     out = str(tmp_path / "caps")
-    s = caption_run.caption_dataset(ManifestRows(path, root), _Quoting(), GenSettings(), out, batch_size=3,
+    s = caption_run.caption_dataset(ManifestRows(path, root), quoting_captioner(), GenSettings(), out, batch_size=3,
                                     chunk_size=4, workers=0, progress=False)
     assert (s["captioned"], s["failed"]) == (len(QUOTED_TEXTS), 0)
     want = {c["key"]: c["caption"] for c in map(json.loads, open(os.path.join(out, "captions.jsonl")))}
@@ -122,23 +111,6 @@ def test_a_failed_assembly_keeps_the_chunks_and_a_rerun_assembles(coca_dir, tmp_
 # the assembly: streamed, the same bytes as before, one process
 
 
-class _Echo:
-    """The fake captioner the golden digests below were made with (empty for some images)."""
-    name = "echo"
-
-    def __init__(self):
-        self.preprocess = lambda img: torch.tensor(img.getpixel((0, 0)), dtype=torch.float64)
-
-    def describe(self):
-        return {"backend": "echo"}
-
-    def collate(self, items):
-        return torch.stack(items)
-
-    def __call__(self, x):
-        return ["  " if int(v[2]) % 3 == 0 else f"pixel\t{int(v[0])}\n {int(v[1])}" for v in x]
-
-
 def _golden_manifest(root, fmt):
     from data_fixtures import make_manifest_dataset
     path = make_manifest_dataset(root, 11, fmt=fmt)
@@ -176,11 +148,11 @@ def test_streamed_assembly_gives_the_bytes_of_the_in_memory_one(tmp_path):
 
     for fmt in ("jsonl", "csv", "tsv"):
         d = os.path.join(root, fmt)
-        caption_run.caption_dataset(ManifestRows(_golden_manifest(d, fmt), d), _Echo(), GenSettings(),
+        caption_run.caption_dataset(ManifestRows(_golden_manifest(d, fmt), d), echo_captioner(), GenSettings(),
                                     os.path.join(d, "out"), batch_size=3, chunk_size=4, workers=0, progress=False)
         digest(d, ("captions.jsonl", "failed.jsonl", f"captioned.{fmt}"), fmt)
     pattern, _ = make_wds_dataset(os.path.join(root, "w"), 9, per_tar=4)
-    caption_run.caption_dataset(TarRows(pattern), _Echo(), GenSettings(), os.path.join(root, "w", "out"),
+    caption_run.caption_dataset(TarRows(pattern), echo_captioner(), GenSettings(), os.path.join(root, "w", "out"),
                                 batch_size=3, chunk_size=4, workers=0, progress=False)
     digest(os.path.join(root, "w"), ("captions.jsonl", "failed.jsonl"), "wds")
     assert got == GOLDEN
