@@ -54,7 +54,6 @@ class ALIP(Method):
 
     def __init__(self, model, args, rank=0, world_size=1):
         super().__init__(model, args, rank, world_size)
-        self.data = self.data_spec(args)
         self.encoder = ALIPEncoder(model, args.text_mode)
         self.criterion = ALIPCriterion(
             gamma=args.alip_gamma, momentum=args.alip_momentum, ema_init=args.alip_ema_init,

@@ -64,6 +64,7 @@ class Method:
     def __init__(self, model, args, rank=0, world_size=1):
         self.model, self.args = model, args
         self.rank, self.world_size = rank, world_size
+        self.data = self.data_spec(args)  # what the loader was built from, for these flags
         self.encoder = None
         self.criterion = None
 

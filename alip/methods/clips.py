@@ -271,7 +271,6 @@ class CLIPS(Method):
     def __init__(self, model, args, rank=0, world_size=1):
         super().__init__(model, args, rank, world_size)
         require_token_towers(model, self.name, args.model)
-        self.data = self.data_spec(args)
         text = model.transformer
         decoder = CaptionDecoder(
             model.visual.transformer.width, text.width,

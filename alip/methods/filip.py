@@ -326,7 +326,6 @@ class FILIP(Method):
     def __init__(self, model, args, rank=0, world_size=1):
         super().__init__(model, args, rank, world_size)
         require_token_towers(model, self.name, args.model)
-        self.data = self.data_spec(args)
         if args.filip_input_mask and model.token_embedding.num_embeddings < 49409:
             raise MethodConfigError("--filip-input-mask needs a vocabulary with a mask token "
                                     f"(DeCLIP-* models); --model {args.model} has none")

@@ -183,7 +183,6 @@ class SLIP(Method):
 
     def __init__(self, model, args, rank=0, world_size=1):
         super().__init__(model, args, rank, world_size)
-        self.data = self.data_spec(args)
         self.encoder = SLIPEncoder(model, args.slip_mlp_dim, args.slip_emb_dim)
         if world_size > 1 and next(model.parameters()).is_cuda:
             self.encoder.head = nn.SyncBatchNorm.convert_sync_batchnorm(self.encoder.head)
