@@ -26,24 +26,10 @@ import os
 import socket
 import sys
 
+from alip.atomic import temp_name, write_text
 from alip.data.pack import DataError, _csv_kwargs
 
 TOOL_VERSION = "2"  # 2: chunk files carry the plan fingerprint; plan.generation normalised
-
-
-def _atomic_write(path, text, errors="strict"):
-    """Write to a per-process temporary name, fsync, rename: whole or absent, whoever else writes it."""
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, "w", encoding="utf-8", errors=errors, newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def check_output_dir(output_dir):
@@ -97,7 +83,7 @@ def check_plan(output_dir, plan, write=True):
                             "to caption it anew with these settings")
     elif write:
         os.makedirs(os.path.join(output_dir, "chunks"), exist_ok=True)
-        _atomic_write(path, text)
+        write_text(path, text)
 
 
 def chunk_path(output_dir, c, fp):
@@ -117,7 +103,7 @@ def write_chunk(output_dir, c, fp, start, end, captions, failed):
     doc = {"plan": fp, "start": start, "end": end,
            "captions": sorted([r, k, cap] for r, k, cap in captions),
            "failed": sorted(([r, k, reason, where] for r, k, reason, where in failed), key=lambda x: x[0])}
-    _atomic_write(chunk_path(output_dir, c, fp), json.dumps(doc, ensure_ascii=False))
+    write_text(chunk_path(output_dir, c, fp), json.dumps(doc, ensure_ascii=False))
 
 
 def iter_chunks(output_dir, num_chunks, fp):
@@ -136,11 +122,6 @@ def iter_chunks(output_dir, num_chunks, fp):
 
 def _jsonl(rows):
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-
-
-def _tmp_name(path):
-    """A temporary name no other process (on any machine sharing the dir) uses."""
-    return f"{path}.{socket.gethostname()}.{os.getpid()}.tmp"
 
 
 def read_summary(output_dir, plan):
@@ -199,7 +180,7 @@ def assemble(output_dir, num_chunks, n, source, plan, command, recorded=None):
     manifest = source.kind == "manifest"
     if manifest:
         outputs["manifest"] = "captioned" + os.path.splitext(source.rows.path)[1].lower()
-    tmps = {k: _tmp_name(os.path.join(output_dir, name)) for k, name in outputs.items()}
+    tmps = {k: temp_name(os.path.join(output_dir, name)) for k, name in outputs.items()}
     files, copy = {}, None
     try:
         for k, tmp in tmps.items():
@@ -240,7 +221,7 @@ def assemble(output_dir, num_chunks, n, source, plan, command, recorded=None):
                **(recorded or {}), "plan_fingerprint": fp,
                "rows_in": n, "captioned": captioned, "failed": failed,
                "failure_kinds": dict(sorted(reasons.items())), "outputs": outputs}
-    _atomic_write(os.path.join(output_dir, "captions.json"), json.dumps(summary, indent=1, ensure_ascii=False))
+    write_text(os.path.join(output_dir, "captions.json"), json.dumps(summary, indent=1, ensure_ascii=False))
     return summary
 
 

@@ -1,8 +1,8 @@
 """Result tables and JSON output shared by the eval CLIs."""
 import json
 import math
-import os
 
+from ..atomic import write_text
 from .datasets import ALIP_TABLE, TITLES
 
 
@@ -35,13 +35,5 @@ def json_safe(x):
 
 
 def write_json(path, **content):
-    """``content`` as strict JSON at ``path``, written whole or not at all: to a temporary file
-    beside it, then renamed over it, so a crash or a reader never sees half a file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(json_safe(content), f, indent=2)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """``content`` as strict JSON at ``path``, written whole or not at all (``alip.atomic``)."""
+    write_text(path, json.dumps(json_safe(content), indent=2))

@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from alip.atomic import write_text
+
 INDEX = "index.json"
 
 
@@ -57,16 +59,6 @@ def _atomic_save(obj, path):
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_text(text, path):
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -168,7 +160,7 @@ def save_checkpoint(ckpt_dir, tag, model_name, model, train_state, epoch, step, 
                                           else [])):
             (ckpt_dir / name).unlink(missing_ok=True)
     index = [e for e in index if (ckpt_dir / e["model"]).exists()]
-    atomic_write_text(json.dumps(index, indent=1), ckpt_dir / INDEX)
+    write_text(ckpt_dir / INDEX, json.dumps(index, indent=1))
     return ckpt_dir / model_file
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .checkpoint import atomic_write_text
+from alip.atomic import write_text
 
 log = logging.getLogger("alip.train")
 
@@ -48,7 +48,7 @@ def truncate_results(path, last_step):
         else:
             kept.append(line + "\n")
     if dropped:
-        atomic_write_text("".join(kept), path)
+        write_text(path, "".join(kept))
     return dropped
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from alip.atomic import write_text
 from alip.cli import interval_error, resolve_device
 from alip.methods import get_method, method_names
 
@@ -367,7 +368,4 @@ def resolved_config(args):
 
 
 def write_config(args, path):
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(resolved_config(args), sort_keys=True))
-    tmp.replace(path)
+    write_text(path, yaml.safe_dump(resolved_config(args), sort_keys=True))
