@@ -10,7 +10,8 @@ import glob
 import os
 import tempfile
 
-from alip.data.pack import DataError, ManifestSource, Reject, WebDatasetSource, read_source  # noqa: F401
+from alip.data.pack import (DataError, ManifestSource, MissingColumn, Reject, WebDatasetSource,  # noqa: F401
+                            read_source)
 from alip.data.recordio import RecordIOError, RecordReader
 
 
@@ -31,8 +32,8 @@ class ManifestRows:
         # caption_fallback="raw": the caption column may be absent, it is what we are making
         try:
             self.rows = ManifestSource(path, image_root, image_col, text_col, caption_col, caption_fallback="raw")
-        except DataError as e:
-            if "--text-col" not in str(e):
+        except MissingColumn as e:
+            if e.flag != "--text-col":
                 raise
             # an image-only manifest is refused on purpose: captioned.<ext> is data2rec's input, and
             # data2rec packs each row's raw text with its caption (ALIP trains on both)

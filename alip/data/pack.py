@@ -45,6 +45,14 @@ class DataError(Exception):
     """Input that stops the run (the message names the file and row)."""
 
 
+class MissingColumn(DataError):
+    """A manifest column that no row (JSONL) or the header (CSV/TSV) has; ``flag`` sets it."""
+
+    def __init__(self, message, flag=None):
+        super().__init__(message)
+        self.flag = flag
+
+
 class Reject(Exception):
     """A row that is skipped and written to rejects.jsonl with this reason."""
 
@@ -139,7 +147,8 @@ class ManifestSource:
             # as the CSV header check: a typo'd --image-col/--text-col would reject every row
             for name, flag in zip(self.cols[:2], ("--image-col", "--text-col")):
                 if not self._col_seen[name]:
-                    raise DataError(f"{path}: no row has a value in column {name!r} (set it with {flag})")
+                    raise MissingColumn(f"{path}: no row has a value in column {name!r} (set it with {flag})",
+                                        flag)
         absent = [f for f, n in self._extra_seen.items() if n == 0]
         if absent and len(self.offsets) > len(self.bad_rows):
             raise DataError(f"{path}: no row has a value in column {absent[0]!r} (--text-fields names "
@@ -152,10 +161,10 @@ class ManifestSource:
         if self.header is None:
             raise DataError(f"{path}: {reason or 'empty manifest'} in the header row "
                             f"(a {self.fmt.upper()} needs a header row)")
-        for name in (image_col, text_col):
+        for name, flag in ((image_col, "--image-col"), (text_col, "--text-col")):
             if name not in self.header:
-                raise DataError(f"{path}: header {self.header} has no column {name!r} "
-                                f"(set it with --{'image' if name == image_col else 'text'}-col)")
+                raise MissingColumn(f"{path}: header {self.header} has no column {name!r} (set it with {flag})",
+                                    flag)
         for name in self.extra:
             if name not in self.header:
                 raise DataError(f"{path}: header {self.header} has no column {name!r} (named by --text-fields)")
