@@ -27,16 +27,20 @@ def sort_key(lengths):
     return lengths[:, 0] * 1024 + lengths[:, 1:].sum(axis=1)
 
 
+def bucket_pool(records, key, batch_size, seed, epoch, p):
+    """The batches of pool ``p`` (``records``: its record indices in sampler order), sorted by
+    ``key`` and emitted in the pool's drawn order, a short last batch last."""
+    B = int(batch_size)
+    records = records[np.argsort(key[records], kind="stable")]
+    batches = [records[i:i + B] for i in range(0, len(records), B)]
+    full = len(records) // B
+    order = np.random.default_rng([int(seed), int(epoch), int(p), TAG]).permutation(full)
+    return [batches[j] for j in order] + batches[full:]
+
+
 def bucketed_batches(idx, key, batch_size, pool_batches, seed, epoch):
     """The batches (index arrays) of a rank's epoch ``idx`` (record indices in sampler order),
     bucketed by ``key`` (indexed by record index) in pools of ``pool_batches`` batches."""
-    B, pool = int(batch_size), int(pool_batches) * int(batch_size)
-    out = []
-    for p, start in enumerate(range(0, len(idx), pool)):
-        records = idx[start:start + pool]
-        records = records[np.argsort(key[records], kind="stable")]
-        batches = [records[i:i + B] for i in range(0, len(records), B)]
-        full = len(records) // B
-        order = np.random.default_rng([int(seed), int(epoch), p, TAG]).permutation(full)
-        out += [batches[j] for j in order] + batches[full:]
-    return out
+    pool = int(pool_batches) * int(batch_size)
+    return [b for p, start in enumerate(range(0, len(idx), pool))
+            for b in bucket_pool(idx[start:start + pool], key, batch_size, seed, epoch, p)]

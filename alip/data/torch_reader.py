@@ -1,7 +1,8 @@
 """ALIP RecordIO shards through a torch DataLoader (Pillow decode, the reference augmentation).
 
-Each epoch draws one global permutation from (seed, epoch); rank r takes every W-th record of it,
-cut into batches. drop_last=True trims the permutation to W*B*(N // (W*B)) records first so every
+Each epoch draws one global order of the records from (seed, epoch) (alip.data.order: numpy's
+permutation up to 2**24 records, above that computed per position so no rank stores it); rank r
+takes every W-th record of it, cut into batches. drop_last=True trims the order to W*B*(N // (W*B)) records first so every
 rank yields the same number of full batches (the dropped records differ from epoch to epoch);
 drop_last=False yields every record exactly once across ranks (a rank's batch count may then be
 one less than another's). ``set_epoch(e, start_batch=k)`` yields exactly batches k.. of epoch e,
@@ -10,6 +11,7 @@ bit-identical, since each sample's augmentation comes from (seed, epoch, record 
 length (alip.data.bucketing; lengths from alip.data.lengths), keeping all of the above.
 """
 import io
+import itertools
 import math
 
 import numpy as np
@@ -19,9 +21,10 @@ from PIL import Image
 from ..cli import without_addresses
 from . import text_views
 from .augment import eval_transform, image_views, sample_rng, train_transform, view_rngs
-from .bucketing import bucketed_batches, sort_key
+from .bucketing import bucket_pool, sort_key
 from .fields import resolve
 from .lengths import length_index
+from .order import EpochOrder, order_kind
 from .recordio import RecordIOError, RecordReader
 from .spec import DEFAULT_TEXT_FIELDS
 
@@ -78,12 +81,31 @@ class RecDataset(torch.utils.data.Dataset):
         return x, fields["raw"], fields["caption"]
 
 
-def rank_indices(n, epoch, seed, rank, world_size, batch_size, drop_last):
-    """The record indices rank `rank` reads in `epoch`, in order."""
-    perm = np.random.default_rng([int(seed), int(epoch)]).permutation(n)
-    if drop_last:
-        perm = perm[:world_size * batch_size * (n // (world_size * batch_size))]
-    return perm[rank::world_size]
+def rank_batches(n, epoch, seed, rank, world_size, batch_size, drop_last, pool_batches=0, key=None,
+                 start_batch=0):
+    """Rank ``rank``'s batches of ``epoch`` from ``start_batch`` on (int64 record-index arrays).
+
+    The epoch's order is a bijection of the n records drawn from (seed, epoch)
+    (alip.data.order); drop_last=True keeps its first W*B*(n // (W*B)) positions, and rank r
+    takes positions r, r + W, r + 2W, ... of what is kept, cut into batches of B. Nothing of
+    size n is built: each batch (with length bucketing, each pool of ``pool_batches`` batches)
+    is computed when it is reached."""
+    W, B = int(world_size), int(batch_size)
+    order = EpochOrder(n, seed, epoch)
+    kept = W * B * (n // (W * B)) if drop_last else n
+    mine = len(range(rank, kept, W))
+
+    def records(lo, hi):  # rank's records lo..hi-1 (in its sequence)
+        return order[rank + W * np.arange(lo, min(hi, mine), dtype=np.int64)]
+
+    if not pool_batches:
+        for b in range(start_batch, math.ceil(mine / B)):
+            yield records(b * B, (b + 1) * B)
+        return
+    per_pool = int(pool_batches)
+    for p in range(start_batch // per_pool, math.ceil(mine / (B * per_pool))):
+        batches = bucket_pool(records(p * per_pool * B, (p + 1) * per_pool * B), key, B, seed, epoch, p)
+        yield from batches[max(0, start_batch - p * per_pool):]
 
 
 class _Batches:
@@ -101,13 +123,10 @@ class _Batches:
         self.epoch, self.start_batch = 0, 0
 
     def __iter__(self):
-        B = self.batch_size
-        idx = rank_indices(self.n, self.epoch, self.seed, self.rank, self.world_size, B, self.drop_last)
-        if self.pool_batches:
-            batches = bucketed_batches(idx, self.key, B, self.pool_batches, self.seed, self.epoch)
-        else:
-            batches = [idx[b * B:(b + 1) * B] for b in range(self.batches_per_epoch)]
-        for batch in batches[self.start_batch:self.batches_per_epoch]:
+        batches = rank_batches(self.n, self.epoch, self.seed, self.rank, self.world_size,
+                               self.batch_size, self.drop_last, self.pool_batches, self.key,
+                               self.start_batch)
+        for batch in itertools.islice(batches, max(0, self.batches_per_epoch - self.start_batch)):
             yield [(int(i), self.epoch) for i in batch]
 
     def __len__(self):
@@ -162,10 +181,13 @@ class TorchRecLoader:
 
     def state_dict(self):
         """{epoch, batch}: batch = batches yielded so far this epoch (resume from there); with
-        length bucketing also its pool size, which the batches depend on."""
+        length bucketing also its pool size, and above 2**24 records the order's kind, which
+        the batches depend on."""
         state = {"epoch": self.epoch, "batch": self.position}
         if self.length_bucketing:
             state["length_bucketing"] = self.length_bucketing
+        if order_kind(self.num_samples) != "permutation":
+            state["order"] = order_kind(self.num_samples)
         return state
 
     def load_state_dict(self, state):
@@ -173,6 +195,14 @@ class TorchRecLoader:
         if saved != self.length_bucketing:
             raise ValueError(f"loader state was saved with length_bucketing={saved}, this loader has "
                              f"{self.length_bucketing}: its batches would differ")
+        saved, now = state.get("order", "permutation"), order_kind(self.num_samples)
+        if saved != now and state["batch"] > 0:
+            raise ValueError(
+                f"loader state is {state['batch']} batches into epoch {state['epoch']} of a "
+                f"{saved!r} sample order, but {self.num_samples} records now get the {now!r} order "
+                f"(alip.data.order; the checkpoint predates it): resuming mid-epoch would repeat "
+                f"and skip records. Finish this epoch with the alip that wrote the checkpoint, or "
+                f"resume from an end-of-epoch checkpoint")
         self.set_epoch(state["epoch"], state["batch"])
 
     def __len__(self):
