@@ -66,15 +66,42 @@ def test_contract_one_step_trains_every_trainable_parameter(name):
                {"model.visual.ln_post", "model.visual.proj"} if name == "defilip" else
                {"model.text_projection"} if name == "clips" else set())
     for k, p in method.encoder.named_parameters():  # FILIP's dense loss leaves the global heads
-        assert (p.grad is not None) or any(k.startswith(o) for o in outside), k
-    assert {"model.visual.conv1.weight", "model.transformer.resblocks.0.attn.in_proj_weight",
-            } <= moved
+        assert (p.grad is not None) or any(k.startswith(o) for o in outside) \
+            or not p.requires_grad, k
+    # the DeCLIP toolbox's methods keep the ViT patch embedding frozen (test below)
+    frozen = {"model.visual.conv1.weight"} if name in TOOLBOX_VIT else set()
+    assert {k for k, p in method.encoder.named_parameters() if not p.requires_grad} == frozen
+    assert ({"model.visual.conv1.weight", "model.transformer.resblocks.0.attn.in_proj_weight",
+             } - frozen) <= moved
+    assert not frozen & moved
     heads = {k for k in dict(method.encoder.named_parameters()) if not k.startswith("model.")}
     assert {k for k in heads if "bias" not in k} <= moved
     # the heads' state travels with the training state, and loads back
     state = method.heads_state_dict()
     assert all(not k.startswith("model.") for k in state)
     method.load_heads_state_dict(state)
+
+
+TOOLBOX_VIT = ("slip", "declip", "filip", "defilip")  # trained by the DeCLIP toolbox's ViT
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_toolbox_methods_freeze_the_vit_patch_embedding(name):
+    """Sense-GVT/DeCLIP's VisualTransformer sets ``freeze_conv1 = True`` and its ``train()``
+    turns off conv1's gradient (visual_transformer.py:12-52), for every method it trains: SLIP
+    (as the toolbox ran it), FILIP, DeCLIP, DeFILIP keep the patch projection at its random
+    init. Official SLIP (timm ViT), CLIP, ALIP and CLIPS train it."""
+    method, _ = build(name)
+    conv1 = method.model.visual.conv1.weight
+    assert conv1.requires_grad == (name not in TOOLBOX_VIT)
+    if name == "slip":
+        official, _ = build(name, "--slip-views", "official")
+        assert official.model.visual.conv1.weight.requires_grad
+    # a frozen conv1 is outside the optimizer the training builds, and stays put
+    from alip.training.optim import build_optimizer
+    opt = build_optimizer(method.encoder, 0.1, 0.1, fused=False)
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert (id(conv1) in in_opt) == (name not in TOOLBOX_VIT)
 
 
 def test_slip_loss_is_clip_plus_scaled_simclr():

@@ -51,6 +51,22 @@ def clamp_logit_scale(model, low=0.0, high=LOGIT_SCALE_MAX, name="logit_scale"):
     getattr(model, name).clamp_(low, high)
 
 
+def freeze_patch_embedding(model):
+    """Keep a ViT's patch embedding (``visual.conv1``) at its initial weights, as the DeCLIP
+    toolbox's ViT does for every method it trains (CLIP, SLIP, FILIP, DeCLIP, DeFILIP):
+    ``VisualTransformer.train()`` sets ``conv1.requires_grad = False`` (``freeze_conv1 = True``,
+    Sense-GVT/DeCLIP @ 5d99a855 prototype/model/image_encoder/visual_transformer.py:12-52), so
+    the patch projection stays at its random init. A frozen parameter is left out of the
+    optimizer (``alip.training.optim.param_groups``) and of DDP. A ResNet image tower (the
+    toolbox's ModifiedResNet freezes nothing) is left as it is. Returns True if it froze one."""
+    visual = getattr(model, "visual", None)
+    conv1 = getattr(visual, "conv1", None)
+    if not isinstance(conv1, nn.Conv2d) or not hasattr(visual, "transformer"):
+        return False
+    conv1.requires_grad_(False)
+    return True
+
+
 class Method:
     """Base class; subclasses set ``name``, build ``encoder`` and ``criterion`` in __init__."""
 
