@@ -138,3 +138,16 @@ def test_generate_never_emits_sot():
     for beams in (1, 2):
         rows = dec.generate(torch.randn(1, 4, 16), num_beams=beams)
         assert rows[0, :3].tolist() == [SOT_ID, EOT_ID, 0]  # empty caption, not SOT SOT SOT ...
+
+
+def test_query_tokens_start_as_standard_normal():
+    """The reference's ``learnable_tokens = nn.Parameter(torch.randn(128, width))`` (UCSC-VLAA/
+    CLIPS open_clip/model.py:297-299): std 1, not a small init. 128 x 512 draws of N(0, 1): the
+    sample std is 1 +- 1/sqrt(2 * 65536) = 0.0028, so [0.95, 1.05] is ~18 standard errors wide
+    on either side, and a std of 0.02 fails it by far; the mean is 0 +- 0.004."""
+    torch.manual_seed(0)
+    dec = CaptionDecoder(image_width=16, text_width=16, vocab_size=8, width=512, layers=1,
+                         heads=2, num_queries=128)
+    q = dec.queries.detach()
+    assert 0.95 < q.std().item() < 1.05
+    assert abs(q.mean().item()) < 0.05

@@ -67,7 +67,9 @@ class CaptionDecoder(nn.Module):
                            num_queries=num_queries)  # what rebuilds it (CLIPS model files)
         self.image_in = nn.Linear(image_width, width) if image_width != width else nn.Identity()
         self.text_in = nn.Linear(text_width, width) if text_width != width else nn.Identity()
-        self.queries = nn.Parameter(torch.randn(num_queries, width) * 0.02)
+        # the reference's ``learnable_tokens = nn.Parameter(torch.randn(L, width))``: std 1
+        # (UCSC-VLAA/CLIPS open_clip/model.py:297-299)
+        self.queries = nn.Parameter(torch.randn(num_queries, width))
         self.transformer = Transformer(width, layers, heads, mlp_ratio, act_layer=act_layer)
         self.ln_final = LayerNorm(width)
         self.head = nn.Linear(width, vocab_size, bias=False)
