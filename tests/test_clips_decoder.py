@@ -151,3 +151,24 @@ def test_query_tokens_start_as_standard_normal():
     q = dec.queries.detach()
     assert 0.95 < q.std().item() < 1.05
     assert abs(q.mean().item()) < 0.05
+
+
+def test_decoder_weights_start_as_the_reference_init():
+    """TextDecoder.init_parameters (UCSC-VLAA/CLIPS open_clip/transformer.py:1161-1182): width
+    w = 64, 4 layers: in_proj N(0, w^-0.5) = 0.125, out_proj and c_proj N(0, w^-0.5 / sqrt(8))
+    = 0.0442, c_fc N(0, (2w)^-0.5) = 0.0884, vocabulary projection N(0, w^-0.5) = 0.125. Each
+    tensor has >= 4096 draws, so its sample std is within 1/sqrt(2 * 4096) = 1.1% of sigma per
+    standard error; a 10% band is ~9 standard errors. PyTorch's default inits are 0.707x
+    (xavier in_proj), 1.63x (out_proj, c_proj), 0.816x (c_fc) and 0.577x (head) of these."""
+    torch.manual_seed(0)
+    w, layers = 64, 4
+    dec = CaptionDecoder(image_width=w, text_width=w, vocab_size=256, width=w, layers=layers,
+                         heads=2, num_queries=4)
+    attn, proj, fc = w ** -0.5, w ** -0.5 * (2 * layers) ** -0.5, (2 * w) ** -0.5
+    for block in dec.transformer.resblocks:
+        for t, sigma in ((block.attn.in_proj_weight, attn), (block.attn.out_proj.weight, proj),
+                         (block.mlp.c_fc.weight, fc), (block.mlp.c_proj.weight, proj)):
+            assert t.numel() >= 4096
+            assert abs(t.detach().std().item() / sigma - 1) < 0.10, (tuple(t.shape), sigma)
+    assert abs(dec.head.weight.detach().std().item() / attn - 1) < 0.10
+    assert dec.head.bias is None

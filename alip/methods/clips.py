@@ -73,6 +73,26 @@ class CaptionDecoder(nn.Module):
         self.transformer = Transformer(width, layers, heads, mlp_ratio, act_layer=act_layer)
         self.ln_final = LayerNorm(width)
         self.head = nn.Linear(width, vocab_size, bias=False)
+        self.init_parameters()
+
+    def init_parameters(self):
+        """The reference ``TextDecoder.init_parameters`` (UCSC-VLAA/CLIPS open_clip/
+        transformer.py:1161-1182) for the layers the decoder has: each block's attention
+        in-projection N(0, width^-0.5), attention out-projection and MLP c_proj
+        N(0, width^-0.5 (2 layers)^-0.5), MLP c_fc N(0, (2 width)^-0.5), the vocabulary
+        projection (its ``text_projection``, no bias) N(0, width^-0.5). Its token and positional
+        embedding lines have nothing to act on (the decoder reads no tokens and adds no
+        positions). The width adapters (``image_in``/``text_in``, not in the reference) keep
+        PyTorch's default init."""
+        width, layers = self.transformer.width, self.transformer.layers
+        proj_std = width ** -0.5 * (2 * layers) ** -0.5
+        attn_std, fc_std = width ** -0.5, (2 * width) ** -0.5
+        for block in self.transformer.resblocks:
+            nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
+            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+            nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
+            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+        nn.init.normal_(self.head.weight, std=width ** -0.5)
 
     @property
     def num_queries(self):
