@@ -103,3 +103,82 @@ def test_bad_magic_and_bad_flag(tmp_path):
         RecordReader(rec)
     with pytest.raises(RecordIOError, match="flag is 1, expected 77\\*N"):
         unpack(struct.pack("IfQQ", 1, 3.0, 0, 0) + b"\0" * 700)
+
+
+# ---- the shard index: fast parse, cached and memory-mapped ----------------------------------
+
+@pytest.mark.parametrize("text", [
+    "1\t0\n2\t100\n", "1\t0\n\n2\t100\n", " 5\t6 \n", "+5\t0\n", "1\t0\r\n2\t100\r\n", "-1\t0\n",
+    "1 0\n", "", "\n\n", "1_000\t0\n", "3.0\t0\n", "1e3\t0\n", "0x10\t0\n", "nan\t0\n", "1\t0\t7\n",
+    "1\n", "1\t0\n1\t100\n", "1\t0\n2\t0\n", "1\t0\n2\t200\n"])
+def test_fast_index_parse_agrees_with_the_line_reader(tmp_path, text):
+    from alip.data.recordio import _read_index_fast, _read_index_lines
+    p = tmp_path / "a.idx"
+    p.write_text(text, newline="")
+    try:
+        want = [a.tolist() for a in _read_index_lines(str(p), 150)]
+    except RecordIOError as e:
+        want = e
+    fast = _read_index_fast(str(p), 150)
+    if fast is not None:  # the fast path only answers files without a problem, and answers alike
+        assert [a.tolist() for a in fast] == want
+    got = read_index(str(p), 150) if not isinstance(want, Exception) else None
+    if isinstance(want, Exception):
+        with pytest.raises(RecordIOError) as e:
+            read_index(str(p), 150)
+        assert str(e.value) == str(want)  # the line reader's message, naming the line
+    else:
+        assert [a.tolist() for a in got] == want
+
+
+def many_records(tmp_path, n=3000):
+    stem = str(tmp_path / "s")
+    with RecordWriter(stem + ".rec", stem + ".idx") as w:
+        for k in range(n):
+            w.write(10 * k, np.zeros(77), np.zeros(77), b"J")
+    return stem
+
+
+def test_index_is_cached_memory_mapped_and_parsed_once(tmp_path, monkeypatch):
+    import pickle
+
+    from alip.data import recordio
+    monkeypatch.setenv("ALIP_CACHE_DIR", str(tmp_path / "cache"))
+    stem = many_records(tmp_path)
+    first = RecordReader(stem + ".rec")
+    keys, offsets = read_index(stem + ".idx")
+    assert isinstance(first.offsets, np.memmap) and isinstance(first.keys, np.memmap)
+    assert (first.keys == keys).all() and (first.offsets == offsets).all()
+    assert len(list((tmp_path / "cache" / "index").iterdir())) == 1
+
+    def no_parse(*a, **k):
+        raise AssertionError("parsed the .idx again")
+    monkeypatch.setattr(recordio, "read_index", no_parse)
+    again = RecordReader(stem + ".rec")  # from the cache
+    assert again[2999].key == 29990
+    # a pickled reader (a spawned DataLoader worker's copy) maps the cache again, not a copy
+    blob = pickle.dumps(again)
+    assert len(blob) < 2000 < 16 * 3000, len(blob)
+    assert pickle.loads(blob)[1234].key == 12340
+
+
+def test_a_rewritten_idx_is_read_again(tmp_path, monkeypatch):
+    import os
+    monkeypatch.setenv("ALIP_CACHE_DIR", str(tmp_path / "cache"))
+    stem = many_records(tmp_path, 10)
+    assert len(RecordReader(stem + ".rec")) == 10
+    lines = open(stem + ".idx").read().splitlines(keepends=True)
+    with open(stem + ".idx", "w") as f:
+        f.writelines(lines + lines[3:4])  # a duplicated line
+    st = os.stat(stem + ".idx")
+    os.utime(stem + ".idx", ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
+    with pytest.raises(RecordIOError, match=r"s\.idx:11: key 30 is already on line 4"):
+        RecordReader(stem + ".rec")
+
+
+def test_an_unusable_cache_dir_costs_only_a_parse(tmp_path, monkeypatch):
+    (tmp_path / "not-a-dir").write_text("")
+    monkeypatch.setenv("ALIP_CACHE_DIR", str(tmp_path / "not-a-dir"))
+    stem = many_records(tmp_path, 10)
+    r = RecordReader(stem + ".rec")
+    assert not isinstance(r.offsets, np.memmap) and r[9].key == 90

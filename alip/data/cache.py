@@ -1,6 +1,11 @@
-"""Where the data tools cache what they learned about a shard (verification, text lengths)."""
+"""Where the data tools cache what they learned about a shard (its index, verification, text
+lengths), and the one way arrays go through that cache."""
 import hashlib
 import os
+
+import numpy as np
+
+from ..atomic import temp_name
 
 
 def cache_path(kind, files, ident, suffix):
@@ -11,3 +16,36 @@ def cache_path(kind, files, ident, suffix):
                          for p in files]
     root = os.environ.get("ALIP_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "alip")
     return os.path.join(root, kind, hashlib.sha1(repr(key).encode()).hexdigest() + suffix)
+
+
+def cached_array(kind, files, ident, build, valid, mmap=False):
+    """``build()`` through the cache: the .npy at ``cache_path(kind, files, ident)`` when it
+    loads and ``valid(array)`` holds, else ``build()``'s array, saved there for the next time
+    (atomically: concurrent ranks each write their own temporary file). An unreadable or
+    unwritable cache only costs a rebuild. ``mmap``: the array comes back memory-mapped,
+    read-only, so the processes of a machine share one copy through the page cache.
+    Returns (array, path of the cached file or None)."""
+    try:
+        path = cache_path(kind, files, ident, ".npy")
+    except OSError:
+        return build(), None
+    try:
+        got = np.load(path, mmap_mode="r" if mmap else None)
+        if valid(got):
+            return got, path
+    except (OSError, ValueError):
+        pass
+    array = build()
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = temp_name(path)
+        try:
+            with open(tmp, "wb") as f:
+                np.save(f, array)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return (np.load(path, mmap_mode="r") if mmap else array), path
+    except (OSError, ValueError):
+        return array, None

@@ -32,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from ..atomic import temp_name
 from . import text_views
 from .augment import AREA, ASPECT, CLIP_MEAN, CLIP_STD, RECIPE_PARAMS
 from .fields import resolve
@@ -50,33 +51,42 @@ def combined_index(rec_paths, idx_dir=None):
 
 
 def _combined_index(rec_paths, idx_dir=None):
-    """combined_index with the record count of each listed .rec."""
-    recs, sizes, keys, offsets = [], [], [], []
-    base = 0
-    for rec in rec_paths:
-        size = os.path.getsize(rec)
-        reader = RecordReader(rec)  # checks the .idx against the .rec, and the last record
-        if len(reader):
-            order = np.argsort(reader.offsets, kind="stable")
-            recs.append(str(rec))
-            sizes.append(size)
-            keys.append(reader.keys[order])
-            offsets.append(reader.offsets[order] + base)
-        base += size
-    if not recs:
+    """combined_index with the record count of each listed .rec. The file is named by the
+    shards' paths, sizes and mtimes, so a rank that finds it written by another (or by an
+    earlier run) writes nothing; the text is formatted a million lines at a time."""
+    readers = [RecordReader(rec) for rec in rec_paths]  # checks each .idx against its .rec, and its last record
+    kept = [r for r in readers if len(r)]
+    if not kept:
         raise ValueError(f"no records in {list(rec_paths)}")
+    recs = [r.rec_path for r in kept]
+    sizes = [os.path.getsize(r) for r in recs]
     h = hashlib.sha1(repr([(os.path.abspath(r), s, os.path.getmtime(r)) for r, s in zip(recs, sizes)]).encode())
     idx_dir = idx_dir or os.path.join(tempfile.gettempdir(), "alip-dali-idx")
     os.makedirs(idx_dir, exist_ok=True)
     path = os.path.join(idx_dir, h.hexdigest() + ".idx")
-    counts = [len(k) for k in keys]
-    keys, offsets = np.concatenate(keys), np.concatenate(offsets)
     if not os.path.exists(path):
-        tmp = f"{path}.{os.getpid()}.tmp"
+        _write_combined(path, kept, sizes)
+    return recs, path, [len(r) for r in kept]
+
+
+def _write_combined(path, readers, sizes, chunk=1 << 20):
+    """The combined .idx of ``readers`` (each shard's entries in offset order, offsets shifted by
+    the sizes of the shards before it), written whole or not at all."""
+    tmp = temp_name(path)
+    try:
         with open(tmp, "w") as f:
-            f.writelines(f"{k}\t{o}\n" for k, o in zip(keys, offsets))
+            base = 0
+            for reader, size in zip(readers, sizes):
+                order = np.argsort(reader.offsets, kind="stable")
+                for lo in range(0, len(order), chunk):
+                    rows = order[lo:lo + chunk]
+                    table = np.column_stack([reader.keys[rows], reader.offsets[rows] + base])
+                    f.write(("%d\t%d\n" * len(rows)) % tuple(table.ravel().tolist()))
+                base += size
         os.replace(tmp, path)
-    return recs, path, counts
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _seed(*parts):
@@ -324,19 +334,22 @@ class SourceIndex:
         self.files, start = {}, 0
         for p in rec_paths:
             offsets = RecordReader(p).offsets
-            order = np.argsort(offsets, kind="stable")
-            self.files[str(p)] = (offsets[order], order + start)
+            if np.all(offsets[1:] > offsets[:-1]):  # data2rec's shards: the cached index as it is
+                self.files[str(p)] = (offsets, None, start)
+            else:
+                order = np.argsort(offsets, kind="stable")
+                self.files[str(p)] = (offsets[order], order, start)
             start += len(offsets)
 
     def __call__(self, info):
         path, _, offset = info.rpartition(" at index ")
         if path not in self.files:
             raise ValueError(f"DALI source_info {info!r}: not one of the loader's shards")
-        offsets, index = self.files[path]
+        offsets, order, start = self.files[path]
         j = int(np.searchsorted(offsets, int(offset)))
         if j == len(offsets) or offsets[j] != int(offset):
             raise ValueError(f"DALI source_info {info!r}: no record starts at that offset in {path}")
-        return int(index[j])
+        return start + (j if order is None else int(order[j]))
 
 
 class DaliViewLoader(DaliRecLoader):

@@ -14,7 +14,7 @@ import sys
 
 import numpy as np
 
-from .cache import cache_path
+from .cache import cache_path, cached_array
 from .recordio import CONTEXT_LENGTH, IR_SIZE, MAGIC, MAX_PART, RecordIOError, unpack
 
 VERSION = 1  # bump when the stored lengths change meaning: older cache entries are then ignored
@@ -67,24 +67,12 @@ def _cache_file(rec_path, idx_path, n_fields):
 
 def shard_lengths(reader, n_fields, use_cache=True):
     """``read_lengths`` through the cache (an unreadable or unwritable cache only costs a re-read)."""
-    path = None
-    if use_cache:
-        try:
-            path = _cache_file(reader.rec_path, reader.idx_path, n_fields)
-            got = np.load(path)
-            if got.shape == (len(reader), n_fields) and got.dtype == np.uint8:
-                return got
-        except (OSError, ValueError):
-            pass
-    lengths = read_lengths(reader, n_fields)
-    if path is not None:
-        try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.{os.getpid()}.tmp.npy"
-            np.save(tmp, lengths)
-            os.replace(tmp, path)
-        except OSError:
-            pass
+    if not use_cache:
+        return read_lengths(reader, n_fields)
+    lengths, _ = cached_array(
+        "lengths", (reader.rec_path, reader.idx_path), [VERSION, n_fields],
+        lambda: read_lengths(reader, n_fields),
+        lambda got: got.shape == (len(reader), n_fields) and got.dtype == np.uint8)
     return lengths
 
 

@@ -32,11 +32,11 @@ def rec_paths(data):
 def check_index_counts(paths):
     """Each shard's .idx against the record count manifest.json lists for it (when the dir has
     one): a .idx that lost or repeats lines is a RecordIOError naming it."""
-    from .recordio import read_index
+    from .recordio import shard_index
     from .verify import check_index_count, idx_path_of, manifest_count
     for p in paths:
         if manifest_count(p)[1] is not None:
-            check_index_count(p, len(read_index(idx_path_of(p), os.path.getsize(p))[0]))
+            check_index_count(p, len(shard_index(p, idx_path_of(p))[0]))
 
 
 def build_train_loader(data, backend="torch", batch_size=64, image_size=32, rank=0, world_size=1,
