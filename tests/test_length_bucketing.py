@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from alip.data.bucketing import bucketed_batches, sort_key
-from alip.data.lengths import length_index, read_lengths
+from alip.data.bucketing import LengthKey, bucketed_batches, sort_key
+from alip.data.lengths import length_index, length_parts, read_lengths
 from alip.data.loader import build_train_loader
 from alip.data.recordio import MAGIC, RecordIOError, RecordReader, RecordWriter, pack_fields
 from alip.training.params import parse_args, resume_conflicts
@@ -204,6 +204,16 @@ def test_length_index_matches_the_labels_and_is_cached(shards, cache_dir):
     os.utime(rec, ns=(os.stat(rec).st_atime_ns, os.stat(rec).st_mtime_ns + 10**9))  # a changed shard
     got = length_index(readers, 2)
     assert (got[:50] == np.stack([raw, cap], 1)[:50]).all() and (got[50:] == 7).all()
+
+
+def test_length_key_reads_memory_mapped_lengths_a_pool_at_a_time(shards):
+    data, raw, cap = shards
+    readers = [RecordReader(os.path.join(data, f"train-{s:05d}.rec")) for s in range(3)]
+    parts = length_parts(readers, 2)
+    assert [len(p) for p in parts] == [50, 50, 50] and all(isinstance(p, np.memmap) for p in parts)
+    records = np.random.default_rng(0).permutation(N)[:40]  # across the 3 shards, in any order
+    assert (LengthKey(parts, [0, 1])[records] == sort_key(np.stack([raw, cap], 1))[records]).all()
+    assert (LengthKey(parts, [1])[records] == 1024 * cap[records]).all()  # the loader's field order
 
 
 def test_length_index_reads_split_records_and_names_bad_ones(tmp_path):

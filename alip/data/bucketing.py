@@ -27,6 +27,25 @@ def sort_key(lengths):
     return lengths[:, 0] * 1024 + lengths[:, 1:].sum(axis=1)
 
 
+class LengthKey:
+    """``key[records]``: the sort keys of those records (``sort_key`` of the ``columns`` of
+    their lengths), read from per-shard length arrays (``alip.data.lengths.length_parts``,
+    memory-mapped) a pool at a time, so no rank holds a key per record (8 B each)."""
+
+    def __init__(self, parts, columns):
+        self.parts, self.columns = parts, list(columns)
+        self.starts = np.cumsum([0] + [len(p) for p in parts])
+
+    def __getitem__(self, records):
+        records = np.asarray(records, np.int64)
+        shard = np.searchsorted(self.starts, records, side="right") - 1
+        lengths = np.empty((len(records), len(self.columns)), np.uint8)
+        for s in np.unique(shard).tolist():
+            here = shard == s
+            lengths[here] = self.parts[s][records[here] - self.starts[s]][:, self.columns]
+        return sort_key(lengths)
+
+
 def bucket_pool(records, key, batch_size, seed, epoch, p):
     """The batches of pool ``p`` (``records``: its record indices in sampler order), sorted by
     ``key`` and emitted in the pool's drawn order, a short last batch last."""

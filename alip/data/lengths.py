@@ -66,18 +66,19 @@ def _cache_file(rec_path, idx_path, n_fields):
 
 
 def shard_lengths(reader, n_fields, use_cache=True):
-    """``read_lengths`` through the cache (an unreadable or unwritable cache only costs a re-read)."""
+    """``read_lengths`` through the cache, memory-mapped from it (an unreadable or unwritable
+    cache only costs a re-read)."""
     if not use_cache:
         return read_lengths(reader, n_fields)
     lengths, _ = cached_array(
         "lengths", (reader.rec_path, reader.idx_path), [VERSION, n_fields],
         lambda: read_lengths(reader, n_fields),
-        lambda got: got.shape == (len(reader), n_fields) and got.dtype == np.uint8)
+        lambda got: got.shape == (len(reader), n_fields) and got.dtype == np.uint8, mmap=True)
     return lengths
 
 
-def length_index(readers, n_fields, progress=False, use_cache=True):
-    """uint8 [total records, n_fields]: the lengths of every record of the concatenated shards.
+def length_parts(readers, n_fields, progress=False, use_cache=True):
+    """Each shard's uint8 [records, n_fields] lengths (memory-mapped from the cache).
     ``progress``: one stderr line before reading uncached shards and one when done."""
     todo = [r for r in readers if not (use_cache and _is_cached(r, n_fields))]
     if progress and todo:
@@ -86,6 +87,12 @@ def length_index(readers, n_fields, progress=False, use_cache=True):
     parts = [shard_lengths(r, n_fields, use_cache) for r in readers]
     if progress and todo:
         print("length index: done", file=sys.stderr, flush=True)
+    return parts
+
+
+def length_index(readers, n_fields, progress=False, use_cache=True):
+    """uint8 [total records, n_fields]: the lengths of every record of the concatenated shards."""
+    parts = length_parts(readers, n_fields, progress, use_cache)
     return np.concatenate(parts) if parts else np.zeros((0, n_fields), np.uint8)
 
 

@@ -21,9 +21,9 @@ from PIL import Image
 from ..cli import without_addresses
 from . import text_views
 from .augment import eval_transform, image_views, sample_rng, train_transform, view_rngs
-from .bucketing import bucket_pool, sort_key
+from .bucketing import LengthKey, bucket_pool
 from .fields import resolve
-from .lengths import length_index
+from .lengths import length_parts
 from .order import EpochOrder, order_kind
 from .recordio import RecordIOError, RecordReader
 from .spec import DEFAULT_TEXT_FIELDS
@@ -167,10 +167,9 @@ class TorchRecLoader:
         return RecDataset(rec_paths, image_size, seed, augment)
 
     def length_key(self, progress=False):
-        """The bucketing sort key of every record (from the text fields this loader reads)."""
+        """The bucketing sort key of the records (from the text fields this loader reads)."""
         d = self.dataset
-        lengths = length_index(d.readers, len(d.layout), progress=progress)
-        return sort_key(lengths[:, list(d.field_rows.values())])
+        return LengthKey(length_parts(d.readers, len(d.layout), progress=progress), d.field_rows.values())
 
     def set_epoch(self, epoch, start_batch=0):
         if not 0 <= start_batch <= self.batches_per_epoch:
