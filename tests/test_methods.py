@@ -1,5 +1,7 @@
 """The method plug-ins: registry, contract, and each method's loss = its terms as specified
 (the terms themselves are checked against hand computations in test_{slip,declip}_terms.py)."""
+import math
+
 import open_clip
 import pytest
 import torch
@@ -7,6 +9,7 @@ import torch.nn.functional as F
 
 import alip  # noqa: F401
 from alip.methods import METHODS, MethodConfigError, get_method
+from alip.methods.base import toolbox_vit, weights_given
 from alip.methods.declip import (capped_scale, clip_info_nce, declip_total, mlm_loss, nn_loss,
                                  simsiam_loss)
 from alip.methods.slip import simclr_loss
@@ -102,6 +105,95 @@ def test_toolbox_methods_freeze_the_vit_patch_embedding(name):
     opt = build_optimizer(method.encoder, 0.1, 0.1, fused=False)
     in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
     assert (id(conv1) in in_opt) == (name not in TOOLBOX_VIT)
+
+
+def toolbox_init_stds(cfg):
+    """What Sense-GVT/DeCLIP's VisualTransformer.initialize_parameters() draws
+    (visual_transformer.py:28-38), by open_clip state_dict key, for a ViT of this config."""
+    w, L = cfg["vision_cfg"]["width"], cfg["vision_cfg"]["layers"]
+    proj, attn, fc = w ** -0.5 * (2 * L) ** -0.5, w ** -0.5, (2 * w) ** -0.5
+    stds = {"visual.positional_embedding": 0.01}
+    for i in range(L):
+        b = f"visual.transformer.resblocks.{i}."
+        stds.update({b + "attn.in_proj_weight": attn, b + "attn.out_proj.weight": proj,
+                     b + "mlp.c_fc.weight": fc, b + "mlp.c_proj.weight": proj})
+    return stds
+
+
+def assert_normal(t, std, key):
+    """``t`` looks like n draws of N(0, std): the sample std within 6 sigma of std (its relative
+    sd is about 1/sqrt(2n)) and the mean within 6 sigma of 0 (sd std/sqrt(n))."""
+    n, t = t.numel(), t.detach().double()
+    assert abs(t.std().item() / std - 1) < 6 / math.sqrt(2 * n), (key, t.std().item(), std)
+    assert abs(t.mean().item()) < 6 * std / math.sqrt(n), (key, t.mean().item(), std)
+
+
+def random_model(name, seed=0):
+    torch.manual_seed(seed)
+    return open_clip.create_model(MODELS[name])
+
+
+@pytest.mark.parametrize("name", TOOLBOX_VIT)
+def test_toolbox_methods_start_from_the_toolbox_vit_init(name):
+    """Sense-GVT/DeCLIP's VisualTransformer re-draws the positional embedding ~ N(0, 0.01) and
+    each block's in_proj ~ N(0, w^-0.5), out_proj and c_proj ~ N(0, w^-0.5 (2L)^-0.5), c_fc ~
+    N(0, (2w)^-0.5) (visual_transformer.py:28-38); open_clip's ViT leaves them at scale*randn and
+    PyTorch's defaults. Everything else (conv1, class embedding, proj, biases, LayerNorms, the
+    text tower) is the model open_clip built under the same seed, bit for bit; the draw is the
+    training seed's."""
+    method, _ = build(name)
+    stds = toolbox_init_stds(open_clip.get_model_config(MODELS[name]))
+    got, plain = method.model.state_dict(), random_model(name).state_dict()
+    assert got.keys() == plain.keys()
+    assert {k for k in got if not torch.equal(got[k], plain[k])} == set(stds)
+    for k, std in stds.items():
+        assert_normal(got[k], std, k)
+    again, args = build(name)  # same seed, same weights; another seed, other weights
+    assert all(torch.equal(v, again.model.state_dict()[k]) for k, v in got.items())
+    other = get_method(name)(random_model(name, seed=1), args)
+    key = "visual.transformer.resblocks.0.attn.in_proj_weight"
+    assert not torch.equal(other.model.state_dict()[key], got[key])
+
+
+@pytest.mark.parametrize("name, flags", [("clip", ()), ("alip", ()), ("clips", ()),
+                                         ("slip", ("--slip-views", "official"))])
+def test_other_methods_keep_open_clip_init(name, flags):
+    """CLIP, ALIP, CLIPS and official SLIP train open_clip's ViT as open_clip initialises it."""
+    method, _ = build(name, *flags)
+    got, plain = method.model.state_dict(), random_model(name).state_dict()
+    assert got.keys() == plain.keys()
+    assert all(torch.equal(v, plain[k]) for k, v in got.items())
+
+
+@pytest.mark.parametrize("name", TOOLBOX_VIT)
+def test_toolbox_vit_init_leaves_pretrained_weights_alone(tmp_path, name):
+    """With ``--pretrained`` (a tag or a checkpoint path: train.py builds the model with
+    ``create_model_and_transforms(args.model, pretrained=args.pretrained)``) the weights are the
+    loaded ones; conv1 is still frozen, as the toolbox's train() does whatever it loaded."""
+    path = tmp_path / "weights.pt"
+    torch.save(random_model(name, seed=3).state_dict(), path)
+    torch.manual_seed(0)
+    model = open_clip.create_model(MODELS[name], pretrained=str(path))
+    loaded = {k: v.clone() for k, v in model.state_dict().items()}
+    args = parse_args(["--method", name, "--model", MODELS[name], "--declip-bank-size", "32",
+                       "--pretrained", str(path)])
+    method = get_method(name)(model, args)
+    assert all(torch.equal(v, loaded[k]) for k, v in method.model.state_dict().items())
+    assert not method.model.visual.conv1.weight.requires_grad
+    # open_clip model names that bring their own weights count as pretrained too
+    assert weights_given(parse_args(["--model", "hf-hub:org/repo"]))
+    assert weights_given(parse_args(["--model", "local-dir:/some/dir"]))
+    assert not weights_given(parse_args(["--model", MODELS[name]]))
+
+
+def test_toolbox_vit_leaves_a_resnet_tower_alone():
+    """The toolbox's ModifiedResNet has neither the frozen conv1 nor the ViT init."""
+    torch.manual_seed(0)
+    model = open_clip.create_model("ALIP-RN50")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert toolbox_vit(model, parse_args(["--model", "ALIP-RN50"])) == (False, False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters())
 
 
 def test_slip_loss_is_clip_plus_scaled_simclr():

@@ -67,6 +67,77 @@ def freeze_patch_embedding(model):
     return True
 
 
+WEIGHT_SCHEMAS = ("hf-hub:", "local-dir:")  # open_clip model names that load their own weights
+
+
+def weights_given(args):
+    """True when the model the method gets was loaded from weights rather than built at random:
+    ``--pretrained TAG_OR_PATH`` (``open_clip.create_model_and_transforms(args.model,
+    pretrained=args.pretrained)`` in alip.training.loop), or a ``--model`` with an ``hf-hub:`` /
+    ``local-dir:`` schema (open_clip loads that source's weights and ignores ``pretrained``).
+    (``--resume`` loads its checkpoint after the method is built, over whatever init it did.)"""
+    return bool(getattr(args, "pretrained", None)) or \
+        str(getattr(args, "model", "") or "").startswith(WEIGHT_SCHEMAS)
+
+
+def _normal_(param, std):
+    """``param`` <- N(0, std) drawn by ``nn.init.normal_`` on a float32 CPU tensor (torch's
+    global CPU generator, seeded by the training seed) and copied in, so the draw is the same
+    whichever device/precision the model was moved to (open_clip inits on the CPU too). A meta
+    parameter (shapes only) is left as it is."""
+    if param.is_meta:  # a model without storage (shapes only): nothing to draw
+        return
+    param.copy_(nn.init.normal_(torch.empty(param.shape), std=std))
+
+
+@torch.no_grad()
+def init_toolbox_vit(visual):
+    """Re-draw a ViT image tower's weights as the DeCLIP toolbox's
+    ``VisualTransformer.initialize_parameters()`` does (Sense-GVT/DeCLIP @ 5d99a855
+    prototype/model/image_encoder/visual_transformer.py:28-38), in its order: the positional
+    embedding ~ N(0, 0.01), then per residual block attn.in_proj_weight ~ N(0, w^-0.5),
+    attn.out_proj.weight ~ N(0, w^-0.5 (2L)^-0.5), mlp.c_fc.weight ~ N(0, (2w)^-0.5),
+    mlp.c_proj.weight ~ N(0, w^-0.5 (2L)^-0.5) (w = width, L = layers). open_clip's
+    VisionTransformer leaves these at scale*randn (positional) and PyTorch's defaults (blocks);
+    class_embedding and proj (scale*randn), conv1, the biases and LayerNorms start the same in
+    both and are not touched. Returns False (changing nothing) unless ``visual`` is an open_clip
+    ViT whose blocks are nn.MultiheadAttention + mlp.c_fc/c_proj Linears."""
+    transformer = getattr(visual, "transformer", None)
+    blocks = list(getattr(transformer, "resblocks", ()))
+    pos = getattr(visual, "positional_embedding", None)
+    if not blocks or not isinstance(pos, nn.Parameter) or not all(
+            isinstance(getattr(b, "attn", None), nn.MultiheadAttention)
+            and b.attn.in_proj_weight is not None
+            and isinstance(getattr(getattr(b, "mlp", None), "c_fc", None), nn.Linear)
+            and isinstance(getattr(b.mlp, "c_proj", None), nn.Linear) for b in blocks):
+        return False
+    width, layers = transformer.width, transformer.layers
+    proj_std = width ** -0.5 * (2 * layers) ** -0.5
+    attn_std = width ** -0.5
+    fc_std = (2 * width) ** -0.5
+    if pos.requires_grad:  # a fixed sin-cos table (pos_embed_type='sin_cos_2d') stays
+        _normal_(pos, 0.01)
+    for block in blocks:
+        _normal_(block.attn.in_proj_weight, attn_std)
+        _normal_(block.attn.out_proj.weight, proj_std)
+        _normal_(block.mlp.c_fc.weight, fc_std)
+        _normal_(block.mlp.c_proj.weight, proj_std)
+    return True
+
+
+def toolbox_vit(model, args):
+    """Make a ViT image tower the DeCLIP toolbox's ``VisualTransformer``, for the methods that
+    toolbox trains (SLIP with its views, FILIP, DeCLIP, DeFILIP): its patch embedding stays
+    frozen (``freeze_patch_embedding``), and, when the model was built at random (not
+    ``weights_given(args)``), its weights start from the toolbox's init (``init_toolbox_vit``).
+    Called in the method's __init__, i.e. right after ``create_model`` under the training seed,
+    so the draw is reproducible from ``--seed``. A ResNet or timm image tower is left as it is.
+    Returns (froze the patch embedding, re-initialised)."""
+    if not freeze_patch_embedding(model):
+        return False, False
+    return True, (not weights_given(args)) and init_toolbox_vit(model.visual)
+
+
 class Method:
     """Base class; subclasses set ``name``, build ``encoder`` and ``criterion`` in __init__."""
 

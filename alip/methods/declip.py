@@ -35,7 +35,7 @@ from ..data import text_views
 from ..data.spec import DataSpec, ImageView, TextView
 from ..model import encode_text, host_tokens, text_lengths, to_device_keeping_host_tokens
 from .base import (ContrastiveEncoder, Method, MethodConfigError, clamp_logit_scale,
-                   freeze_patch_embedding)
+                   toolbox_vit)
 
 # DeCLIP's vocabulary: open_clip's 49408 BPE ids (SOT 49406, EOT 49407, so open_clip's tokenizer
 # works unchanged) plus <|mask|> = 49408. The reference puts mask at 49406 and shifts SOT/EOT to
@@ -472,7 +472,7 @@ class DeCLIP(Method):
                 f"--method {self.name} needs a text vocabulary with the mask token {MASK_ID} "
                 f"({VOCAB_SIZE} entries); --model {args.model} has {vocab}: use DeCLIP-ViT-B-32 "
                 f"or DeCLIP-tiny")
-        freeze_patch_embedding(model)  # the toolbox's ViT never trains conv1 (base.py)
+        toolbox_vit(model, args)  # the toolbox's ViT: frozen conv1, its init (base.py)
         self.encoder = DeCLIPEncoder(model, seed=args.seed, rank=rank)
         self.criterion = DeCLIPCriterion(embed_dim(model), args.declip_bank_size,
                                          rank, world_size, seed=args.seed)

@@ -32,7 +32,7 @@ from alip.loss import gather_features
 from alip.model import text_lengths
 
 from ..data.spec import RECIPES, DataSpec, ImageView
-from .base import Method, MethodConfigError, clamp_logit_scale, freeze_patch_embedding
+from .base import Method, MethodConfigError, clamp_logit_scale, toolbox_vit
 
 DENSE_DIM = 256
 LOGIT_SCALE_INIT = math.log(1 / 0.07)
@@ -329,7 +329,7 @@ class FILIP(Method):
         if args.filip_input_mask and model.token_embedding.num_embeddings < 49409:
             raise MethodConfigError("--filip-input-mask needs a vocabulary with a mask token "
                                     f"(DeCLIP-* models); --model {args.model} has none")
-        freeze_patch_embedding(model)  # the toolbox's ViT never trains conv1 (base.py)
+        toolbox_vit(model, args)  # the toolbox's ViT: frozen conv1, its init (base.py)
         self.encoder = FILIPEncoder(model, input_mask=args.filip_input_mask, seed=args.seed,
                                     rank=rank)
         self.criterion = FILIPCriterion(args.filip_k_image, args.filip_k_text,

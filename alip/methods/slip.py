@@ -20,7 +20,7 @@ from alip.loss import gather_features, local_grad_scale
 from ..data.spec import DataSpec, ImageView
 from ..model import encode_text
 from .base import (LOGIT_SCALE_MAX, ContrastiveEncoder, Method, MethodConfigError,
-                   clamp_logit_scale, freeze_patch_embedding)
+                   clamp_logit_scale, toolbox_vit)
 from .clip import CLIPCriterion
 
 
@@ -184,8 +184,8 @@ class SLIP(Method):
 
     def __init__(self, model, args, rank=0, world_size=1):
         super().__init__(model, args, rank, world_size)
-        if args.slip_views == "declip":  # the toolbox's ViT never trains conv1 (base.py);
-            freeze_patch_embedding(model)  # official SLIP's timm ViT trains it
+        if args.slip_views == "declip":  # the toolbox's ViT: frozen conv1, its init (base.py);
+            toolbox_vit(model, args)  # official SLIP's timm ViT trains it, from its own init
         self.encoder = SLIPEncoder(model, args.slip_mlp_dim, args.slip_emb_dim)
         if world_size > 1 and next(model.parameters()).is_cuda:
             self.encoder.head = nn.SyncBatchNorm.convert_sync_batchnorm(self.encoder.head)
