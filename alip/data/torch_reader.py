@@ -81,6 +81,9 @@ class RecDataset(torch.utils.data.Dataset):
         return x, fields["raw"], fields["caption"]
 
 
+CHUNK_BATCHES = 64  # without bucketing, the order is computed for this many batches at a time
+
+
 def rank_batches(n, epoch, seed, rank, world_size, batch_size, drop_last, pool_batches=0, key=None,
                  start_batch=0):
     """Rank ``rank``'s batches of ``epoch`` from ``start_batch`` on (int64 record-index arrays).
@@ -88,8 +91,8 @@ def rank_batches(n, epoch, seed, rank, world_size, batch_size, drop_last, pool_b
     The epoch's order is a bijection of the n records drawn from (seed, epoch)
     (alip.data.order); drop_last=True keeps its first W*B*(n // (W*B)) positions, and rank r
     takes positions r, r + W, r + 2W, ... of what is kept, cut into batches of B. Nothing of
-    size n is built: each batch (with length bucketing, each pool of ``pool_batches`` batches)
-    is computed when it is reached."""
+    size n is built: each chunk of ``CHUNK_BATCHES`` batches (with length bucketing, each pool
+    of ``pool_batches`` batches) is computed when it is reached."""
     W, B = int(world_size), int(batch_size)
     order = EpochOrder(n, seed, epoch)
     kept = W * B * (n // (W * B)) if drop_last else n
@@ -98,13 +101,13 @@ def rank_batches(n, epoch, seed, rank, world_size, batch_size, drop_last, pool_b
     def records(lo, hi):  # rank's records lo..hi-1 (in its sequence)
         return order[rank + W * np.arange(lo, min(hi, mine), dtype=np.int64)]
 
-    if not pool_batches:
-        for b in range(start_batch, math.ceil(mine / B)):
-            yield records(b * B, (b + 1) * B)
-        return
-    per_pool = int(pool_batches)
+    per_pool = int(pool_batches) or CHUNK_BATCHES  # batches computed at once
     for p in range(start_batch // per_pool, math.ceil(mine / (B * per_pool))):
-        batches = bucket_pool(records(p * per_pool * B, (p + 1) * per_pool * B), key, B, seed, epoch, p)
+        pool = records(p * per_pool * B, (p + 1) * per_pool * B)
+        if pool_batches:
+            batches = bucket_pool(pool, key, B, seed, epoch, p)
+        else:
+            batches = [pool[i:i + B] for i in range(0, len(pool), B)]
         yield from batches[max(0, start_batch - p * per_pool):]
 
 
