@@ -11,7 +11,8 @@ import torch
 import yaml
 
 from alip.training import checkpoint as ckpt
-from alip.training.loop import NonFiniteLossError, TrainConfigError, check_global_batch, main
+from alip.training.loop import (NonFiniteLossError, TrainConfigError, check_global_batch,
+                                load_optimizer_state, main)
 from alip.training.params import RANGES, build_parser, parse_args
 from test_train_helpers import read_results, run_single, tiny_argv
 
@@ -243,6 +244,21 @@ def test_resume_refuses_a_changed_fixed_flag_and_records_nothing(tmp_path, flag,
         run_single(argv("--resume", "latest", flag, value))
     assert (tmp_path / "r" / "config.yaml").read_text() == config
     assert saved_steps(tmp_path / "r" / "checkpoints") == [2]
+
+
+def test_resume_names_an_optimizer_state_of_other_parameters():
+    # a checkpoint written before a method froze a parameter (conv1 of the toolbox methods)
+    layer = torch.nn.Linear(2, 2)
+    both = torch.optim.AdamW([layer.weight, layer.bias])
+    layer(torch.ones(1, 2)).sum().backward()
+    both.step()
+    fewer = torch.optim.AdamW([layer.bias])
+    with pytest.raises(TrainConfigError, match=r"^--resume ck\.pt: its optimizer state holds \[2\] "
+                                               r"parameters per group, this run trains \[1\]: "):
+        load_optimizer_state(fewer, both.state_dict(), "ck.pt")
+    again = torch.optim.AdamW([layer.weight, layer.bias])
+    load_optimizer_state(again, both.state_dict(), "ck.pt")
+    assert again.state_dict()["state"][0]["step"] == 1
 
 
 # ---------------------------------------------------------------------------------------------

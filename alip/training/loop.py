@@ -82,6 +82,20 @@ class StepBook:
 # set-up
 
 
+def load_optimizer_state(optimizer, saved, resume_path):
+    """optimizer.load_state_dict, with a checkpoint whose parameter groups hold other counts of
+    parameters (the method's trainable set changed since it was written) named in one line."""
+    have = [len(g["params"]) for g in optimizer.param_groups]
+    got = [len(g["params"]) for g in saved.get("param_groups", [])]
+    if have != got:
+        raise TrainConfigError(
+            f"--resume {resume_path}: its optimizer state holds {got} parameters per group, this "
+            f"run trains {have}: the method's trainable parameters changed since the checkpoint was "
+            f"written (SLIP with toolbox views, FILIP, DeCLIP and DeFILIP freeze the ViT's conv1 "
+            f"since 2026-12-01); resume it with the alip that wrote it")
+    optimizer.load_state_dict(saved)
+
+
 def run_dir_of(args):
     if args.name is None:
         stamp = datetime.now().strftime("%Y_%m_%d-%H_%M_%S")
@@ -425,7 +439,7 @@ def _run(args, info, make_loader):
                 f"--resume {resume_path}: the data position, schedule and optimizer state depend "
                 f"on " + ", ".join(changed) + "; resume with the same values")
         clip_model.load_state_dict(model_ckpt["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(optimizer, state["optimizer"], resume_path)
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
