@@ -32,20 +32,28 @@ RANGES = {
     "log_every_n_steps": "[1, inf)", "max_nonfinite": "[0, inf)", "max_steps": "[1, inf)",
     "retrieval_frequency": "[0, inf)", "zeroshot_frequency": "[0, inf)",
     "eval_batch_size": "[1, inf)", "caption_tokens": "[1, 75]", "length_bucketing": "[0, inf)",
+    "lock_image_unlocked_groups": "[0, inf)", "lock_text_unlocked_layers": "[0, inf)",
 }
 for _name in method_names():  # each method declares the ranges of its own flags
     RANGES.update(get_method(_name).flag_ranges)
 
+# open_clip_train's tower locks: each lock flag and the flags that only qualify it.
+LOCK_QUALIFIERS = {"lock_image": ("lock_image_unlocked_groups", "lock_image_freeze_bn_stats"),
+                   "lock_text": ("lock_text_unlocked_layers", "lock_text_freeze_layer_norm")}
+LOCK_FLAGS = tuple(f for lock, rest in LOCK_QUALIFIERS.items() for f in (lock, *rest))
+LOCK_DEFAULTS = {f: (0 if f.endswith(("_groups", "_layers")) else False) for f in LOCK_FLAGS}
+
 # Flags a resumed run must keep: the data position and schedule depend on the first four and
 # length_bucketing (the sample order); the optimizer and scheduler states restored on resume
 # carry the others (a new value would be overridden by the checkpoint, so it is refused instead
-# of being recorded and not used).
+# of being recorded and not used). The tower locks decide which parameters the optimizer holds
+# (--lock-image-freeze-bn-stats turns BatchNorm weights into buffers), so they are fixed too.
 RESUME_FIXED = ("batch_size", "world_size", "accum_freq", "epochs", "length_bucketing", "lr",
                 "wd", "beta1", "beta2", "eps", "schedule", "pct_start", "cycle_momentum", "warmup",
                 "warmup_start_lr", "wd_exclude_gain_bias", "method", "seed", "data_reader",
-                "caption_view", "caption_tokens")
+                "caption_view", "caption_tokens", *LOCK_FLAGS)
 # What a checkpoint written before a RESUME_FIXED flag existed ran with.
-RESUME_DEFAULTS = {"length_bucketing": 0}
+RESUME_DEFAULTS = {"length_bucketing": 0, **LOCK_DEFAULTS}
 
 
 CAPTION_TOKENS = 32  # --caption-tokens when not given
@@ -62,6 +70,10 @@ def range_error(dest, value):
     return interval_error(RANGES[dest], value)
 
 
+def _flag(dest):
+    return f"--{dest.replace('_', '-')}"
+
+
 def check_flags(args):
     """Every numeric flag in its range, and a usable --device; raises FlagError."""
     for dest in RANGES:
@@ -76,6 +88,15 @@ def check_flags(args):
     if unknown:
         raise FlagError(f"--report-to {args.report_to!r}: {', '.join(map(repr, unknown))} is not "
                         f"supported; use 'tensorboard' or '' (results.jsonl is always written)")
+    for lock, qualifiers in LOCK_QUALIFIERS.items():
+        if getattr(args, lock, False):
+            continue
+        for dest in qualifiers:
+            value = getattr(args, dest, LOCK_DEFAULTS[dest])
+            if value:  # open_clip_train ignores it silently
+                given = _flag(dest) + ("" if value is True else f" {value}")
+                raise FlagError(f"{given} has no effect without {_flag(lock)}; add {_flag(lock)} "
+                                f"or drop it")
     if getattr(args, "length_bucketing", 0):
         if args.data_backend == "dali":
             raise FlagError(f"--length-bucketing {args.length_bucketing}: --data-backend dali does "
@@ -127,6 +148,21 @@ def build_parser():
     a("--pretrained", default=None, help="open_clip pretrained tag or checkpoint path.")
     a("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=False,
       help="Activation checkpointing in both towers (the reference forces it on).")
+    # open_clip_train's tower locks (LiT), applied by the open_clip model's own methods
+    a("--lock-image", action="store_true", default=False,
+      help="Lock the full image tower by disabling gradients (model.lock_image_tower).")
+    a("--lock-image-unlocked-groups", type=int, default=0, metavar="N",
+      help="With --lock-image: leave the last N image tower layer groups unlocked.")
+    a("--lock-image-freeze-bn-stats", action="store_true", default=False,
+      help="With --lock-image: freeze BatchNorm running stats in the locked layers (ResNet and "
+           "timm towers; a ViT has none).")
+    a("--lock-text", action="store_true", default=False,
+      help="Lock the full text tower by disabling gradients (model.lock_text_tower).")
+    a("--lock-text-unlocked-layers", type=int, default=0, metavar="N",
+      help="With --lock-text: leave the last N text tower layer groups unlocked.")
+    a("--lock-text-freeze-layer-norm", action="store_true", default=False,
+      help="With --lock-text: lock the LayerNorms of the locked layers too. open_clip's own text "
+           "tower cannot leave them trainable, so it needs this flag; an HF tower can.")
     # data
     a("--train-data", default=None, help="data2rec output dir, or comma-separated .rec paths.")
     a("--dataset-type", choices=("rec", "synthetic"), default="rec",
