@@ -216,6 +216,39 @@ def test_length_key_reads_memory_mapped_lengths_a_pool_at_a_time(shards):
     assert (LengthKey(parts, [1])[records] == 1024 * cap[records]).all()  # the loader's field order
 
 
+def _split_worker(rank, world_size, port, data, cache, out):
+    import json
+
+    import torch.distributed as dist
+
+    from alip.data import lengths
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), ALIP_CACHE_DIR=cache)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    read, real = [], lengths.read_lengths
+    lengths.read_lengths = lambda reader, n: read.append(os.path.basename(reader.rec_path)) or real(reader, n)
+    loader = load(data, rank=rank, world_size=world_size, length_bucketing=2)
+    key = loader._batches.key[np.arange(N)]
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump({"read": read, "key": key.tolist()}, f)
+    dist.destroy_process_group()
+
+
+def test_the_ranks_of_a_machine_split_the_first_length_read(shards, tmp_path):
+    # 3 uncached shards, 2 ranks: rank 0 reads shards 0 and 2, rank 1 shard 1, each once; after
+    # the barrier both take every shard's lengths from the cache, the same keys on both
+    import json
+
+    import torch.multiprocessing as mp
+
+    from test_train_helpers import free_port
+    data, raw, cap = shards
+    mp.spawn(_split_worker, nprocs=2, join=True,
+             args=(2, free_port(), data, str(tmp_path / "cache"), str(tmp_path)))
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert got[0]["read"] == ["train-00000.rec", "train-00002.rec"] and got[1]["read"] == ["train-00001.rec"]
+    assert got[0]["key"] == got[1]["key"] == sort_key(np.stack([raw, cap], 1)).tolist()
+
+
 def test_length_index_reads_split_records_and_names_bad_ones(tmp_path):
     raw, cap = lengths_of(4, seed=5)
     # key MAGIC puts the magic word at payload offset 8: the frame is split inside the IRHeader

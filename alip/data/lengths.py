@@ -77,13 +77,28 @@ def shard_lengths(reader, n_fields, use_cache=True):
     return lengths
 
 
-def length_parts(readers, n_fields, progress=False, use_cache=True):
+def length_parts(readers, n_fields, progress=False, use_cache=True, share=(0, 1), barrier=None):
     """Each shard's uint8 [records, n_fields] lengths (memory-mapped from the cache).
+
+    ``share=(i, k)``, ``barrier``: the k processes of a machine (all call this) split the
+    uncached shards: this one first reads those among every k-th shard from the i-th into the
+    cache, then ``barrier()`` waits for the others, and every shard then comes from the cache
+    (one whose entry is still missing, e.g. under an unwritable cache or another machine's, is
+    read here).
     ``progress``: one stderr line before reading uncached shards and one when done."""
     todo = [r for r in readers if not (use_cache and _is_cached(r, n_fields))]
+    i, k = share
     if progress and todo:
+        mine = f", 1/{k} of them here" if use_cache and k > 1 else ""
         print(f"length index: reading the labels of {sum(len(r) for r in todo)} records in "
-              f"{len(todo)} shard(s) (cached for the next run)", file=sys.stderr, flush=True)
+              f"{len(todo)} shard(s){mine} (cached for the next run)", file=sys.stderr, flush=True)
+    if use_cache and k > 1:  # by shard position, not by what is cached yet: no race
+        uncached = {id(r) for r in todo}
+        for r in readers[i::k]:
+            if id(r) in uncached:
+                shard_lengths(r, n_fields)
+    if barrier is not None:
+        barrier()
     parts = [shard_lengths(r, n_fields, use_cache) for r in readers]
     if progress and todo:
         print("length index: done", file=sys.stderr, flush=True)

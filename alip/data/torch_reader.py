@@ -13,6 +13,7 @@ length (alip.data.bucketing; lengths from alip.data.lengths), keeping all of the
 import io
 import itertools
 import math
+import os
 
 import numpy as np
 import torch
@@ -36,6 +37,20 @@ def _undecodable(dataset, i, rec, e):
     why = without_addresses(f"{type(e).__name__}: {e}")
     return RecordIOError(f"{dataset.readers[s].rec_path}: record key {rec.key}: undecodable "
                          f"image ({why}); `data2rec.py verify` checks every record of the shards")
+
+def machine_share(rank, world_size):
+    """((i, k), barrier): this process is the i-th of the k ranks of its machine (torchrun's
+    LOCAL_RANK / LOCAL_WORLD_SIZE; without them all ``world_size`` ranks count as one machine)
+    and ``barrier`` waits for every rank, under torch.distributed with ``world_size`` ranks;
+    else ((0, 1), None)."""
+    import torch.distributed as dist
+    if not (world_size > 1 and dist.is_available() and dist.is_initialized()
+            and dist.get_world_size() == world_size):
+        return (0, 1), None
+    i = int(os.environ.get("LOCAL_RANK", rank))
+    k = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    return (i, k), dist.barrier
+
 
 class RecDataset(torch.utils.data.Dataset):
     """Record i of the concatenated shards -> (image [3,S,S], raw tokens [77], caption tokens [77]).
@@ -172,7 +187,9 @@ class TorchRecLoader:
     def length_key(self, progress=False):
         """The bucketing sort key of the records (from the text fields this loader reads)."""
         d = self.dataset
-        return LengthKey(length_parts(d.readers, len(d.layout), progress=progress), d.field_rows.values())
+        share, barrier = machine_share(self.rank, self.world_size)
+        parts = length_parts(d.readers, len(d.layout), progress=progress, share=share, barrier=barrier)
+        return LengthKey(parts, d.field_rows.values())
 
     def set_epoch(self, epoch, start_batch=0):
         if not 0 <= start_batch <= self.batches_per_epoch:
