@@ -186,6 +186,35 @@ def test_toolbox_vit_init_leaves_pretrained_weights_alone(tmp_path, name):
     assert not weights_given(parse_args(["--model", MODELS[name]]))
 
 
+@pytest.mark.parametrize("name", ["declip", "filip"])
+def test_vit_style_open_clip_gives_a_toolbox_method_open_clips_tower(name):
+    """--vit-style open_clip: the tower open_clip built under the seed, conv1 trained."""
+    method, _ = build(name, "--vit-style", "open_clip")
+    assert method.vit == "open_clip" and method.model.visual.conv1.weight.requires_grad
+    plain = random_model(name).state_dict()
+    assert all(torch.equal(v, plain[k]) for k, v in method.model.state_dict().items())
+
+
+@pytest.mark.parametrize("name", ["clip", "alip"])
+def test_vit_style_toolbox_gives_any_method_the_toolbox_tower(name):
+    """--vit-style toolbox: the same re-draw and frozen conv1 as the toolbox's methods get."""
+    method, _ = build(name, "--vit-style", "toolbox")
+    assert method.vit == "toolbox" and not method.model.visual.conv1.weight.requires_grad
+    stds = toolbox_init_stds(open_clip.get_model_config(MODELS[name]))
+    got, plain = method.model.state_dict(), random_model(name).state_dict()
+    assert {k for k in got if not torch.equal(got[k], plain[k])} == set(stds)
+    for k, std in stds.items():
+        assert_normal(got[k], std, k)
+
+
+def test_vit_style_toolbox_on_a_resnet_is_an_error():
+    torch.manual_seed(0)
+    args = parse_args(["--method", "clip", "--model", "ALIP-RN50", "--vit-style", "toolbox"])
+    with pytest.raises(MethodConfigError, match=r"^--vit-style toolbox: the image tower of --model "
+                                                r"ALIP-RN50 \(ModifiedResNet\) is not an open_clip ViT"):
+        get_method("clip")(open_clip.create_model("ALIP-RN50"), args)
+
+
 def test_toolbox_vit_leaves_a_resnet_tower_alone():
     """The toolbox's ModifiedResNet has neither the frozen conv1 nor the ViT init."""
     torch.manual_seed(0)

@@ -234,12 +234,12 @@ def test_hf_hub_model_is_accepted_and_its_failure_names_the_flag(tmp_path, monke
 
 
 @pytest.mark.parametrize("flag,value", [("--lr", "5e-3"), ("--wd", "0.1"), ("--beta2", "0.95"),
-                                        ("--seed", "9")])  # the seed orders the epoch's records
+                                        ("--seed", "9"), ("--vit-style", "toolbox")])  # seed: the order
 def test_resume_refuses_a_changed_fixed_flag_and_records_nothing(tmp_path, flag, value):
     argv = lambda *x: tiny_argv(tmp_path, "r", *x, samples=32, batch=8, epochs=2)  # noqa: E731
     run_single(argv("--max-steps", "2"))
     config = (tmp_path / "r" / "config.yaml").read_text()
-    key = flag[2:]
+    key = flag[2:].replace("-", "_")
     with pytest.raises(TrainConfigError, match=rf"depend on {key} \(checkpoint "):
         run_single(argv("--resume", "latest", flag, value))
     assert (tmp_path / "r" / "config.yaml").read_text() == config

@@ -152,8 +152,28 @@ class Method:
         self.model, self.args = model, args
         self.rank, self.world_size = rank, world_size
         self.data = self.data_spec(args)  # what the loader was built from, for these flags
+        self.vit = self.vit_style(args)
+        if self.vit == "toolbox":  # before any head draws its init, as the references build
+            froze, _ = toolbox_vit(model, args)
+            if not froze and getattr(args, "vit_style", "reference") == "toolbox":
+                raise MethodConfigError(
+                    f"--vit-style toolbox: the image tower of --model {args.model} "
+                    f"({type(getattr(model, 'visual', None)).__name__}) is not an open_clip ViT")
         self.encoder = None
         self.criterion = None
+
+    @classmethod
+    def reference_vit(cls, args):
+        """The ViT its reference trains: "open_clip" (the tower as open_clip builds it) or
+        "toolbox" (the DeCLIP toolbox's VisualTransformer: conv1 frozen, its init;
+        ``toolbox_vit``)."""
+        return "open_clip"
+
+    @classmethod
+    def vit_style(cls, args):
+        """``--vit-style`` resolved: "reference" is ``reference_vit(args)``."""
+        style = getattr(args, "vit_style", "reference")
+        return cls.reference_vit(args) if style == "reference" else style
 
     @classmethod
     def add_args(cls, parser):

@@ -34,8 +34,7 @@ from .. import text_aug
 from ..data import text_views
 from ..data.spec import DataSpec, ImageView, TextView
 from ..model import encode_text, host_tokens, text_lengths, to_device_keeping_host_tokens
-from .base import (ContrastiveEncoder, Method, MethodConfigError, clamp_logit_scale,
-                   toolbox_vit)
+from .base import ContrastiveEncoder, Method, MethodConfigError, clamp_logit_scale
 
 # DeCLIP's vocabulary: open_clip's 49408 BPE ids (SOT 49406, EOT 49407, so open_clip's tokenizer
 # works unchanged) plus <|mask|> = 49408. The reference puts mask at 49406 and shifts SOT/EOT to
@@ -459,6 +458,10 @@ class DeCLIP(Method):
                     text_views=(TextView("raw_eda", source="raw", transform="eda"),))
 
     @classmethod
+    def reference_vit(cls, args):  # DeCLIP and DeFILIP: the toolbox's ViT (base.toolbox_vit)
+        return "toolbox"
+
+    @classmethod
     def add_args(cls, parser):
         g = parser.add_argument_group("declip (--method declip)")
         g.add_argument("--declip-bank-size", type=int, default=2 ** 16,
@@ -472,7 +475,6 @@ class DeCLIP(Method):
                 f"--method {self.name} needs a text vocabulary with the mask token {MASK_ID} "
                 f"({VOCAB_SIZE} entries); --model {args.model} has {vocab}: use DeCLIP-ViT-B-32 "
                 f"or DeCLIP-tiny")
-        toolbox_vit(model, args)  # the toolbox's ViT: frozen conv1, its init (base.py)
         self.encoder = DeCLIPEncoder(model, seed=args.seed, rank=rank)
         self.criterion = DeCLIPCriterion(embed_dim(model), args.declip_bank_size,
                                          rank, world_size, seed=args.seed)

@@ -32,7 +32,7 @@ from alip.loss import gather_features
 from alip.model import text_lengths
 
 from ..data.spec import RECIPES, DataSpec, ImageView
-from .base import Method, MethodConfigError, clamp_logit_scale, toolbox_vit
+from .base import Method, MethodConfigError, clamp_logit_scale
 
 DENSE_DIM = 256
 LOGIT_SCALE_INIT = math.log(1 / 0.07)
@@ -308,6 +308,10 @@ class FILIP(Method):
                    "filip_chunk_size": "[1, inf)"}
 
     @classmethod
+    def reference_vit(cls, args):  # the toolbox's FILIP: its ViT (base.toolbox_vit)
+        return "toolbox"
+
+    @classmethod
     def add_args(cls, parser):
         g = parser.add_argument_group("filip (--method filip; defilip shares these flags)")
         add_filip_args(g)
@@ -329,7 +333,6 @@ class FILIP(Method):
         if args.filip_input_mask and model.token_embedding.num_embeddings < 49409:
             raise MethodConfigError("--filip-input-mask needs a vocabulary with a mask token "
                                     f"(DeCLIP-* models); --model {args.model} has none")
-        toolbox_vit(model, args)  # the toolbox's ViT: frozen conv1, its init (base.py)
         self.encoder = FILIPEncoder(model, input_mask=args.filip_input_mask, seed=args.seed,
                                     rank=rank)
         self.criterion = FILIPCriterion(args.filip_k_image, args.filip_k_text,

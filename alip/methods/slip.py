@@ -19,8 +19,7 @@ from alip.loss import gather_features, local_grad_scale
 
 from ..data.spec import DataSpec, ImageView
 from ..model import encode_text
-from .base import (LOGIT_SCALE_MAX, ContrastiveEncoder, Method, MethodConfigError,
-                   clamp_logit_scale, toolbox_vit)
+from .base import LOGIT_SCALE_MAX, ContrastiveEncoder, Method, MethodConfigError, clamp_logit_scale
 from .clip import CLIPCriterion
 
 
@@ -177,6 +176,10 @@ class SLIP(Method):
         g.add_argument("--slip-emb-dim", type=int, default=256, help="SSL head output width.")
 
     @classmethod
+    def reference_vit(cls, args):  # the toolbox's SLIP ran its ViT; official SLIP timm's, as built
+        return "toolbox" if args.slip_views == "declip" else "open_clip"
+
+    @classmethod
     def data_spec(cls, args):
         base, ssl = SLIP_VIEWS[args.slip_views]
         return DataSpec(image_views=(ImageView("image", base), ImageView("image_aug1", ssl),
@@ -184,8 +187,6 @@ class SLIP(Method):
 
     def __init__(self, model, args, rank=0, world_size=1):
         super().__init__(model, args, rank, world_size)
-        if args.slip_views == "declip":  # the toolbox's ViT: frozen conv1, its init (base.py);
-            toolbox_vit(model, args)  # official SLIP's timm ViT trains it, from its own init
         self.encoder = SLIPEncoder(model, args.slip_mlp_dim, args.slip_emb_dim)
         if world_size > 1 and next(model.parameters()).is_cuda:
             self.encoder.head = nn.SyncBatchNorm.convert_sync_batchnorm(self.encoder.head)

@@ -454,6 +454,9 @@ def _run(args, info, make_loader):
         method = method_cls(clip_model, args, rank=info.rank, world_size=info.world_size)
     except MethodConfigError as e:
         raise TrainConfigError(str(e)) from e
+    if method.vit == "toolbox":
+        log.info("--vit-style %s: the DeCLIP toolbox's ViT (conv1 frozen%s)", args.vit_style,
+                 "" if weights_given(args) else ", its init")
 
     try:
         loader = make_loader(args, info, image_size)

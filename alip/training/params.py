@@ -47,13 +47,14 @@ LOCK_DEFAULTS = {f: (0 if f.endswith(("_groups", "_layers")) else False) for f i
 # length_bucketing (the sample order); the optimizer and scheduler states restored on resume
 # carry the others (a new value would be overridden by the checkpoint, so it is refused instead
 # of being recorded and not used). The tower locks decide which parameters the optimizer holds
-# (--lock-image-freeze-bn-stats turns BatchNorm weights into buffers), so they are fixed too.
+# (--lock-image-freeze-bn-stats turns BatchNorm weights into buffers), so they are fixed too,
+# as is --vit-style (the toolbox's ViT keeps conv1 out of the optimizer).
 RESUME_FIXED = ("batch_size", "world_size", "accum_freq", "epochs", "length_bucketing", "lr",
                 "wd", "beta1", "beta2", "eps", "schedule", "pct_start", "cycle_momentum", "warmup",
                 "warmup_start_lr", "wd_exclude_gain_bias", "method", "seed", "data_reader",
-                "caption_view", "caption_tokens", *LOCK_FLAGS)
+                "caption_view", "caption_tokens", "vit_style", *LOCK_FLAGS)
 # What a checkpoint written before a RESUME_FIXED flag existed ran with.
-RESUME_DEFAULTS = {"length_bucketing": 0, **LOCK_DEFAULTS}
+RESUME_DEFAULTS = {"length_bucketing": 0, "vit_style": "reference", **LOCK_DEFAULTS}
 
 
 CAPTION_TOKENS = 32  # --caption-tokens when not given
@@ -146,6 +147,12 @@ def build_parser():
            "clip: open_clip ClipLoss on image/raw text; see the README's method table.")
     a("--model", default="ALIP-ViT-B-32", help="open_clip model name (alip registers ALIP-*).")
     a("--pretrained", default=None, help="open_clip pretrained tag or checkpoint path.")
+    a("--vit-style", choices=("reference", "open_clip", "toolbox"), default="reference",
+      help="A ViT image tower as built by open_clip (trained from its init), or as the DeCLIP "
+           "toolbox's VisualTransformer (conv1 frozen; its init when not --pretrained). "
+           "reference: the method's reference (toolbox for SLIP with toolbox views, FILIP, "
+           "DeCLIP, DeFILIP; open_clip for the others). Set one for all methods to compare "
+           "them on the same tower.")
     a("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=False,
       help="Activation checkpointing in both towers (the reference forces it on).")
     # open_clip_train's tower locks (LiT), applied by the open_clip model's own methods
