@@ -1,5 +1,6 @@
 """scripts/demo.sh trains every method with one recipe: a config per method, and the keys that
-make the comparison fair (data reading, model family, batch, epochs, optimiser, schedule, seed)
+make the comparison fair (data reading, model family and its ViT style, batch, epochs, optimiser,
+schedule, seed)
 are the same in all of them."""
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from alip.methods import method_names
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RECIPE = ("data-backend", "batch-size", "epochs", "lr", "wd", "schedule", "pct-start",
-          "grad-clip-norm", "precision", "seed")
+          "grad-clip-norm", "precision", "seed", "vit-style")
 
 
 def _configs():
@@ -28,5 +29,8 @@ def test_demo_configs_share_one_recipe_and_one_vision_tower():
     for key in RECIPE:
         values = {m: c.get(key) for m, c in cfgs.items()}
         assert len(set(map(repr, values.values()))) == 1, (key, values)
+    # the methods' references build their ViTs differently (--vit-style reference): the demo
+    # names one tower for all of them
+    assert cfgs["clip"].get("vit-style") in ("open_clip", "toolbox")
     towers = {m: open_clip.get_model_config(c["model"])["vision_cfg"] for m, c in cfgs.items()}
     assert len({repr(sorted(t.items())) for t in towers.values()}) == 1, towers
