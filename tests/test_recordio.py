@@ -182,3 +182,32 @@ def test_an_unusable_cache_dir_costs_only_a_parse(tmp_path, monkeypatch):
     stem = many_records(tmp_path, 10)
     r = RecordReader(stem + ".rec")
     assert not isinstance(r.offsets, np.memmap) and r[9].key == 90
+
+
+FD_SCRIPT = """
+import glob, resource, sys
+resource.setrlimit(resource.RLIMIT_NOFILE, (300, int(sys.argv[2])))
+from alip.data.torch_reader import RecDataset
+ds = RecDataset(sorted(glob.glob(sys.argv[1] + "/*.rec")), 8)
+for i in range(len(ds)):  # every .rec opened, every index mapped: 2 descriptors a shard
+    ds.record(i)
+print(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+"""
+
+
+@pytest.mark.parametrize("hard", [4096, 500])
+def test_many_shards_raise_the_open_file_limit_or_say_why(tmp_path, hard):
+    import subprocess
+    import sys
+    for s in range(200):  # 2 descriptors each: 400, over a soft limit of 300
+        stem = str(tmp_path / f"train-{s:05d}")
+        with RecordWriter(stem + ".rec", stem + ".idx") as w:
+            w.write(s, np.zeros(77), np.zeros(77), b"J")
+    out = subprocess.run([sys.executable, "-c", FD_SCRIPT, str(tmp_path), str(hard)],
+                         capture_output=True, text=True)
+    if hard == 4096:  # raised to 2 x 200 + 256
+        assert out.returncode == 0 and out.stdout.split() == ["656"], out.stderr[-2000:]
+    else:
+        assert out.returncode == 1
+        assert ("train-00000.rec and 199 more shards: 200 shards need up to 656 open files in each "
+                "reading process, but the hard limit (ulimit -Hn) is 500") in out.stderr

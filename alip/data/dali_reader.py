@@ -36,7 +36,7 @@ from ..atomic import temp_name
 from . import text_views
 from .augment import AREA, ASPECT, CLIP_MEAN, CLIP_STD, RECIPE_PARAMS
 from .fields import resolve
-from .recordio import CONTEXT_LENGTH, RecordIOError, RecordReader
+from .recordio import CONTEXT_LENGTH, RecordIOError, RecordReader, reserve_open_files
 from .spec import DEFAULT_TEXT_FIELDS
 from .verify import require_verified
 
@@ -331,6 +331,7 @@ class SourceIndex:
     record's text views alike)."""
 
     def __init__(self, rec_paths):
+        reserve_open_files(rec_paths)
         self.files, start = {}, 0
         for p in rec_paths:
             offsets = RecordReader(p).offsets

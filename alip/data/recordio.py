@@ -275,6 +275,26 @@ def read_framed(f, offset, where):
     return MAGIC_BYTES.join(parts)
 
 
+def reserve_open_files(rec_paths):
+    """Make room for a RecordReader per shard of ``rec_paths`` in every process that reads
+    through them: each may hold two descriptors there (its memory-mapped index, its .rec once
+    read), so this process's soft RLIMIT_NOFILE (inherited by loader workers) is raised toward
+    the hard limit to 2 per shard + 256. A hard limit too low for that is a RecordIOError naming
+    both numbers, at start-up instead of "Too many open files" mid-epoch."""
+    import resource
+    need = 2 * len(rec_paths) + 256
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return soft
+    if hard != resource.RLIM_INFINITY and hard < need:
+        raise RecordIOError(
+            f"{rec_paths[0]} and {len(rec_paths) - 1} more shards: {len(rec_paths)} shards need up "
+            f"to {need} open files in each reading process, but the hard limit (ulimit -Hn) is "
+            f"{hard}: write fewer, bigger shards (data2rec.py --shard-size) or raise the limit")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+    return need
+
+
 class RecordReader:
     """Random access to the records of one shard (``.rec`` + ``.idx``).
 

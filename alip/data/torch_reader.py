@@ -26,7 +26,7 @@ from .bucketing import LengthKey, bucket_pool
 from .fields import resolve
 from .lengths import length_parts
 from .order import EpochOrder, order_kind
-from .recordio import RecordIOError, RecordReader
+from .recordio import RecordIOError, RecordReader, reserve_open_files
 from .spec import DEFAULT_TEXT_FIELDS
 
 
@@ -61,6 +61,7 @@ class RecDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, rec_paths, image_size, seed=0, augment=True, wanted=DEFAULT_TEXT_FIELDS):
+        reserve_open_files(rec_paths)
         self.readers = [RecordReader(p) for p in rec_paths]
         self.starts = np.cumsum([0] + [len(r) for r in self.readers])
         self.image_size, self.seed, self.augment = image_size, seed, augment
