@@ -149,6 +149,7 @@ class DaliRecLoader:
                  verify=True):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+        reserve_open_files(rec_paths)  # the combined index below holds every shard's reader
         self.field_rows, self.layout = resolve([str(p) for p in rec_paths], self.wanted_fields())
         if verify:  # a corrupt JPEG would otherwise kill DALI's decoder mid-epoch, naming nothing
             require_verified(rec_paths, max(1, workers), rank, world_size)
