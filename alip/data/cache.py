@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 
-from ..atomic import temp_name
+from ..atomic import replacing
 
 
 def cache_path(kind, files, ident, suffix):
@@ -38,14 +38,8 @@ def cached_array(kind, files, ident, build, valid, mmap=False):
     array = build()
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = temp_name(path)
-        try:
-            with open(tmp, "wb") as f:
-                np.save(f, array)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        with replacing(path, "wb") as f:
+            np.save(f, array)
         return (np.load(path, mmap_mode="r") if mmap else array), path
     except (OSError, ValueError):
         return array, None

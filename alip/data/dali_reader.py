@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from ..atomic import temp_name
+from ..atomic import replacing
 from . import text_views
 from .augment import AREA, ASPECT, CLIP_MEAN, CLIP_STD, RECIPE_PARAMS
 from .fields import resolve
@@ -72,21 +72,15 @@ def _combined_index(rec_paths, idx_dir=None):
 def _write_combined(path, readers, sizes, chunk=1 << 20):
     """The combined .idx of ``readers`` (each shard's entries in offset order, offsets shifted by
     the sizes of the shards before it), written whole or not at all."""
-    tmp = temp_name(path)
-    try:
-        with open(tmp, "w") as f:
-            base = 0
-            for reader, size in zip(readers, sizes):
-                order = np.argsort(reader.offsets, kind="stable")
-                for lo in range(0, len(order), chunk):
-                    rows = order[lo:lo + chunk]
-                    table = np.column_stack([reader.keys[rows], reader.offsets[rows] + base])
-                    f.write(("%d\t%d\n" * len(rows)) % tuple(table.ravel().tolist()))
-                base += size
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with replacing(path) as f:
+        base = 0
+        for reader, size in zip(readers, sizes):
+            order = np.argsort(reader.offsets, kind="stable")
+            for lo in range(0, len(order), chunk):
+                rows = order[lo:lo + chunk]
+                table = np.column_stack([reader.keys[rows], reader.offsets[rows] + base])
+                f.write(("%d\t%d\n" * len(rows)) % tuple(table.ravel().tolist()))
+            base += size
 
 
 def _seed(*parts):
@@ -332,7 +326,6 @@ class SourceIndex:
     record's text views alike)."""
 
     def __init__(self, rec_paths):
-        reserve_open_files(rec_paths)
         self.files, start = {}, 0
         for p in rec_paths:
             offsets = RecordReader(p).offsets

@@ -246,7 +246,7 @@ def shard_index(rec_path, idx_path, use_cache=True):
     table, path = cached_array("index", (rec_path, idx_path), [INDEX_VERSION], build,
                                lambda got: got.ndim == 2 and got.shape[0] == 2 and got.dtype == np.int64,
                                mmap=True)
-    return table[0], table[1], path if isinstance(table, np.memmap) else None
+    return table[0], table[1], path
 
 
 def read_framed(f, offset, where):
