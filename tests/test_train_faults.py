@@ -93,8 +93,10 @@ BAD_FLAGS = [
     (["--seed", "-1"], "--seed must be in [0, 4294967295], got -1"),
     (["--eval-batch-size", "0"], "--eval-batch-size must be >= 1"),
     (["--device", "gpu"], "--device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
-    (["--report-to", "wandb"], "--report-to 'wandb': 'wandb' is not supported; use 'tensorboard' "
-                               "or '' (results.jsonl is always written)"),
+    (["--report-to", "tensorboard,wandbb"], "--report-to 'tensorboard,wandbb': 'wandbb' is not "
+                                            "supported; use tensorboard, wandb, all, a comma list "
+                                            "of them, or '' (results.jsonl is always written)"),
+    (["--report-to", "all,tb"], "--report-to 'all,tb': 'tb' is not supported"),
 ]
 
 
@@ -227,6 +229,14 @@ def test_hf_hub_model_is_accepted_and_its_failure_names_the_flag(tmp_path, monke
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(TrainConfigError, match=r"^--model hf-hub:nobody/none --pretrained None: "):
         run_single(tiny_argv(tmp_path, "r") + ["--model", "hf-hub:nobody/none"])
+
+
+def test_default_run_name_of_an_hf_hub_model_is_one_directory(tmp_path):
+    from alip.training.loop import run_dir_of
+    argv = [a for a in tiny_argv(tmp_path, "x") if a not in ("--name", "x")]
+    args = parse_args(argv + ["--model", "hf-hub:org/Some-Model"])
+    run_dir = run_dir_of(args)
+    assert run_dir.parent == tmp_path and args.name.endswith("-hf-hub-org-Some-Model-alip-b8")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Run logging on rank 0: tqdm progress, TensorBoard scalars, results.jsonl, out.log."""
+"""Run logging on rank 0: tqdm progress, TensorBoard / Weights & Biases scalars, results.jsonl,
+out.log."""
 import json
 import logging
 import sys
@@ -8,6 +9,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from alip.atomic import write_text
+
+from .params import report_targets
 
 log = logging.getLogger("alip.train")
 
@@ -52,25 +55,57 @@ def truncate_results(path, last_step):
     return dropped
 
 
+def wandb_run_id(name):
+    """A W&B run id from a run name: W&B refuses ``/ \\ # ? % :`` in ids."""
+    return "".join("-" if c in "/\\#?%:" else c for c in name)
+
+
+class WandbLog:
+    """A W&B run (open_clip_train's: project, run name and id = the run's name, the resolved
+    config). Files go to RUN_DIR/wandb; WANDB_MODE=offline keeps them there for
+    ``wandb sync``. A resumed run continues the same W&B run; steps W&B already has (rerun
+    after the checkpoint, identical under exact resume) are not sent again."""
+
+    def __init__(self, run_dir, name, project, notes, config, resumed):
+        import wandb
+        self.wandb = wandb
+        self.run = wandb.init(project=project, name=name, id=wandb_run_id(name), notes=notes or None,
+                              dir=str(run_dir), config=config, resume="allow" if resumed else None)
+        self.first_new_step = int(getattr(self.run, "step", 0) or 0)
+        if self.first_new_step:
+            log.info("wandb: run %s resumed; steps below %d are already logged there",
+                     self.run.id, self.first_new_step)
+
+    def log(self, prefix, values, step):
+        if step >= self.first_new_step:
+            self.wandb.log({f"{prefix}/{k}": v for k, v in values.items()}, step=step)
+
+    def finish(self, exit_code):
+        self.wandb.finish(exit_code=exit_code)
+
+
 class RunLogger:
-    """tqdm progress every step; the loss (when read back), results.jsonl and TensorBoard
-    every N steps."""
+    """tqdm progress every step; the loss (when read back), results.jsonl and TensorBoard /
+    W&B every N steps. ``wandb``: WandbLog's keyword arguments when --report-to names it."""
 
     def __init__(self, run_dir, is_master, report_to, total_steps, start_step, samples_per_step,
-                 world_size):
+                 world_size, wandb=None):
         self.is_master = is_master
         self.samples_per_step = samples_per_step
         self.world_size = world_size
-        self.jsonl = self.tb = None
+        self.jsonl = self.tb = self.wandb = None
         if is_master:
             dropped = truncate_results(Path(run_dir) / "results.jsonl", start_step)
             if dropped:
                 log.info("results.jsonl: dropped %d line(s) past the resumed step %d", dropped,
                          start_step)
             self.jsonl = open(Path(run_dir) / "results.jsonl", "a")
-            if "tensorboard" in (report_to or ""):
+            targets = report_targets(report_to)
+            if "tensorboard" in targets:
                 from torch.utils.tensorboard import SummaryWriter
                 self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            if "wandb" in targets:
+                self.wandb = WandbLog(run_dir, **(wandb or {}))
         self.pbar = tqdm(total=total_steps, initial=start_step, disable=not is_master,
                          unit="step", dynamic_ncols=True, file=sys.stderr)
         self.last_time = time.perf_counter()
@@ -110,21 +145,26 @@ class RunLogger:
         self.last_time, self.steps_since = time.perf_counter(), 0
 
     def write(self, record):
-        """One results.jsonl line; every numeric field also goes to TensorBoard as train/<key>."""
+        """One results.jsonl line; every numeric field also goes to TensorBoard and W&B as
+        KIND/<key> (train/loss, eval/zeroshot_top1, ...)."""
         if not self.is_master:
             return
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
+        step, prefix = record["step"], record.get("kind", "train")
+        values = {k: v for k, v in record.items() if k not in ("step", "kind")
+                  and isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self.tb is not None:
-            step = record["step"]
-            prefix = record.get("kind", "train")
-            for k, v in record.items():
-                if k not in ("step", "kind") and isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self.tb.add_scalar(f"{prefix}/{k}", v, step)
+            for k, v in values.items():
+                self.tb.add_scalar(f"{prefix}/{k}", v, step)
+        if self.wandb is not None:
+            self.wandb.log(prefix, values, step)
 
-    def close(self):
+    def close(self, failed=False):
         self.pbar.close()
         if self.jsonl is not None:
             self.jsonl.close()
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish(exit_code=1 if failed else 0)

@@ -156,7 +156,8 @@ def _lock(model, args, log, flag, what, tower, method, n_flag, n, tower_lock=Tru
 def run_dir_of(args):
     if args.name is None:
         stamp = datetime.now().strftime("%Y_%m_%d-%H_%M_%S")
-        args.name = f"{stamp}-{args.model}-{args.method}-b{args.batch_size}"
+        model = "".join("-" if c in "/\\:" else c for c in args.model)  # hf-hub:org/name
+        args.name = f"{stamp}-{model}-{args.method}-b{args.batch_size}"
     return Path(args.logs) / args.name
 
 
@@ -556,7 +557,10 @@ def _run(args, info, make_loader):
     book = StepBook(args.max_nonfinite, nonfinite_total, lambda: ckpt.find_good(ckpt_dir))
     samples_per_step = args.batch_size * args.accum_freq * info.world_size
     logger = RunLogger(run_dir, info.is_master, args.report_to, total_steps, step,
-                       samples_per_step, info.world_size)
+                       samples_per_step, info.world_size,
+                       wandb={"name": args.name, "project": args.wandb_project_name,
+                              "notes": args.wandb_notes, "config": resolved_config(args),
+                              "resumed": resume_path is not None})
 
     def save(tag, epoch, batch_in_epoch, completed_epochs):
         book.read()
@@ -645,8 +649,10 @@ def _run(args, info, make_loader):
                 logger.write({"kind": "eval", "step": step, "epoch": epoch, **results})
             barrier(info)
         book.read()
-    finally:
-        logger.close()
+    except BaseException:
+        logger.close(failed=True)
+        raise
+    logger.close()
     return {"step": step, "epoch": epoch, "nonfinite_total": book.total,
             "run_dir": str(run_dir)}
 

@@ -8,6 +8,7 @@ range is an error naming the file and key. Every numeric flag has its valid rang
 the files and directories of the evaluation flags.
 """
 import argparse
+import importlib.util
 import os
 from pathlib import Path
 
@@ -85,10 +86,14 @@ def check_flags(args):
         resolve_device(args.device)
     except ValueError as e:
         raise FlagError(str(e)) from None
-    unknown = [r for r in str(args.report_to or "").split(",") if r.strip() not in ("", "tensorboard")]
+    unknown = sorted(report_targets(args.report_to) - {"tensorboard", "wandb"})
     if unknown:
         raise FlagError(f"--report-to {args.report_to!r}: {', '.join(map(repr, unknown))} is not "
-                        f"supported; use 'tensorboard' or '' (results.jsonl is always written)")
+                        f"supported; use tensorboard, wandb, all, a comma list of them, or '' "
+                        f"(results.jsonl is always written)")
+    if "wandb" in report_targets(args.report_to) and importlib.util.find_spec("wandb") is None:
+        raise FlagError(f"--report-to {args.report_to!r}: wandb is not installed "
+                        f"(pip install wandb)")
     for lock, qualifiers in LOCK_QUALIFIERS.items():
         if getattr(args, lock, False):
             continue
@@ -251,7 +256,10 @@ def build_parser():
     a("--log-every-n-steps", type=int, default=10,
       help="Read the step metrics back from the device, log them and check non-finite streaks "
            "every N steps (a step itself never waits for the device).")
-    a("--report-to", default="tensorboard", help="'tensorboard' or '' (results.jsonl always).")
+    a("--report-to", default="tensorboard",
+      help="tensorboard, wandb, all, a comma list, or '' (results.jsonl is always written).")
+    a("--wandb-project-name", default="alip", help="W&B project (--report-to wandb).")
+    a("--wandb-notes", default="", help="W&B run notes (--report-to wandb).")
     a("--max-nonfinite", type=int, default=10,
       help="Stop when more than this many steps in a row have a non-finite loss (noticed within "
            "this many + 1 steps: the steps are read back from the device at least that often).")
@@ -402,6 +410,13 @@ def resume_conflicts(old_config, args):
     label = {"data_reader": "the reader --data-backend resolved to"}
     return [f"{label.get(k, k)} (checkpoint {old[k]}, now {v})" for k, v in now.items()
             if old[k] != v]
+
+
+def report_targets(report_to):
+    """``--report-to`` as a set of names: 'all' is tensorboard and wandb, '' is none; any other
+    name is kept (check_flags refuses it)."""
+    names = {r.strip() for r in str(report_to or "").split(",")} - {""}
+    return names - {"all"} | {"tensorboard", "wandb"} if "all" in names else names
 
 
 def resolved_config(args):
