@@ -20,6 +20,8 @@ if [ "$NNODES" != 1 ]; then  # the defaults (node 0 at 127.0.0.1) would make eve
   : "${NODE_RANK:?NNODES=$NNODES: set NODE_RANK (0 to NNODES-1) on every node}"
 fi
 export NCCL_ALGO=${NCCL_ALGO:-Ring}   # as the reference script
+# on SIGTERM (a preemption) torchrun gives the workers this long to save (train.py --stop-signals)
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-120}
 exec "$REPO/.venv/bin/torchrun" \
   --nnodes "$NNODES" --node_rank "${NODE_RANK:-0}" --nproc_per_node "${NPROC_PER_NODE:-8}" \
   --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}" \

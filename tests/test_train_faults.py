@@ -97,6 +97,8 @@ BAD_FLAGS = [
                                             "supported; use tensorboard, wandb, all, a comma list "
                                             "of them, or '' (results.jsonl is always written)"),
     (["--report-to", "all,tb"], "--report-to 'all,tb': 'tb' is not supported"),
+    (["--stop-signals", "TERM,KILL"], "--stop-signals 'TERM,KILL': 'KILL' is not a signal a "
+                                      "process can catch"),
 ]
 
 

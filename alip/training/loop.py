@@ -25,6 +25,7 @@ from . import checkpoint as ckpt
 from .distributed import all_gather_object, barrier, cleanup, init_distributed
 from .logger import RunLogger, setup_text_log
 from .optim import build_optimizer, build_scheduler
+from .preemption import StopOnSignal, parse_signals
 from .params import (FlagError, check_eval_inputs, check_flags, parse_args, resolved_config,
                      resume_conflicts, write_config)
 from .step import StepContext, train_step
@@ -585,7 +586,9 @@ def _run(args, info, make_loader):
         barrier(info)
 
     stop = args.max_steps is not None and step >= args.max_steps
+    signalled = None  # the stop signal every rank agreed on (alip.training.preemption)
     epoch = start_epoch
+    stopper = StopOnSignal(parse_signals(args.stop_signals)).__enter__()
     try:
         while epoch < args.epochs and not stop:
             first = start_batch if epoch == start_epoch else 0
@@ -627,20 +630,26 @@ def _run(args, info, make_loader):
                                   "nonfinite_total": book.total, "skipped": metrics is None}
                         record.update(metrics or {})
                         logger.write(record)
+                    signalled = stopper.agreed(info)  # every rank reads back at this step
                 elif len(book.pending) > args.max_nonfinite:
                     book.read()  # a streak is noticed within --max-nonfinite + 1 steps
+                if signalled or (args.max_steps is not None and step >= args.max_steps):
+                    stop = True
+                    break
                 if args.save_every_n_steps and step % args.save_every_n_steps == 0 \
                         and batch_in_epoch < last_batch:
                     save(f"step_{step}", epoch, batch_in_epoch, epoch)
-                if args.max_steps is not None and step >= args.max_steps:
-                    stop = True
-                    break
+            if signalled and info.is_master:
+                log.warning("%s (on rank(s) of this job) at step %d: saving, then stopping; run "
+                            "the same command with --resume latest to continue", signalled.name,
+                            step)
             if stop and batch_in_epoch < last_batch:
                 save(f"step_{step}", epoch, batch_in_epoch, epoch)
                 break
             book.read()
             epoch += 1
-            if (args.save_frequency and epoch % args.save_frequency == 0) or epoch == args.epochs:
+            if (args.save_frequency and epoch % args.save_frequency == 0) or epoch == args.epochs \
+                    or signalled:
                 save(f"epoch_{epoch}", epoch, 0, epoch)
             results = evaluate(args, clip_model, preprocess, epoch, info, method.dense_head())
             if results and info.is_master:
@@ -652,16 +661,19 @@ def _run(args, info, make_loader):
     except BaseException:
         logger.close(failed=True)
         raise
+    finally:
+        stopper.__exit__()
     logger.close()
     return {"step": step, "epoch": epoch, "nonfinite_total": book.total,
-            "run_dir": str(run_dir)}
+            "run_dir": str(run_dir), "stopped_by": signalled}
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
-        run(args)
+        out = run(args)
     except (TrainConfigError, NonFiniteLossError, ckpt.CheckpointError, RecordIOError) as e:
         raise SystemExit(f"train.py: error: {one_line(e)}")
-    return 0
+    # stopped by a signal, its checkpoint saved: the exit status of a process it killed
+    return 128 + out["stopped_by"] if out["stopped_by"] else 0
 

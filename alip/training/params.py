@@ -18,6 +18,9 @@ from alip.atomic import write_text
 from alip.cli import interval_error, resolve_device
 from alip.methods import get_method, method_names
 
+from .preemption import parse_signals
+
+
 PRECISIONS = ("amp", "amp_bf16", "amp_bfloat16", "fp32")
 
 # Valid range of every numeric flag, as an interval: "[" / "]" include the bound, "(" / ")"
@@ -94,6 +97,10 @@ def check_flags(args):
     if "wandb" in report_targets(args.report_to) and importlib.util.find_spec("wandb") is None:
         raise FlagError(f"--report-to {args.report_to!r}: wandb is not installed "
                         f"(pip install wandb)")
+    try:
+        parse_signals(args.stop_signals)
+    except ValueError as e:
+        raise FlagError(f"--stop-signals {args.stop_signals!r}: {e}") from None
     for lock, qualifiers in LOCK_QUALIFIERS.items():
         if getattr(args, lock, False):
             continue
@@ -263,6 +270,10 @@ def build_parser():
     a("--max-nonfinite", type=int, default=10,
       help="Stop when more than this many steps in a row have a non-finite loss (noticed within "
            "this many + 1 steps: the steps are read back from the device at least that often).")
+    a("--stop-signals", default="TERM,USR1",
+      help="On one of these signals (a comma list; '' for none) every rank saves a checkpoint at "
+           "the next read-back (--log-every-n-steps) and the run exits with 128 + the signal's "
+           "number; a second signal ends the process at once. SLURM: --signal=TERM@120.")
     a("--max-steps", type=int, default=None,
       help="Stop after this many optimizer steps (the schedule still spans --epochs).")
     # evaluation during training (alip.eval)
