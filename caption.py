@@ -27,7 +27,7 @@ def parse_args(argv):
     src.add_argument("--caption-col", default="caption", help="column the captioned manifest copy fills")
     src.add_argument("--wds", help="glob of img2dataset-style tars (KEY.jpg + KEY.txt)")
     src.add_argument("--rec", help="a directory (or glob) of rec shards: caption the images already packed "
-                                   "(captions.jsonl keyed by record key; no tool here packs them back into shards)")
+                                   "(captions.jsonl keyed by record key; data2rec.py --rec packs them back into shards)")
     m = p.add_argument_group("captioner")
     m.add_argument("--backend", default="open_clip", choices=["open_clip", "hf", "vllm", "clips"],
                    help="clips: --model is the model file of a train.py --method clips run")

@@ -2,6 +2,7 @@
 
     python data2rec.py --manifest rows.jsonl --image-root imgs/ --output-dir shards/ [--workers 8]
     python data2rec.py --wds 'tars/*.tar' --captions captions.jsonl --output-dir shards/
+    python data2rec.py --rec old_shards/ --captions captions.jsonl --output-dir shards/  # new captions
     python data2rec.py verify shards/ [--workers 8]      # check every shard; exit 1 on any problem
 
 Writes train-NNNNN.rec/.idx, manifest.json and rejects.jsonl; rerun the same command to complete
@@ -15,7 +16,7 @@ import sys
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="data2rec.py", description=__doc__.split("\n")[0])
-    src = p.add_argument_group("input (a manifest, or webdataset tars + a captions file)")
+    src = p.add_argument_group("input (a manifest; or webdataset tars or rec shards + a captions file)")
     src.add_argument("--manifest", help="JSONL, CSV or TSV with image path, raw text and caption columns")
     src.add_argument("--image-root", default=".", help="directory the manifest's image paths are relative to")
     src.add_argument("--image-col", default="image")
@@ -26,7 +27,11 @@ def parse_args(argv):
                           "(--caption-col) and any extra field F, read from the manifest's column F "
                           "(--wds: the --captions file's column F); a missing or empty F rejects the row")
     src.add_argument("--wds", help="glob of img2dataset-style tars (KEY.jpg + KEY.txt [+ KEY.json])")
-    src.add_argument("--captions", help="with --wds: JSONL/CSV/TSV of synthetic captions keyed by KEY")
+    src.add_argument("--rec", help="rec shards (a directory or a glob of .rec) to repack with the captions of "
+                                    "--captions, keyed by record key (caption.py --rec writes them): each record "
+                                    "keeps its key, JPEG (as with --copy-jpeg) and raw tokens")
+    src.add_argument("--captions", help="with --wds / --rec: JSONL/CSV/TSV of synthetic captions keyed by KEY "
+                                        "(--rec: the record key)")
     src.add_argument("--key-col", default="key", help="with --captions: the KEY column")
     src.add_argument("--max-row-lines", type=int, default=None,
                      help="CSV: a quoted field may span at most N physical lines (default 8); a record that "
@@ -52,10 +57,13 @@ def parse_args(argv):
                           "the run that completes the last shard writes manifest.json")
     out.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    if bool(args.manifest) == bool(args.wds):
-        p.error("give exactly one of --manifest or --wds")
-    if args.wds and not args.captions:
-        p.error("--wds needs --captions")
+    if sum(map(bool, (args.manifest, args.wds, args.rec))) != 1:
+        p.error("give exactly one of --manifest, --wds or --rec")
+    for flag in ("wds", "rec"):
+        if getattr(args, flag) and not args.captions:
+            p.error(f"--{flag} needs --captions")
+    if args.rec:
+        args.copy_jpeg = True  # the images are packed JPEGs already: decoded to check, kept as they are
     if args.max_row_lines is not None and args.max_row_lines < 1:
         p.error("--max-row-lines must be >= 1")
     if args.shard_size < 1 or args.workers < 1 or not 1 <= args.quality <= 100 or args.max_size < 0:
@@ -93,9 +101,13 @@ def main(argv=None) -> int:
             source = ManifestSource(args.manifest, args.image_root, args.image_col, args.text_col,
                                     args.caption_col, args.caption_fallback,
                                     args.max_row_lines or DEFAULT_MAX_ROW_LINES, extra)
-        else:
+        elif args.wds:
             source = WebDatasetSource(args.wds, args.captions, args.key_col, args.caption_col,
                                       args.caption_fallback, extra)
+        else:
+            from alip.data.rec_source import RecSource
+            source = RecSource(args.rec, args.captions, args.text_fields, args.key_col,
+                               args.caption_col, args.caption_fallback, args.tokenizer)
         s = run(source, args.output_dir, shard_size=args.shard_size, workers=args.workers,
                 quality=args.quality, max_size=args.max_size, copy_jpeg=args.copy_jpeg,
                 shuffle=not args.no_shuffle, seed=args.seed, caption_fallback=args.caption_fallback,

@@ -372,6 +372,16 @@ def test_caption_then_data2rec_then_rec_input(manifest, coca_dir, clean, tmp_pat
     assert caption.main(["--manifest", path, "--image-root", root, "--output-dir", alone]
                         + coca_args(coca_dir, "--batch-size", "1")) == 0
     assert got == {c["key"]: c["caption"] for c in read_jsonl(os.path.join(alone, "captions.jsonl"))}
+    # and back into shards: data2rec --rec repacks them with these captions, keyed by record key
+    repacked = str(tmp_path / "repacked")
+    assert data2rec.main(["--rec", shards, "--captions", os.path.join(again, "captions.jsonl"),
+                          "--output-dir", repacked, "--no-progress", "--caption-fallback", "raw"]) == 0
+    after = {r.key: r for p in glob.glob(os.path.join(repacked, "*.rec")) for r in RecordReader(p)}
+    assert sorted(after) == sorted(recs)
+    for k, r in after.items():
+        assert r.jpeg == recs[k].jpeg and r.raw_tokens.tolist() == recs[k].raw_tokens.tolist()
+        want_caption = tok([got[k]])[0] if k in got else r.raw_tokens
+        assert r.caption_tokens.tolist() == want_caption.tolist()
 
 
 @pytest.mark.slow

@@ -6,13 +6,13 @@ same rows, in the same order, with the same reasons for the bad ones. Every sour
 the manifest row number, the tar sample name, the record key) and ``source.image_bytes(i)``
 returns the encoded image or raises ``Reject`` with the reason.
 """
-import glob
 import os
 import tempfile
 
 from alip.data.pack import (DataError, ManifestSource, MissingColumn, Reject, WebDatasetSource,  # noqa: F401
                             read_source)
-from alip.data.recordio import RecordIOError, RecordReader
+from alip.data.rec_source import RecShards
+from alip.data.recordio import RecordIOError
 
 
 def _forget_handles_after_fork(obj, reset):
@@ -99,35 +99,10 @@ class TarRows:
                 "tar_bytes": sum(os.path.getsize(t) for t in tars)}
 
 
-class RecRows:
+class RecRows(RecShards):
     """The images already packed in rec shards (``DIR`` or a glob of .rec); key = record key."""
 
     kind = "rec"
-
-    def __init__(self, spec):
-        paths = sorted(glob.glob(os.path.join(spec, "*.rec"))) if os.path.isdir(spec) else sorted(glob.glob(spec))
-        if not paths:
-            raise DataError(f"--rec {spec!r}: no .rec files")
-        try:
-            self.readers = [RecordReader(p) for p in paths]
-        except RecordIOError as e:
-            raise DataError(str(e)) from None
-        self.spec = spec
-        self.index = [(s, j) for s, r in enumerate(self.readers) for j in range(len(r))]
-        seen = {}
-        for s, r in enumerate(self.readers):
-            for k in r.keys.tolist():
-                if k in seen:
-                    raise DataError(f"record key {k} is in both {self.readers[seen[k]].rec_path} and "
-                                    f"{r.rec_path}: captions are keyed by record key, keys must be unique")
-                seen[k] = s
-
-    def __len__(self):
-        return len(self.index)
-
-    def key(self, i):
-        s, j = self.index[i]
-        return int(self.readers[s].keys[j])
 
     def image_bytes(self, i):
         s, j = self.index[i]
@@ -136,10 +111,3 @@ class RecRows:
         except RecordIOError as e:
             raise Reject(str(e)) from None
 
-    def where(self, i):
-        s, j = self.index[i]
-        return {"source": self.readers[s].rec_path, "record": int(self.readers[s].keys[j])}
-
-    def describe(self):
-        return {"rec": self.spec, "shards": [os.path.abspath(r.rec_path) for r in self.readers],
-                "bytes": sum(os.path.getsize(r.rec_path) for r in self.readers)}

@@ -527,21 +527,39 @@ def _init_worker(tokenizer_name, quality, max_size, copy_jpeg):
 
 
 def process_row(job):
-    """job = (key, source, texts) with texts ((field, text or None), ...) in label order
-    -> (key, payload, None) or (key, None, reason)."""
-    key, src, texts = job
+    """job = (row, key, source, texts) with texts ((field, value), ...) in label order, a value
+    being the text to tokenize, None (missing) or, for a ("rec", path, j) source, an int: the row
+    of that input record's tokens to copy -> (row, key, payload, None) or (row, key, None, reason)."""
+    row, key, src, texts = job
     try:
         texts = dict(texts)
         for name in ("raw", "caption", *texts):  # today's reasons first: "empty text", "empty caption"
             if texts[name] is None:
                 raise Reject(f"missing {name} (no value in column {name!r})")
-            if is_blank(texts[name]):
+            if isinstance(texts[name], str) and is_blank(texts[name]):
                 raise Reject("empty text" if name == "raw" else f"empty {name}")
-        jpeg = encode_image(read_source(src), _WORKER["quality"], _WORKER["max_size"], _WORKER["copy_jpeg"])
-        tokens = _WORKER["tokenizer"](list(texts.values())).numpy()
-        return key, pack_fields(key, tokens, jpeg), None
+        record = _read_record(src) if src[0] == "rec" else None
+        data = record.jpeg if record is not None else read_source(src)
+        jpeg = encode_image(data, _WORKER["quality"], _WORKER["max_size"], _WORKER["copy_jpeg"])
+        strings = [v for v in texts.values() if isinstance(v, str)]
+        made = iter(_WORKER["tokenizer"](strings).numpy() if strings else ())
+        tokens = np.stack([next(made) if isinstance(v, str) else record.tokens[v] for v in texts.values()])
+        return row, key, pack_fields(key, tokens, jpeg), None
     except Reject as e:
-        return key, None, str(e)
+        return row, key, None, str(e)
+
+
+def _read_record(src):
+    """The Record at ("rec", rec_path, j), through this worker's reader of that shard."""
+    from .recordio import RecordIOError, RecordReader
+    _, path, j = src
+    readers = _WORKER.setdefault("readers", {})
+    try:
+        if path not in readers:
+            readers[path] = RecordReader(path, check=False)
+        return readers[path][j]
+    except RecordIOError as e:
+        raise Reject(f"unreadable record: {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -600,27 +618,30 @@ def plan_order(n, shuffle, seed):
 
 def _jobs(source, keys, caption_fallback, stats, rejects, text_fields=DEFAULT_FIELDS):
     """Jobs for the worker pool; rows that fail to parse go straight to rejects."""
-    for key in keys:
-        key = int(key)
+    for row in keys:
+        row = int(row)
+        key = source.record_key(row) if hasattr(source, "record_key") else row
         try:
-            src, text, caption, extras = source.read_fields(key)
+            src, text, caption, extras = source.read_fields(row)
         except Reject as e:
-            rejects.append({"key": key, "reason": str(e), **_row_ref(source, key)})
+            rejects.append({"key": key, "reason": str(e), **_row_ref(source, row)})
             continue
         if caption is None and caption_fallback != "raw":
-            raise DataError(f"{_row_ref(source, key)}: no caption; pass --caption-fallback raw "
+            raise DataError(f"{_row_ref(source, row)}: no caption; pass --caption-fallback raw "
                             "to use the raw text instead")
-        if caption is None or (caption_fallback == "raw" and is_blank(caption)):
+        if caption is None or (caption_fallback == "raw" and isinstance(caption, str) and is_blank(caption)):
             caption = text
             stats["caption_fallbacks"] += 1
         texts = {"raw": text, "caption": caption, **extras}
-        yield key, src, tuple((f, texts[f]) for f in text_fields)
+        yield row, key, src, tuple((f, texts[f]) for f in text_fields)
 
 
-def _row_ref(source, key):
+def _row_ref(source, row):
     if isinstance(source, ManifestSource):
-        return {"source": source.path, "row": key}
-    name, t, _ = source.items[key]
+        return {"source": source.path, "row": row}
+    if hasattr(source, "where"):
+        return source.where(row)
+    name, t, _ = source.items[row]
     return {"source": source.tars[t], "sample": name}
 
 
@@ -757,9 +778,9 @@ def _write_shard(output_dir, k, keys, source, caption_fallback, imap, bar, text_
         # thread, racing the parse-time rejects it appends against the end of this loop
         jobs = list(_jobs(source, keys, caption_fallback, stats, rejects, text_fields))
         processed = 0
-        for key, payload, reason in imap(jobs):
+        for row, key, payload, reason in imap(jobs):
             if payload is None:
-                rejects.append({"key": key, "reason": reason, **_row_ref(source, key)})
+                rejects.append({"key": key, "reason": reason, **_row_ref(source, row)})
             else:
                 w.write_payload(key, payload)
             processed += 1

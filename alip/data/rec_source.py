@@ -1,0 +1,135 @@
+"""Existing rec shards as rows: data2rec's ``--rec`` input (repacking with new captions) and
+caption.py's (captioning images already packed).
+
+``RecShards`` lists the records of a shard dir (or a glob of .rec files) with their record keys,
+which must be unique: captions files are keyed by record key. ``RecSource`` is a data2rec source
+over them: each output record keeps its input record's key, JPEG bytes and the tokens of the
+fields it copies (``raw`` always: the shards hold tokens, not the text), and takes ``caption``
+(and any extra field the captions file has a column for) from a captions file keyed by record
+key, tokenized by data2rec's workers.
+"""
+import glob
+import json
+import os
+
+from .fields import shards_layout
+from .pack import DataError, Reject, load_columns
+from .recordio import RecordIOError, RecordReader
+
+
+class RecShards:
+    """The records of rec shards (``DIR``: its ``*.rec``; or a glob), in shard then .idx order."""
+
+    def __init__(self, spec, flag="--rec"):
+        paths = sorted(glob.glob(os.path.join(spec, "*.rec"))) if os.path.isdir(spec) else sorted(glob.glob(spec))
+        if not paths:
+            raise DataError(f"{flag} {spec!r}: no .rec files")
+        try:
+            self.readers = [RecordReader(p) for p in paths]
+        except (RecordIOError, FileNotFoundError) as e:
+            raise DataError(str(e)) from None
+        self.spec, self.paths = spec, paths
+        self.index = [(s, j) for s, r in enumerate(self.readers) for j in range(len(r))]
+        seen = {}
+        for s, r in enumerate(self.readers):
+            for k in r.keys.tolist():
+                if k in seen:
+                    raise DataError(f"record key {k} is in both {self.readers[seen[k]].rec_path} and "
+                                    f"{r.rec_path}: captions are keyed by record key, keys must be unique")
+                seen[k] = s
+
+    def __len__(self):
+        return len(self.index)
+
+    def key(self, i):
+        s, j = self.index[i]
+        return int(self.readers[s].keys[j])
+
+    def where(self, i):
+        s, j = self.index[i]
+        return {"source": self.readers[s].rec_path, "record": int(self.readers[s].keys[j])}
+
+    def describe(self):
+        return {"rec": self.spec, "shards": [os.path.abspath(r.rec_path) for r in self.readers],
+                "bytes": sum(os.path.getsize(r.rec_path) for r in self.readers)}
+
+
+def input_tokenizer(paths):
+    """The tokenizer named in the manifest.json beside the shards (data2rec writes it), or None."""
+    path = os.path.join(os.path.dirname(os.path.abspath(paths[0])), "manifest.json")
+    try:
+        with open(path) as f:
+            return (json.load(f).get("flags") or {}).get("tokenizer")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+class RecSource:
+    """data2rec's source over existing shards (see the module doc). ``text_fields``: the output's
+    fields; ``extra``: those other than raw and caption (the names check_text_fields expects)."""
+
+    def __init__(self, spec, captions_path, text_fields, key_col="key", caption_col="caption",
+                 caption_fallback=None, tokenizer=None):
+        self.shards = RecShards(spec)
+        self.captions_path = captions_path
+        self.extra = tuple(f for f in text_fields if f not in ("raw", "caption"))
+        try:
+            self.layout = shards_layout(self.shards.paths)  # the input's fields, in label order
+        except RecordIOError as e:
+            raise DataError(f"--rec {spec!r}: {e}") from None
+        if "raw" not in self.layout:
+            raise DataError(f"--rec {spec!r}: the shards have no raw field (they have "
+                            f"{list(self.layout)}); data2rec keeps the raw text's tokens")
+        used = tokenizer and input_tokenizer(self.shards.paths)
+        if used and used != tokenizer:
+            raise DataError(f"--tokenizer {tokenizer}: the shards' raw tokens come from {used} "
+                            f"(their manifest.json); tokenize the captions with the same one")
+        wanted = (caption_col,) + self.extra
+        columns = load_columns(captions_path, key_col, wanted)
+        self.captions = columns[caption_col]
+        # an extra field comes from the captions file when it has that column, else from the input
+        self.from_file = {f: columns[f] for f in self.extra if columns[f]}
+        missing = [f for f in self.extra if f not in self.from_file and f not in self.layout]
+        if missing:
+            raise DataError(f"--text-fields names {missing[0]!r}: neither {captions_path} has a column "
+                            f"{missing[0]!r} nor the shards a field of that name (they have {list(self.layout)})")
+        if caption_fallback != "raw":
+            keys = (self.shards.key(i) for i in range(len(self.shards)))
+            absent = [k for k in keys if str(k) not in self.captions]
+            if absent:
+                raise DataError(f"{captions_path}: no caption for {len(absent)} of {len(self.shards)} "
+                                f"records (first keys: {absent[:5]}); pass --caption-fallback raw to use "
+                                "the raw text instead")
+
+    def __len__(self):
+        return len(self.shards)
+
+    def record_key(self, i):
+        return self.shards.key(i)
+
+    def where(self, i):
+        return self.shards.where(i)
+
+    def describe(self):
+        return {**self.shards.describe(), "captions": os.path.abspath(self.captions_path),
+                "captions_bytes": os.path.getsize(self.captions_path)}
+
+    def read_fields(self, i):
+        """(("rec", rec_path, j), raw, caption, {extra: value}): a value is the text to tokenize,
+        an int (the row of the input record's tokens to copy) or None (missing); the worker reads
+        the record itself."""
+        s, j = self.shards.index[i]
+        key = str(self.shards.key(i))
+        raw = self.layout.index("raw")
+        caption = self.captions.get(key)
+        if caption is not None and not isinstance(caption, str):
+            raise Reject(f"column 'caption' is a JSON {type(caption).__name__}, not a string")
+        extras = {}
+        for f in self.extra:
+            if f not in self.from_file:
+                extras[f] = self.layout.index(f)
+                continue
+            v = extras[f] = self.from_file[f].get(key)
+            if v is not None and not isinstance(v, str):
+                raise Reject(f"column {f!r} is a JSON {type(v).__name__}, not a string")
+        return ("rec", self.shards.readers[s].rec_path, j), raw, caption, extras

@@ -1,0 +1,137 @@
+"""data2rec.py --rec: existing shards repacked with the captions of a captions file keyed by record
+key (caption.py --rec's output). Every record keeps its key, JPEG bytes and raw tokens; the caption
+is the file's, tokenized; nothing is dropped silently."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+import data2rec
+from alip.data.recordio import pack_fields
+from data_fixtures import cache_dir, make_rec_shards, text_of, tokenize  # noqa: F401
+from test_data2rec import records, shard_bytes
+
+N = 23
+
+
+@pytest.fixture(scope="module")
+def old(tmp_path_factory):
+    return make_rec_shards(tmp_path_factory, N)
+
+
+def new_caption(k):
+    return f"a better caption of picture {k} with {k % 4} red shapes"
+
+
+def write_captions(path, rows):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return str(path)
+
+
+def repack(old, tmp_path, captions, *extra, out="new"):
+    out = str(tmp_path / out)
+    code = data2rec.main(["--rec", old, "--captions", captions, "--output-dir", out,
+                          "--shard-size", "10", "--no-progress", *extra])
+    return code, out
+
+
+def test_repack_keeps_keys_images_and_raw_tokens_and_takes_the_new_captions(old, tmp_path, capsys):
+    captions = write_captions(tmp_path / "c.jsonl", [{"key": k, "caption": new_caption(k)} for k in range(N)])
+    code, out = repack(old, tmp_path, captions)
+    assert code == 0, capsys.readouterr().err
+    assert f"rows in {N} = written {N} + rejected 0" in capsys.readouterr().out
+    before, after = records(old), records(out)
+    assert sorted(after) == sorted(before) == list(range(N))
+    want = tokenize([new_caption(k) for k in range(N)])
+    for k, r in after.items():
+        assert r.jpeg == before[k].jpeg  # byte for byte
+        assert (r.raw_tokens == before[k].raw_tokens).all()
+        assert (r.raw_tokens == tokenize([text_of(k)])[0]).all()
+        assert (r.caption_tokens == want[k]).all()
+        assert not (r.caption_tokens == before[k].caption_tokens).all()
+    m = json.load(open(os.path.join(out, "manifest.json")))
+    assert m["text_fields"] == ["raw", "caption"] and m["inputs"]["rec"] == old
+    assert m["flags"]["copy_jpeg"] is True
+    # the worker processes read the same records: same bytes
+    code, out2 = repack(old, tmp_path, captions, "--workers", "2", out="new2")
+    assert code == 0 and shard_bytes(out2) == shard_bytes(out)
+
+
+def test_missing_captions_stop_unless_the_raw_text_stands_in(old, tmp_path, capsys):
+    captions = write_captions(tmp_path / "c.jsonl", [{"key": k, "caption": new_caption(k)} for k in range(0, N, 2)])
+    code, out = repack(old, tmp_path, captions)
+    err = capsys.readouterr().err
+    assert code == 1 and f"c.jsonl: no caption for {N // 2} of {N} records (first keys: [" in err
+    first = [int(k) for k in err.split("first keys: [")[1].split("]")[0].split(", ")]
+    assert len(first) == 5 and all(k % 2 for k in first)
+    assert not os.path.exists(os.path.join(out, "train-00000.rec"))
+    code, out = repack(old, tmp_path, captions, "--caption-fallback", "raw", out="fallback")
+    assert code == 0
+    m = json.load(open(os.path.join(out, "manifest.json")))
+    assert m["caption_fallbacks"] == N // 2
+    for k, r in records(out).items():
+        want = tokenize([new_caption(k)])[0] if k % 2 == 0 else r.raw_tokens
+        assert (r.caption_tokens == want).all()
+
+
+def test_extra_fields_come_from_the_captions_file_or_the_input(old, tmp_path, capsys):
+    rows = [{"key": k, "caption": new_caption(k), "generated": f"generated {k}"} for k in range(N)]
+    captions = write_captions(tmp_path / "c.jsonl", rows)
+    code, three = repack(old, tmp_path, captions, "--text-fields", "raw,caption,generated", out="three")
+    assert code == 0, capsys.readouterr().err
+    for k, r in records(three).items():
+        assert (r.tokens[2] == tokenize([f"generated {k}"])[0]).all()
+    # repacking the 3-field shards with only new captions keeps their generated field
+    captions = write_captions(tmp_path / "c2.jsonl", [{"key": k, "caption": f"third {k}"} for k in range(N)])
+    code, again = repack(three, tmp_path, captions, "--text-fields", "raw,caption,generated", out="again")
+    assert code == 0, capsys.readouterr().err
+    for k, r in records(again).items():
+        assert (r.tokens[2] == tokenize([f"generated {k}"])[0]).all()
+        assert (r.caption_tokens == tokenize([f"third {k}"])[0]).all()
+    # a field neither has
+    code, _ = repack(old, tmp_path, captions, "--text-fields", "raw,caption,summary", out="none")
+    assert code == 1
+    assert ("--text-fields names 'summary': neither " + captions + " has a column 'summary' nor the "
+            "shards a field of that name (they have ['raw', 'caption'])") in capsys.readouterr().err
+
+
+def test_another_tokenizer_than_the_shards_is_refused(old, tmp_path, capsys):
+    captions = write_captions(tmp_path / "c.jsonl", [{"key": k, "caption": "x"} for k in range(N)])
+    code, out = repack(old, tmp_path, captions, "--tokenizer", "ViT-B-32")
+    assert code == 1
+    assert ("--tokenizer ViT-B-32: the shards' raw tokens come from ALIP-ViT-B-32 (their manifest.json)"
+            in capsys.readouterr().err)
+
+
+def test_a_damaged_record_is_rejected_by_key_not_dropped(old, tmp_path, capsys):
+    import shutil
+    from alip.data.recordio import RecordReader
+    bad = tmp_path / "bad"
+    shutil.copytree(old, bad)
+    rec = str(bad / "train-00001.rec")
+    reader = RecordReader(rec)
+    key, offset = int(reader.keys[3]), int(reader.offsets[3])
+    jpeg_at = offset + 8 + len(pack_fields(0, np.zeros((2, 77)), b""))  # framing, header + label
+    with open(rec, "r+b") as f:
+        f.seek(jpeg_at)
+        assert f.read(2) == b"\xff\xd8"
+        f.seek(jpeg_at)
+        f.write(b"\0\0")  # no JPEG start-of-image marker any more
+    captions = write_captions(tmp_path / "c.jsonl", [{"key": k, "caption": new_caption(k)} for k in range(N)])
+    code, out = repack(str(bad), tmp_path, captions)
+    assert code == 0
+    assert f"rows in {N} = written {N - 1} + rejected 1" in capsys.readouterr().out
+    rejects = [json.loads(line) for line in open(os.path.join(out, "rejects.jsonl"))]
+    assert rejects == [{"key": key, "reason": "undecodable image: not an image format Pillow knows",
+                        "source": rec, "record": key}]
+    assert key not in records(out)
+
+
+def test_rec_needs_captions_and_is_one_input(old, tmp_path, capsys):
+    assert data2rec.main(["--rec", old, "--output-dir", str(tmp_path / "o")]) == 2
+    assert "--rec needs --captions" in capsys.readouterr().err
+    assert data2rec.main(["--rec", old, "--wds", "x", "--captions", "c", "--output-dir", "o"]) == 2
+    assert "give exactly one of --manifest, --wds or --rec" in capsys.readouterr().err
