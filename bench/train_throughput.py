@@ -145,7 +145,7 @@ def method_batch(spec, batch, gen):
         out[view.name] = torch.randn(images.shape, generator=gen).to(images.device)
     fields = {"raw": raw, "caption": cap}
     out.update({f: fields[f] for f in spec.text_fields})
-    out.update({v.name: fields[v.source].clone() for v in spec.text_views})
+    out.update({v.name: fields[v.sources[0]].clone() for v in spec.text_views})
     return out
 
 

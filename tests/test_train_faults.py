@@ -246,7 +246,8 @@ def test_default_run_name_of_an_hf_hub_model_is_one_directory(tmp_path):
 
 
 @pytest.mark.parametrize("flag,value", [("--lr", "5e-3"), ("--wd", "0.1"), ("--beta2", "0.95"),
-                                        ("--seed", "9"), ("--vit-style", "toolbox")])  # seed: the order
+                                        ("--seed", "9"), ("--vit-style", "toolbox"),
+                                        ("--caption-fields", "raw")])  # seed: the order
 def test_resume_refuses_a_changed_fixed_flag_and_records_nothing(tmp_path, flag, value):
     argv = lambda *x: tiny_argv(tmp_path, "r", *x, samples=32, batch=8, epochs=2)  # noqa: E731
     run_single(argv("--max-steps", "2"))

@@ -42,11 +42,17 @@ class ImageView:
 @dataclass(frozen=True)
 class TextView:
     """A token view derived from a text field on the CPU beside the reader (``transform``
-    names an entry of ``alip.data.text_views.TRANSFORMS``), seeded per sample."""
+    names an entry of ``alip.data.text_views.TRANSFORMS``), seeded per sample. ``source``: a
+    field name, or a tuple of them: each sample then reads one of them, drawn per sample and
+    epoch (the same draw for every view over the same fields; ``text_views.pick_source``)."""
     name: str
-    source: str = "raw"
+    source: object = "raw"  # str or tuple of str
     transform: str = "identity"
     options: tuple = ()  # (key, value) pairs for the transform
+
+    @property
+    def sources(self):
+        return (self.source,) if isinstance(self.source, str) else tuple(self.source)
 
 
 @dataclass(frozen=True)
@@ -61,7 +67,10 @@ class DataSpec:
         for f in self.text_fields:
             check_field_name(f)
         for v in self.text_views:
-            check_field_name(v.source, f"text view {v.name!r}: source field")
+            if not v.sources:
+                raise ValueError(f"text view {v.name!r}: no source field")
+            for f in v.sources:
+                check_field_name(f, f"text view {v.name!r}: source field")
         names = [v.name for v in self.image_views] + list(self.text_fields) + [
             v.name for v in self.text_views]
         if len(set(names)) != len(names):
@@ -70,12 +79,31 @@ class DataSpec:
     @property
     def fields_read(self):
         """The text fields the loader reads: the asked-for fields and the text views' sources."""
-        return tuple(dict.fromkeys(list(self.text_fields) + [v.source for v in self.text_views]))
+        return tuple(dict.fromkeys(list(self.text_fields) + [f for v in self.text_views for f in v.sources]))
 
     @property
     def keys(self):
         return ([v.name for v in self.image_views] + list(self.text_fields)
                 + [v.name for v in self.text_views])
+
+
+def with_sources(spec, sources):
+    """``spec`` with batch key K read from the shard fields ``sources[K]`` (a tuple; several:
+    one per sample, ``TextView.source``) instead of the field K: a text field K becomes an
+    identity view of them, and every view derived from K derives from them (drawing the same
+    field per sample). A key the spec does not read is a ValueError."""
+    for key, fields in sources.items():
+        fields = tuple(fields)
+        if fields == (key,):
+            continue
+        if key not in spec.fields_read:
+            raise ValueError(f"reads no {key!r} text")
+        views = tuple(TextView(v.name, fields if v.sources == (key,) else v.source, v.transform,
+                               v.options) for v in spec.text_views)
+        if key in spec.text_fields:
+            views = (TextView(key, fields if len(fields) > 1 else fields[0]),) + views
+        spec = DataSpec(spec.image_views, tuple(f for f in spec.text_fields if f != key), views)
+    return spec
 
 
 ALIP_DATA = DataSpec()                                   # today's (image, raw, caption)

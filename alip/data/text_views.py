@@ -46,13 +46,25 @@ def check(text_views, fields=DEFAULT_TEXT_FIELDS):
         if v.transform not in TRANSFORMS:
             raise ValueError(f"text view {v.name!r}: unknown transform {v.transform!r}; "
                              f"registered: {sorted(TRANSFORMS)}")
-        if v.source not in fields:
-            raise ValueError(f"text view {v.name!r}: unknown source field {v.source!r}; "
-                             f"the data has {list(fields)}")
+        for f in v.sources:
+            if f not in fields:
+                raise ValueError(f"text view {v.name!r}: unknown source field {f!r}; "
+                                 f"the data has {list(fields)}")
 
 
-def apply(view, tokens, seed, epoch, index):
-    """One text view of one sample: LongTensor[77] -> LongTensor[77]."""
+def pick_source(view, seed, epoch, index):
+    """The field ``view`` reads for one sample: its source, or one of its several sources drawn
+    from (seed, epoch, record index, the sources), so every view over the same sources reads the
+    same field of a sample (a caption and its partial view stay one caption)."""
+    sources = view.sources
+    if len(sources) == 1:
+        return sources[0]
+    return sources[text_rng(seed, epoch, index, "pick:" + ",".join(sources)).randrange(len(sources))]
+
+
+def apply(view, fields, seed, epoch, index):
+    """One text view of one sample: its fields {name: LongTensor[77]} -> LongTensor[77]."""
+    tokens = fields[pick_source(view, seed, epoch, index)]
     out = TRANSFORMS[view.transform](tokens, text_rng(seed, epoch, index, view.name), **dict(view.options))
     if not isinstance(out, torch.Tensor) or out.shape != tokens.shape:
         raise ValueError(f"text view {view.name!r}: transform {view.transform!r} returned "
@@ -63,6 +75,6 @@ def apply(view, tokens, seed, epoch, index):
 def apply_batch(text_views, fields, seed, epoch, indices):
     """Every text view of a batch: fields {name: int64 [B,77]} + record indices ->
     {view name: int64 [B,77]}."""
-    return {v.name: torch.stack([apply(v, fields[v.source][j], seed, epoch, int(i))
+    return {v.name: torch.stack([apply(v, {f: fields[f][j] for f in v.sources}, seed, epoch, int(i))
                                  for j, i in enumerate(indices)]) if len(indices) else
-            fields[v.source][:0].clone() for v in text_views}
+            fields[v.sources[0]][:0].clone() for v in text_views}

@@ -258,7 +258,7 @@ class ViewDataset(RecDataset):
         fields = self.fields(rec)
         out = {v.name: x for v, x in zip(self.spec.image_views, images)}
         out.update((f, fields[f]) for f in self.spec.text_fields)
-        out.update((v.name, text_views.apply(v, fields[v.source], self.seed, epoch, i))
+        out.update((v.name, text_views.apply(v, fields, self.seed, epoch, i))
                    for v in self.spec.text_views)
         return out
 

@@ -22,10 +22,16 @@ import torch.nn as nn
 
 from .. import text_views as token_views
 from ..data import text_views
-from ..data.spec import DataSpec, TextView
+from ..data.spec import DataSpec, TextView, with_sources
 
 text_views.register("reduce", token_views.reduce_row)  # CLIPS' token reduction as a text view
 CAPTION_VIEW = "caption_view"
+
+
+def text_sources(args):
+    """{"raw": fields, "caption": fields} from ``--raw-fields`` / ``--caption-fields``."""
+    return {key: tuple(str(getattr(args, f"{key}_fields", None) or key).split(","))
+            for key in ("raw", "caption")}
 
 
 def with_caption_view(spec, args):
@@ -151,7 +157,7 @@ class Method:
     def __init__(self, model, args, rank=0, world_size=1):
         self.model, self.args = model, args
         self.rank, self.world_size = rank, world_size
-        self.data = self.data_spec(args)  # what the loader was built from, for these flags
+        self.data = self.loader_spec(args)  # what the loader was built from, for these flags
         self.vit = self.vit_style(args)
         if self.vit == "toolbox":  # before any head draws its init, as the references build
             froze, _ = toolbox_vit(model, args)
@@ -186,12 +192,25 @@ class Method:
         return cls.data
 
     @classmethod
+    def loader_spec(cls, args):
+        """``data_spec`` with its raw / caption inputs read from the shard fields
+        ``--raw-fields`` / ``--caption-fields`` name (``spec.with_sources``): what the loader
+        yields and the method reads."""
+        try:
+            return with_sources(cls.data_spec(args), text_sources(args))
+        except ValueError as e:
+            key = str(e).split("'")[1]
+            raise MethodConfigError(f"--method {cls.name} {e}: --{key}-fields "
+                                    f"{','.join(text_sources(args)[key])} would be ignored") from None
+
+    @classmethod
     def check_args(cls, args):
         """Raise MethodConfigError for flags the method cannot honour, before any work."""
         if args.accum_freq > 1 and args.accum_mode not in cls.accum_modes:
             raise MethodConfigError(
                 f"--method {cls.name} does not support --accum-mode {args.accum_mode} "
                 f"(supported: {', '.join(cls.accum_modes)})")
+        cls.loader_spec(args)
         view = getattr(args, "caption_view", "full")
         if view != "full" or getattr(args, "caption_tokens_given", False):
             if CAPTION_VIEW not in {v.name for v in cls.data_spec(args).text_views}:

@@ -318,7 +318,7 @@ def resolve_data_backend(backend, device, length_bucketing=0):
 def default_make_loader(args, info, image_size):
     """The loader of the method's DataSpec (dict batches: its image views, text fields/views)."""
     device = str(info.device)
-    spec = get_method(args.method).data_spec(args)
+    spec = get_method(args.method).loader_spec(args)
     if args.dataset_type == "synthetic":
         args.data_reader = "synthetic"
         return SyntheticLoader(args.train_num_samples, args.batch_size, image_size,

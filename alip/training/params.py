@@ -56,9 +56,11 @@ LOCK_DEFAULTS = {f: (0 if f.endswith(("_groups", "_layers")) else False) for f i
 RESUME_FIXED = ("batch_size", "world_size", "accum_freq", "epochs", "length_bucketing", "lr",
                 "wd", "beta1", "beta2", "eps", "schedule", "pct_start", "cycle_momentum", "warmup",
                 "warmup_start_lr", "wd_exclude_gain_bias", "method", "seed", "data_reader",
-                "caption_view", "caption_tokens", "vit_style", *LOCK_FLAGS)
+                "caption_view", "caption_tokens", "vit_style", "raw_fields", "caption_fields",
+                *LOCK_FLAGS)
 # What a checkpoint written before a RESUME_FIXED flag existed ran with.
-RESUME_DEFAULTS = {"length_bucketing": 0, "vit_style": "reference", **LOCK_DEFAULTS}
+RESUME_DEFAULTS = {"length_bucketing": 0, "vit_style": "reference", "raw_fields": "raw",
+                   "caption_fields": "caption", **LOCK_DEFAULTS}
 
 
 CAPTION_TOKENS = 32  # --caption-tokens when not given
@@ -97,6 +99,13 @@ def check_flags(args):
     if "wandb" in report_targets(args.report_to) and importlib.util.find_spec("wandb") is None:
         raise FlagError(f"--report-to {args.report_to!r}: wandb is not installed "
                         f"(pip install wandb)")
+    for flag in ("raw_fields", "caption_fields"):
+        names = str(getattr(args, flag)).split(",")
+        bad = [n for n in names if not n.isidentifier()] or (
+            [n for n in names if names.count(n) > 1][:1])
+        if bad:
+            raise FlagError(f"--{flag.replace('_', '-')} {getattr(args, flag)!r}: {bad[0]!r} is "
+                            f"not a field name or is named twice (e.g. caption,generated)")
     try:
         parse_signals(args.stop_signals)
     except ValueError as e:
@@ -205,6 +214,12 @@ def build_parser():
       "per sample. Methods that read the caption (alip, clips) use it.")
     a("--caption-tokens", type=int, default=None,
       help=f"K of --caption-view (default {CAPTION_TOKENS}).")
+    a("--raw-fields", default="raw", metavar="F[,F...]",
+      help="The shard text field(s) the method reads as its raw text: e.g. caption trains CLIP "
+           "on the synthetic captions; several: one drawn per sample and epoch.")
+    a("--caption-fields", default="caption", metavar="F[,F...]",
+      help="The shard text field(s) the method reads as its synthetic caption (alip, clips): "
+           "e.g. generated (RWKV-CLIP's shards); several: one drawn per sample and epoch.")
     a("--accum-freq", type=int, default=1, help="Micro-batches per optimizer step.")
     a("--global-batch-size", type=int, default=None, metavar="N",
       help="The samples per optimizer step the recipe was made for: start-up fails unless "
