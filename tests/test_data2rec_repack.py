@@ -1,6 +1,7 @@
 """data2rec.py --rec: existing shards repacked with the captions of a captions file keyed by record
 key (caption.py --rec's output). Every record keeps its key, JPEG bytes and raw tokens; the caption
 is the file's, tokenized; nothing is dropped silently."""
+import glob
 import json
 import os
 
@@ -135,3 +136,31 @@ def test_rec_needs_captions_and_is_one_input(old, tmp_path, capsys):
     assert "--rec needs --captions" in capsys.readouterr().err
     assert data2rec.main(["--rec", old, "--wds", "x", "--captions", "c", "--output-dir", "o"]) == 2
     assert "give exactly one of --manifest, --wds or --rec" in capsys.readouterr().err
+
+
+def test_a_record_key_in_two_shards_stops_before_any_work(old, tmp_path, capsys):
+    import shutil
+    from alip.caption.sources import RecRows, TarRows
+    from alip.data.pack import DataError
+    from data_fixtures import make_wds_dataset
+    both = tmp_path / "both"
+    both.mkdir()
+    for name in ("train-00000", "train-00001"):
+        for ext in (".rec", ".idx"):
+            shutil.copy(os.path.join(old, "train-00000" + ext), both / (name + ext))
+    first = int(RecRows(os.path.join(old, "train-00000.rec")).key(0))
+    message = (f"record key {first} is in both {both}/train-00000.rec and {both}/train-00001.rec: "
+               "captions are keyed by record key, keys must be unique")
+    captions = write_captions(tmp_path / "c.jsonl", [{"key": k, "caption": "x"} for k in range(N)])
+    code, out = repack(str(both), tmp_path, captions)
+    assert code == 1 and message in capsys.readouterr().err
+    with pytest.raises(DataError, match=f"^{message}$"):
+        RecRows(str(both))  # caption.py --rec
+    # caption.py --wds: the same sample name in two tars
+    root = tmp_path / "wds"
+    pattern, _ = make_wds_dataset(str(root), 4, per_tar=2)
+    tars = sorted(glob.glob(pattern))
+    shutil.copy(tars[0], tars[1])
+    with pytest.raises(DataError, match=r"^sample key '\S+' is in both .*tar and .*tar: captions are "
+                                        r"keyed by sample name, keys must be unique$"):
+        TarRows(pattern)

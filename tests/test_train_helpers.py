@@ -27,6 +27,20 @@ def final_state(run_dir, tag):
     return torch.load(Path(run_dir, "checkpoints", f"{tag}.pt"), weights_only=True)["state_dict"]
 
 
+def assert_same_run(full_dir, cut_dir, steps, keys, tag="epoch_2"):
+    """The interrupted-and-resumed run ``cut_dir`` logged ``steps`` once each, with ``keys``
+    equal to the uninterrupted ``full_dir``'s, and ended with bit-identical weights ``tag``."""
+    full = {r["step"]: r for r in read_results(full_dir)}
+    cut = read_results(cut_dir)
+    assert [r["step"] for r in cut] == list(steps)
+    for r in cut:
+        for k in keys:
+            assert r[k] == full[r["step"]][k], (r["step"], k)
+    a, b = final_state(full_dir, tag), final_state(cut_dir, tag)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 class NaNLoader:
     """Wraps a loader; the images of the (epoch, batch) pairs in ``bad`` become NaN."""
 

@@ -12,7 +12,7 @@ import torch
 
 from alip.training import checkpoint as ckpt
 from alip.training.preemption import parse_signals
-from test_train_helpers import final_state, free_port, read_results, run_single, tiny_argv
+from test_train_helpers import assert_same_run, free_port, read_results, run_single, tiny_argv
 from test_train_resume import EXACT_KEYS
 
 
@@ -72,15 +72,7 @@ def test_sigterm_saves_at_the_next_read_back_and_resumes_bit_identically(tmp_pat
 
     out = run_single(argv_of(tmp_path, "cut", "--resume", "latest"))
     assert out["stopped_by"] is None and out["step"] == 12
-    full = {r["step"]: r for r in read_results(tmp_path / "full")}
-    cut = read_results(tmp_path / "cut")
-    assert [r["step"] for r in cut] == list(range(2, 13, 2))
-    for r in cut:
-        for k in EXACT_KEYS:
-            assert r[k] == full[r["step"]][k], (r["step"], k)
-    a, b = final_state(tmp_path / "full", "epoch_2"), final_state(tmp_path / "cut", "epoch_2")
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    assert_same_run(tmp_path / "full", tmp_path / "cut", range(2, 13, 2), EXACT_KEYS)
 
 
 def test_a_signal_at_an_epochs_last_read_back_saves_that_epoch(tmp_path):

@@ -9,7 +9,7 @@ import torch
 
 from alip.training import checkpoint as ckpt
 from alip.training.loop import TrainConfigError
-from test_train_helpers import final_state, killed_worker, read_results, run_single, tiny_argv
+from test_train_helpers import assert_same_run, killed_worker, run_single, tiny_argv
 
 EXACT_KEYS = ("loss", "loss_raw", "loss_caption", "ema_tc", "ema_it", "ema_ic", "s_tc",
               "w_sample_mean", "w_text_mean", "w_caption_mean", "grad_norm", "lr", "beta1",
@@ -58,17 +58,9 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path, data, monkeypatch):
 
     run_single(argv("cut", "--resume", "latest"))
 
-    full = {r["step"]: r for r in read_results(tmp_path / "full")}
-    cut = read_results(tmp_path / "cut")
     # steps 5 and 6 ran before the kill and again after resuming from step 4: the resume
     # drops the first copies, so the file reads as one clean run
-    assert [r["step"] for r in cut] == list(range(1, 13))
-    for r in cut:
-        for k in EXACT_KEYS:
-            assert r[k] == full[r["step"]][k], (r["step"], k)
-    a, b = final_state(tmp_path / "full", "epoch_2"), final_state(tmp_path / "cut", "epoch_2")
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    assert_same_run(tmp_path / "full", tmp_path / "cut", range(1, 13), EXACT_KEYS)
     sa = torch.load(tmp_path / "full/checkpoints/epoch_2.state.pt", weights_only=False)
     sb = torch.load(tmp_path / "cut/checkpoints/epoch_2.state.pt", weights_only=False)
     for k, v in sa["loss"].items():  # the gate EMA buffers

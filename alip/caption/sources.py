@@ -10,7 +10,7 @@ import os
 import tempfile
 
 from alip.data.pack import (DataError, ManifestSource, MissingColumn, Reject, WebDatasetSource,  # noqa: F401
-                            read_source)
+                            first_duplicate, read_source)
 from alip.data.rec_source import RecShards
 from alip.data.recordio import RecordIOError
 
@@ -71,12 +71,10 @@ class TarRows:
             open(empty, "w").close()
             self.rows = WebDatasetSource(pattern, empty, caption_fallback="raw")
         self.pattern = pattern
-        seen = {}
-        for key, t, _ in self.rows.items:
-            if key in seen:
-                raise DataError(f"sample key {key!r} is in both {self.rows.tars[seen[key]]} and "
-                                f"{self.rows.tars[t]}: captions are keyed by sample name, keys must be unique")
-            seen[key] = t
+        dup = first_duplicate((key, self.rows.tars[t]) for key, t, _ in self.rows.items)
+        if dup:
+            raise DataError(f"sample key {dup[0]!r} is in both {dup[1]} and {dup[2]}: captions are "
+                            f"keyed by sample name, keys must be unique")
 
     def __len__(self):
         return len(self.rows)

@@ -311,6 +311,16 @@ def _string(obj, name):
     raise Reject(f"column {name!r} is a JSON {kind}, not a string")
 
 
+def first_duplicate(keyed):
+    """The first (key, where it was first, where again) of (key, where) pairs, or None."""
+    seen = {}
+    for key, where in keyed:
+        if key in seen:
+            return key, seen[key], where
+        seen[key] = where
+    return None
+
+
 def is_blank(s):
     """True for text with nothing visible: whitespace, zero-width and other format/control chars."""
     return all(ch.isspace() or unicodedata.category(ch) in ("Cc", "Cf", "Zs", "Zl", "Zp") for ch in s)

@@ -13,7 +13,7 @@ import json
 import os
 
 from .fields import shards_layout
-from .pack import DataError, Reject, load_columns
+from .pack import DataError, Reject, first_duplicate, load_columns
 from .recordio import RecordIOError, RecordReader
 
 
@@ -30,13 +30,10 @@ class RecShards:
             raise DataError(str(e)) from None
         self.spec, self.paths = spec, paths
         self.index = [(s, j) for s, r in enumerate(self.readers) for j in range(len(r))]
-        seen = {}
-        for s, r in enumerate(self.readers):
-            for k in r.keys.tolist():
-                if k in seen:
-                    raise DataError(f"record key {k} is in both {self.readers[seen[k]].rec_path} and "
-                                    f"{r.rec_path}: captions are keyed by record key, keys must be unique")
-                seen[k] = s
+        dup = first_duplicate((k, r.rec_path) for r in self.readers for k in r.keys.tolist())
+        if dup:
+            raise DataError(f"record key {dup[0]} is in both {dup[1]} and {dup[2]}: captions are keyed "
+                            f"by record key, keys must be unique")
 
     def __len__(self):
         return len(self.index)
