@@ -107,3 +107,18 @@ def test_signal_names():
     for bad in ("KILL", "FOO", "SIG_DFL"):
         with pytest.raises(ValueError, match="is not a signal a process can catch"):
             parse_signals(bad)
+
+
+def test_a_signal_at_the_runs_last_step_is_a_finished_run(tmp_path):
+    assert spawn([(argv_of(tmp_path, "last"), 12)]) == [0]  # read back at step 12, the last
+    assert ckpt.find_latest(tmp_path / "last" / "checkpoints").name == "epoch_2.pt"
+
+
+def test_a_run_outside_the_main_thread_keeps_the_default_handlers(tmp_path):
+    import threading
+    out, before = {}, signal.getsignal(signal.SIGTERM)
+    t = threading.Thread(target=lambda: out.update(run_single(argv_of(tmp_path, "t", "--max-steps", "2"))))
+    t.start()
+    t.join(120)
+    assert out["step"] == 2 and out["stopped_by"] is None
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -196,12 +196,12 @@ class Method:
         """``data_spec`` with its raw / caption inputs read from the shard fields
         ``--raw-fields`` / ``--caption-fields`` name (``spec.with_sources``): what the loader
         yields and the method reads."""
-        try:
-            return with_sources(cls.data_spec(args), text_sources(args))
-        except ValueError as e:
-            key = str(e).split("'")[1]
-            raise MethodConfigError(f"--method {cls.name} {e}: --{key}-fields "
-                                    f"{','.join(text_sources(args)[key])} would be ignored") from None
+        spec, sources = cls.data_spec(args), text_sources(args)
+        for key, fields in sources.items():
+            if fields != (key,) and key not in spec.fields_read:
+                raise MethodConfigError(f"--method {cls.name} reads no {key!r} text: --{key}-fields "
+                                        f"{','.join(fields)} would be ignored")
+        return with_sources(spec, sources)
 
     @classmethod
     def check_args(cls, args):

@@ -664,8 +664,9 @@ def _run(args, info, make_loader):
     finally:
         stopper.__exit__()
     logger.close()
+    finished = epoch >= args.epochs or (args.max_steps is not None and step >= args.max_steps)
     return {"step": step, "epoch": epoch, "nonfinite_total": book.total,
-            "run_dir": str(run_dir), "stopped_by": signalled}
+            "run_dir": str(run_dir), "stopped_by": None if finished else signalled}
 
 
 def main(argv=None):

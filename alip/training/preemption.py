@@ -1,13 +1,17 @@
 """Save and stop on a signal: the advance warning of a preemption or a time limit.
 
 SLURM sends SIGTERM (or the signal of ``--signal=SIG@SECONDS``) before it kills a job; torchrun
-forwards a SIGTERM it receives to its workers and kills them 30 s later. The handler only notes
+forwards a SIGTERM it receives to its workers and kills them TORCH_ELASTIC_SHUTDOWN_TIMEOUT
+(default 30) seconds later. The handler only notes
 the signal. The loop asks ``agreed`` at its read-backs (every --log-every-n-steps steps, where it
 already waits for the device), so every rank learns, at the same step, that some rank got one:
 they save that step's checkpoint together and stop. A second signal to a process ends it at
-once, with the signal's default action.
+once, with the signal's default action. Handlers can only be set from the main thread: a run
+started from another thread keeps the signals' defaults (said in a warning).
 """
+import logging
 import signal
+import threading
 
 import torch
 import torch.distributed as dist
@@ -35,6 +39,11 @@ class StopOnSignal:
         self.signals, self.received, self.previous = list(signals), None, {}
 
     def __enter__(self):
+        if self.signals and threading.current_thread() is not threading.main_thread():
+            logging.getLogger("alip.train").warning(
+                "--stop-signals: not the main thread, so %s keep their default action (no save on "
+                "a signal)", ",".join(s.name for s in self.signals))
+            return self
         for s in self.signals:
             self.previous[s] = signal.signal(s, self._note)
         return self
