@@ -108,6 +108,10 @@ def main(argv=None) -> int:
             from alip.data.rec_source import RecSource
             source = RecSource(args.rec, args.captions, args.text_fields, args.key_col,
                                args.caption_col, args.caption_fallback, args.tokenizer)
+            inputs = {os.path.dirname(os.path.realpath(p)) for p in source.shards.paths}
+            if os.path.realpath(args.output_dir) in inputs:
+                raise DataError(f"--output-dir {args.output_dir} holds the --rec input shards; "
+                                "write the repacked shards to another directory")
         s = run(source, args.output_dir, shard_size=args.shard_size, workers=args.workers,
                 quality=args.quality, max_size=args.max_size, copy_jpeg=args.copy_jpeg,
                 shuffle=not args.no_shuffle, seed=args.seed, caption_fallback=args.caption_fallback,

@@ -132,6 +132,11 @@ def test_a_damaged_record_is_rejected_by_key_not_dropped(old, tmp_path, capsys):
 
 
 def test_rec_needs_captions_and_is_one_input(old, tmp_path, capsys):
+    captions = write_captions(tmp_path / "c.jsonl", [{"key": k, "caption": "x"} for k in range(N)])
+    before = shard_bytes(old)
+    assert data2rec.main(["--rec", old, "--captions", captions, "--output-dir", old + "/."]) == 1
+    assert f"--output-dir {old}/. holds the --rec input shards" in capsys.readouterr().err
+    assert shard_bytes(old) == before
     assert data2rec.main(["--rec", old, "--output-dir", str(tmp_path / "o")]) == 2
     assert "--rec needs --captions" in capsys.readouterr().err
     assert data2rec.main(["--rec", old, "--wds", "x", "--captions", "c", "--output-dir", "o"]) == 2
@@ -148,7 +153,7 @@ def test_a_record_key_in_two_shards_stops_before_any_work(old, tmp_path, capsys)
     for name in ("train-00000", "train-00001"):
         for ext in (".rec", ".idx"):
             shutil.copy(os.path.join(old, "train-00000" + ext), both / (name + ext))
-    first = int(RecRows(os.path.join(old, "train-00000.rec")).key(0))
+    first = int(min(RecRows(os.path.join(old, "train-00000.rec")).readers[0].keys))
     message = (f"record key {first} is in both {both}/train-00000.rec and {both}/train-00001.rec: "
                "captions are keyed by record key, keys must be unique")
     captions = write_captions(tmp_path / "c.jsonl", [{"key": k, "caption": "x"} for k in range(N)])

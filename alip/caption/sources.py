@@ -103,7 +103,7 @@ class RecRows(RecShards):
     kind = "rec"
 
     def image_bytes(self, i):
-        s, j = self.index[i]
+        s, j = self.locate(i)
         try:
             return self.readers[s][j].jpeg
         except RecordIOError as e:

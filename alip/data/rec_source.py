@@ -12,8 +12,10 @@ import glob
 import json
 import os
 
+import numpy as np
+
 from .fields import shards_layout
-from .pack import DataError, Reject, first_duplicate, load_columns
+from .pack import DataError, Reject, load_columns
 from .recordio import RecordIOError, RecordReader
 
 
@@ -29,21 +31,29 @@ class RecShards:
         except (RecordIOError, FileNotFoundError) as e:
             raise DataError(str(e)) from None
         self.spec, self.paths = spec, paths
-        self.index = [(s, j) for s, r in enumerate(self.readers) for j in range(len(r))]
-        dup = first_duplicate((k, r.rec_path) for r in self.readers for k in r.keys.tolist())
-        if dup:
-            raise DataError(f"record key {dup[0]} is in both {dup[1]} and {dup[2]}: captions are keyed "
-                            f"by record key, keys must be unique")
+        self.starts = np.cumsum([0] + [len(r) for r in self.readers])  # 8 B per shard, not per record
+        keys = np.concatenate([np.asarray(r.keys) for r in self.readers]) if self.readers else np.zeros(0)
+        order = np.argsort(keys, kind="stable")
+        same = np.flatnonzero(keys[order][1:] == keys[order][:-1])
+        if same.size:
+            a, b = (self.locate(int(order[same[0] + d]))[0] for d in (0, 1))
+            raise DataError(f"record key {int(keys[order[same[0]]])} is in both {paths[a]} and {paths[b]}: "
+                            "captions are keyed by record key, keys must be unique")
 
     def __len__(self):
-        return len(self.index)
+        return int(self.starts[-1])
+
+    def locate(self, i):
+        """(shard, record within it) of row i."""
+        s = int(np.searchsorted(self.starts, i, side="right")) - 1
+        return s, i - int(self.starts[s])
 
     def key(self, i):
-        s, j = self.index[i]
+        s, j = self.locate(i)
         return int(self.readers[s].keys[j])
 
     def where(self, i):
-        s, j = self.index[i]
+        s, j = self.locate(i)
         return {"source": self.readers[s].rec_path, "record": int(self.readers[s].keys[j])}
 
     def describe(self):
@@ -115,7 +125,7 @@ class RecSource:
         """(("rec", rec_path, j), raw, caption, {extra: value}): a value is the text to tokenize,
         an int (the row of the input record's tokens to copy) or None (missing); the worker reads
         the record itself."""
-        s, j = self.shards.index[i]
+        s, j = self.shards.locate(i)
         key = str(self.shards.key(i))
         raw = self.layout.index("raw")
         caption = self.captions.get(key)
