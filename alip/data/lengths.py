@@ -61,8 +61,9 @@ def read_lengths(reader, n_fields):
     return lengths
 
 
-def _cache_file(rec_path, idx_path, n_fields):
-    return cache_path("lengths", (rec_path, idx_path), [VERSION, n_fields], ".npy")
+def _cache_key(reader, n_fields):
+    """(kind, files, ident) of a shard's lengths in the alip cache (alip.data.cache)."""
+    return "lengths", (reader.rec_path, reader.idx_path), [VERSION, n_fields]
 
 
 def shard_lengths(reader, n_fields, use_cache=True):
@@ -71,8 +72,7 @@ def shard_lengths(reader, n_fields, use_cache=True):
     if not use_cache:
         return read_lengths(reader, n_fields)
     lengths, _ = cached_array(
-        "lengths", (reader.rec_path, reader.idx_path), [VERSION, n_fields],
-        lambda: read_lengths(reader, n_fields),
+        *_cache_key(reader, n_fields), lambda: read_lengths(reader, n_fields),
         lambda got: got.shape == (len(reader), n_fields) and got.dtype == np.uint8, mmap=True)
     return lengths
 
@@ -113,7 +113,7 @@ def length_index(readers, n_fields, progress=False, use_cache=True):
 
 def _is_cached(reader, n_fields):
     try:
-        return os.path.exists(_cache_file(reader.rec_path, reader.idx_path, n_fields))
+        return os.path.exists(cache_path(*_cache_key(reader, n_fields), ".npy"))
     except OSError:
         return False
 
