@@ -54,7 +54,7 @@ class ManifestRows:
         return read_source(src)
 
     def where(self, i):
-        return {"source": self.path, "row": i}
+        return self.rows.where(i)
 
     def describe(self):
         return self.rows.describe()
@@ -88,8 +88,7 @@ class TarRows:
         return read_source(src)
 
     def where(self, i):
-        key, t, _ = self.rows.items[i]
-        return {"source": self.rows.tars[t], "sample": key}
+        return self.rows.where(i)
 
     def describe(self):
         tars = self.rows.tars

@@ -222,6 +222,10 @@ class ManifestSource:
     def _where(self, i):
         return f"{self.path} row {i}"
 
+    def where(self, i):
+        """Row i as rejects.jsonl names it."""
+        return {"source": self.path, "row": i}
+
     def _parse_jsonl(self, line, i, strict=True):
         try:
             text = line.decode("utf-8")
@@ -304,11 +308,15 @@ class ManifestSource:
 
 def _string(obj, name):
     """obj[name] if it is a string, None if absent or null; any other type is a Reject."""
-    v = obj.get(name)
+    return text_value(obj.get(name), name)
+
+
+def text_value(v, column):
+    """``v`` (a parsed value of ``column``) if it is a string or None; any other type is a Reject."""
     if v is None or isinstance(v, str):
         return v
     kind = {bool: "boolean", int: "number", float: "number", list: "list", dict: "object"}.get(type(v), type(v).__name__)
-    raise Reject(f"column {name!r} is a JSON {kind}, not a string")
+    raise Reject(f"column {column!r} is a JSON {kind}, not a string")
 
 
 def first_duplicate(keyed):
@@ -403,6 +411,11 @@ class WebDatasetSource:
         except UnicodeDecodeError as e:
             raise Reject(f"non-UTF-8 text ({e.reason} at byte {e.start})") from None
         return ("tar", self.tars[t], *members[ext]), text, _string(self.captions, key)
+
+    def where(self, i):
+        """Sample i as rejects.jsonl names it."""
+        key, t, _ = self.items[i]
+        return {"source": self.tars[t], "sample": key}
 
     def read_fields(self, i):
         """read(i) + {extra field: text or None} from the captions file."""
@@ -634,25 +647,16 @@ def _jobs(source, keys, caption_fallback, stats, rejects, text_fields=DEFAULT_FI
         try:
             src, text, caption, extras = source.read_fields(row)
         except Reject as e:
-            rejects.append({"key": key, "reason": str(e), **_row_ref(source, row)})
+            rejects.append({"key": key, "reason": str(e), **source.where(row)})
             continue
         if caption is None and caption_fallback != "raw":
-            raise DataError(f"{_row_ref(source, row)}: no caption; pass --caption-fallback raw "
+            raise DataError(f"{source.where(row)}: no caption; pass --caption-fallback raw "
                             "to use the raw text instead")
         if caption is None or (caption_fallback == "raw" and isinstance(caption, str) and is_blank(caption)):
             caption = text
             stats["caption_fallbacks"] += 1
         texts = {"raw": text, "caption": caption, **extras}
         yield row, key, src, tuple((f, texts[f]) for f in text_fields)
-
-
-def _row_ref(source, row):
-    if isinstance(source, ManifestSource):
-        return {"source": source.path, "row": row}
-    if hasattr(source, "where"):
-        return source.where(row)
-    name, t, _ = source.items[row]
-    return {"source": source.tars[t], "sample": name}
 
 
 def run(source, output_dir, shard_size=10000, workers=1, quality=95, max_size=0, copy_jpeg=False,
@@ -790,7 +794,7 @@ def _write_shard(output_dir, k, keys, source, caption_fallback, imap, bar, text_
         processed = 0
         for row, key, payload, reason in imap(jobs):
             if payload is None:
-                rejects.append({"key": key, "reason": reason, **_row_ref(source, row)})
+                rejects.append({"key": key, "reason": reason, **source.where(row)})
             else:
                 w.write_payload(key, payload)
             processed += 1

@@ -15,7 +15,7 @@ import os
 import numpy as np
 
 from .fields import shards_layout
-from .pack import DataError, Reject, load_columns
+from .pack import DataError, load_columns, text_value
 from .recordio import RecordIOError, RecordReader
 
 
@@ -32,7 +32,7 @@ class RecShards:
             raise DataError(str(e)) from None
         self.spec, self.paths = spec, paths
         self.starts = np.cumsum([0] + [len(r) for r in self.readers])  # 8 B per shard, not per record
-        keys = np.concatenate([np.asarray(r.keys) for r in self.readers]) if self.readers else np.zeros(0)
+        keys = np.concatenate([np.asarray(r.keys) for r in self.readers])
         order = np.argsort(keys, kind="stable")
         same = np.flatnonzero(keys[order][1:] == keys[order][:-1])
         if same.size:
@@ -78,7 +78,7 @@ class RecSource:
     def __init__(self, spec, captions_path, text_fields, key_col="key", caption_col="caption",
                  caption_fallback=None, tokenizer=None):
         self.shards = RecShards(spec)
-        self.captions_path = captions_path
+        self.captions_path, self.caption_col = captions_path, caption_col
         self.extra = tuple(f for f in text_fields if f not in ("raw", "caption"))
         try:
             self.layout = shards_layout(self.shards.paths)  # the input's fields, in label order
@@ -128,15 +128,11 @@ class RecSource:
         s, j = self.shards.locate(i)
         key = str(self.shards.key(i))
         raw = self.layout.index("raw")
-        caption = self.captions.get(key)
-        if caption is not None and not isinstance(caption, str):
-            raise Reject(f"column 'caption' is a JSON {type(caption).__name__}, not a string")
+        caption = text_value(self.captions.get(key), self.caption_col)
         extras = {}
         for f in self.extra:
             if f not in self.from_file:
                 extras[f] = self.layout.index(f)
                 continue
-            v = extras[f] = self.from_file[f].get(key)
-            if v is not None and not isinstance(v, str):
-                raise Reject(f"column {f!r} is a JSON {type(v).__name__}, not a string")
+            extras[f] = text_value(self.from_file[f].get(key), f)
         return ("rec", self.shards.readers[s].rec_path, j), raw, caption, extras

@@ -38,6 +38,7 @@ def _undecodable(dataset, i, rec, e):
     return RecordIOError(f"{dataset.readers[s].rec_path}: record key {rec.key}: undecodable "
                          f"image ({why}); `data2rec.py verify` checks every record of the shards")
 
+
 def machine_share(rank, world_size):
     """((i, k), barrier): this process is the i-th of the k ranks of its machine (torchrun's
     LOCAL_RANK / LOCAL_WORLD_SIZE; without them all ``world_size`` ranks count as one machine)

@@ -588,7 +588,7 @@ def _run(args, info, make_loader):
     stop = args.max_steps is not None and step >= args.max_steps
     signalled = None  # the stop signal every rank agreed on (alip.training.preemption)
     epoch = start_epoch
-    stopper = StopOnSignal(parse_signals(args.stop_signals)).__enter__()
+    stopper = StopOnSignal(parse_signals(args.stop_signals)).install()
     try:
         while epoch < args.epochs and not stop:
             first = start_batch if epoch == start_epoch else 0
@@ -662,7 +662,7 @@ def _run(args, info, make_loader):
         logger.close(failed=True)
         raise
     finally:
-        stopper.__exit__()
+        stopper.restore()
     logger.close()
     finished = epoch >= args.epochs or (args.max_steps is not None and step >= args.max_steps)
     return {"step": step, "epoch": epoch, "nonfinite_total": book.total,

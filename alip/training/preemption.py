@@ -32,13 +32,13 @@ def parse_signals(text):
 
 
 class StopOnSignal:
-    """Notes the first of ``signals`` this process receives (``received``), between
-    ``__enter__`` and ``__exit__``, which puts back the handlers it replaced."""
+    """Notes the first of ``signals`` this process receives (``received``), between ``install``
+    and ``restore``, which puts back the handlers it replaced."""
 
     def __init__(self, signals):
         self.signals, self.received, self.previous = list(signals), None, {}
 
-    def __enter__(self):
+    def install(self):
         if self.signals and threading.current_thread() is not threading.main_thread():
             logging.getLogger("alip.train").warning(
                 "--stop-signals: not the main thread, so %s keep their default action (no save on "
@@ -48,7 +48,7 @@ class StopOnSignal:
             self.previous[s] = signal.signal(s, self._note)
         return self
 
-    def __exit__(self, *exc):
+    def restore(self):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
         self.previous.clear()
