@@ -31,6 +31,7 @@ import numpy as np
 from .cache import cache_path
 from .fields import manifest_fields
 from .recordio import CONTEXT_LENGTH, IR_FORMAT, IR_SIZE, MAGIC, MAX_PART, RecordIOError, label_fields, read_index
+from .shards import rec_paths as shard_paths
 
 VERSION = 2  # bump when the checks change: older cache entries are then ignored
 MAX_LISTED = 20  # problems printed per shard by the CLI (all are counted)
@@ -260,11 +261,10 @@ def main(argv=None, prog="verify"):
     p.add_argument("--no-decode", action="store_true", help="framing, index and labels only (no JPEG decode)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    from .loader import rec_paths
     paths = []
     try:
         for s in args.shards:
-            paths += rec_paths(s)
+            paths += shard_paths(s)
     except (FileNotFoundError, ValueError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2

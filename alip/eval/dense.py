@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from alip.methods.filip import dense_image_tokens, dense_text_tokens, late_interaction
 
-RECALL_K = (1, 5, 10)
+from .recall import RECALL_K, recall_at_k
 
 
 def trim_padding(tokens, mask):
@@ -76,7 +76,6 @@ def dense_zeroshot_classifier(model, head, tokenizer, classnames, templates, dev
 def recall_from_scores(i2t, t2i, text_to_image, recall_k=RECALL_K):
     """R@K in percent from image->text [Ni, Nt] and text->image [Nt, Ni] score matrices, with the
     definitions and tie order of ``alip.eval.retrieval.retrieval_metrics`` (one ``topk`` per K)."""
-    from .retrieval import recall_at_k
     return recall_at_k(i2t, t2i, text_to_image, recall_k)
 
 
