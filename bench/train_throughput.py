@@ -167,8 +167,8 @@ def bench_model(name, batch_size, device, precision, reps, regimes, methods=("cl
         if m in ("declip", "defilip"):  # they need the mask token: the DeCLIP-* twin config
             m_name = name.replace("ALIP-", "DeCLIP-")
             m_model = open_clip.create_model(m_name).to(device)
-        method = get_method(m)(m_model, parse_args(["--method", m, "--model", m_name,
-                                                    "--declip-bank-size", "4096"]))
+        bank = ["--declip-bank-size", "4096"] if m == "declip" else []
+        method = get_method(m)(parse_args(["--method", m, "--model", m_name, *bank])).attach(m_model)
         method_opt = build_optimizer(method.encoder.to(device), 1e-6, 0.2)  # train.py's AdamW
         ctxs[m] = StepContext(model=method.encoder.to(device), criterion=method.criterion.to(device),
                               optimizer=method_opt, info=info, grad_clip_norm=1.0, scaler=scaler,

@@ -28,7 +28,7 @@ def build(name, *flags):
     model = open_clip.create_model(MODELS[name])
     args = parse_args(["--method", name, "--model", MODELS[name], "--declip-bank-size", "32",
                        *flags])
-    return get_method(name)(model, args), args
+    return get_method(name)(args).attach(model), args
 
 
 def batch_for(spec, n=8, seed=0):
@@ -150,7 +150,7 @@ def test_toolbox_methods_start_from_the_toolbox_vit_init(name):
         assert_normal(got[k], std, k)
     again, args = build(name)  # same seed, same weights; another seed, other weights
     assert all(torch.equal(v, again.model.state_dict()[k]) for k, v in got.items())
-    other = get_method(name)(random_model(name, seed=1), args)
+    other = get_method(name)(args).attach(random_model(name, seed=1))
     key = "visual.transformer.resblocks.0.attn.in_proj_weight"
     assert not torch.equal(other.model.state_dict()[key], got[key])
 
@@ -177,7 +177,7 @@ def test_toolbox_vit_init_leaves_pretrained_weights_alone(tmp_path, name):
     loaded = {k: v.clone() for k, v in model.state_dict().items()}
     args = parse_args(["--method", name, "--model", MODELS[name], "--declip-bank-size", "32",
                        "--pretrained", str(path)])
-    method = get_method(name)(model, args)
+    method = get_method(name)(args).attach(model)
     assert all(torch.equal(v, loaded[k]) for k, v in method.model.state_dict().items())
     assert not method.model.visual.conv1.weight.requires_grad
     # open_clip model names that bring their own weights count as pretrained too
@@ -212,7 +212,7 @@ def test_vit_style_toolbox_on_a_resnet_is_an_error():
     args = parse_args(["--method", "clip", "--model", "ALIP-RN50", "--vit-style", "toolbox"])
     with pytest.raises(MethodConfigError, match=r"^--vit-style toolbox: the image tower of --model "
                                                 r"ALIP-RN50 \(ModifiedResNet\) is not an open_clip ViT"):
-        get_method("clip")(open_clip.create_model("ALIP-RN50"), args)
+        get_method("clip")(args).attach(open_clip.create_model("ALIP-RN50"))
 
 
 def test_toolbox_vit_leaves_a_resnet_tower_alone():
@@ -310,7 +310,7 @@ def test_declip_needs_the_mask_token():
     model = open_clip.create_model("ALIP-tiny")
     args = parse_args(["--method", "declip", "--model", "ALIP-tiny"])
     with pytest.raises(MethodConfigError, match="mask token 49408.*DeCLIP-tiny"):
-        get_method("declip")(model, args)
+        get_method("declip")(args).attach(model)
 
 
 @pytest.mark.parametrize("name", ["slip", "declip"])

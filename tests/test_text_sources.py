@@ -11,7 +11,7 @@ from alip.data import text_views
 from alip.data.loader import build_train_loader
 from alip.data.spec import ALIP_DATA, CLIP_DATA, DataSpec, TextView, with_sources
 from alip.methods import get_method
-from alip.methods.base import MethodConfigError
+from alip.methods.base import REDUCE, MethodConfigError
 from alip.text_views import reduce_row
 from alip.training.params import parse_args
 from data_fixtures import cache_dir, caption_of, text_of, tokenize  # noqa: F401
@@ -23,10 +23,10 @@ def test_with_sources_turns_fields_into_views():
     spec = with_sources(ALIP_DATA, {"raw": ("raw",), "caption": ("generated",)})
     assert spec.text_fields == ("raw",) and spec.text_views == (TextView("caption", "generated"),)
     assert spec.keys == ["image", "raw", "caption"] and spec.fields_read == ("raw", "generated")
-    view = TextView("caption_view", "caption", "reduce", (("strategy", "truncate"), ("k", 8)))
+    view = TextView("caption_view", "caption", REDUCE, (("strategy", "truncate"), ("k", 8)))
     spec = with_sources(DataSpec(text_views=(view,)), {"caption": ("caption", "generated")})
     assert spec.text_views == (TextView("caption", ("caption", "generated")),
-                               TextView("caption_view", ("caption", "generated"), "reduce", view.options))
+                               TextView("caption_view", ("caption", "generated"), REDUCE, view.options))
     assert with_sources(ALIP_DATA, {"raw": ("raw",), "caption": ("caption",)}) is ALIP_DATA
     with pytest.raises(ValueError, match="reads no 'caption' text"):
         with_sources(CLIP_DATA, {"caption": ("generated",)})
@@ -34,7 +34,7 @@ def test_with_sources_turns_fields_into_views():
 
 def test_several_sources_draw_one_field_per_sample_shared_by_its_views():
     a = TextView("caption", ("caption", "generated"))
-    b = TextView("caption_view", ("caption", "generated"), "reduce", (("strategy", "truncate"), ("k", 4)))
+    b = TextView("caption_view", ("caption", "generated"), REDUCE, (("strategy", "truncate"), ("k", 4)))
     picks = [text_views.pick_source(a, 0, 0, i) for i in range(2000)]
     assert picks == [text_views.pick_source(b, 0, 0, i) for i in range(2000)]
     assert 900 < picks.count("generated") < 1100  # one of two, uniformly (binomial sd 22)

@@ -29,7 +29,7 @@ def _ctx(method="alip", accum_mode="batch"):
     torch.manual_seed(0)
     model = open_clip.create_model("ALIP-tiny")
     args = parse_args(["--method", method])
-    m = get_method(method)(model, args)
+    m = get_method(method)(args).attach(model)
     # lr 0: the step leaves the accumulated gradients in .grad for inspection
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     info = DistInfo(0, 0, 1, False, torch.device("cpu"))

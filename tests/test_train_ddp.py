@@ -164,7 +164,8 @@ def test_a_resume_error_on_one_rank_is_raised_on_every_rank(tmp_path, monkeypatc
     rank 1 and its error, instead of waiting for it at the first collective."""
     import logging
 
-    from alip.training import loop
+    from alip.training import resume
+    from alip.training.config import TrainConfigError
     from alip.training.distributed import DistInfo
     from alip.training.params import parse_args
     path = tmp_path / "step_2.pt"
@@ -176,8 +177,8 @@ def test_a_resume_error_on_one_rank_is_raised_on_every_rank(tmp_path, monkeypatc
     def fake_gather(obj, info):
         gathered.append(obj)
         return [obj, (None, f"--resume: no such checkpoint: {path}")]
-    monkeypatch.setattr(loop, "all_gather_object", fake_gather)
-    with pytest.raises(loop.TrainConfigError) as e:
-        loop.agree_on_resume(args, info, tmp_path, logging.getLogger("t"))
+    monkeypatch.setattr(resume, "all_gather_object", fake_gather)
+    with pytest.raises(TrainConfigError) as e:
+        resume.agree_on_resume(args, info, tmp_path, logging.getLogger("t"))
     assert str(e.value) == f"rank 1: --resume: no such checkpoint: {path}"
     assert gathered == [(str(path), None)]  # rank 0 told the others what it found

@@ -11,8 +11,9 @@ import torch
 import yaml
 
 from alip.training import checkpoint as ckpt
-from alip.training.loop import (NonFiniteLossError, TrainConfigError, check_global_batch,
-                                load_optimizer_state, main)
+from alip.training.config import TrainConfigError, check_global_batch
+from alip.training.loop import NonFiniteLossError, main
+from alip.training.resume import load_optimizer_state
 from alip.training.params import RANGES, build_parser, parse_args
 from test_train_helpers import read_results, run_single, tiny_argv
 
@@ -234,11 +235,11 @@ def test_hf_hub_model_is_accepted_and_its_failure_names_the_flag(tmp_path, monke
 
 
 def test_default_run_name_of_an_hf_hub_model_is_one_directory(tmp_path):
-    from alip.training.loop import run_dir_of
+    from alip.training.config import run_dir_of
     argv = [a for a in tiny_argv(tmp_path, "x") if a not in ("--name", "x")]
     args = parse_args(argv + ["--model", "hf-hub:org/Some-Model"])
     run_dir = run_dir_of(args)
-    assert run_dir.parent == tmp_path and args.name.endswith("-hf-hub-org-Some-Model-alip-b8")
+    assert run_dir.parent == tmp_path and run_dir.name.endswith("-hf-hub-org-Some-Model-alip-b8")
 
 
 # ---------------------------------------------------------------------------------------------

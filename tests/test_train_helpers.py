@@ -74,8 +74,8 @@ class NaNLoader:
 
 
 def nan_loader_factory(bad, ranks=None):
-    def make(args, info, image_size):
-        loader = default_make_loader(args, info, image_size)
+    def make(cfg, info, image_size, spec):
+        loader = default_make_loader(cfg, info, image_size, spec)
         return NaNLoader(loader, bad if ranks is None or info.rank in ranks else ())
     return make
 

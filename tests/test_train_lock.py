@@ -14,7 +14,8 @@ import torch.multiprocessing as mp
 import yaml
 
 from alip.training import loop
-from alip.training.loop import TrainConfigError, lock_towers
+from alip.training.config import TrainConfigError
+from alip.training.locks import lock_towers
 from alip.training.params import parse_args, resume_conflicts
 from test_train_helpers import free_port, gloo_worker, read_results, run_single, tiny_argv
 

@@ -197,7 +197,7 @@ def test_logged_lr_is_the_one_the_step_used(tmp_path):
 def test_data_backend_auto_reads_with_torch_where_dali_is_missing(monkeypatch, caplog):
     import importlib.util
 
-    from alip.training.loop import resolve_data_backend
+    from alip.training.config import resolve_data_backend
     assert resolve_data_backend("auto", "cpu") == "torch"
     assert resolve_data_backend("dali", "cpu") == "dali"  # asked for: kept (its own error if absent)
     real = importlib.util.find_spec
@@ -214,16 +214,18 @@ def test_every_batch_tensor_reaches_the_training_device():
     # the PyTorch reader yields (pinned) CPU tensors; the loop moves them, as it would to CUDA
     from alip.data.spec import ALIP_DATA as spec
     from alip.model import host_tokens
-    from alip.training.loop import as_batch_dicts
-    legacy = (torch.zeros(2, 3, 4, 4), torch.zeros(2, 77, dtype=torch.long), torch.ones(2, 77, dtype=torch.long))
-    views = {"image": torch.zeros(2, 3, 4, 4), "image_2": torch.zeros(2, 3, 4, 4), "raw": torch.zeros(2, 77), "n": 3}
-    tuple_batch, dict_batch = as_batch_dicts([legacy, views], spec, torch.device("meta"))
-    assert sorted(tuple_batch) == ["caption", "image", "raw"]
-    assert all(v.is_meta for v in tuple_batch.values())
-    assert dict_batch["n"] == 3 and all(dict_batch[k].is_meta for k in ("image", "image_2", "raw"))
+    from alip.training.loop import TrainConfigError, as_batch_dicts
+    views = {"image": torch.zeros(2, 3, 4, 4), "image_2": torch.zeros(2, 3, 4, 4),
+             "raw": torch.zeros(2, 77, dtype=torch.long), "n": 3}
+    (batch,) = as_batch_dicts([views], spec, torch.device("meta"))
+    assert batch["n"] == 3 and all(batch[k].is_meta for k in ("image", "image_2", "raw"))
     # token tensors keep their host copy (the text tower plans from it); images do not
-    assert host_tokens(tuple_batch["raw"]) is legacy[1] and host_tokens(dict_batch["raw"]) is views["raw"]
-    assert host_tokens(tuple_batch["image"]) is None
+    assert host_tokens(batch["raw"]) is views["raw"] and host_tokens(batch["image"]) is None
+    # a loader not built for the method's DataSpec (the old (image, raw, caption) tuples)
+    legacy = (torch.zeros(2, 3, 4, 4), torch.zeros(2, 77, dtype=torch.long))
+    with pytest.raises(TrainConfigError, match=r"yields tuple batches; a loader must yield dicts "
+                                               r"keyed \['image', 'raw', 'caption'\]"):
+        next(as_batch_dicts([legacy], spec, torch.device("meta")))
 
 
 def test_samples_per_s_is_measured_between_two_reads(monkeypatch, tmp_path):

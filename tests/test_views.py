@@ -30,10 +30,10 @@ def swap_two(tokens, rng):
     return out
 
 
-text_views.register("test_swap", swap_two)
+SWAP = f"{__name__}:swap_two"  # a transform by import path: nothing to register
 SLIP = DataSpec(image_views=(ImageView("image", "slip_base"), ImageView("aug1", "simclr"),
                              ImageView("aug2", "simclr")),
-                text_fields=("raw", "caption"), text_views=(TextView("raw_swap", "raw", "test_swap"),))
+                text_fields=("raw", "caption"), text_views=(TextView("raw_swap", "raw", SWAP),))
 
 
 @pytest.fixture(scope="module")
@@ -238,18 +238,26 @@ def test_raw_only_spec_reads_shards_whose_captions_are_padding(tmp_path, backend
     assert sorted(map(tuple, got)) == sorted(map(tuple, raws))
 
 
-def test_text_view_registry_and_errors(shards):
-    assert text_views.TRANSFORMS["identity"](torch.arange(77), random.Random(0)).equal(torch.arange(77))
-    assert text_views.register("test_swap", swap_two) is swap_two  # same function again: fine
-    with pytest.raises(ValueError, match="'test_swap' is already registered"):
-        text_views.register("test_swap", lambda t, rng: t)
-    bad = DataSpec(text_views=(TextView("eda", "raw", "no_such_transform"),))
-    for backend in ("torch", "dali"):
-        with pytest.raises(ValueError, match="text view 'eda': unknown transform 'no_such_transform'"):
-            build_train_loader(shards, backend=backend, batch_size=4, image_size=SIZE, spec=bad)
-    text_views.register("test_short", lambda t, rng, n=5: t[:n])
-    short = DataSpec(text_fields=("raw",), text_views=(TextView("s", "caption", "test_short", (("n", 9),)),))
-    with pytest.raises(Exception, match=r"text view 's': transform 'test_short' returned torch.Size\(\[9\]\)"):
+def short_row(tokens, rng, n=5):
+    return tokens[:n]
+
+
+def record_row(tokens, rng):
+    return RECORD(tokens, rng)
+
+
+def test_text_view_transforms_and_errors(shards):
+    assert text_views.transform_fn("identity")(torch.arange(77), random.Random(0)).equal(torch.arange(77))
+    assert text_views.transform_fn(SWAP) is swap_two
+    assert text_views.transform_fn("alip.text_aug:eda_tokens").__name__ == "eda_tokens"
+    for name in ("no_such_transform", "alip.text_aug:no_such_function", "no_such_module:f",
+                 "alip.text_aug:STOPWORDS"):  # the last one names something not callable
+        bad = DataSpec(text_views=(TextView("eda", "raw", name),))
+        for backend in ("torch", "dali"):
+            with pytest.raises(ValueError, match=f"text view 'eda': unknown transform '{name}'"):
+                build_train_loader(shards, backend=backend, batch_size=4, image_size=SIZE, spec=bad)
+    short = DataSpec(text_fields=("raw",), text_views=(TextView("s", "caption", f"{__name__}:short_row", (("n", 9),)),))
+    with pytest.raises(Exception, match=r"text view 's': transform '.*short_row' returned torch.Size\(\[9\]\)"):
         next(iter(build_train_loader(shards, batch_size=4, image_size=SIZE, workers=0, spec=short)))
 
 
@@ -264,8 +272,9 @@ def test_dali_text_views_run_one_batch_ahead_in_the_pool(shards, key_of):
                 both.set()
         return tokens.clone()
 
-    text_views.register("test_record", record)
-    spec = DataSpec(text_fields=("raw",), text_views=(TextView("r", "raw", "test_record"),))
+    global RECORD
+    RECORD = record
+    spec = DataSpec(text_fields=("raw",), text_views=(TextView("r", "raw", f"{__name__}:record_row"),))
     loader = build_train_loader(shards, backend="dali", batch_size=4, image_size=SIZE, workers=1, spec=spec)
     it = iter(loader)
     first = next(it)
@@ -280,7 +289,7 @@ def test_dali_text_views_run_one_batch_ahead_in_the_pool(shards, key_of):
 def test_synthetic_loader_spec(tmp_path):
     from alip.training.synthetic import SyntheticLoader
     spec = DataSpec(image_views=(ImageView("image"), ImageView("aug", "mocov2")), text_fields=("raw",),
-                    text_views=(TextView("swap", "caption", "test_swap"),))
+                    text_views=(TextView("swap", "caption", SWAP),))
     plain = list(SyntheticLoader(24, 4, 8, seed=1))
     views = list(SyntheticLoader(24, 4, 8, seed=1, spec=spec))
     assert len(views) == len(plain) == 6

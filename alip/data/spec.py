@@ -41,8 +41,9 @@ class ImageView:
 
 @dataclass(frozen=True)
 class TextView:
-    """A token view derived from a text field on the CPU beside the reader (``transform``
-    names an entry of ``alip.data.text_views.TRANSFORMS``), seeded per sample. ``source``: a
+    """A token view derived from a text field on the CPU beside the reader (``transform``: a
+    built-in name or a ``module:function`` path, ``alip.data.text_views.transform_fn``), seeded
+    per sample. ``source``: a
     field name, or a tuple of them: each sample then reads one of them, drawn per sample and
     epoch (the same draw for every view over the same fields; ``text_views.pick_source``)."""
     name: str

@@ -1,11 +1,15 @@
 """Text views: named token transforms applied per sample on the CPU beside the readers.
 
 A transform is ``fn(tokens_row: LongTensor[77], rng: random.Random, **options) -> LongTensor[77]``
-(it must not modify its input). ``TRANSFORMS`` maps a ``TextView.transform`` name to it; methods
-register theirs with ``register(name, fn)``. Each sample's generator comes from (seed, epoch,
+(it must not modify its input). ``TextView.transform`` names it: a built-in of ``TRANSFORMS``
+(``identity``) or an import path ``"package.module:function"`` (CLIPS' ``alip.text_views:reduce_row``,
+DeCLIP's ``alip.text_aug:eda_tokens``), imported where it is first used, so a method names its
+transform without registering anything into this module, and a spawned reader worker finds it
+without the method having been imported there. Each sample's generator comes from (seed, epoch,
 record index, view name), so a text view is the same whatever the backend, worker count or
 resume point.
 """
+import importlib
 import random
 import zlib
 
@@ -22,14 +26,19 @@ def identity(tokens, rng):
 TRANSFORMS = {"identity": identity}
 
 
-def register(name, fn):
-    """Make ``fn`` available as ``TextView(transform=name)``; re-registering a name is an error
-    unless it is the same function (module reloads)."""
+def transform_fn(name):
+    """The function a ``TextView.transform`` names: a built-in, or ``module:function`` imported
+    (once; Python caches modules). Raises ValueError naming what is wrong."""
+    if name in TRANSFORMS:
+        return TRANSFORMS[name]
+    module, _, attr = str(name).partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), attr) if module and attr else None
+    except (ImportError, AttributeError):
+        fn = None
     if not callable(fn):
-        raise TypeError(f"text transform {name!r}: {fn!r} is not callable")
-    if TRANSFORMS.get(name, fn) is not fn:
-        raise ValueError(f"text transform {name!r} is already registered ({TRANSFORMS[name]!r})")
-    TRANSFORMS[name] = fn
+        raise ValueError(f"unknown transform {name!r}: expected one of {sorted(TRANSFORMS)} or an "
+                         f"import path 'package.module:function'")
     return fn
 
 
@@ -43,9 +52,10 @@ def check(text_views, fields=DEFAULT_TEXT_FIELDS):
     """Fail before any data is read if a view names an unknown transform or a source field not in
     ``fields`` (the fields the data has)."""
     for v in text_views:
-        if v.transform not in TRANSFORMS:
-            raise ValueError(f"text view {v.name!r}: unknown transform {v.transform!r}; "
-                             f"registered: {sorted(TRANSFORMS)}")
+        try:
+            transform_fn(v.transform)
+        except ValueError as e:
+            raise ValueError(f"text view {v.name!r}: {e}") from None
         for f in v.sources:
             if f not in fields:
                 raise ValueError(f"text view {v.name!r}: unknown source field {f!r}; "
@@ -65,7 +75,7 @@ def pick_source(view, seed, epoch, index):
 def apply(view, fields, seed, epoch, index):
     """One text view of one sample: its fields {name: LongTensor[77]} -> LongTensor[77]."""
     tokens = fields[pick_source(view, seed, epoch, index)]
-    out = TRANSFORMS[view.transform](tokens, text_rng(seed, epoch, index, view.name), **dict(view.options))
+    out = transform_fn(view.transform)(tokens, text_rng(seed, epoch, index, view.name), **dict(view.options))
     if not isinstance(out, torch.Tensor) or out.shape != tokens.shape:
         raise ValueError(f"text view {view.name!r}: transform {view.transform!r} returned "
                          f"{getattr(out, 'shape', type(out))}, expected a tensor of shape {tuple(tokens.shape)}")

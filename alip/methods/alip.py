@@ -52,8 +52,8 @@ class ALIP(Method):
     def data_spec(cls, args):
         return with_caption_view(ALIP_DATA, args)
 
-    def __init__(self, model, args, rank=0, world_size=1):
-        super().__init__(model, args, rank, world_size)
+    def build(self, model):
+        args, rank, world_size = self.args, self.rank, self.world_size
         self.encoder = ALIPEncoder(model, args.text_mode)
         self.criterion = ALIPCriterion(
             gamma=args.alip_gamma, momentum=args.alip_momentum, ema_init=args.alip_ema_init,

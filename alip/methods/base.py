@@ -20,11 +20,9 @@ import math
 import torch
 import torch.nn as nn
 
-from .. import text_views as token_views
-from ..data import text_views
 from ..data.spec import DataSpec, TextView, with_sources
 
-text_views.register("reduce", token_views.reduce_row)  # CLIPS' token reduction as a text view
+REDUCE = "alip.text_views:reduce_row"  # CLIPS' token reduction as a text view
 CAPTION_VIEW = "caption_view"
 
 
@@ -34,15 +32,19 @@ def text_sources(args):
             for key in ("raw", "caption")}
 
 
-def with_caption_view(spec, args):
+def with_caption_view(spec, args, full="full"):
     """``spec`` plus the partial-caption view of ``--caption-view STRATEGY --caption-tokens K``
     (truncate / random / block / subcaption, alip.text_views), batch key ``caption_view``; the
-    spec unchanged for ``--caption-view full``."""
-    if getattr(args, "caption_view", "full") == "full":
+    spec unchanged for ``--caption-view full``, or the strategy ``full`` stands for in a method
+    that always reads a partial caption (CLIPS: subcaption)."""
+    strategy = getattr(args, "caption_view", "full")
+    strategy = full if strategy == "full" else strategy
+    if strategy == "full":
         return spec
-    view = TextView(CAPTION_VIEW, "caption", "reduce",
-                    (("strategy", args.caption_view), ("k", args.caption_tokens)))
+    view = TextView(CAPTION_VIEW, "caption", REDUCE,
+                    (("strategy", strategy), ("k", args.caption_tokens)))
     return DataSpec(spec.image_views, spec.text_fields, spec.text_views + (view,))
+
 
 LOGIT_SCALE_MAX = math.log(100)
 
@@ -145,28 +147,68 @@ def toolbox_vit(model, args):
 
 
 class Method:
-    """Base class; subclasses set ``name``, build ``encoder`` and ``criterion`` in __init__."""
+    """One training method, built once from the resolved configuration (``args``), before the
+    model: it checks its flags, fixes its data spec (``data``: what the loader is built from and
+    the batches are keyed by), and says what it needs of the model (``model_kwargs``). Then
+    ``attach(model)`` builds, on the created open_clip model, its trainable ``encoder`` (the
+    module the step runs and DDP wraps) and its ``criterion``. The loop asks it for nothing
+    else than: ``data``, ``model_kwargs()``, ``attach()``, ``notes()``, ``encoder``,
+    ``criterion``, ``find_unused_parameters``, ``state_dict()`` / ``load_state_dict()``,
+    ``eval_heads()``, ``dense_head()`` and ``after_step()``.
+
+    A subclass sets ``name`` (its registry key) and implements ``build(model)``; it may add
+    flags (``add_args`` + ``flag_ranges``), a ``data_spec``, ``model_kwargs`` and hooks."""
 
     name = None
     accum_modes = ("batch", "micro")
     data = DataSpec()
     flag_ranges = {}  # dest -> interval ("[0, 1]", "(0, inf)"): checked before any work
-    scoring = "global"  # how its checkpoints are evaluated: global embeddings or dense tokens
     find_unused_parameters = False  # DDP: True when some model parameters are outside the loss
 
-    def __init__(self, model, args, rank=0, world_size=1):
-        self.model, self.args = model, args
-        self.rank, self.world_size = rank, world_size
-        self.data = self.loader_spec(args)  # what the loader was built from, for these flags
+    def __init__(self, args, rank=0, world_size=1):
+        self.check_args(args)
+        self.args, self.rank, self.world_size = args, rank, world_size
+        self.data = self.loader_spec(args)  # what the loader is built from, for these flags
         self.vit = self.vit_style(args)
-        if self.vit == "toolbox":  # before any head draws its init, as the references build
-            froze, _ = toolbox_vit(model, args)
-            if not froze and getattr(args, "vit_style", "reference") == "toolbox":
+        self.model = self.encoder = self.criterion = None
+
+    @classmethod
+    def resolved_flags(cls, args):
+        """{flag dest: value} for flags whose value the method decides from the others (a
+        default of its own): applied once, when the configuration is resolved, so config.yaml
+        and the checkpoints record what the run used."""
+        return {}
+
+    def model_kwargs(self):
+        """Keyword arguments the method needs ``open_clip.create_model_and_transforms`` to get
+        (none here; a method that needs, say, another text context returns them)."""
+        return {}
+
+    def attach(self, model):
+        """Build the method on ``model`` (created with ``model_kwargs()``, under the training
+        seed): the DeCLIP toolbox's ViT where the method trains it, before any head draws its
+        init, as the references build; then ``build(model)``. Returns self."""
+        self.model = model
+        if self.vit == "toolbox":
+            froze, _ = toolbox_vit(model, self.args)
+            if not froze and getattr(self.args, "vit_style", "reference") == "toolbox":
                 raise MethodConfigError(
-                    f"--vit-style toolbox: the image tower of --model {args.model} "
+                    f"--vit-style toolbox: the image tower of --model {self.args.model} "
                     f"({type(getattr(model, 'visual', None)).__name__}) is not an open_clip ViT")
-        self.encoder = None
-        self.criterion = None
+        self.build(model)
+        return self
+
+    def build(self, model):
+        """Set ``self.encoder`` (an nn.Module with the open_clip model at ``.model``) and
+        ``self.criterion`` (an nn.Module without parameters)."""
+        raise NotImplementedError(f"{type(self).__name__}.build")
+
+    def notes(self):
+        """Lines worth a log entry about how the method was built."""
+        if self.vit != "toolbox":
+            return []
+        return [f"--vit-style {getattr(self.args, 'vit_style', 'reference')}: the DeCLIP "
+                f"toolbox's ViT (conv1 frozen{'' if weights_given(self.args) else ', its init'})"]
 
     @classmethod
     def reference_vit(cls, args):
@@ -231,6 +273,17 @@ class Method:
         """What evaluation needs beyond the open_clip model, stored in the model file (small)."""
         head = self.dense_head()
         return {} if head is None else {"dense": head.state_dict()}
+
+    def state_dict(self):
+        """Everything the method checkpoints beyond the open_clip model, as keys of the training
+        state: ``loss`` (the criterion's buffers: gate EMAs, memory banks) and ``heads`` (the
+        encoder's trainable heads)."""
+        return {"loss": self.criterion.state_dict(), "heads": self.heads_state_dict()}
+
+    def load_state_dict(self, state):
+        self.criterion.load_state_dict(state["loss"])
+        if state.get("heads"):
+            self.load_heads_state_dict(state["heads"])
 
     def heads_state_dict(self):
         """The encoder's state outside the open_clip model (trainable heads), for checkpoints."""

@@ -26,8 +26,8 @@ class CLIP(Method):
     name = "clip"
     data = CLIP_DATA
 
-    def __init__(self, model, args, rank=0, world_size=1):
-        super().__init__(model, args, rank, world_size)
+    def build(self, model):
+        args, rank, world_size = self.args, self.rank, self.world_size
         self.encoder = CLIPEncoder(model)
         self.criterion = CLIPCriterion(
             grad_scale=local_grad_scale(world_size, args.gather_with_grad, args.ddp_gradients),

@@ -286,12 +286,17 @@ class CLIPS(Method):
                        help="Decoder heads (default: the text tower's).")
 
     @classmethod
-    def data_spec(cls, args):
-        args.caption_view = "subcaption" if args.caption_view == "full" else args.caption_view
-        return with_caption_view(ALIP_DATA, args)
+    def resolved_flags(cls, args):
+        """CLIPS always reads a partial caption: ``--caption-view full`` (the default) is the
+        reference's sub-caption view."""
+        return {"caption_view": "subcaption"} if args.caption_view == "full" else {}
 
-    def __init__(self, model, args, rank=0, world_size=1):
-        super().__init__(model, args, rank, world_size)
+    @classmethod
+    def data_spec(cls, args):
+        return with_caption_view(ALIP_DATA, args, full="subcaption")
+
+    def build(self, model):
+        args, rank, world_size = self.args, self.rank, self.world_size
         require_token_towers(model, self.name, args.model)
         text = model.transformer
         decoder = CaptionDecoder(

@@ -30,8 +30,6 @@ import torch.nn.functional as F
 
 from alip.loss import gather_features
 
-from .. import text_aug
-from ..data import text_views
 from ..data.spec import DataSpec, ImageView, TextView
 from ..model import encode_text, host_tokens, text_lengths, to_device_keeping_host_tokens
 from .base import ContrastiveEncoder, Method, MethodConfigError, clamp_logit_scale
@@ -330,7 +328,6 @@ def declip_total(clip, nn_text, simsiam, mlm, weights=LOSS_WEIGHTS):
 
 # ------------------------------------------------------------------------------ the method
 
-text_views.register("eda", text_aug.eda_tokens)  # DeCLIP's EDA text view (before any fork)
 
 
 def capped_scale(logit_scale, cap=100.0):
@@ -455,7 +452,7 @@ class DeCLIP(Method):
     flag_ranges = {"declip_bank_size": "[1, inf)"}
     data = DataSpec(image_views=(ImageView("image", "mocov2"), ImageView("image_aug", "mocov2")),
                     text_fields=("raw",),
-                    text_views=(TextView("raw_eda", source="raw", transform="eda"),))
+                    text_views=(TextView("raw_eda", source="raw", transform="alip.text_aug:eda_tokens"),))
 
     @classmethod
     def reference_vit(cls, args):  # DeCLIP and DeFILIP: the toolbox's ViT (base.toolbox_vit)
@@ -467,8 +464,8 @@ class DeCLIP(Method):
         g.add_argument("--declip-bank-size", type=int, default=2 ** 16,
                        help="NN memory bank entries per process (reference: 2^16).")
 
-    def __init__(self, model, args, rank=0, world_size=1):
-        super().__init__(model, args, rank, world_size)
+    def build(self, model):
+        args, rank, world_size = self.args, self.rank, self.world_size
         vocab = model.token_embedding.num_embeddings if hasattr(model, "token_embedding") else 0
         if vocab < VOCAB_SIZE:
             raise MethodConfigError(

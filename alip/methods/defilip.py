@@ -41,7 +41,6 @@ class DeFILIPCriterion(nn.Module):
 
 class DeFILIP(DeCLIP):
     name = "defilip"
-    scoring = "dense"
     find_unused_parameters = True  # ln_post/proj of view 1's dense path, as FILIP
     flag_ranges = {**DeCLIP.flag_ranges, "defilip_k_image": "[1, inf)",
                    "defilip_k_text": "[1, inf)", "defilip_chunk_size": "[1, inf)"}
@@ -51,9 +50,10 @@ class DeFILIP(DeCLIP):
         add_filip_args(parser.add_argument_group("defilip (--method defilip; also --declip-*)"),
                        prefix="defilip")
 
-    def __init__(self, model, args, rank=0, world_size=1):
+    def build(self, model):
+        args, rank, world_size = self.args, self.rank, self.world_size
         require_token_towers(model, self.name, args.model)
-        super().__init__(model, args, rank, world_size)
+        super().build(model)
         self.encoder = DeFILIPEncoder(model, seed=args.seed, rank=rank)
         self.criterion = DeFILIPCriterion(
             self.criterion, FILIPCriterion(args.defilip_k_image, args.defilip_k_text,

@@ -302,7 +302,6 @@ class FILIP(Method):
     zero-weight global CLIP loss is not computed)."""
 
     name = "filip"
-    scoring = "dense"
     find_unused_parameters = True  # ln_post / proj / text_projection: outside the dense loss
     flag_ranges = {"filip_k_image": "[1, inf)", "filip_k_text": "[1, inf)",
                    "filip_chunk_size": "[1, inf)"}
@@ -327,8 +326,8 @@ class FILIP(Method):
     def data_spec(cls, args):
         return DataSpec(image_views=(ImageView("image", args.filip_augment),), text_fields=("raw",))
 
-    def __init__(self, model, args, rank=0, world_size=1):
-        super().__init__(model, args, rank, world_size)
+    def build(self, model):
+        args, rank, world_size = self.args, self.rank, self.world_size
         require_token_towers(model, self.name, args.model)
         if args.filip_input_mask and model.token_embedding.num_embeddings < 49409:
             raise MethodConfigError("--filip-input-mask needs a vocabulary with a mask token "

@@ -185,8 +185,8 @@ class SLIP(Method):
         return DataSpec(image_views=(ImageView("image", base), ImageView("image_aug1", ssl),
                                      ImageView("image_aug2", ssl)), text_fields=("raw",))
 
-    def __init__(self, model, args, rank=0, world_size=1):
-        super().__init__(model, args, rank, world_size)
+    def build(self, model):
+        args, rank, world_size = self.args, self.rank, self.world_size
         self.encoder = SLIPEncoder(model, args.slip_mlp_dim, args.slip_emb_dim)
         if world_size > 1 and next(model.parameters()).is_cuda:
             self.encoder.head = nn.SyncBatchNorm.convert_sync_batchnorm(self.encoder.head)

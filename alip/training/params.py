@@ -447,9 +447,13 @@ def report_targets(report_to):
 
 def resolved_config(args):
     """The configuration a run used, as a plain dict (written to RUN_DIR/config.yaml)."""
-    keep = {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))}
+    keep = {k: v for k, v in vars(args).items()
+            if not k.startswith("_") and isinstance(v, (str, int, float, bool, type(None)))}
     return dict(sorted(keep.items()))
 
 
-def write_config(args, path):
-    write_text(path, yaml.safe_dump(resolved_config(args), sort_keys=True))
+def write_config(config, path):
+    """``config`` (a dict, or a namespace of flags: its ``resolved_config``) as YAML."""
+    if not isinstance(config, dict):
+        config = resolved_config(config)
+    write_text(path, yaml.safe_dump(dict(sorted(config.items())), sort_keys=True))
