@@ -11,8 +11,8 @@
   Both plan from the lengths on the HOST: from the token tensor's host copy when the loader
   moved it with ``to_device_keeping_host_tokens`` (the training loop does), so the GPU never
   waits for the plan; otherwise one read-back of the lengths;
-* ``TripletEncoder`` is the module a training step calls (and DDP wraps): one image tower and
-  ONE shared text tower for both the raw web text and the synthetic caption.
+* ``encode_text_pair`` runs the raw web text and the synthetic caption through the ONE shared
+  text tower (ALIP's encoder, ``alip.methods.alip.ALIPEncoder``, the module DDP wraps).
 """
 import functools
 import inspect
@@ -309,31 +309,3 @@ def encode_text_pair(model, raw, caption, text_mode="auto", trim=True):
         both = encode_text(model, _cat_tokens(raw, caption), trim=trim)
         return both.split([len(raw), len(caption)])
     return encode_text(model, raw, trim=trim), encode_text(model, caption, trim=trim)
-
-
-class TripletEncoder(nn.Module):
-    """Wraps an open_clip model for training; DDP wraps this module.
-
-    ``forward(images, raw_text, caption_text=None)`` returns normalised image, raw-text and (if
-    given) caption features and ``logit_scale.exp()``. Both texts go through the one text tower
-    (``encode_text_pair``: ``"separate"`` passes, one ``"joint"`` 2B pass, or ``"auto"``). The
-    open_clip model is ``self.model``, and its ``state_dict()`` is what checkpoints store, so
-    ``open_clip.create_model(pretrained=...)`` loads them.
-    """
-
-    def __init__(self, model, text_mode="separate", trim_text=True):
-        super().__init__()
-        if text_mode not in TEXT_MODES:
-            raise ValueError(f"text_mode must be one of {TEXT_MODES}, got {text_mode!r}")
-        self.model = model
-        self.text_mode = text_mode
-        self.trim_text = trim_text
-
-    def forward(self, images, raw_text, caption_text=None):
-        image_features = self.model.encode_image(images, normalize=True)
-        scale = self.model.logit_scale.exp()
-        if caption_text is None:
-            return image_features, encode_text(self.model, raw_text, trim=self.trim_text), scale
-        raw_features, caption_features = encode_text_pair(self.model, raw_text, caption_text,
-                                                          self.text_mode, self.trim_text)
-        return image_features, raw_features, caption_features, scale

@@ -6,7 +6,7 @@
 Per model it times, ABBA-interleaved over --reps (every side and both text regimes in the same
 loop, so load drift hits them alike) on the same model and batch:
   clip          open_clip's own step: model(images, raw_text) + open_clip.loss.ClipLoss
-  alip          ours: TripletEncoder (text_mode separate, trimmed) + ALIPLoss
+  alip          ours: ALIPEncoder (text_mode separate, trimmed) + ALIPLoss
   alip-joint    ours with raw text and caption as one 2B trimmed pass
   alip-naive    two untrimmed 77-token text passes + ALIPLoss (how deepglint/ALIP does it,
                 checkpointing aside)
@@ -28,7 +28,8 @@ import _texts  # noqa: E402
 import _timing  # noqa: E402
 import alip  # noqa: E402,F401
 from alip.loss import ALIPLoss  # noqa: E402
-from alip.model import TripletEncoder, to_device_keeping_host_tokens  # noqa: E402
+from alip.methods.alip import ALIPEncoder  # noqa: E402
+from alip.model import to_device_keeping_host_tokens  # noqa: E402
 
 
 def make_batch(batch_size, image_size, regime, gen):
@@ -37,13 +38,19 @@ def make_batch(batch_size, image_size, regime, gen):
     return images, _texts.batch(raw, batch_size, gen), _texts.batch(cap, batch_size, gen)
 
 
+def features(f):
+    """ALIPLoss's arguments from the encoder's features."""
+    return f["image"], f["raw"], f["caption"], f["logit_scale"]
+
+
 def build_steps(model, batch, device, autocast):
     images, raw, cap = batch[0].to(device), *(to_device_keeping_host_tokens(t, device)
                                               for t in batch[1:])  # as the training loop does
     clip_loss, alip_loss = ClipLoss(), ALIPLoss().to(device)
-    encoders = {"alip": TripletEncoder(model, "separate"),
-                "alip-joint": TripletEncoder(model, "joint"),
-                "alip-naive": TripletEncoder(model, "separate", trim_text=False)}
+    encoders = {"alip": ALIPEncoder(model, "separate"),
+                "alip-joint": ALIPEncoder(model, "joint"),
+                "alip-naive": ALIPEncoder(model, "separate", trim_text=False)}
+    batch = {"image": images, "raw": raw, "caption": cap}
 
     def clip_step():
         with autocast():
@@ -54,13 +61,13 @@ def build_steps(model, batch, device, autocast):
     def alip_step(name):
         def step():
             with autocast():
-                loss = alip_loss(*encoders[name](images, raw, cap))["loss"]
+                loss = alip_loss(*features(encoders[name](batch)))["loss"]
             loss.backward()
             model.zero_grad(set_to_none=True)
         return step
 
     with torch.no_grad(), autocast():
-        feats = encoders["alip"](images, raw, cap)[:3]
+        feats = features(encoders["alip"](batch))[:3]
 
     def gates_only():
         alip_loss.gates(*feats)

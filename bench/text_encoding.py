@@ -17,7 +17,7 @@ synthetic captions of 10-25 tokens (bench/_texts.py). Two parts, each ABBA-inter
    time ratio (and the tokens ratio over 1000 random batches of the same mix);
 2. one training step (forward + backward, towers + loss) at --step-batch: open_clip's CLIP
    (model(images, raw) + open_clip.loss.ClipLoss: one padded 77-token text pass) vs ALIP
-   (TripletEncoder: raw text and caption, length-aware; ALIPLoss with its gates).
+   (ALIPEncoder: raw text and caption, length-aware; ALIPLoss with its gates).
 """
 import argparse
 import sys
@@ -33,7 +33,8 @@ import _texts  # noqa: E402
 import _timing  # noqa: E402
 import alip  # noqa: E402,F401
 from alip.loss import ALIPLoss  # noqa: E402
-from alip.model import (TripletEncoder, encode_text, length_groups,  # noqa: E402
+from alip.methods.alip import ALIPEncoder  # noqa: E402
+from alip.model import (encode_text, length_groups,  # noqa: E402
                         reference_varlen_attn, text_lengths, to_device_keeping_host_tokens)
 
 
@@ -107,7 +108,8 @@ def step_part(model, args, device, autocast):
     images = torch.randn(args.step_batch, 3, size, size, generator=gen).to(device)
     raw = to_device_keeping_host_tokens(_texts.batch("yfcc", args.step_batch, gen), device)
     cap = to_device_keeping_host_tokens(_texts.batch("caption", args.step_batch, gen), device)
-    clip_loss, alip_loss, enc = ClipLoss(), ALIPLoss().to(device), TripletEncoder(model)
+    clip_loss, alip_loss, enc = ClipLoss(), ALIPLoss().to(device), ALIPEncoder(model, "separate")
+    batch = {"image": images, "raw": raw, "caption": cap}
 
     def clip():
         with autocast():
@@ -117,7 +119,8 @@ def step_part(model, args, device, autocast):
 
     def alip_step():
         with autocast():
-            loss = alip_loss(*enc(images, raw, cap))["loss"]
+            f = enc(batch)
+            loss = alip_loss(f["image"], f["raw"], f["caption"], f["logit_scale"])["loss"]
         loss.backward()
         model.zero_grad(set_to_none=True)
 

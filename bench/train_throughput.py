@@ -11,7 +11,7 @@ same loop), in one process:
   clip       ours: alip.training.step.train_step, --method clip (ClipLoss on raw text,
              length-aware text pass), with train.py's optimizer (alip.training.optim:
              fused AdamW) and its step (no read-back from the device)
-  alip       ours: train_step, --method alip (TripletEncoder: two trimmed text passes;
+  alip       ours: train_step, --method alip (ALIPEncoder: two trimmed text passes;
              ALIPLoss: one gather reused by gates and both paths; no checkpointing)
   alip-ref   as deepglint/ALIP does it (train.py:106-168, loss.py:84-121): gradient
              checkpointing always on, two untrimmed 77-token text passes, gates with their

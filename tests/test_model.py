@@ -7,7 +7,8 @@ import torch
 import torch.nn as nn
 
 import alip  # noqa: F401  (registers the configs)
-from alip.model import CONFIG_DIR, TripletEncoder, encode_text
+from alip.methods.alip import ALIPEncoder
+from alip.model import CONFIG_DIR, encode_text
 
 TEXTS = ["a red circle",
          "a big blue square on the left of a small green triangle under a yellow star",
@@ -57,18 +58,20 @@ def test_trimmed_encoding_really_trims(tiny, monkeypatch):
     assert seen == [int(tokens.argmax(-1).max()) + 1] and seen[0] < 77
 
 
-def test_triplet_encoder_joint_equals_separate_and_full(tiny):
+def test_alip_encoder_joint_equals_separate_and_full(tiny):
     tok = open_clip.get_tokenizer("ALIP-tiny")
-    raw, cap = tok(TEXTS[:2]), tok(["a red circle in the middle", "two shapes"])
-    images = torch.randn(2, 3, 32, 32)
+    batch = {"image": torch.randn(2, 3, 32, 32), "raw": tok(TEXTS[:2]),
+             "caption": tok(["a red circle in the middle", "two shapes"])}
     with torch.no_grad():
-        joint = TripletEncoder(tiny, text_mode="joint")(images, raw, cap)
-        separate = TripletEncoder(tiny, text_mode="separate")(images, raw, cap)
-        full = (tiny.encode_image(images, normalize=True), tiny.encode_text(raw, normalize=True),
-                tiny.encode_text(cap, normalize=True), tiny.logit_scale.exp())
-    for a, b, c in zip(joint, separate, full):
-        torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(b, c, atol=1e-5, rtol=1e-5)
+        full = {"image": tiny.encode_image(batch["image"], normalize=True),
+                "raw": tiny.encode_text(batch["raw"], normalize=True),
+                "caption": tiny.encode_text(batch["caption"], normalize=True),
+                "logit_scale": tiny.logit_scale.exp()}
+        for mode, trim in (("joint", True), ("separate", True), ("separate", False)):
+            got = ALIPEncoder(tiny, text_mode=mode, trim_text=trim)(batch)
+            assert sorted(got) == sorted(full)
+            for k in full:
+                torch.testing.assert_close(got[k], full[k], atol=1e-5, rtol=1e-5)
 
 
 def test_grad_checkpointing_is_a_switch_and_changes_no_gradient():
@@ -81,15 +84,15 @@ def test_grad_checkpointing_is_a_switch_and_changes_no_gradient():
         model = open_clip.create_model("ALIP-tiny")
         model.set_grad_checkpointing(ckpt)
         assert model.transformer.grad_checkpointing is ckpt
-        img, r, c, s = TripletEncoder(model)(images, raw, cap)
-        (s * (img @ r.T + img @ c.T)).sum().backward()
+        f = ALIPEncoder(model)({"image": images, "raw": raw, "caption": cap})
+        (f["logit_scale"] * (f["image"] @ f["raw"].T + f["image"] @ f["caption"].T)).sum().backward()
         grads.append(model.transformer.resblocks[0].attn.in_proj_weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1])
 
 
-def test_triplet_encoder_rejects_unknown_text_mode(tiny):
+def test_alip_encoder_rejects_unknown_text_mode(tiny):
     with pytest.raises(ValueError, match="text_mode"):
-        TripletEncoder(tiny, text_mode="both")
+        ALIPEncoder(tiny, text_mode="both")
 
 
 @pytest.mark.parametrize("packed", [False, True])

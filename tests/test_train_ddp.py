@@ -18,7 +18,8 @@ import torch.multiprocessing as mp
 
 import alip  # noqa: F401
 from alip.loss import ALIPLoss, GlobalGradClipLoss, local_grad_scale
-from alip.model import TripletEncoder
+from alip.methods.alip import ALIPEncoder
+from alip.methods.clip import CLIPEncoder
 from alip.training import checkpoint as ckpt
 from alip.training.synthetic import synthetic_sample
 from test_train_helpers import (assert_weights_close, final_state, free_port, gloo_worker, read_results,
@@ -82,7 +83,7 @@ def _grads(method, rank, world_size, mode):
     """Parameter gradients of one step on the global batch of 16, split over the ranks."""
     torch.manual_seed(0)
     model = open_clip.create_model("ALIP-tiny")
-    enc = TripletEncoder(model)
+    enc = ALIPEncoder(model) if method == "alip" else CLIPEncoder(model)
     if world_size > 1:
         enc = torch.nn.parallel.DistributedDataParallel(enc)
     scale = local_grad_scale(world_size, False, mode)
@@ -93,8 +94,8 @@ def _grads(method, rank, world_size, mode):
     b = 16 // world_size
     samples = [synthetic_sample(0, i, 32) for i in range(rank * b, (rank + 1) * b)]
     images, raw, cap = (torch.stack(x) for x in zip(*samples))
-    feats = enc(images, raw, cap) if method == "alip" else enc(images, raw)
-    out = loss_fn(*feats)
+    f = enc({"image": images, "raw": raw, "caption": cap})
+    out = loss_fn(*(f[k] for k in ("image", "raw", "caption", "logit_scale") if k in f))
     (out["loss"] if method == "alip" else out).backward()
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 

@@ -21,11 +21,9 @@ from alip.model import encode_text, to_device_keeping_host_tokens
 
 
 def unwrap(model):
-    """The open_clip model inside DDP / ``TripletEncoder`` wrappers (train.py hands either)."""
+    """The open_clip model inside a DDP wrapper (or the model itself)."""
     while hasattr(model, "module"):
         model = model.module
-    if hasattr(model, "text_mode") and hasattr(model, "model"):  # alip.model.TripletEncoder
-        model = model.model
     return model
 
 

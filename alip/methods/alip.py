@@ -11,18 +11,19 @@ from .base import CAPTION_VIEW, ContrastiveEncoder, Method, with_caption_view
 class ALIPEncoder(ContrastiveEncoder):
     """Raw text and caption through the same text tower (``alip.model.encode_text_pair``): two
     passes each with its own lengths (``separate``), one 2B pass (``joint``), or ``auto``: joint
-    on the packed CUDA path, separate elsewhere."""
+    on the packed CUDA path, separate elsewhere. ``trim_text=False`` runs every text padded to
+    its full context (the benchmarks' baseline; the features are the same)."""
 
-    def __init__(self, model, text_mode="auto"):
+    def __init__(self, model, text_mode="auto", trim_text=True):
         super().__init__(model)
         if text_mode not in TEXT_MODES:
             raise ValueError(f"text_mode must be one of {TEXT_MODES}, got {text_mode!r}")
-        self.text_mode = text_mode
+        self.text_mode, self.trim_text = text_mode, trim_text
 
     def forward(self, batch):
         raw = batch["raw"]
         cap = batch.get(CAPTION_VIEW, batch["caption"])  # --caption-view: a partial caption
-        raw_f, cap_f = encode_text_pair(self.model, raw, cap, self.text_mode)
+        raw_f, cap_f = encode_text_pair(self.model, raw, cap, self.text_mode, self.trim_text)
         return {"image": self.model.encode_image(batch["image"], normalize=True),
                 "raw": raw_f, "caption": cap_f, "logit_scale": self.model.logit_scale.exp()}
 
