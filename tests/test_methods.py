@@ -333,7 +333,7 @@ def test_filip_and_defilip_losses_are_their_terms():
     torch.testing.assert_close(method.criterion(f)["loss"], expected)
     ref, _ = build("filip", "--filip-padding", "reference")
     assert ref.criterion.kw["mask_padding"] is False
-    # one image view, MoCo-v2 as the DeCLIP toolbox's FILIP (methods.md §4); --filip-augment
+    # one image view, MoCo-v2 as the DeCLIP toolbox's FILIP (docs/methods.md §5); --filip-augment
     assert method.data.keys == ["image", "raw"]
     assert [v.recipe for v in method.data.image_views] == ["mocov2"]
     alip_aug, args = build("filip", "--filip-augment", "reference")

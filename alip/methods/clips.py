@@ -1,5 +1,5 @@
 """CLIPS' caption decoder and loss terms (UCSC-VLAA/CLIPS open_clip/model.py:267-525,
-transformer.py TextDecoder; methods.md §6). The text views (token reduction) are in
+transformer.py TextDecoder; docs/methods.md §7). The text views (token reduction) are in
 ``alip.text_views``.
 
 The decoder is self-attention only, over ``[image patch tokens ; web-text encoder token outputs ;
@@ -254,12 +254,12 @@ class CLIPSCriterion(nn.Module):
 
 
 class CLIPS(Method):
-    """CLIPS (UCSC-VLAA/CLIPS, arXiv 2411.16828; methods.md §6): contrastive on (image, web text)
-    and (image, partial synthetic caption: ``--caption-view``, default subcaption K=32) plus an
-    autoregressive-style decoder predicting the full synthetic caption from the image patch tokens
-    and the web text's token outputs through learnable queries. The text tower and tokenizer are
-    open_clip's (the CLIPS BERT-uncased configuration is not supported: its tokenizer needs a
-    download)."""
+    """CLIPS (UCSC-VLAA/CLIPS, arXiv 2411.16828; docs/methods.md §7): contrastive on (image,
+    web text) and (image, partial synthetic caption: ``--caption-view``, default subcaption
+    K=32) plus an autoregressive-style decoder predicting the full synthetic caption from the
+    image patch tokens and the web text's token outputs through learnable queries. The text
+    tower and tokenizer are open_clip's (the CLIPS BERT-uncased configuration is not supported:
+    its tokenizer needs a download)."""
 
     name = "clips"
     find_unused_parameters = True  # the text tower's projection is unused by the decoder prefix

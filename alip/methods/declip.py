@@ -335,7 +335,7 @@ text_views.register("eda", text_aug.eda_tokens)  # DeCLIP's EDA text view (befor
 
 def capped_scale(logit_scale, cap=100.0):
     """``exp(p)`` with its forward value capped at ``cap`` and the gradient of the uncapped
-    ``exp`` (DeCLIP's ``logit_scale.data = clamp(exp(p), max=100)``, methods.md §9)."""
+    ``exp`` (DeCLIP's ``logit_scale.data = clamp(exp(p), max=100)``, docs/methods.md §4.7)."""
     s = logit_scale.exp()
     return s + (s.clamp(max=cap) - s).detach()
 

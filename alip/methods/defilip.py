@@ -1,10 +1,11 @@
 """DeFILIP (Sense-GVT/DeCLIP prototype/model/defilip.py; YFCC15M ViT-B/32 IN-1K 45.0, the best
 row of the DeCLIP toolbox): DeCLIP's four terms plus 0.2 x FILIP's dense loss on image view 1
-against the MLM-masked original text (methods.md §5)::
+against the MLM-masked original text (docs/methods.md §6)::
 
     L = 0.4 L_clip + 0.2 L_simsiam + 0.2 L_mlm + 0.2 L_nn + 0.2 L_filip
 
-summed in the reference's order (§9). The dense temperature is clamped to [3, 6] as the reference.
+summed in the reference's order (docs/methods.md §6). The dense temperature is clamped to
+[3, 6] as the reference.
 """
 import torch.nn as nn
 

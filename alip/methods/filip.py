@@ -3,7 +3,7 @@ as pure building blocks: dense tokens from an unforked open_clip model, the dens
 selection, chunked late-interaction logits and the distributed dense InfoNCE loss.
 
 Reference: Sense-GVT/DeCLIP prototype/model/filip.py:71-142 and solver/filip_solver.py
-(docs: methods.md §4, §5, §9).
+(docs/methods.md §5, §6).
 
 * tokens: image = the ViT's patch tokens (class token dropped) *before* ``ln_post``; text =
   ``ln_final`` outputs at every position; each through ``Linear(width -> 256)`` and L2-normalised
@@ -19,7 +19,8 @@ Reference: Sense-GVT/DeCLIP prototype/model/filip.py:71-142 and solver/filip_sol
   and are left out of the means and the row sums. ``mask_padding=False`` is the reference, which
   uses all 77 positions, padding included (DeCLIP#31);
 * loss: symmetric InfoNCE, labels ``rank * B + arange(B)``, weight 1; the zero-weight global CLIP
-  loss of the reference is not computed at all (§9: its NaN would poison the total).
+  loss of the reference is not computed at all (docs/methods.md §5.3: its NaN would poison
+  the total).
 """
 import math
 from typing import NamedTuple, Optional
@@ -343,5 +344,5 @@ class FILIP(Method):
         return self.encoder.head
 
     def after_step(self):
-        self.encoder.head.clamp_logit_scale_()  # [3, 6], as the reference (methods.md §9)
+        self.encoder.head.clamp_logit_scale_()  # [3, 6], as the reference (docs/methods.md §5.3)
         clamp_logit_scale(self.model)
