@@ -31,7 +31,8 @@ from open_clip.transformer import LayerNorm, Transformer
 from ..data.spec import ALIP_DATA
 from ..loss import GlobalGradClipLoss, local_grad_scale
 from ..model import encode_text, host_tokens
-from .base import CAPTION_VIEW, ContrastiveEncoder, Method, with_caption_view
+from .base import (CAPTION_VIEW, ContrastiveEncoder, Method, MethodConfigError, ModelDims,
+                   with_caption_view)
 from .filip import dense_image_tokens, dense_text_tokens, require_token_towers
 
 SOT_ID, EOT_ID = 49406, 49407
@@ -290,10 +291,21 @@ class CLIPS(Method):
         args.caption_view = "subcaption" if args.caption_view == "full" else args.caption_view
         return with_caption_view(ALIP_DATA, args)
 
+    @classmethod
+    def check_shapes(cls, args, dims):
+        super().check_shapes(args, dims)
+        why = decoder_shape_error(args, dims)
+        if why:
+            raise MethodConfigError(why)
+
     def __init__(self, model, args, rank=0, world_size=1):
         super().__init__(model, args, rank, world_size)
         require_token_towers(model, self.name, args.model)
         text = model.transformer
+        why = decoder_shape_error(args, ModelDims(  # the built model (an hf-hub: one too)
+            text.width, text.resblocks[0].attn.num_heads, text.layers, model.context_length))
+        if why:
+            raise MethodConfigError(why)
         decoder = CaptionDecoder(
             model.visual.transformer.width, text.width,
             vocab_size=model.token_embedding.num_embeddings,
@@ -309,6 +321,31 @@ class CLIPS(Method):
 
     def eval_heads(self):
         return clips_eval_heads(self.encoder.decoder)
+
+
+def decoder_shape_error(args, dims):
+    """Why the decoder ``--clips-decoder-*`` / ``--clips-queries`` ask for cannot be built on
+    ``--model`` (``dims``: its ``ModelDims``; a None size is unknown, unchecked), or None.
+
+    * the width must be a multiple of the heads (``nn.MultiheadAttention`` splits it evenly;
+      it would assert when the model is built); unset, each is the text tower's;
+    * each query predicts one caption token: a ``context_length`` row holds at most
+      ``context_length - 2`` between SOT and EOT (the flag's range assumes 77).
+    Layers and the MLP have no constraint."""
+    width = args.clips_decoder_width or dims.text_width
+    heads = args.clips_decoder_heads or dims.text_heads
+    if width is not None and heads is not None and width % heads:
+        of_model = f"--model {args.model}'s text tower's"
+        w = (f"--clips-decoder-width {width}" if args.clips_decoder_width else
+             f"the decoder width {width} ({of_model}; set --clips-decoder-width)")
+        h = (f"--clips-decoder-heads {heads}" if args.clips_decoder_heads else
+             f"the decoder's {heads} heads ({of_model}; set --clips-decoder-heads)")
+        return f"{w} is not a multiple of {h}: attention splits the width evenly across heads"
+    most = None if dims.context_length is None else dims.context_length - 2
+    if most is not None and args.clips_queries > most:
+        return (f"--clips-queries {args.clips_queries}: --model {args.model}'s captions hold at "
+                f"most {most} tokens (context length {dims.context_length}); give at most {most}")
+    return None
 
 
 def clips_eval_heads(decoder):

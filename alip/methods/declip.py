@@ -452,6 +452,7 @@ class DeCLIP(Method):
 
     name = "declip"
     accum_modes = ("micro",)
+    batchnorm_heads = True  # SimSiam's projector and predictor
     flag_ranges = {"declip_bank_size": "[1, inf)"}
     data = DataSpec(image_views=(ImageView("image", "mocov2"), ImageView("image_aug", "mocov2")),
                     text_fields=("raw",),
@@ -463,7 +464,7 @@ class DeCLIP(Method):
 
     @classmethod
     def add_args(cls, parser):
-        g = parser.add_argument_group("declip (--method declip)")
+        g = parser.add_argument_group("declip (--method declip and --method defilip)")
         g.add_argument("--declip-bank-size", type=int, default=2 ** 16,
                        help="NN memory bank entries per process (reference: 2^16).")
 

@@ -10,7 +10,7 @@ summed in the reference's order (docs/methods.md §6). The dense temperature is 
 import torch.nn as nn
 
 from .declip import DeCLIP, DeCLIPCriterion, DeCLIPEncoder
-from .filip import FILIPCriterion, FILIPHead, add_filip_args, require_token_towers
+from .filip import FILIPCriterion, FILIPHead, add_filip_args, check_k, require_token_towers
 
 FILIP_WEIGHT = 0.2
 
@@ -46,11 +46,23 @@ class DeFILIP(DeCLIP):
     find_unused_parameters = True  # ln_post/proj of view 1's dense path, as FILIP
     flag_ranges = {**DeCLIP.flag_ranges, "defilip_k_image": "[1, inf)",
                    "defilip_k_text": "[1, inf)", "defilip_chunk_size": "[1, inf)"}
+    # DeCLIP's flags (its __init__ builds DeCLIP's heads), none of FILIP's: the reference
+    # DeFILIP (Sense-GVT/DeCLIP prototype/model/defilip.py) has its own token selection (k = 16
+    # for image and text, all 77 positions), its text is DeCLIP's MLM-masked text (so no
+    # --filip-input-mask) and its image is DeCLIP's view 1 (so no --filip-augment); its own
+    # --defilip-k-image/-k-text/-padding/-chunk-size are FILIP's settings it has.
+    shared_flags = ("declip_bank_size",)
 
     @classmethod
     def add_args(cls, parser):
-        add_filip_args(parser.add_argument_group("defilip (--method defilip; also --declip-*)"),
-                       prefix="defilip")
+        add_filip_args(parser.add_argument_group(
+            "defilip (--method defilip, which reads --declip-* too; these are its copies of "
+            "--filip-k-image/-k-text/-padding/-chunk-size)"), prefix="defilip")
+
+    @classmethod
+    def check_shapes(cls, args, dims):
+        super().check_shapes(args, dims)
+        check_k(args, dims, "defilip")
 
     def __init__(self, model, args, rank=0, world_size=1):
         require_token_towers(model, self.name, args.model)

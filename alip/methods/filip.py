@@ -296,6 +296,20 @@ def add_filip_args(g, prefix="filip"):
                    help="Rows per chunk of the dense logits (default: by memory, 2^27 products).")
 
 
+def check_k(args, dims, prefix):
+    """``--PREFIX-k-image`` / ``--PREFIX-k-text`` select among the tokens ``--model`` has:
+    more would be cut to all of them silently (``select_tokens``; the reference's topk fails),
+    so a k above the ViT's patch tokens or the context length is refused (an unknown size,
+    as of an hf-hub: model, is not checked)."""
+    for side, tokens, what in (("image", dims.image_tokens, "patch tokens"),
+                               ("text", dims.context_length, "text positions")):
+        k = getattr(args, f"{prefix}_k_{side}")
+        if tokens is not None and k > tokens:
+            raise MethodConfigError(
+                f"--{prefix}-k-{side} {k}: --model {args.model} has {tokens} {what} per sample; "
+                f"give at most {tokens} (all of them)")
+
+
 class FILIP(Method):
     """FILIP as the DeCLIP toolbox implements it (YFCC15M ViT-B/32 IN-1K 39.5): token-wise late
     interaction between the ViT's patch tokens and the text tower's ln_final tokens, each through
@@ -314,7 +328,8 @@ class FILIP(Method):
 
     @classmethod
     def add_args(cls, parser):
-        g = parser.add_argument_group("filip (--method filip; defilip shares these flags)")
+        g = parser.add_argument_group("filip (--method filip only; DeFILIP has its own "
+                                      "--defilip-* copies of the first four)")
         add_filip_args(g)
         g.add_argument("--filip-input-mask", action="store_true", default=False,
                        help="The reference's stray 15%% input masking of the text (an unused MLM "
@@ -327,6 +342,11 @@ class FILIP(Method):
     @classmethod
     def data_spec(cls, args):
         return DataSpec(image_views=(ImageView("image", args.filip_augment),), text_fields=("raw",))
+
+    @classmethod
+    def check_shapes(cls, args, dims):
+        super().check_shapes(args, dims)
+        check_k(args, dims, "filip")
 
     def __init__(self, model, args, rank=0, world_size=1):
         super().__init__(model, args, rank, world_size)

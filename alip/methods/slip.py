@@ -161,6 +161,7 @@ class SLIP(Method):
 
     name = "slip"
     accum_modes = ("micro",)
+    batchnorm_heads = True  # the SSL head's BatchNorm1d
     flag_ranges = {"slip_ssl_scale": "[0, inf)", "slip_ssl_temp": "(0, inf)",
                    "slip_mlp_dim": "[1, inf)", "slip_emb_dim": "[1, inf)"}
 

@@ -165,7 +165,9 @@ def build_parser():
     # what to train
     a("--method", choices=method_names(), default="alip",
       help="The training method (alip.methods): alip: ALIPLoss on image/raw-text/caption; "
-           "clip: open_clip ClipLoss on image/raw text; see the README's method table.")
+           "clip: open_clip ClipLoss on image/raw text; see the README's method table. A method "
+           "reads the flags of the groups that name it below (clip: none); another method's "
+           "flag given to it is an error.")
     a("--model", default="ALIP-ViT-B-32", help="open_clip model name (alip registers ALIP-*).")
     a("--pretrained", default=None, help="open_clip pretrained tag or checkpoint path.")
     a("--vit-style", choices=("reference", "open_clip", "toolbox"), default="reference",
@@ -391,14 +393,26 @@ def yaml_value(action, value):
     return str(value)
 
 
+def command_line_dests(argv=None):
+    """The dests of the flags given on the command line (abbreviated ones included), whatever
+    their values: the parser again with every default suppressed."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
 def parse_args(argv=None):
     """Flags (over --config defaults), every numeric one checked against ``RANGES`` and
-    --device checked; a bad value exits with one line naming the flag or the file and key."""
+    --device checked; a bad value exits with one line naming the flag or the file and key.
+    ``args.flags_given``: the dests given explicitly (command line or --config file), so a
+    method can refuse another method's flags (``Method.check_flags_read``)."""
     parser = build_parser()
     pre, _ = parser.parse_known_args(argv)
+    spelled = {}
     if pre.config:
         known = _config_keys(parser)
-        defaults, spelled = {}, {}
+        defaults = {}
         for key, value in load_yaml(pre.config).items():
             if str(key) not in known:
                 raise SystemExit(f"train.py: error: --config {pre.config}: unknown key {key!r} "
@@ -415,6 +429,7 @@ def parse_args(argv=None):
             defaults[action.dest] = (not value) if negated and value is not None else value
         parser.set_defaults(**defaults)
     args = parser.parse_args(argv)
+    args.flags_given = frozenset(spelled) | frozenset(command_line_dests(argv))
     # whether K was asked for: a method whose data has no caption view refuses it (check_args)
     args.caption_tokens_given = args.caption_tokens is not None
     if args.caption_tokens is None:
