@@ -251,3 +251,51 @@ def test_output_json_is_replaced_whole_or_not_at_all(tmp_path):
     with pytest.raises(TypeError):  # fails half-way through json.dump
         write_json(str(out), metrics={"a": 1.0, "b": object()}, complete=True)
     assert out.read_text() == before and os.listdir(tmp_path) == ["r.json"]
+
+
+@pytest.mark.parametrize("prog", list(CLIS))
+def test_a_directory_as_checkpoint_is_named_with_the_model_file_to_give(prog, tiny_checkpoint,
+                                                                         small_data, tmp_path,
+                                                                         nothing_heavy, capsys):
+    # before: "checkpoint RUN does not exist", of a directory that does
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    argv = lambda given: [str(given) if a == str(tiny_checkpoint) else a  # noqa: E731
+                          for a in cli_args(prog, tiny_checkpoint, small_data)] + ["--device", "cpu"]
+    err = run_one_line(prog, argv(run), capsys)
+    assert err == (f"{prog}: error: checkpoint {run} is a directory; give a model file, none is "
+                   f"in it: a train.py run's RUN/checkpoints/epoch_N.pt, or the ALIP authors' "
+                   f"model_{{epoch}}.pt\n")
+    for name, age in (("epoch_1.pt", 2), ("epoch_1.state.pt", 0), ("epoch_2.pt", 1)):
+        (run / "checkpoints" / name).write_bytes(b"")
+        os.utime(run / "checkpoints" / name, (1e9 - age, 1e9 - age))
+    for given in (run, run / "checkpoints"):  # the run directory or its checkpoints/
+        err = run_one_line(prog, argv(given), capsys)
+        assert err == (f"{prog}: error: checkpoint {given} is a directory; give a model file, "
+                       f"e.g. {run / 'checkpoints' / 'epoch_2.pt'} (the newest there)\n")
+    with pytest.raises(IsADirectoryError, match=r"is a directory; give a model file, e.g. "):
+        load_model(checkpoint=str(run))
+
+
+def test_dense_scoring_of_a_filip_file_given_as_pretrained_names_the_cause(tmp_path,
+                                                                          tiny_checkpoint):
+    # before: "carries no dense head (only FILIP/DeFILIP checkpoints ...)" about a FILIP file
+    import argparse
+
+    from alip.eval.load import add_model_args, dense_head_from_args
+    from alip.methods.filip import FILIPHead
+    filip = tmp_path / "filip.pt"
+    saved = torch.load(tiny_checkpoint, weights_only=True)
+    torch.save({**saved, "method": "filip",
+                "eval_heads": {"dense": FILIPHead(64, 64).state_dict()}}, filip)
+    parse = lambda *a: add_model_args(argparse.ArgumentParser()).parse_args(  # noqa: E731
+        ["--device", "cpu", "--model", "ALIP-tiny", "--scoring", "dense", *a])
+    with pytest.raises(ValueError) as e:
+        dense_head_from_args(parse("--pretrained", str(filip)))
+    assert str(e.value) == (f"--scoring dense: --pretrained loads only the open_clip weights of "
+                            f"{filip}, not its dense head; give it as --checkpoint {filip}")
+    assert isinstance(dense_head_from_args(parse("--checkpoint", str(filip))), FILIPHead)
+    with pytest.raises(ValueError, match=rf"^--scoring dense: {tiny_checkpoint} carries no dense "
+                                         r"head \(only FILIP/DeFILIP train.py checkpoints do, "
+                                         r"given as --checkpoint\)$"):
+        dense_head_from_args(parse("--pretrained", str(tiny_checkpoint)))

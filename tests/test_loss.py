@@ -15,7 +15,7 @@ SCALE = torch.tensor(1 / 0.07)
 
 
 def reference_batch(n=8, d=16, seed=0):
-    """The batch of methods.md §1.12."""
+    """The batch of docs/methods.md §1.6."""
     torch.manual_seed(seed)
     img = F.normalize(torch.randn(n, d), dim=-1)
     raw = F.normalize(img + 0.8 * torch.randn(n, d), dim=-1)

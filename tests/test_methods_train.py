@@ -15,9 +15,9 @@ MODELS = {"declip": "DeCLIP-tiny", "defilip": "DeCLIP-tiny"}
 
 
 def argv(tmp_path, name, method, *extra, epochs=1):
+    bank = ["--declip-bank-size", "64"] if method in ("declip", "defilip") else []  # theirs only
     return tiny_argv(tmp_path, name, "--method", method, "--model", MODELS.get(method, "ALIP-tiny"),
-                     "--declip-bank-size", "64", "--lr", "5e-3", *extra, samples=48, batch=8,
-                     epochs=epochs)
+                     *bank, "--lr", "5e-3", *extra, samples=48, batch=8, epochs=epochs)
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

@@ -1,7 +1,7 @@
 """The recipes in configs/: every one parses, builds its method on its model (on the meta device,
 so ViT-B/32 costs nothing), and the full-scale YFCC15M recipes of the DeCLIP toolbox's methods
-carry the toolbox's optimisation and views (methods.md §2b-5), with a global batch that start-up
-enforces and a launcher that runs them."""
+carry the toolbox's optimisation and views (docs/methods.md §8.3), with a global batch that
+start-up enforces and a launcher that runs them."""
 import re
 from pathlib import Path
 
@@ -16,22 +16,21 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 YFCC = [p for p in CONFIGS if p.name.startswith("yfcc15m_")]
 
-# methods.md: peak lr ("warmup_lr"), start lr ("base_lr"), wd, per-GPU batch x 32 GPUs, model
-# (the toolbox's ViT-B/32: QuickGELU, text projection with bias), image views
+# docs/methods.md §8.3: peak lr ("warmup_lr"), start lr ("base_lr"), wd, per-GPU batch x 32
+# GPUs, model (the toolbox's ViT-B/32: QuickGELU, text projection with bias), image views
 TOOLBOX = {
-    "slip": (5e-4, 1e-4, 0.5, "DeCLIP-ViT-B-32", ["slip_base", "mocov2", "mocov2"]),   # §2b
-    "declip": (1e-3, 1e-4, 0.1, "DeCLIP-ViT-B-32", ["mocov2", "mocov2"]),              # §3
-    "filip": (5e-4, 1e-4, 0.5, "DeCLIP-ViT-B-32", ["mocov2"]),                          # §4
-    "defilip": (1e-3, 1e-4, 0.1, "DeCLIP-ViT-B-32", ["mocov2", "mocov2"]),             # §5
+    "slip": (5e-4, 1e-4, 0.5, "DeCLIP-ViT-B-32", ["slip_base", "mocov2", "mocov2"]),   # §3.2
+    "declip": (1e-3, 1e-4, 0.1, "DeCLIP-ViT-B-32", ["mocov2", "mocov2"]),              # §4
+    "filip": (5e-4, 1e-4, 0.5, "DeCLIP-ViT-B-32", ["mocov2"]),                          # §5
+    "defilip": (1e-3, 1e-4, 0.1, "DeCLIP-ViT-B-32", ["mocov2", "mocov2"]),             # §6
 }
 
 
 def recipe(path):
     args = parse_args(["--config", str(path)])
-    model = open_clip.create_model(args.model, device="meta")
-    method_cls = get_method(args.method)
-    method_cls.check_args(args)
-    return args, method_cls(model, args)
+    method = get_method(args.method)(args)
+    model = open_clip.create_model(args.model, device="meta", **method.model_kwargs())
+    return args, method.attach(model)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])

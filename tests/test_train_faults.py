@@ -14,7 +14,7 @@ from alip.training import checkpoint as ckpt
 from alip.training.config import TrainConfigError, check_global_batch
 from alip.training.loop import NonFiniteLossError, main
 from alip.training.resume import load_optimizer_state
-from alip.training.params import RANGES, build_parser, parse_args
+from alip.training.params import build_parser, flag_ranges, parse_args
 from test_train_helpers import read_results, run_single, tiny_argv
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -120,7 +120,7 @@ def test_device_cuda_without_a_gpu_is_an_error(tmp_path):
 
 def test_every_numeric_flag_has_a_range():
     numeric = {a.dest for a in build_parser()._actions if a.type in (int, float)}
-    assert numeric == set(RANGES)
+    assert numeric == set(flag_ranges())
 
 
 BAD_YAML = [

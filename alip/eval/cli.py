@@ -46,8 +46,11 @@ def check_args(args):
             raise ValueError(f"--{dest.replace('_', '-')} {why}")
     args.device = resolve_device(args.device)
     checkpoint = getattr(args, "checkpoint", None)
-    if checkpoint is not None and not os.path.isfile(checkpoint):
-        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+    if checkpoint is not None:
+        from .load import checkpoint_path_error  # imports open_clip: only when one is given
+        why = checkpoint_path_error(checkpoint)
+        if why is not None:
+            raise why
     check_output(getattr(args, "output", None))
 
 

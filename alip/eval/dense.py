@@ -1,6 +1,6 @@
 """Dense (FILIP) zero-shot classification and retrieval scores from token matrices.
 
-FILIP's evaluation (DeCLIP filip_solver.py:839-925, methods.md §4 and §9):
+FILIP's evaluation (DeCLIP filip_solver.py:839-925, docs/methods.md §5.4):
 
 * a class embedding is a token matrix: each prompt's dense text tokens (normalised per token),
   averaged position by position over the prompts, then divided by the matrix's Frobenius norm;

@@ -34,6 +34,30 @@ def checkpoint_model_name(path):
     return None
 
 
+def model_files_in(folder):
+    """The model files (``*.pt`` but not a ``*.state.pt`` training state) in ``folder`` and in
+    its ``checkpoints/`` (a train.py run directory), newest first."""
+    found = [os.path.join(d, name) for d in (folder, os.path.join(folder, "checkpoints"))
+             if os.path.isdir(d) for name in os.listdir(d)
+             if name.endswith(".pt") and not name.endswith(".state.pt")]
+    return sorted(found, key=os.path.getmtime, reverse=True)
+
+
+def checkpoint_path_error(checkpoint):
+    """Why ``--checkpoint PATH`` cannot be a model file, as an exception to raise, or None: a
+    directory (a run directory or its checkpoints/) is told apart from a missing path, and the
+    model file to give is named."""
+    if os.path.isfile(checkpoint):
+        return None
+    if not os.path.isdir(checkpoint):
+        return FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+    files = model_files_in(checkpoint)
+    what = (f"e.g. {files[0]} (the newest there)" if files else
+            "none is in it: a train.py run's RUN/checkpoints/epoch_N.pt, or the ALIP authors' "
+            "model_{epoch}.pt")
+    return IsADirectoryError(f"checkpoint {checkpoint} is a directory; give a model file, {what}")
+
+
 def load_model(model_name=None, pretrained=None, checkpoint=None, device="cpu", precision="fp32"):
     """-> (model in eval mode, preprocess (the eval transform), tokenizer)."""
     if precision not in PRECISIONS:
@@ -42,8 +66,9 @@ def load_model(model_name=None, pretrained=None, checkpoint=None, device="cpu", 
     if pretrained and checkpoint:
         raise ValueError("give either pretrained (--pretrained) or checkpoint (--checkpoint), not both")
     if checkpoint is not None:
-        if not os.path.isfile(checkpoint):
-            raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+        why = checkpoint_path_error(checkpoint)
+        if why is not None:
+            raise why
         if str(checkpoint).endswith(".state.pt"):
             raise ValueError(f"checkpoint {checkpoint} is a train.py training state (optimizer, "
                              f"RNG, ...), not model weights: give "
@@ -103,6 +128,24 @@ def load_model_from_args(args):
                       device=args.device, precision=args.precision)
 
 
+def no_dense_head(args):
+    """Why ``--scoring dense`` has no head to score with. The head is read from --checkpoint
+    only: --pretrained goes to open_clip, which loads the open_clip weights of a file and
+    nothing else, so a FILIP/DeFILIP model file given there has its head left behind."""
+    pretrained = args.pretrained
+    if args.checkpoint is None and pretrained and os.path.isfile(pretrained):
+        from .dense import load_dense_head
+        try:
+            has_head = load_dense_head(pretrained) is not None
+        except Exception:  # not a train.py model file: open_clip reads it, we cannot
+            has_head = False
+        if has_head:
+            return (f"--scoring dense: --pretrained loads only the open_clip weights of "
+                    f"{pretrained}, not its dense head; give it as --checkpoint {pretrained}")
+    return (f"--scoring dense: {args.checkpoint or pretrained or args.model} carries no dense "
+            f"head (only FILIP/DeFILIP train.py checkpoints do, given as --checkpoint)")
+
+
 def dense_head_from_args(args):
     """The FILIPHead to score with, or None for global scoring (``--scoring``)."""
     if args.scoring == "global":
@@ -112,6 +155,5 @@ def dense_head_from_args(args):
         from .dense import load_dense_head
         head = load_dense_head(args.checkpoint)
     if args.scoring == "dense" and head is None:
-        raise ValueError(f"--scoring dense: {args.checkpoint or args.pretrained or args.model} "
-                         "carries no dense head (only FILIP/DeFILIP train.py checkpoints do)")
+        raise ValueError(no_dense_head(args))
     return None if head is None else head.to(resolve_device(args.device))

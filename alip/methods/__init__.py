@@ -26,6 +26,15 @@ def method_names():
     return tuple(METHODS)
 
 
+def method_flags():
+    """{dest: ("--flag", (names of the methods that read it, ...))} for every method's own
+    flags (``Method.own_flags``), in registry order; readers per ``Method.flags_read``."""
+    classes = [get_method(name) for name in METHODS]
+    flags = {dest: flag for cls in classes for dest, flag in cls.own_flags().items()}
+    return {dest: (flag, tuple(c.name for c in classes if dest in c.flags_read()))
+            for dest, flag in flags.items()}
+
+
 def get_method(name):
     """The Method class registered as ``name``."""
     if name not in METHODS:
@@ -34,4 +43,4 @@ def get_method(name):
     return getattr(importlib.import_module(module), cls)
 
 
-__all__ = ["METHODS", "Method", "MethodConfigError", "get_method", "method_names"]
+__all__ = ["METHODS", "Method", "MethodConfigError", "get_method", "method_flags", "method_names"]

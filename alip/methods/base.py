@@ -15,8 +15,12 @@
 What it logs: every 0-dim entry of the criterion's output under its key, and the mean of every
 other floating entry as ``<key>_mean``.
 """
+import argparse
+import functools
 import math
+from typing import NamedTuple, Optional
 
+import open_clip
 import torch
 import torch.nn as nn
 
@@ -51,6 +55,49 @@ LOGIT_SCALE_MAX = math.log(100)
 
 class MethodConfigError(ValueError):
     """A flag combination the method does not support (raised before any training)."""
+
+
+class ModelDims(NamedTuple):
+    """The sizes of ``--model`` that the methods' heads must fit, read from its open_clip
+    config before anything is built (``model_dims``). None: not known (another kind of tower,
+    or a model whose config is not at hand), so not checked."""
+    text_width: Optional[int] = None  # open_clip's text transformer
+    text_heads: Optional[int] = None
+    text_layers: Optional[int] = None
+    context_length: Optional[int] = None
+    image_tokens: Optional[int] = None  # a ViT's patch tokens
+
+
+def _grid(size, patch):
+    """Patch tokens of a ViT: prod(size // patch) over (h, w), ints or pairs."""
+    size = size if isinstance(size, (tuple, list)) else (size, size)
+    patch = patch if isinstance(patch, (tuple, list)) else (patch, patch)
+    return math.prod(s // p for s, p in zip(size, patch))
+
+
+def model_dims(model_name):
+    """``ModelDims`` of a model open_clip knows locally; all None for another (an ``hf-hub:`` /
+    ``local-dir:`` model's config would be downloaded or read from elsewhere): its shapes are
+    checked on the built model instead, in the method's ``__init__``."""
+    if model_name not in open_clip.list_models():
+        return ModelDims()
+    cfg = open_clip.get_model_config(model_name) or {}
+    text, vision = dict(cfg.get("text_cfg", {})), dict(cfg.get("vision_cfg", {}))
+    defaults = open_clip.model.CLIPTextCfg()
+    own_text = "hf_model_name" not in text
+    get = lambda key: text.get(key, getattr(defaults, key)) if own_text else None  # noqa: E731
+    vit = isinstance(vision.get("layers", 12), int) and not vision.get("timm_model_name") \
+        and vision.get("patch_size")
+    return ModelDims(get("width"), get("heads"), get("layers"),
+                     text.get("context_length", defaults.context_length),
+                     _grid(vision.get("image_size", 224), vision["patch_size"]) if vit else None)
+
+
+@functools.lru_cache(maxsize=None)
+def _declared_flags(cls):
+    parser = argparse.ArgumentParser(add_help=False)
+    cls.add_args(parser)
+    return tuple((a.dest, a.option_strings[0]) for a in parser._actions if a.option_strings)
 
 
 @torch.no_grad()
@@ -164,6 +211,8 @@ class Method:
     data = DataSpec()
     flag_ranges = {}  # dest -> interval ("[0, 1]", "(0, inf)"): checked before any work
     find_unused_parameters = False  # DDP: True when some model parameters are outside the loss
+    shared_flags = ()  # dests of other methods' flags it reads too (``flags_read``)
+    batchnorm_heads = False  # heads with BatchNorm: a training batch needs 2+ samples
 
     def __init__(self, args, rank=0, world_size=1):
         self.check_args(args)
@@ -229,6 +278,54 @@ class Method:
         numeric one gets an interval in ``flag_ranges``."""
 
     @classmethod
+    def own_flags(cls):
+        """{dest: "--flag"} of the flags ``add_args`` declares, in its order. Derived from
+        ``add_args`` on a scratch parser, so the declaration cannot drift from the parser."""
+        return dict(_declared_flags(cls))
+
+    @classmethod
+    def flags_read(cls):
+        """The dests of every method flag this method reads: its own group and
+        ``shared_flags`` (another method's flags it reads, e.g. DeFILIP's ``--declip-*``).
+        Any other method's flag given to it is refused (``check_flags_read``): it would be
+        ignored."""
+        return frozenset(cls.own_flags()) | frozenset(cls.shared_flags)
+
+    @classmethod
+    def check_flags_read(cls, args):
+        """Refuse the method flags given explicitly (``args.flags_given``: on the command line
+        or in the --config file, at any value) that this method does not read: train.py takes
+        every method's flags whatever ``--method``, and would otherwise ignore them silently."""
+        from . import method_flags  # the registry imports this module
+        given = getattr(args, "flags_given", ())
+        ignored = [(dest, flag, readers) for dest, (flag, readers) in method_flags().items()
+                   if dest in given and dest not in cls.flags_read()]
+        if ignored:
+            clauses = ", ".join(cls._ignored_clause(*i) for i in ignored)
+            raise MethodConfigError(f"--method {cls.name} does not read {clauses}: "
+                                    f"{'it' if len(ignored) == 1 else 'they'} would be ignored")
+
+    @classmethod
+    def _ignored_clause(cls, dest, flag, readers):
+        """``--filip-padding (--method filip does; defilip's own is --defilip-padding)``: who
+        reads it, and this method's flag of the same setting if it has one."""
+        who = " and ".join(f"--method {r}" for r in readers) + (" does" if len(readers) == 1
+                                                                 else " do")
+        suffix = next((dest[len(r) + 1:] for r in readers if dest.startswith(r + "_")), None)
+        own = cls.own_flags().get(f"{cls.name}_{suffix}") if suffix else None
+        return f"{flag} ({who}{f'; {cls.name} reads {own}' if own else ''})"
+
+    @classmethod
+    def check_shapes(cls, args, dims):
+        """Raise MethodConfigError, naming the flags, for head sizes that do not fit together
+        or do not fit ``--model`` (``dims``: its ``ModelDims``; a None size is known only to
+        the built model), before the model is built; the methods' own checks extend this one."""
+        if cls.batchnorm_heads and args.batch_size < 2:
+            raise MethodConfigError(
+                f"--batch-size {args.batch_size}: --method {cls.name}'s heads use BatchNorm, "
+                f"which needs at least 2 samples per process in a training batch")
+
+    @classmethod
     def data_spec(cls, args):
         """The DataSpec for these flags (the loader is built before the method)."""
         return cls.data
@@ -247,14 +344,18 @@ class Method:
 
     @classmethod
     def check_args(cls, args):
-        """Raise MethodConfigError for flags the method cannot honour, before any work."""
+        """Raise MethodConfigError for flags the method cannot honour, before any work: other
+        methods' flags (``check_flags_read``), head shapes (``check_shapes``), accumulation,
+        text fields and caption views."""
+        cls.check_flags_read(args)
+        cls.check_shapes(args, model_dims(args.model))
         if args.accum_freq > 1 and args.accum_mode not in cls.accum_modes:
             raise MethodConfigError(
                 f"--method {cls.name} does not support --accum-mode {args.accum_mode} "
                 f"(supported: {', '.join(cls.accum_modes)})")
         cls.loader_spec(args)
         view = getattr(args, "caption_view", "full")
-        if view != "full" or getattr(args, "caption_tokens_given", False):
+        if view != "full" or "caption_tokens" in getattr(args, "flags_given", ()):
             if CAPTION_VIEW not in {v.name for v in cls.data_spec(args).text_views}:
                 raise MethodConfigError(
                     f"--method {cls.name} reads no caption view: --caption-view {view} "

@@ -1,5 +1,5 @@
 """CLIPS' caption decoder and loss terms (UCSC-VLAA/CLIPS open_clip/model.py:267-525,
-transformer.py TextDecoder; methods.md §6). The text views (token reduction) are in
+transformer.py TextDecoder; docs/methods.md §7). The text views (token reduction) are in
 ``alip.text_views``.
 
 The decoder is self-attention only, over ``[image patch tokens ; web-text encoder token outputs ;
@@ -31,7 +31,8 @@ from open_clip.transformer import LayerNorm, Transformer
 from ..data.spec import ALIP_DATA
 from ..loss import GlobalGradClipLoss, local_grad_scale
 from ..model import encode_text, host_tokens
-from .base import CAPTION_VIEW, ContrastiveEncoder, Method, with_caption_view
+from .base import (CAPTION_VIEW, ContrastiveEncoder, Method, MethodConfigError, ModelDims,
+                   with_caption_view)
 from .filip import dense_image_tokens, dense_text_tokens, require_token_towers
 
 SOT_ID, EOT_ID = 49406, 49407
@@ -254,12 +255,12 @@ class CLIPSCriterion(nn.Module):
 
 
 class CLIPS(Method):
-    """CLIPS (UCSC-VLAA/CLIPS, arXiv 2411.16828; methods.md §6): contrastive on (image, web text)
-    and (image, partial synthetic caption: ``--caption-view``, default subcaption K=32) plus an
-    autoregressive-style decoder predicting the full synthetic caption from the image patch tokens
-    and the web text's token outputs through learnable queries. The text tower and tokenizer are
-    open_clip's (the CLIPS BERT-uncased configuration is not supported: its tokenizer needs a
-    download)."""
+    """CLIPS (UCSC-VLAA/CLIPS, arXiv 2411.16828; docs/methods.md §7): contrastive on (image,
+    web text) and (image, partial synthetic caption: ``--caption-view``, default subcaption
+    K=32) plus an autoregressive-style decoder predicting the full synthetic caption from the
+    image patch tokens and the web text's token outputs through learnable queries. The text
+    tower and tokenizer are open_clip's (the CLIPS BERT-uncased configuration is not supported:
+    its tokenizer needs a download)."""
 
     name = "clips"
     find_unused_parameters = True  # the text tower's projection is unused by the decoder prefix
@@ -295,10 +296,21 @@ class CLIPS(Method):
     def data_spec(cls, args):
         return with_caption_view(ALIP_DATA, args, full="subcaption")
 
+    @classmethod
+    def check_shapes(cls, args, dims):
+        super().check_shapes(args, dims)
+        why = decoder_shape_error(args, dims)
+        if why:
+            raise MethodConfigError(why)
+
     def build(self, model):
         args, rank, world_size = self.args, self.rank, self.world_size
         require_token_towers(model, self.name, args.model)
         text = model.transformer
+        why = decoder_shape_error(args, ModelDims(  # the built model (an hf-hub: one too)
+            text.width, text.resblocks[0].attn.num_heads, text.layers, model.context_length))
+        if why:
+            raise MethodConfigError(why)
         decoder = CaptionDecoder(
             model.visual.transformer.width, text.width,
             vocab_size=model.token_embedding.num_embeddings,
@@ -314,6 +326,31 @@ class CLIPS(Method):
 
     def eval_heads(self):
         return clips_eval_heads(self.encoder.decoder)
+
+
+def decoder_shape_error(args, dims):
+    """Why the decoder ``--clips-decoder-*`` / ``--clips-queries`` ask for cannot be built on
+    ``--model`` (``dims``: its ``ModelDims``; a None size is unknown, unchecked), or None.
+
+    * the width must be a multiple of the heads (``nn.MultiheadAttention`` splits it evenly;
+      it would assert when the model is built); unset, each is the text tower's;
+    * each query predicts one caption token: a ``context_length`` row holds at most
+      ``context_length - 2`` between SOT and EOT (the flag's range assumes 77).
+    Layers and the MLP have no constraint."""
+    width = args.clips_decoder_width or dims.text_width
+    heads = args.clips_decoder_heads or dims.text_heads
+    if width is not None and heads is not None and width % heads:
+        of_model = f"--model {args.model}'s text tower's"
+        w = (f"--clips-decoder-width {width}" if args.clips_decoder_width else
+             f"the decoder width {width} ({of_model}; set --clips-decoder-width)")
+        h = (f"--clips-decoder-heads {heads}" if args.clips_decoder_heads else
+             f"the decoder's {heads} heads ({of_model}; set --clips-decoder-heads)")
+        return f"{w} is not a multiple of {h}: attention splits the width evenly across heads"
+    most = None if dims.context_length is None else dims.context_length - 2
+    if most is not None and args.clips_queries > most:
+        return (f"--clips-queries {args.clips_queries}: --model {args.model}'s captions hold at "
+                f"most {most} tokens (context length {dims.context_length}); give at most {most}")
+    return None
 
 
 def clips_eval_heads(decoder):

@@ -332,7 +332,7 @@ def declip_total(clip, nn_text, simsiam, mlm, weights=LOSS_WEIGHTS):
 
 def capped_scale(logit_scale, cap=100.0):
     """``exp(p)`` with its forward value capped at ``cap`` and the gradient of the uncapped
-    ``exp`` (DeCLIP's ``logit_scale.data = clamp(exp(p), max=100)``, methods.md §9)."""
+    ``exp`` (DeCLIP's ``logit_scale.data = clamp(exp(p), max=100)``, docs/methods.md §4.7)."""
     s = logit_scale.exp()
     return s + (s.clamp(max=cap) - s).detach()
 
@@ -449,6 +449,7 @@ class DeCLIP(Method):
 
     name = "declip"
     accum_modes = ("micro",)
+    batchnorm_heads = True  # SimSiam's projector and predictor
     flag_ranges = {"declip_bank_size": "[1, inf)"}
     data = DataSpec(image_views=(ImageView("image", "mocov2"), ImageView("image_aug", "mocov2")),
                     text_fields=("raw",),
@@ -460,7 +461,7 @@ class DeCLIP(Method):
 
     @classmethod
     def add_args(cls, parser):
-        g = parser.add_argument_group("declip (--method declip)")
+        g = parser.add_argument_group("declip (--method declip and --method defilip)")
         g.add_argument("--declip-bank-size", type=int, default=2 ** 16,
                        help="NN memory bank entries per process (reference: 2^16).")
 

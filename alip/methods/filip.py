@@ -3,7 +3,7 @@ as pure building blocks: dense tokens from an unforked open_clip model, the dens
 selection, chunked late-interaction logits and the distributed dense InfoNCE loss.
 
 Reference: Sense-GVT/DeCLIP prototype/model/filip.py:71-142 and solver/filip_solver.py
-(docs: methods.md §4, §5, §9).
+(docs/methods.md §5, §6).
 
 * tokens: image = the ViT's patch tokens (class token dropped) *before* ``ln_post``; text =
   ``ln_final`` outputs at every position; each through ``Linear(width -> 256)`` and L2-normalised
@@ -19,7 +19,8 @@ Reference: Sense-GVT/DeCLIP prototype/model/filip.py:71-142 and solver/filip_sol
   and are left out of the means and the row sums. ``mask_padding=False`` is the reference, which
   uses all 77 positions, padding included (DeCLIP#31);
 * loss: symmetric InfoNCE, labels ``rank * B + arange(B)``, weight 1; the zero-weight global CLIP
-  loss of the reference is not computed at all (§9: its NaN would poison the total).
+  loss of the reference is not computed at all (docs/methods.md §5.3: its NaN would poison
+  the total).
 """
 import math
 from typing import NamedTuple, Optional
@@ -295,6 +296,20 @@ def add_filip_args(g, prefix="filip"):
                    help="Rows per chunk of the dense logits (default: by memory, 2^27 products).")
 
 
+def check_k(args, dims, prefix):
+    """``--PREFIX-k-image`` / ``--PREFIX-k-text`` select among the tokens ``--model`` has:
+    more would be cut to all of them silently (``select_tokens``; the reference's topk fails),
+    so a k above the ViT's patch tokens or the context length is refused (an unknown size,
+    as of an hf-hub: model, is not checked)."""
+    for side, tokens, what in (("image", dims.image_tokens, "patch tokens"),
+                               ("text", dims.context_length, "text positions")):
+        k = getattr(args, f"{prefix}_k_{side}")
+        if tokens is not None and k > tokens:
+            raise MethodConfigError(
+                f"--{prefix}-k-{side} {k}: --model {args.model} has {tokens} {what} per sample; "
+                f"give at most {tokens} (all of them)")
+
+
 class FILIP(Method):
     """FILIP as the DeCLIP toolbox implements it (YFCC15M ViT-B/32 IN-1K 39.5): token-wise late
     interaction between the ViT's patch tokens and the text tower's ln_final tokens, each through
@@ -312,7 +327,8 @@ class FILIP(Method):
 
     @classmethod
     def add_args(cls, parser):
-        g = parser.add_argument_group("filip (--method filip; defilip shares these flags)")
+        g = parser.add_argument_group("filip (--method filip only; DeFILIP has its own "
+                                      "--defilip-* copies of the first four)")
         add_filip_args(g)
         g.add_argument("--filip-input-mask", action="store_true", default=False,
                        help="The reference's stray 15%% input masking of the text (an unused MLM "
@@ -325,6 +341,11 @@ class FILIP(Method):
     @classmethod
     def data_spec(cls, args):
         return DataSpec(image_views=(ImageView("image", args.filip_augment),), text_fields=("raw",))
+
+    @classmethod
+    def check_shapes(cls, args, dims):
+        super().check_shapes(args, dims)
+        check_k(args, dims, "filip")
 
     def build(self, model):
         args, rank, world_size = self.args, self.rank, self.world_size
@@ -342,5 +363,5 @@ class FILIP(Method):
         return self.encoder.head
 
     def after_step(self):
-        self.encoder.head.clamp_logit_scale_()  # [3, 6], as the reference (methods.md §9)
+        self.encoder.head.clamp_logit_scale_()  # [3, 6], as the reference (docs/methods.md §5.3)
         clamp_logit_scale(self.model)

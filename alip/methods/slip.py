@@ -104,8 +104,8 @@ def vit_pooled_features(visual, images):
 # ------------------------------------------------------------------------------ the method
 
 SLIP_VIEWS = {  # --slip-views: the base (CLIP) view's recipe and the two SSL views' recipe
-    "declip": ("slip_base", "mocov2"),    # as the DeCLIP benchmark ran it (methods.md §2b)
-    "official": ("slip_base", "simclr"),  # facebookresearch/SLIP (methods.md §2a)
+    "declip": ("slip_base", "mocov2"),    # as the DeCLIP benchmark ran it (docs/methods.md §3.2)
+    "official": ("slip_base", "simclr"),  # facebookresearch/SLIP (docs/methods.md §3.1)
 }
 
 
@@ -161,6 +161,7 @@ class SLIP(Method):
 
     name = "slip"
     accum_modes = ("micro",)
+    batchnorm_heads = True  # the SSL head's BatchNorm1d
     flag_ranges = {"slip_ssl_scale": "[0, inf)", "slip_ssl_temp": "(0, inf)",
                    "slip_mlp_dim": "[1, inf)", "slip_emb_dim": "[1, inf)"}
 

@@ -8,6 +8,7 @@ range is an error naming the file and key. Every numeric flag has its valid rang
 the files and directories of the evaluation flags.
 """
 import argparse
+import functools
 import importlib.util
 import os
 from pathlib import Path
@@ -23,7 +24,8 @@ from .preemption import parse_signals
 
 PRECISIONS = ("amp", "amp_bf16", "amp_bfloat16", "fp32")
 
-# Valid range of every numeric flag, as an interval: "[" / "]" include the bound, "(" / ")"
+# Valid range of every training-wide numeric flag (each method declares its own in
+# Method.flag_ranges; flag_ranges() joins them), as an interval: "[" / "]" include the bound, "(" / ")"
 # exclude it. NaN is never in range, nor is inf (every upper bound "inf" is open).
 RANGES = {
     "train_num_samples": "[1, inf)", "workers": "[0, inf)", "batch_size": "[1, inf)",
@@ -38,8 +40,17 @@ RANGES = {
     "eval_batch_size": "[1, inf)", "caption_tokens": "[1, 75]", "length_bucketing": "[0, inf)",
     "lock_image_unlocked_groups": "[0, inf)", "lock_text_unlocked_layers": "[0, inf)",
 }
-for _name in method_names():  # each method declares the ranges of its own flags
-    RANGES.update(get_method(_name).flag_ranges)
+
+
+@functools.cache
+def flag_ranges():
+    """Every flag's range: the training flags' (``RANGES``) and each method's own
+    (``Method.flag_ranges``). The methods are imported here, when flags are first checked, not
+    when this module loads."""
+    ranges = dict(RANGES)
+    for name in method_names():
+        ranges.update(get_method(name).flag_ranges)
+    return ranges
 
 # open_clip_train's tower locks: each lock flag and the flags that only qualify it.
 LOCK_QUALIFIERS = {"lock_image": ("lock_image_unlocked_groups", "lock_image_freeze_bn_stats"),
@@ -72,9 +83,9 @@ class FlagError(ValueError):
 
 def range_error(dest, value):
     """Why ``value`` is not a valid ``--dest``, or None."""
-    if dest not in RANGES or value is None:
+    if dest not in flag_ranges() or value is None:
         return None
-    return interval_error(RANGES[dest], value)
+    return interval_error(flag_ranges()[dest], value)
 
 
 def _flag(dest):
@@ -83,7 +94,7 @@ def _flag(dest):
 
 def check_flags(args):
     """Every numeric flag in its range, and a usable --device; raises FlagError."""
-    for dest in RANGES:
+    for dest in flag_ranges():
         why = range_error(dest, getattr(args, dest, None))
         if why:
             raise FlagError(f"--{dest.replace('_', '-')} {why}")
@@ -165,7 +176,9 @@ def build_parser():
     # what to train
     a("--method", choices=method_names(), default="alip",
       help="The training method (alip.methods): alip: ALIPLoss on image/raw-text/caption; "
-           "clip: open_clip ClipLoss on image/raw text; see the README's method table.")
+           "clip: open_clip ClipLoss on image/raw text; see the README's method table. A method "
+           "reads the flags of the groups that name it below (clip: none); another method's "
+           "flag given to it is an error.")
     a("--model", default="ALIP-ViT-B-32", help="open_clip model name (alip registers ALIP-*).")
     a("--pretrained", default=None, help="open_clip pretrained tag or checkpoint path.")
     a("--vit-style", choices=("reference", "open_clip", "toolbox"), default="reference",
@@ -391,14 +404,26 @@ def yaml_value(action, value):
     return str(value)
 
 
+def command_line_dests(argv=None):
+    """The dests of the flags given on the command line (abbreviated ones included), whatever
+    their values: the parser again with every default suppressed."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
 def parse_args(argv=None):
     """Flags (over --config defaults), every numeric one checked against ``RANGES`` and
-    --device checked; a bad value exits with one line naming the flag or the file and key."""
+    --device checked; a bad value exits with one line naming the flag or the file and key.
+    ``args.flags_given``: the dests given explicitly (command line or --config file), so a
+    method can refuse another method's flags (``Method.check_flags_read``)."""
     parser = build_parser()
     pre, _ = parser.parse_known_args(argv)
+    spelled = {}
     if pre.config:
         known = _config_keys(parser)
-        defaults, spelled = {}, {}
+        defaults = {}
         for key, value in load_yaml(pre.config).items():
             if str(key) not in known:
                 raise SystemExit(f"train.py: error: --config {pre.config}: unknown key {key!r} "
@@ -415,8 +440,7 @@ def parse_args(argv=None):
             defaults[action.dest] = (not value) if negated and value is not None else value
         parser.set_defaults(**defaults)
     args = parser.parse_args(argv)
-    # whether K was asked for: a method whose data has no caption view refuses it (check_args)
-    args.caption_tokens_given = args.caption_tokens is not None
+    args.flags_given = frozenset(spelled) | frozenset(command_line_dests(argv))
     if args.caption_tokens is None:
         args.caption_tokens = CAPTION_TOKENS
     if args.precision == "amp_bfloat16":
