@@ -17,8 +17,7 @@ import signal
 import torch
 from PIL import Image, ImageOps
 
-from ..cli import without_addresses
-from ..data.pack import _gray16_to_8
+from ..data.pack import _gray16_to_8, undecodable
 from . import writer
 from .backends import output_generation
 from .sources import DataError, Reject
@@ -29,7 +28,8 @@ KILL_HOOK = "ALIP_CAPTION_TEST_KILL_AFTER_CHUNKS"  # tests: SIGKILL this process
 
 def decode_image(data):
     """RGB PIL image, EXIF orientation applied, 16-bit grayscale scaled to 8 bits (data2rec's own
-    ``_gray16_to_8``: the captioner sees what data2rec stores); raise Reject if undecodable."""
+    ``_gray16_to_8``: the captioner sees what data2rec stores); raise Reject if undecodable, with
+    data2rec's reason (``pack.undecodable``: failed.jsonl and rejects.jsonl agree)."""
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
@@ -38,8 +38,7 @@ def decode_image(data):
             img = _gray16_to_8(img)
         return img.convert("RGB") if img.mode != "RGB" else img
     except Exception as e:  # Pillow raises many types for bad files
-        msg = without_addresses(str(e))  # same bytes every run
-        raise Reject(f"undecodable image: {type(e).__name__}: {msg}") from None
+        raise undecodable(e) from None
 
 
 class RowImages(torch.utils.data.Dataset):
@@ -167,6 +166,7 @@ def caption_dataset(source, captioner, gen, output_dir, batch_size=64, chunk_siz
     n = len(source)
     if plan is None:
         plan = make_plan(source, captioner.describe(), gen, batch_size, chunk_size)
+    writer.check_spare_inputs(output_dir, source)
     writer.check_plan(output_dir, plan)
     fp = writer.fingerprint(plan)
     num_chunks = max(1, math.ceil(n / chunk_size))

@@ -524,11 +524,17 @@ def encode_image(data, quality=95, max_size=0, copy_jpeg=False):
         return out.getvalue()
     except Reject:
         raise
-    except UnidentifiedImageError:
-        raise Reject("undecodable image: not an image format Pillow knows") from None
     except Exception as e:  # Pillow raises many types for bad files
-        # no object reprs ("<_io.BytesIO object at 0x7f...>"): rejects.jsonl is the same every run
-        raise Reject(f"undecodable image: {type(e).__name__}: {re.sub(' at 0x[0-9a-fA-F]+', '', str(e))}") from None
+        raise undecodable(e) from None
+
+
+def undecodable(e):
+    """The Reject for an image Pillow failed on, worded once for data2rec and caption.py (its
+    ``decode_image``), so their reasons for the same file agree; no object reprs ("<_io.BytesIO
+    object at 0x7f...>"): rejects.jsonl and failed.jsonl are the same every run."""
+    if isinstance(e, UnidentifiedImageError):
+        return Reject("undecodable image: not an image format Pillow knows")
+    return Reject(f"undecodable image: {type(e).__name__}: {re.sub(' at 0x[0-9a-fA-F]+', '', str(e))}")
 
 
 def _gray16_to_8(img):
