@@ -41,6 +41,18 @@ def decode_image(data):
         raise undecodable(e) from None
 
 
+class _DieWith:
+    """DataLoader worker_init_fn: the worker ends with caption.py at once (``procs.die_with_parent``),
+    even mid-read, not only at torch's next 5-second check of its parent."""
+
+    def __init__(self, parent):
+        self.parent = parent
+
+    def __call__(self, worker_id):
+        from ..procs import die_with_parent
+        die_with_parent(self.parent)
+
+
 class RowImages(torch.utils.data.Dataset):
     """Row i -> (i, preprocessed image, None) or (i, None, reason). Runs in DataLoader workers."""
 
@@ -175,7 +187,7 @@ def caption_dataset(source, captioner, gen, output_dir, batch_size=64, chunk_siz
     loader = torch.utils.data.DataLoader(
         RowImages(source, captioner.preprocess), batch_sampler=batches, collate_fn=_collate,
         num_workers=workers, pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers else None,
-        persistent_workers=False)
+        persistent_workers=False, worker_init_fn=_DieWith(os.getpid()) if workers else None)
     kill_after = int(os.environ.get(KILL_HOOK, "0"))
     bar = tqdm(total=batches.rows, unit="img", desc=f"caption rank {rank}",
                disable=not progress, smoothing=0.05)
