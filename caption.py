@@ -88,7 +88,7 @@ def resolve_device(device, precision, local_rank):
 
 def main(argv=None) -> int:
     from alip.caption import writer
-    from alip.caption.backends import GenSettings, build_captioner, check_coca_weights, plan_description
+    from alip.caption.backends import GenSettings, build_captioner, check_weights, one_line, plan_description
     from alip.caption.run import ASSEMBLING_ELSEWHERE, caption_dataset, make_plan, process_slot
     from alip.caption.sources import DataError, ManifestRows, RecRows, TarRows
 
@@ -108,28 +108,32 @@ def main(argv=None) -> int:
                       args.top_p, args.repetition_penalty, args.prompt, args.seed)
     try:
         gen.check()
-        if args.backend == "open_clip":
-            check_coca_weights(args.model, args.pretrained)  # before any input is read
+        check_weights(args.backend, args.model, args.pretrained)  # before any input is read
         if args.manifest:
             source = ManifestRows(args.manifest, args.image_root, args.image_col, args.text_col, args.caption_col)
         elif args.wds:
             source = TarRows(args.wds)
         else:
             source = RecRows(args.rec)
-        # the output dir and the plan before the model (a vLLM load takes minutes); plan.json is
-        # written once the model has loaded, so a model that does not load leaves no plan behind
+        # the output dir and the plan before the model (a vLLM load takes minutes), creating nothing:
+        # plan.json and chunks/ are written once the model has loaded and taken the settings (its
+        # --max-new-tokens limit), so a model that does not load leaves no output state behind
         plan = make_plan(source, plan_description(args.backend, args.model, args.pretrained, precision), gen,
                          args.batch_size, args.chunk_size)
         writer.check_output_dir(args.output_dir)
+        writer.check_spare_inputs(args.output_dir, source)
         writer.check_plan(args.output_dir, plan, write=False)
         captioner = build_captioner(args.backend, args.model, args.pretrained, gen, device, precision,
                                     args.trust_remote_code)
+        # again after the load: the weights as loaded (a hub load may have fetched a newer revision)
+        plan = make_plan(source, plan_description(args.backend, args.model, args.pretrained, precision), gen,
+                         args.batch_size, args.chunk_size)
         s = caption_dataset(source, captioner, gen, args.output_dir, batch_size=args.batch_size,
                             chunk_size=args.chunk_size, workers=args.workers, part=args.part, rank=slot,
                             world_size=slots, command=shlex.join(["caption.py", *argv]),
                             progress=not args.no_progress and slot == 0, plan=plan)
     except (DataError, ValueError, OSError) as e:  # bad input, missing files/models, unwritable output
-        print(f"caption: error: {e}", file=sys.stderr)
+        print(f"caption: error: {one_line(e)}", file=sys.stderr)
         return 1
     if s == ASSEMBLING_ELSEWHERE:
         print(f"caption: {who} done; every chunk is written and another process is assembling the outputs "

@@ -22,10 +22,11 @@ def parse_args(argv):
     src.add_argument("--image-col", default="image")
     src.add_argument("--text-col", default="text")
     src.add_argument("--caption-col", default="caption")
-    src.add_argument("--text-fields", default="raw,caption", metavar="raw,caption[,F...]",
+    src.add_argument("--text-fields", default=None, metavar="raw,caption[,F...]",
                      help="the label's text fields in order: raw (--text-col / KEY.txt), caption "
                           "(--caption-col) and any extra field F, read from the manifest's column F "
-                          "(--wds: the --captions file's column F); a missing or empty F rejects the row")
+                          "(--wds: the --captions file's column F); a missing or empty F rejects the row. "
+                          "Default raw,caption; --rec: the input shards' fields, every one kept")
     src.add_argument("--wds", help="glob of img2dataset-style tars (KEY.jpg + KEY.txt [+ KEY.json])")
     src.add_argument("--rec", help="rec shards (a directory or a glob of .rec) to repack with the captions of "
                                     "--captions, keyed by record key (caption.py --rec writes them): each record "
@@ -74,10 +75,14 @@ def parse_args(argv):
     except (ValueError, AssertionError):
         p.error(f"--part {args.part!r}: expected I/N with 0 <= I < N")
     args.part = (i, n)
-    args.text_fields = tuple(f.strip() for f in args.text_fields.split(","))
+    if args.text_fields is not None:
+        args.text_fields = tuple(f.strip() for f in args.text_fields.split(","))
+    elif not args.rec:  # --rec: the input shards' fields (RecSource reads them)
+        args.text_fields = ("raw", "caption")
     from alip.data.pack import DataError, check_text_fields, check_tokenizer
     try:
-        check_text_fields(args.text_fields, [f for f in args.text_fields if f not in ("raw", "caption")])
+        if args.text_fields is not None:
+            check_text_fields(args.text_fields, [f for f in args.text_fields if f not in ("raw", "caption")])
         check_tokenizer(args.tokenizer)
     except DataError as e:
         p.error(str(e))
@@ -95,7 +100,7 @@ def main(argv=None) -> int:
         args = parse_args(argv)
     except SystemExit as e:
         return int(e.code or 0)
-    extra = tuple(f for f in args.text_fields if f not in ("raw", "caption"))
+    extra = tuple(f for f in args.text_fields or () if f not in ("raw", "caption"))
     try:
         if args.manifest:
             source = ManifestSource(args.manifest, args.image_root, args.image_col, args.text_col,
@@ -108,6 +113,10 @@ def main(argv=None) -> int:
             from alip.data.rec_source import RecSource
             source = RecSource(args.rec, args.captions, args.text_fields, args.key_col,
                                args.caption_col, args.caption_fallback, args.tokenizer)
+            args.text_fields = source.text_fields
+            if source.dropped:  # asked for: said, never silent
+                print(f"data2rec: note: --text-fields {','.join(args.text_fields)} leaves out the input "
+                      f"shards' field(s) {list(source.dropped)}", file=sys.stderr)
             inputs = {os.path.dirname(os.path.realpath(p)) for p in source.shards.paths}
             if os.path.realpath(args.output_dir) in inputs:
                 raise DataError(f"--output-dir {args.output_dir} holds the --rec input shards; "

@@ -119,7 +119,12 @@ def test_manifest_with_coca_captions_good_rows_and_lists_broken(manifest, coca_d
     assert failed[0]["source"] == path and failed[0]["row"] == GOOD
     side = json.load(open(os.path.join(out, "captions.json")))
     assert (side["rows_in"], side["captioned"], side["failed"]) == (GOOD + 2, GOOD, 2)
+    weights = side["captioner"].pop("weights")  # what identifies the weights: each file's size and mtime
     assert side["captioner"] == {"backend": "open_clip", "model": coca_dir, "pretrained": "", "precision": "fp32"}
+    d = coca_dir[len("local-dir:"):]
+    assert weights == {"files": {os.path.join(d, f): [os.stat(os.path.join(d, f)).st_size,
+                                                      os.stat(os.path.join(d, f)).st_mtime_ns]
+                                 for f in ("open_clip_config.json", "open_clip_pytorch_model.bin")}}
     assert side["generation"]["decoding"] == "greedy" and side["generation"]["max_new_tokens"] == 8
     copy = read_jsonl(os.path.join(out, "captioned.jsonl"))
     assert [r["caption"] for r in copy] == [c["caption"] for c in caps] + [None, None]
@@ -265,11 +270,13 @@ def test_bad_inputs_stop_before_the_model_is_loaded(tmp_path, capsys):
     root = str(tmp_path / "man")
     path = make_manifest_dataset(root, 2)
     out = tmp_path / "caps"
+    weights = tmp_path / "x.pt"  # passes the weights file checks (not empty); only a load would fail
+    weights.write_bytes(b"not loaded")
     for argv, names in ((["--wds", pattern], [tar, "not a readable tar"]),
                         (["--manifest", path, "--image-root", root, "--text-col", "alt"],
                          [path, "'alt'", "--text-col"]),
                         (["--manifest", path, "--image-root", root + "/nope"], ["--image-root", "no such directory"])):
-        assert caption.main(argv + ["--output-dir", str(out), "--model", "no-such-model", "--pretrained", "x.pt",
+        assert caption.main(argv + ["--output-dir", str(out), "--model", "no-such-model", "--pretrained", str(weights),
                                     "--device", "cpu"]) == 1
         err = capsys.readouterr().err
         assert err.startswith("caption: error: ") and len(err.splitlines()) == 1

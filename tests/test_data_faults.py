@@ -62,17 +62,25 @@ def _children(pid):
     return kids
 
 
-def test_killed_worker_stops_the_run_with_an_error_and_a_rerun_is_byte_identical(tmp_path):
+def _fifo_dataset(tmp_path):
+    """16 manifest rows whose image 9 is a fifo: the worker that opens it blocks there, so a kill
+    lands mid-task every time. Returns (root, data2rec args without --output-dir, fifo path)."""
     root = str(tmp_path / "in")
     manifest = make_manifest_dataset(root, 16)
     fifo = os.path.join(root, "images", "0009.jpg")
     os.remove(fifo)
-    os.mkfifo(fifo)  # the worker that opens it blocks there: the kill lands mid-task, every time
-    args = ["--manifest", manifest, "--image-root", root, "--shard-size", "4", "--no-progress"]
-    killed = str(tmp_path / "killed")
-    proc = subprocess.Popen([PY, os.path.join(REPO, "data2rec.py"), *args, "--output-dir", killed, "--workers", "2"],
-                            cwd=REPO, stderr=subprocess.PIPE, text=True)
-    deadline, stuck, writer = time.time() + 90, None, None
+    os.mkfifo(fifo)
+    return root, ["--manifest", manifest, "--image-root", root, "--shard-size", "4", "--no-progress"], fifo
+
+
+def _unblock_fifo(fifo):
+    os.remove(fifo)
+    image(9).save(fifo, quality=95)  # the file make_manifest_dataset writes
+
+
+def _worker_on_fifo(proc, fifo, timeout=90):
+    """(write end of the fifo, pid of the worker of ``proc`` blocked reading it)."""
+    deadline, stuck, writer = time.time() + timeout, None, None
     while writer is None and time.time() < deadline and proc.poll() is None:
         try:  # succeeds once a worker is opening the fifo; it then blocks reading it
             writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
@@ -88,6 +96,24 @@ def test_killed_worker_stops_the_run_with_an_error_and_a_rerun_is_byte_identical
                 stuck = pid
         time.sleep(0.02)
     assert stuck is not None, "no worker blocked on the fifo"
+    return writer, stuck
+
+
+def _running(pid):
+    """pid is a live process (a zombie waiting for its reaper is not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_killed_worker_stops_the_run_with_an_error_and_a_rerun_is_byte_identical(tmp_path):
+    root, args, fifo = _fifo_dataset(tmp_path)
+    killed = str(tmp_path / "killed")
+    proc = subprocess.Popen([PY, os.path.join(REPO, "data2rec.py"), *args, "--output-dir", killed, "--workers", "2"],
+                            cwd=REPO, stderr=subprocess.PIPE, text=True)
+    writer, stuck = _worker_on_fifo(proc, fifo)
     os.kill(stuck, signal.SIGKILL)  # what the OOM killer does
     os.close(writer)
     try:
@@ -99,12 +125,128 @@ def test_killed_worker_stops_the_run_with_an_error_and_a_rerun_is_byte_identical
     assert proc.returncode == 1
     assert "a worker process died" in err and "rerun the same command" in err and "Traceback" not in err
     assert not os.path.exists(os.path.join(killed, "manifest.json"))
-    os.remove(fifo)
-    image(9).save(fifo, quality=95)  # the file make_manifest_dataset writes
+    _unblock_fifo(fifo)
     assert data2rec.main(args + ["--output-dir", killed, "--workers", "2"]) == 0
     clean = str(tmp_path / "clean")
     assert data2rec.main(args + ["--output-dir", clean]) == 0
     assert shard_bytes(killed) == shard_bytes(clean) and len(shard_bytes(clean)) == 8
+
+
+def test_a_killed_run_leaves_no_workers_and_rerunning_it_completes_the_output(tmp_path):
+    """data2rec itself SIGKILLed (the OOM killer, a job's hard kill) with --workers 2: its workers
+    die with it instead of blocking for ever as orphans that hold the output dir's lock, and the
+    documented recovery, the same command again, completes the output byte for byte as an
+    uninterrupted run makes it (it used to be refused: "another data2rec run (pid <dead>) is writing")."""
+    root, args, fifo = _fifo_dataset(tmp_path)
+    killed = str(tmp_path / "killed")
+    proc = subprocess.Popen([PY, os.path.join(REPO, "data2rec.py"), *args, "--output-dir", killed, "--workers", "2"],
+                            cwd=REPO, stderr=subprocess.DEVNULL)
+    workers = []
+    try:
+        writer, _ = _worker_on_fifo(proc, fifo)
+        workers = _children(proc.pid)
+        assert len(workers) == 2
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        os.close(writer)  # a worker that survived would finish its task, then wait for the next
+        deadline = time.time() + 5
+        while any(map(_running, workers)) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not [p for p in workers if _running(p)], "workers outlived their killed parent"
+    finally:
+        for pid in workers:  # this test's own processes, if the assertion above failed
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+    _unblock_fifo(fifo)
+    assert data2rec.main(args + ["--output-dir", killed, "--workers", "2"]) == 0
+    clean = str(tmp_path / "clean")
+    assert data2rec.main(args + ["--output-dir", clean]) == 0
+    assert shard_bytes(killed) == shard_bytes(clean) and len(shard_bytes(clean)) == 8
+
+
+@pytest.mark.slow
+def test_a_killed_caption_run_leaves_no_dataloader_workers(tmp_path):
+    """caption.py SIGKILLed with --workers 2 while a DataLoader worker is stuck reading an image
+    (a fifo here; a hung network mount in life): its workers end with it at once (torch's own
+    check of the parent runs between tasks only), and the rerun of the same command completes."""
+    from alip.caption.tiny import save_tiny_coca
+    root, _, fifo = _fifo_dataset(tmp_path)
+    coca = save_tiny_coca(str(tmp_path / "coca"))
+    cmd = [PY, os.path.join(REPO, "caption.py"), "--manifest", os.path.join(root, "manifest.jsonl"),
+           "--image-root", root, "--model", coca, "--decoding", "greedy", "--max-new-tokens", "4",
+           "--min-new-tokens", "2", "--batch-size", "2", "--chunk-size", "4", "--workers", "2", "--no-progress",
+           "--output-dir", str(tmp_path / "caps")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stderr=subprocess.DEVNULL)
+    workers = []
+    try:
+        writer, _ = _worker_on_fifo(proc, fifo)
+        workers = _children(proc.pid)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.time() + 3
+        while any(map(_running, workers)) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not [p for p in workers if _running(p)], "DataLoader workers outlived caption.py"
+        os.close(writer)
+    finally:
+        for pid in workers:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+    _unblock_fifo(fifo)
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "rows in 16 = captioned 16 + failed 0" in r.stdout, r.stderr[-2000:]
+
+
+def _hold_lock(path):
+    """A process that flocks ``path`` and keeps it (an orphan that inherited a dead run's lock)."""
+    code = ("import fcntl, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); "
+            "print('held', flush=True); time.sleep(120)")
+    proc = subprocess.Popen([PY, "-c", code, path], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "held\n"
+    return proc
+
+
+def _dead_pid():
+    proc = subprocess.Popen([PY, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+@pytest.mark.parametrize("record", ["legacy", "host"])
+def test_a_lock_still_held_for_a_dead_run_does_not_block_the_rerun(ds, tmp_path, capsys, record):
+    """The lock file names a run that is gone (bare pid: an older data2rec; host pid start: this
+    one) but another process still holds its flock: the rerun takes it over, saying so."""
+    import socket
+    root, manifest = ds
+    out = tmp_path / "out"
+    out.mkdir()
+    lock = str(out / ".data2rec.lock")
+    dead = _dead_pid()
+    with open(lock, "w") as f:
+        f.write(f"{dead}\n" if record == "legacy" else f"{socket.gethostname()} {dead} 12345\n")
+    holder = _hold_lock(lock)
+    try:
+        code = data2rec.main(["--manifest", manifest, "--image-root", root, "--output-dir", str(out),
+                              "--no-progress"])
+        err = capsys.readouterr().err
+        assert code == 0, err
+        assert f"the process that held it (pid {dead}) is gone" in err and "taking it over" in err
+        # a live holder still refuses, naming it
+        with open(lock, "w") as f:
+            f.write(f"{socket.gethostname()} {holder.pid}\n")
+        other = _hold_lock(lock)
+        try:
+            code = data2rec.main(["--manifest", manifest, "--image-root", root, "--output-dir", str(out),
+                                  "--no-progress"])
+            assert code == 1
+            assert f"another data2rec run (pid {holder.pid}) is writing into {out}" in capsys.readouterr().err
+        finally:
+            other.kill()
+            other.wait()
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_a_second_run_into_the_same_dir_is_refused(ds, tmp_path):
@@ -204,6 +346,27 @@ def test_wrong_types_blank_text_nul_path_and_deep_json_are_rejects(ds, tmp_path)
                    5: "image path contains a NUL byte",
                    6: "malformed JSON line: nested too deeply",
                    7: "empty caption"}
+
+
+def test_a_manifest_naming_a_column_twice_is_never_read_as_one_of_them(ds, tmp_path, capsys):
+    """A JSONL row naming "caption" twice is rejected with that reason (json.loads kept the last
+    value silently); a CSV header naming a column data2rec reads twice stops the run."""
+    root, _ = ds
+    good = json.dumps({"image": "images/0000.jpg", "text": "t", "caption": "c"})
+    path = os.path.join(root, "twice.jsonl")
+    open(path, "w").write("\n".join([good, good[:-1] + ', "caption": "other"}', good]) + "\n")
+    out = str(tmp_path / "out")
+    assert data2rec.main(["--manifest", path, "--image-root", root, "--output-dir", out, "--no-progress"]) == 0
+    assert "rows in 3 = written 2 + rejected 1" in capsys.readouterr().out
+    rej = [json.loads(line) for line in open(os.path.join(out, "rejects.jsonl"))]
+    assert [(r["row"], r["reason"]) for r in rej] == [
+        (1, "malformed JSON line: member 'caption' twice in one JSON object")]
+    path = os.path.join(root, "twice.csv")
+    open(path, "w").write("image,text,caption,caption,note,note\nimages/0000.jpg,t,c,d,x,y\n")
+    assert data2rec.main(["--manifest", path, "--image-root", root, "--output-dir", str(tmp_path / "csv"),
+                          "--no-progress"]) == 1
+    assert capsys.readouterr().err == (f"data2rec: error: {path}: the header names column 'caption' twice; "
+                                       "name each column once\n")
 
 
 def test_rejects_are_byte_identical_between_runs(ds, tmp_path):

@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .weights import weights_identity
+
 DECODINGS = ("greedy", "beam", "sample")
 
 
@@ -52,6 +54,60 @@ def _autocast(device, precision):
     if dtype is None:
         return torch.autocast(device.type, enabled=False)
     return torch.autocast(device.type, dtype=dtype)
+
+
+def one_line(e, limit=None):
+    """An exception's message on one line (library messages run to many lines: caption.py's
+    errors are one line each), cut at ``limit`` characters if given."""
+    text = " ".join(str(e).split())
+    return text if limit is None or len(text) <= limit else text[:limit - 3] + "..."
+
+
+def check_weights_file(path, flag):
+    """Refuse, in one line naming ``flag`` and the file, a weights file that cannot hold weights:
+    a train.py training state (the eval CLIs' own check, ``alip.eval.load``), a missing path, a
+    directory, an empty file. Flags and a stat only: runs before any input is read."""
+    from alip.eval.load import refuse_training_state
+
+    refuse_training_state(path, flag)
+    if not os.path.exists(path):
+        raise ValueError(f"{flag} {path}: no such file")
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path}: a directory, not a weights file")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{flag} {path}: an empty file (0 bytes), not weights")
+
+
+def _looks_like_a_file(pretrained):
+    """An open_clip --pretrained that names a file rather than a tag (tags have no path separator
+    and no weights suffix)."""
+    return os.sep in pretrained or pretrained.endswith(WEIGHT_FILES + (".pt",)) or os.path.exists(pretrained)
+
+
+def check_weights(backend, model, pretrained=""):
+    """Every check of the weights flags that needs no model load (caption.py runs it before any
+    input is read; ``build_captioner`` again): CoCa weights present, a weights file that can be
+    one, a transformers model that is a directory or a hub id (not a file)."""
+    if backend == "open_clip":
+        check_coca_weights(model, pretrained)
+        if pretrained and _looks_like_a_file(pretrained):
+            check_weights_file(pretrained, "--pretrained")
+    elif backend == "clips":
+        check_weights_file(model, "--model")
+    elif backend in ("hf", "vllm"):
+        from alip.eval.load import refuse_training_state
+        refuse_training_state(model, "--model")
+        if os.path.isfile(model):
+            raise ValueError(f"--model {model}: a file; --backend {backend} takes a model directory "
+                             "(config, weights, processor) or a hub id")
+
+
+def check_max_new_tokens(gen, limit, what):
+    """Refuse a --max-new-tokens the model cannot generate (it failed at the first batch, after
+    plan.json had locked the output dir to it, or was silently capped): ``what`` says whose limit."""
+    if limit is not None and gen.max_new_tokens > limit:
+        raise ValueError(f"--max-new-tokens {gen.max_new_tokens}: {what} generates at most {limit} tokens; "
+                         f"give --max-new-tokens {limit} or less")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -109,19 +165,24 @@ class CocaCaptioner:
             except Exception as e:
                 raise ValueError(f"--model {model}: no weights from the hub ({type(e).__name__}: "
                                  f"{' '.join(str(e).split())[:300]})") from None
-        try:
-            self.model, _, self.preprocess = open_clip.create_model_and_transforms(
-                model, pretrained=pretrained or None, device=self.device)
-        except RuntimeError as e:
-            raise ValueError(f"--model {model} --pretrained {pretrained}: {e}") from None
+        self.model, _, self.preprocess = open_clip.create_model_and_transforms(
+            model, pretrained=pretrained or None, device=self.device)
+        self.weights = weights_identity(self.name, model, pretrained)
         if not hasattr(self.model, "generate") or not hasattr(self.model, "text_decoder"):
             raise ValueError(f"--model {model} is not a CoCa model (no text decoder to caption with)")
+        check_max_new_tokens(gen, self.token_limit(), f"the CoCa {model} (its text context)")
         self.model.eval()
         self._decode = open_clip.decode
 
+    def token_limit(self):
+        """New tokens ``generate`` can make: the growing text (start token + new tokens but the
+        last) passes through the text tower (plus its CLS token) and the multimodal decoder, each
+        ``context_length`` long (76 for open_clip's CoCas; 77 failed with a tensor-size error)."""
+        return min(self.model.text.context_length, self.model.text_decoder.context_length)
+
     def describe(self):
         return {"backend": self.name, "model": self.model_name, "pretrained": self.pretrained,
-                "precision": self.precision}
+                "precision": self.precision, "weights": self.weights}
 
     def collate(self, items):
         return torch.stack(items)
@@ -201,12 +262,28 @@ class HFCaptioner:
         tokenizer = getattr(self.processor, "tokenizer", None)
         self.tokenizer = tokenizer or transformers.AutoTokenizer.from_pretrained(model, **remote)
         self.model = _load_hf_model(model, dtype, trust_remote_code).to(self.device).eval()
+        self.weights = weights_identity(self.name, model)
         self.preprocess = _HFImages(image_processor)
         self.dtype = dtype
+        check_max_new_tokens(gen, self.token_limit(), f"{model} (its text positions, less the prompt's tokens)")
+
+    def token_limit(self):
+        """New tokens the text decoder has positions for: its ``max_position_embeddings`` less the
+        tokens it starts from (the tokenized --prompt, else one start token), + 1 (the last new
+        token is never fed back). The tiny BLIP (64 positions) failed with an IndexError at 65 new
+        tokens. BLIP drops the prompt's [SEP], so there this is one under the true limit. None
+        when the config names no such limit."""
+        config = self.model.config
+        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        positions = getattr(text, "max_position_embeddings", None)
+        if not isinstance(positions, int):
+            return None
+        start = len(self.tokenizer(self.gen.prompt)["input_ids"]) if self.gen.prompt else 1
+        return positions - start + 1
 
     def describe(self):
         return {"backend": self.name, "model": self.model_name, "model_class": type(self.model).__name__,
-                "precision": self.precision}
+                "precision": self.precision, "weights": self.weights}
 
     def collate(self, items):
         return torch.stack(items)
@@ -257,19 +334,23 @@ class VLLMCaptioner:
 
     def __init__(self, model, gen, precision="bf16", max_model_len=4096, gpu_memory_utilization=0.9,
                  trust_remote_code=False):
+        if gen.decoding == "beam":
+            raise ValueError("--backend vllm: use --decoding greedy or sample (beam search is not wired in)")
+        # vLLM refuses each request whose prompt + max_tokens pass max_model_len (at the first batch)
+        check_max_new_tokens(gen, max_model_len - 1, f"vLLM with max_model_len {max_model_len} (prompt and "
+                             "image tokens included)")
         try:
             import vllm
         except ImportError:
             raise ValueError("--backend vllm needs vLLM (`pip install vllm`, a CUDA machine); "
                              "it is an optional extra, not installed here") from None
-        if gen.decoding == "beam":
-            raise ValueError("--backend vllm: use --decoding greedy or sample (beam search is not wired in)")
         self.model_name, self.gen, self.precision = model, gen, precision
         self.prompt = gen.prompt or DEFAULT_VLM_PROMPT
         self.llm = vllm.LLM(model=model, dtype={"bf16": "bfloat16", "fp16": "float16"}.get(precision, "float32"),
                             max_model_len=max_model_len, limit_mm_per_prompt={"image": 1},
                             gpu_memory_utilization=gpu_memory_utilization, seed=gen.seed,
                             trust_remote_code=trust_remote_code)
+        self.weights = weights_identity(self.name, model)
         g = gen
         self.sampling = vllm.SamplingParams(
             max_tokens=g.max_new_tokens, min_tokens=g.min_new_tokens, repetition_penalty=g.repetition_penalty,
@@ -280,7 +361,7 @@ class VLLMCaptioner:
     def describe(self):
         import vllm
         return {"backend": self.name, "model": self.model_name, "precision": self.precision,
-                "prompt_used": self.prompt, "vllm_version": vllm.__version__}
+                "prompt_used": self.prompt, "vllm_version": vllm.__version__, "weights": self.weights}
 
     def collate(self, items):
         return list(items)
@@ -302,13 +383,13 @@ class CLIPSCaptioner:
     def __init__(self, checkpoint, gen, device="cpu", precision="fp32"):
         import open_clip
 
+        from alip.eval.load import read_checkpoint
         from alip.methods.clips import decoder_from_eval_heads
-        try:
-            saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError) as e:
-            raise ValueError(f"--model {checkpoint}: not a readable train.py checkpoint ({e})") from None
+
+        check_weights_file(checkpoint, "--model")
+        saved = read_checkpoint(checkpoint, "--model")  # the eval CLIs' reader: one line if unreadable
         heads = saved.get("eval_heads", {}) if isinstance(saved, dict) else {}
-        if saved.get("method") != "clips" or "decoder" not in heads:
+        if not isinstance(saved, dict) or saved.get("method") != "clips" or "decoder" not in heads:
             raise ValueError(f"--model {checkpoint}: not a CLIPS checkpoint of train.py (--backend "
                              f"clips needs the model file of a --method clips run)")
         if gen.decoding == "sample" or gen.prompt:
@@ -319,11 +400,19 @@ class CLIPSCaptioner:
             saved["model"], pretrained=checkpoint, device=self.device)
         self.model.eval()
         self.decoder = decoder_from_eval_heads(heads).to(self.device)
+        self.weights = weights_identity(self.name, checkpoint)
+        check_max_new_tokens(gen, self.token_limit(), f"the CLIPS decoder of {checkpoint} (its "
+                             f"{self.decoder.num_queries} queries, a 77-token context)")
         self._decode = open_clip.decode
+
+    def token_limit(self):
+        """The decoder writes one token per query, and its rows are 77 tokens with start and end:
+        more than this was silently cut (plan.json recorded the setting, not what was applied)."""
+        return min(self.decoder.num_queries, 77 - 2)
 
     def describe(self):
         return {"backend": self.name, "model": self.checkpoint, "pretrained": None,
-                "precision": self.precision}
+                "precision": self.precision, "weights": self.weights}
 
     def collate(self, items):
         return torch.stack(items)
@@ -336,7 +425,7 @@ class CLIPSCaptioner:
         with _autocast(self.device, self.precision):
             tokens = dense_image_tokens(self.model, images, ln_post=True)[0]
             rows = self.decoder.generate(tokens, None, num_beams=beams,
-                                         context_length=min(77, self.gen.max_new_tokens + 2))
+                                         context_length=self.gen.max_new_tokens + 2)
         return [self._decode(r).split("<end_of_text>")[0].replace("<start_of_text>", "").strip()
                 for r in rows]
 
@@ -369,14 +458,34 @@ def plan_description(backend, model, pretrained="", precision="fp32"):
     desc = {"backend": backend, "model": model}
     if backend == "open_clip":
         desc["pretrained"] = pretrained
-    return dict(desc, precision=precision)
+    return dict(desc, precision=precision, weights=weights_identity(backend, model, pretrained))
+
+
+def _model_flags(backend, model, pretrained):
+    return f"--model {model}" + (f" --pretrained {pretrained}" if backend == "open_clip" and pretrained else "")
 
 
 def build_captioner(backend, model, pretrained, gen, device="cpu", precision="fp32", trust_remote_code=False,
                     random_init=False):
     """The captioner of ``backend``; ``random_init=True`` lets a CoCa without weights through (only
-    for timing: it writes junk captions)."""
+    for timing: it writes junk captions). A model that does not load (bad or mismatched weights,
+    a corrupt file, a missing hub id) is one ValueError naming the flags, whatever the library
+    raised (torch.load's unpickling errors and open_clip's size mismatches were tracebacks)."""
     gen.check()
+    if backend not in BACKENDS:
+        raise ValueError(f"--backend {backend!r}: one of {BACKENDS}")
+    if not random_init:
+        check_weights(backend, model, pretrained)
+    try:
+        return _build(backend, model, pretrained, gen, device, precision, trust_remote_code, random_init)
+    except ValueError as e:  # our own refusals (one line already), or a library's
+        raise ValueError(one_line(e, 600)) from e
+    except Exception as e:
+        raise ValueError(f"{_model_flags(backend, model, pretrained)}: the {backend} captioner does not load "
+                         f"({type(e).__name__}: {one_line(e, 300)})") from e
+
+
+def _build(backend, model, pretrained, gen, device, precision, trust_remote_code, random_init):
     if backend == "open_clip":
         return CocaCaptioner(model, pretrained, gen, device, precision, random_init)
     if pretrained:
@@ -385,6 +494,4 @@ def build_captioner(backend, model, pretrained, gen, device="cpu", precision="fp
         return HFCaptioner(model, gen, device, precision, trust_remote_code)
     if backend == "vllm":
         return VLLMCaptioner(model, gen, precision, trust_remote_code=trust_remote_code)
-    if backend == "clips":
-        return CLIPSCaptioner(model, gen, device, precision)
-    raise ValueError(f"--backend {backend!r}: one of {BACKENDS}")
+    return CLIPSCaptioner(model, gen, device, precision)

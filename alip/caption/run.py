@@ -17,8 +17,7 @@ import signal
 import torch
 from PIL import Image, ImageOps
 
-from ..cli import without_addresses
-from ..data.pack import _gray16_to_8
+from ..data.pack import _gray16_to_8, undecodable
 from . import writer
 from .backends import output_generation
 from .sources import DataError, Reject
@@ -29,7 +28,8 @@ KILL_HOOK = "ALIP_CAPTION_TEST_KILL_AFTER_CHUNKS"  # tests: SIGKILL this process
 
 def decode_image(data):
     """RGB PIL image, EXIF orientation applied, 16-bit grayscale scaled to 8 bits (data2rec's own
-    ``_gray16_to_8``: the captioner sees what data2rec stores); raise Reject if undecodable."""
+    ``_gray16_to_8``: the captioner sees what data2rec stores); raise Reject if undecodable, with
+    data2rec's reason (``pack.undecodable``: failed.jsonl and rejects.jsonl agree)."""
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
@@ -38,8 +38,19 @@ def decode_image(data):
             img = _gray16_to_8(img)
         return img.convert("RGB") if img.mode != "RGB" else img
     except Exception as e:  # Pillow raises many types for bad files
-        msg = without_addresses(str(e))  # same bytes every run
-        raise Reject(f"undecodable image: {type(e).__name__}: {msg}") from None
+        raise undecodable(e) from None
+
+
+class _DieWith:
+    """DataLoader worker_init_fn: the worker ends with caption.py at once (``procs.die_with_parent``),
+    even mid-read, not only at torch's next 5-second check of its parent."""
+
+    def __init__(self, parent):
+        self.parent = parent
+
+    def __call__(self, worker_id):
+        from ..procs import die_with_parent
+        die_with_parent(self.parent)
 
 
 class RowImages(torch.utils.data.Dataset):
@@ -167,6 +178,7 @@ def caption_dataset(source, captioner, gen, output_dir, batch_size=64, chunk_siz
     n = len(source)
     if plan is None:
         plan = make_plan(source, captioner.describe(), gen, batch_size, chunk_size)
+    writer.check_spare_inputs(output_dir, source)
     writer.check_plan(output_dir, plan)
     fp = writer.fingerprint(plan)
     num_chunks = max(1, math.ceil(n / chunk_size))
@@ -175,7 +187,7 @@ def caption_dataset(source, captioner, gen, output_dir, batch_size=64, chunk_siz
     loader = torch.utils.data.DataLoader(
         RowImages(source, captioner.preprocess), batch_sampler=batches, collate_fn=_collate,
         num_workers=workers, pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers else None,
-        persistent_workers=False)
+        persistent_workers=False, worker_init_fn=_DieWith(os.getpid()) if workers else None)
     kill_after = int(os.environ.get(KILL_HOOK, "0"))
     bar = tqdm(total=batches.rows, unit="img", desc=f"caption rank {rank}",
                disable=not progress, smoothing=0.05)

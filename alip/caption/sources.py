@@ -23,12 +23,25 @@ def _forget_handles_after_fork(obj, reset):
         obj._pid = os.getpid()
 
 
+def check_caption_col(image_col, text_col, caption_col):
+    """Refuse a --caption-col that is a column this run reads: the captioned copy would carry the
+    generated caption in place of every row's raw text (an img2dataset/CC3M manifest names its
+    alt-text ``caption``: ``--text-col caption`` with the default --caption-col), and data2rec
+    would then pack raw = caption; or in place of every image path."""
+    for col, flag, what in ((text_col, "--text-col", "raw text"), (image_col, "--image-col", "image path")):
+        if caption_col == col:
+            raise DataError(f"--caption-col {caption_col!r} is also {flag}: the captioned manifest would "
+                            f"hold the generated caption in place of each row's {what}; give the generated "
+                            "captions a column of their own, e.g. --caption-col synthetic_caption")
+
+
 class ManifestRows:
     """Rows of a JSONL/CSV/TSV manifest (data2rec's ``ManifestSource``); key = row number."""
 
     kind = "manifest"
 
     def __init__(self, path, image_root=".", image_col="image", text_col="text", caption_col="caption"):
+        check_caption_col(image_col, text_col, caption_col)
         # caption_fallback="raw": the caption column may be absent, it is what we are making
         try:
             self.rows = ManifestSource(path, image_root, image_col, text_col, caption_col, caption_fallback="raw")

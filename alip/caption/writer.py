@@ -2,7 +2,9 @@
 
 Layout of ``OUT/``::
 
-    plan.json              input + every setting that changes a caption; a rerun must match it
+    plan.json              input + every setting that changes a caption + what identifies the
+                           weights (weights.py); a rerun must match it. Written once the model
+                           has loaded: before, the directory is only checked, nothing is created
     chunks/chunk-NNNNNN.FP.json   rows [start, end): their captions and failures; complete or absent;
                            FP = the plan's fingerprint, so a chunk made with other settings is never reused
     captions.jsonl         {"key", "caption"} per captioned row, in input order (data2rec --captions)
@@ -13,9 +15,12 @@ Layout of ``OUT/``::
     .assemble.lock         flock'd by the one process that assembles
 
 Chunks are written to a temporary name, fsynced and renamed, so a killed run leaves each chunk
-whole or absent; the assembled files depend only on the chunks, so the same input and settings
-give the same bytes however the run was split, interrupted or spread over ranks and machines.
-The assembly streams (one chunk and one manifest row in memory at a time).
+whole or absent (the temporary files of a killed process are removed by the next assembly);
+the assembled files depend only on the chunks, so the same input and settings give the same
+bytes however the run was split, interrupted or spread over ranks and machines. The assembly
+streams (one chunk and one manifest row in memory at a time). No output replaces an input: the
+caption column is never one the run reads (``sources.check_caption_col``), nor an output the
+input manifest (``check_spare_inputs``).
 """
 import csv
 import errno
@@ -23,25 +28,63 @@ import hashlib
 import io
 import json
 import os
+import re
 import socket
 import sys
 
 from alip.atomic import temp_name, write_text
 from alip.data.pack import DataError, _csv_kwargs
 
-TOOL_VERSION = "2"  # 2: chunk files carry the plan fingerprint; plan.generation normalised
+from . import weights
+
+# 2: chunk files carry the plan fingerprint; plan.generation normalised. 3: the plan records what
+# identifies the weights (weights.py), so a directory captioned before that is not resumed blind
+TOOL_VERSION = "3"
+OUTPUT_NAMES = ("plan.json", "captions.jsonl", "failed.jsonl", "captions.json")  # + captioned.<ext>
 
 
 def check_output_dir(output_dir):
-    """Create OUT/chunks and check that a file can be written there (before any model is loaded)."""
-    probe = os.path.join(output_dir, "chunks", f".probe.{os.getpid()}.tmp")
+    """Refuse an --output-dir that cannot be written, before any model is loaded, creating
+    nothing: a model that then fails to load leaves no directory behind (it left an empty
+    chunks/). An existing directory is probed with a file; a new one needs its nearest existing
+    parent to be a directory this process may write in (``plan.json`` creates it, after the load)."""
+    d = os.path.abspath(output_dir)
+    while not os.path.lexists(d):
+        d = os.path.dirname(d)
+    if not os.path.isdir(d):
+        raise DataError(f"--output-dir {output_dir}: cannot write there ({d} is not a directory)")
+    if d != os.path.abspath(output_dir):
+        if not os.access(d, os.W_OK | os.X_OK):
+            raise DataError(f"--output-dir {output_dir}: cannot write there (no permission to create it in {d})")
+        return
+    probe = os.path.join(output_dir, f".probe.{os.getpid()}.tmp")
     try:
-        os.makedirs(os.path.join(output_dir, "chunks"), exist_ok=True)
         with open(probe, "w"):
             pass
         os.remove(probe)
     except OSError as e:
         raise DataError(f"--output-dir {output_dir}: cannot write there ({e.strerror}: {e.filename})") from None
+
+
+def output_names(source):
+    """The files this run writes in OUT (chunks/ aside)."""
+    names = list(OUTPUT_NAMES)
+    if source.kind == "manifest":
+        names.append("captioned" + os.path.splitext(source.rows.path)[1].lower())
+    return names
+
+
+def check_spare_inputs(output_dir, source):
+    """Refuse an --output-dir where an output would replace the input manifest (``--manifest
+    caps/captioned.jsonl --output-dir caps``): the assembly renames its copy over the file it
+    is reading. Tars (*.tar) and shards (*.rec) never share an output's name."""
+    if source.kind != "manifest":
+        return
+    manifest = os.path.realpath(source.rows.path)
+    for name in output_names(source):
+        if os.path.realpath(os.path.join(output_dir, name)) == manifest:
+            raise DataError(f"--output-dir {output_dir}: its {name} would replace the input manifest "
+                            f"{source.rows.path}; give another --output-dir")
 
 
 def fingerprint(plan):
@@ -71,19 +114,37 @@ def check_plan(output_dir, plan, write=True):
     the model)."""
     path = os.path.join(output_dir, "plan.json")
     text = json.dumps(plan, indent=1, sort_keys=True)
-    if os.path.exists(path):
+    exists = os.path.exists(path)
+    if exists:
+        _refuse_other_plan(output_dir, path, json.loads(text))
+    if write:  # after the model has loaded: the output dir's first trace (check_output_dir creates nothing)
+        os.makedirs(os.path.join(output_dir, "chunks"), exist_ok=True)
+        if not exists:
+            write_text(path, text)
+
+
+def _refuse_other_plan(output_dir, path, new):
+    """Raise DataError naming what differs between plan.json at ``path`` and the plan ``new``:
+    the weights alone (``weights.change``: which file, how), or the fields."""
+    try:
         with open(path, encoding="utf-8") as f:
             old = json.load(f)
-        diff = _differences(old, json.loads(text))
-        if diff:
-            fields = "; ".join(f"{k}: {_short(a)} there, {_short(b)} now" for k, a, b in diff[:4])
-            more = f" and {len(diff) - 4} more" if len(diff) > 4 else ""
-            raise DataError(f"{output_dir} holds captions made with other settings or input ({fields}{more}; "
-                            f"from {path}): use a new --output-dir, or delete the whole directory {output_dir} "
-                            "to caption it anew with these settings")
-    elif write:
-        os.makedirs(os.path.join(output_dir, "chunks"), exist_ok=True)
-        write_text(path, text)
+    except ValueError as e:
+        raise DataError(f"{path}: not a readable plan ({e}): delete the whole directory {output_dir} to "
+                        "caption anew, or use a new --output-dir") from None
+    diff = _differences(old, new)
+    if diff and all(k.startswith("settings.captioner.weights") for k, _, _ in diff):
+        what = weights.change(old["settings"]["captioner"].get("weights"), new["settings"]["captioner"]["weights"])
+        raise DataError(f"{output_dir} holds captions made with other weights: {what} since they were "
+                        f"made (from {path}); resuming would mix two captioners' captions under one name. "
+                        f"Put those weights back to finish that run, or caption anew with these: a new "
+                        f"--output-dir, or delete the whole directory {output_dir}")
+    if diff:
+        fields = "; ".join(f"{k}: {_short(a)} there, {_short(b)} now" for k, a, b in diff[:4])
+        more = f" and {len(diff) - 4} more" if len(diff) > 4 else ""
+        raise DataError(f"{output_dir} holds captions made with other settings or input ({fields}{more}; "
+                        f"from {path}): use a new --output-dir, or delete the whole directory {output_dir} "
+                        "to caption it anew with these settings")
 
 
 def chunk_path(output_dir, c, fp):
@@ -167,6 +228,47 @@ def assemble_once(output_dir, num_chunks, n, source, plan, command, recorded=Non
         lock.close()
 
 
+# a temporary file of ours (alip.atomic.temp_name: NAME.HOST.PID.tmp; a host name may hold dots)
+_TEMP_FILE = re.compile(r"(?:plan\.json|captions\.jsonl|failed\.jsonl|captions\.json|captioned\.\w+"
+                        r"|chunk-\d+\.\w+\.json)\.(?P<host>.+)\.(?P<pid>\d+)\.tmp")
+
+
+def _writer_gone(name):
+    """``name`` is one of our temporary files whose writer is no longer running: this host's
+    process PID is gone, or another host wrote it (that host's writer cannot be asked;
+    ``remove_leftovers`` says why it cannot be writing now)."""
+    m = _TEMP_FILE.fullmatch(name)
+    if m is None:
+        return False
+    if m["host"] != socket.gethostname():
+        return True
+    try:
+        os.kill(int(m["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, someone else's
+        return False
+    return False
+
+
+def remove_leftovers(output_dir):
+    """Remove the temporary files a killed process left in OUT and OUT/chunks (a kill during the
+    assembly left ``captions.json.HOST.PID.tmp`` and the other outputs' beside them). Called by
+    the process holding the assembly lock once every chunk is written: the outputs are written
+    only under that lock, chunks only until they are all done, and plan.json only where there is
+    none, so no temporary file of another host is being written. The probe file and the files of
+    this host's live processes are left alone. (Where the file system has no locks, processes on
+    two hosts may assemble at once; one may then remove the other's temporary file, whose rename
+    fails with an error that says to rerun: the outputs are the same bytes whoever writes them.)"""
+    for d in (output_dir, os.path.join(output_dir, "chunks")):
+        for name in os.listdir(d):
+            if _writer_gone(name):
+                try:
+                    os.remove(os.path.join(d, name))
+                except FileNotFoundError:
+                    pass
+
+
 def assemble(output_dir, num_chunks, n, source, plan, command, recorded=None):
     """Write captions.jsonl, failed.jsonl, captioned.<ext> (manifests) and, last, captions.json
     (``recorded``: entries that replace the plan's there: the loaded captioner, every setting).
@@ -176,6 +278,7 @@ def assemble(output_dir, num_chunks, n, source, plan, command, recorded=None):
     renamed into place once all are complete; on any error the temporary files are removed (the
     chunks are never touched)."""
     fp = fingerprint(plan)
+    remove_leftovers(output_dir)  # of an assembly that was killed
     outputs = {"captions": "captions.jsonl", "failed": "failed.jsonl"}
     manifest = source.kind == "manifest"
     if manifest:

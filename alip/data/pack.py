@@ -18,7 +18,6 @@ empty text, a missing or empty extra field, ...). A missing caption stops the ru
 ``--caption-fallback raw``. Rows in = written + rejected, always.
 """
 import csv
-import errno
 import glob
 import io
 import json
@@ -32,6 +31,8 @@ from array import array
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from alip import procs
 
 from .recordio import CONTEXT_LENGTH, DEFAULT_FIELDS, RecordWriter, pack_fields
 
@@ -161,6 +162,7 @@ class ManifestSource:
         if self.header is None:
             raise DataError(f"{path}: {reason or 'empty manifest'} in the header row "
                             f"(a {self.fmt.upper()} needs a header row)")
+        _check_header(path, self.header, (*self.cols, *self.extra))
         for name, flag in ((image_col, "--image-col"), (text_col, "--text-col")):
             if name not in self.header:
                 raise MissingColumn(f"{path}: header {self.header} has no column {name!r} (set it with {flag})",
@@ -234,10 +236,14 @@ class ManifestSource:
                 raise Reject(f"non-UTF-8 text ({e.reason} at byte {e.start})") from None
             return None
         try:
-            obj = json.loads(text)
+            obj = loads_json(text)
         except json.JSONDecodeError as e:
             if strict:
                 raise Reject(f"malformed JSON line: {e.msg}") from None
+            return None
+        except DuplicateMember as e:  # which of the two values is meant is not ours to guess
+            if strict:
+                raise Reject(f"malformed JSON line: {e}") from None
             return None
         except RecursionError:
             if strict:
@@ -368,7 +374,11 @@ class WebDatasetSource:
                 self.items.append((os.path.basename(prefix), t, groups[prefix]))
         if not self.items:
             raise DataError(f"--wds {pattern!r}: no samples in {len(self.tars)} tar(s) (empty tars)")
-        columns = load_columns(captions_path, key_col, (caption_col,) + self.extra)
+        columns, keys = load_columns(captions_path, key_col, (caption_col,) + self.extra)
+        samples = {k for k, _, _ in self.items}
+        refuse_foreign_keys(captions_path, [k for k in keys if k not in samples], len(keys),
+                            f"the {len(samples)} samples of --wds {pattern!r}")
+        check_captions_origin(captions_path, [input_identity(self.describe(), len(self.items))])
         self.captions = columns[caption_col]
         self.extra_values = {name: columns[name] for name in self.extra}
         absent = [name for name, v in self.extra_values.items() if not v]
@@ -440,32 +450,145 @@ def check_tar_end(tail, offset):
 
 def load_captions(path, key_col="key", caption_col="caption"):
     """{key: caption} from a JSONL, CSV or TSV captions file."""
-    return load_columns(path, key_col, (caption_col,))[caption_col]
+    return load_columns(path, key_col, (caption_col,))[0][caption_col]
+
+
+class DuplicateMember(ValueError):
+    """A JSON object that names a member twice (json.loads would keep the last one silently)."""
+
+    def __init__(self, name):
+        super().__init__(f"member {name!r} twice in one JSON object")
+        self.name = name
+
+
+def _unique_members(pairs):
+    """json's object_pairs_hook: a dict, or DuplicateMember when a name repeats."""
+    obj = {}
+    for name, value in pairs:
+        if name in obj:
+            raise DuplicateMember(name)
+        obj[name] = value
+    return obj
+
+
+def loads_json(text):
+    """json.loads that refuses an object naming a member twice: {"key": 3, "caption": "a",
+    "caption": "b"} is a mistake to report, not a caption to pick at random."""
+    return json.loads(text, object_pairs_hook=_unique_members)
 
 
 def load_columns(path, key_col="key", cols=("caption",)):
-    """{column: {key: value}} from a JSONL, CSV or TSV captions file (rows without a value in a
-    column are absent from its dict), in one pass."""
+    """({column: {key: value}}, [every key, in file order]) from a JSONL, CSV or TSV captions file
+    (rows without a value in a column are absent from its dict), in one pass. The one reader of
+    captions files: each key must be on one row (two caption.py outputs concatenated, a
+    re-captioned subset appended: which caption wins would be an accident of file order), each
+    JSON row must name each member once and a CSV/TSV header each column once; else a DataError
+    naming the file, the count and the first repeats."""
     fmt = manifest_format(path)
     out = {c: {} for c in cols}
+    keys, repeats = {}, []  # key -> first row; (key, first row, row again)
     with open(path, "rb") as f:
         if fmt == "jsonl":
-            rows = (json.loads(line) for line in f if line.strip())
+            rows, parse = (line for line in f if line.strip()), loads_json
         else:
-            rows = csv.DictReader(io.TextIOWrapper(f, "utf-8", newline=""), **_csv_kwargs(fmt))
+            rows, parse = csv.DictReader(io.TextIOWrapper(f, "utf-8", newline=""), **_csv_kwargs(fmt)), None
+        n = 0
         try:
+            if fmt != "jsonl":
+                _check_header(path, rows.fieldnames or [], (key_col, *cols))
             for n, row in enumerate(rows):
+                row = parse(row) if parse else row
                 if not isinstance(row, dict) or key_col not in row:
                     raise DataError(f"{path} row {n}: no key column {key_col!r} (set --key-col)")
+                key = str(row[key_col])
+                if key in keys:
+                    repeats.append((key, keys[key], n))
+                    continue
+                keys[key] = n
                 for c in cols:
                     if row.get(c) is not None:
                         # a value of the wrong type rejects its sample (in read), never str() of it
-                        out[c][str(row[key_col])] = row[c]
+                        out[c][key] = row[c]
+        except DuplicateMember as e:
+            raise DataError(f"{path} row {n}: {e} (json would keep the last value silently): write "
+                            "each member once") from None
         except (UnicodeDecodeError, json.JSONDecodeError, csv.Error) as e:
             raise DataError(f"{path}: unreadable captions file ({e})") from None
         except RecursionError:
             raise DataError(f"{path}: unreadable captions file (a JSON line nested too deeply)") from None
-    return out
+    if repeats:
+        first = ", ".join(f"{k!r} at rows {a} and {b}" for k, a, b in repeats[:3])
+        raise DataError(f"{path}: {len(repeats)} row(s) repeat a key of an earlier row (first: {first}); "
+                        "a captions file gives each key once (two caption.py outputs concatenated? a "
+                        "re-captioned subset appended?): keep one row per key")
+    return out, list(keys)
+
+
+def _check_header(path, names, used):
+    """A CSV/TSV header naming a column of ``used`` twice: the reader would keep one of the two
+    cells silently (another column twice is no concern of ours)."""
+    dup = first_duplicate((name, None) for name in names if name in used)
+    if dup:
+        raise DataError(f"{path}: the header names column {dup[0]!r} twice; name each column once")
+
+
+def refuse_foreign_keys(path, foreign, total, what):
+    """A captions file with keys its input does not have was made for another input (every
+    data2rec output numbers its records from 0, so another set's keys mostly match ours): a
+    DataError with the count and the first keys. ``foreign``: those keys, in file order."""
+    if foreign:
+        raise DataError(f"{path}: {len(foreign)} of its {total} keys are not in {what} (first keys: "
+                        f"{foreign[:5]}): captions made for another input? use the captions of this one")
+
+
+def captions_sidecar(captions_path):
+    """(path, summary) of the captions.json that caption.py wrote beside ``captions_path``
+    describing that file (its ``outputs.captions`` names it), else (None, None)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(captions_path)), "captions.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            summary = json.load(f)
+    except (OSError, ValueError):
+        return None, None
+    if (not isinstance(summary, dict) or summary.get("tool") != "alip caption"
+            or (summary.get("outputs") or {}).get("captions") != os.path.basename(captions_path)):
+        return None, None
+    return path, summary
+
+
+def input_identity(inputs, rows):
+    """What names an input across copies and moves: (kind, rows, file names, bytes) from a
+    ``describe()`` dict (caption.py's sidecar and data2rec's manifest.json record them), or None."""
+    if not isinstance(inputs, dict):
+        return None
+    for kind, files, size in (("rec", "shards", "bytes"), ("wds", "tars", "tar_bytes"),
+                              ("manifest", "manifest", "bytes")):
+        if kind in inputs:
+            names = inputs.get(files)
+            names = [names] if isinstance(names, str) else names or []
+            return kind, rows, [os.path.basename(str(n)) for n in names], inputs.get(size)
+    return None
+
+
+def check_captions_origin(captions_path, candidates):
+    """Refuse a captions file whose caption.py sidecar (``captions_sidecar``) names another input
+    than this run's. ``candidates``: input_identity tuples this input is known by (its own; for
+    shards also the input data2rec made them from); a sidecar input of a kind no candidate has
+    cannot be compared and passes (the key checks still apply)."""
+    path, summary = captions_sidecar(captions_path)
+    theirs = summary and input_identity(summary.get("inputs"), summary.get("rows_in"))
+    same_kind = [c for c in candidates if theirs and c and c[0] == theirs[0]]
+    if not same_kind or theirs in same_kind:
+        return
+    kind, rows, names, size = theirs
+    ours = same_kind[0]
+    raise DataError(f"{captions_path}: made for another input: {path} says {kind} {_few(names)}, "
+                    f"{rows} rows, {size} bytes; this input is {_few(ours[2])}, {ours[1]} rows, "
+                    f"{ours[3]} bytes: use the captions of this input")
+
+
+def _few(names):
+    return f"{names[0]} .. {names[-1]} ({len(names)} files)" if len(names) > 2 else " + ".join(names) or "?"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -524,11 +647,17 @@ def encode_image(data, quality=95, max_size=0, copy_jpeg=False):
         return out.getvalue()
     except Reject:
         raise
-    except UnidentifiedImageError:
-        raise Reject("undecodable image: not an image format Pillow knows") from None
     except Exception as e:  # Pillow raises many types for bad files
-        # no object reprs ("<_io.BytesIO object at 0x7f...>"): rejects.jsonl is the same every run
-        raise Reject(f"undecodable image: {type(e).__name__}: {re.sub(' at 0x[0-9a-fA-F]+', '', str(e))}") from None
+        raise undecodable(e) from None
+
+
+def undecodable(e):
+    """The Reject for an image Pillow failed on, worded once for data2rec and caption.py (its
+    ``decode_image``), so their reasons for the same file agree; no object reprs ("<_io.BytesIO
+    object at 0x7f...>"): rejects.jsonl and failed.jsonl are the same every run."""
+    if isinstance(e, UnidentifiedImageError):
+        return Reject("undecodable image: not an image format Pillow knows")
+    return Reject(f"undecodable image: {type(e).__name__}: {re.sub(' at 0x[0-9a-fA-F]+', '', str(e))}")
 
 
 def _gray16_to_8(img):
@@ -541,7 +670,11 @@ def _gray16_to_8(img):
 _WORKER = {}
 
 
-def _init_worker(tokenizer_name, quality, max_size, copy_jpeg):
+def _init_worker(tokenizer_name, quality, max_size, copy_jpeg, parent=None):
+    """Per-process state of process_row; ``parent``: the run's pid, for a pool worker, which must
+    end with it (``alip.procs.die_with_parent``)."""
+    if parent is not None:
+        procs.die_with_parent(parent)
     import open_clip
 
     import alip  # noqa: F401  (registers the ALIP-* model configs)
@@ -683,34 +816,25 @@ def run(source, output_dir, shard_size=10000, workers=1, quality=95, max_size=0,
         raise DataError(f"{e.filename or output_dir}: {e.strerror or e}") from None
     finally:
         if lock is not None:
-            lock.close()  # releases the flock (so does the process's death)
+            procs.release(lock)  # releases the flock (so does the process's death)
 
 
 def _lock_output_dir(output_dir, part):
-    """An exclusive flock on OUTPUT/.data2rec[.part-I-of-N].lock, held for the whole run: a second
-    run into the same dir (and part) stops with an error instead of writing the same files."""
-    import fcntl
-
+    """An exclusive lock on OUTPUT/.data2rec[.part-I-of-N].lock, held for the whole run: a second
+    run into the same dir (and part) stops with an error instead of writing the same files. The
+    pool's workers never hold it and die with the run (``alip.procs``), and a lock left held by a
+    run that is gone is taken over, so rerunning the same command is always the recovery."""
     name = ".data2rec.lock" if part == (0, 1) else f".data2rec.part-{part[0]}-of-{part[1]}.lock"
     path = os.path.join(output_dir, name)
-    f = open(path, "a+")
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        f.seek(0)
-        holder = f.read().strip() or "?"
-        f.close()
-        if e.errno in (errno.EAGAIN, errno.EACCES):
-            raise DataError(f"{path}: another data2rec run (pid {holder}) is writing into {output_dir}; "
-                            "wait for it to finish, or use another --output-dir") from None
-        print(f"data2rec: warning: {path}: no file locking here ({e.strerror}); make sure no other run "
+        return procs.acquire(path, "data2rec")
+    except procs.Held as e:
+        raise DataError(f"{path}: another data2rec run ({e.holder}) is writing into {output_dir}; "
+                        "wait for it to finish, or use another --output-dir") from None
+    except procs.NoLocking as e:
+        print(f"data2rec: warning: {path}: no file locking here ({e.reason}); make sure no other run "
               "writes into this dir", file=sys.stderr)
         return None
-    f.seek(0)
-    f.truncate()
-    f.write(f"{os.getpid()}\n")
-    f.flush()
-    return f
 
 
 def _run(source, output_dir, shard_size, workers, quality, max_size, copy_jpeg, shuffle, seed,
@@ -748,6 +872,7 @@ def _run(source, output_dir, shard_size, workers, quality, max_size, copy_jpeg, 
     init = (tokenizer, quality, max_size, copy_jpeg)
     pool = None
     if workers > 1:
+        init += (os.getpid(),)  # the workers die with this process, never outlive it as orphans
         # not multiprocessing.Pool: it replaces a killed worker but never redoes its tasks, so the
         # run would wait forever; the executor raises BrokenProcessPool instead
         import multiprocessing as mp

@@ -15,7 +15,8 @@ import os
 import numpy as np
 
 from .fields import shards_layout
-from .pack import DataError, load_columns, text_value
+from .pack import (DataError, check_captions_origin, input_identity, load_columns, refuse_foreign_keys,
+                   text_value)
 from .recordio import RecordIOError, RecordReader
 
 
@@ -60,30 +61,58 @@ class RecShards:
         return {"rec": self.spec, "shards": [os.path.abspath(r.rec_path) for r in self.readers],
                 "bytes": sum(os.path.getsize(r.rec_path) for r in self.readers)}
 
+    def foreign(self, keys):
+        """The captions-file keys (strings, in order) that name no record here: not the decimal
+        form of a record key (``str(key)`` is how records are looked up)."""
+        keys = list(keys)
+        ints, ok = np.zeros(len(keys), np.int64), np.zeros(len(keys), bool)
+        for i, k in enumerate(keys):
+            try:
+                v = int(k)
+            except ValueError:
+                continue
+            if str(v) == k and -2 ** 63 <= v < 2 ** 63:
+                ints[i], ok[i] = v, True
+        have = np.unique(np.concatenate([np.asarray(r.keys) for r in self.readers]))
+        at = np.minimum(np.searchsorted(have, ints), max(len(have) - 1, 0))
+        ok &= have[at] == ints if len(have) else False
+        return [k for k, good in zip(keys, ok) if not good]
 
-def input_tokenizer(paths):
-    """The tokenizer named in the manifest.json beside the shards (data2rec writes it), or None."""
+
+def input_manifest(paths):
+    """The manifest.json beside the shards (data2rec writes it) as a dict, or None."""
     path = os.path.join(os.path.dirname(os.path.abspath(paths[0])), "manifest.json")
     try:
         with open(path) as f:
-            return (json.load(f).get("flags") or {}).get("tokenizer")
-    except (OSError, ValueError, AttributeError):
+            manifest = json.load(f)
+    except (OSError, ValueError):
         return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def input_tokenizer(paths):
+    """The tokenizer named in the manifest.json beside the shards (data2rec writes it), or None."""
+    flags = (input_manifest(paths) or {}).get("flags")
+    return flags.get("tokenizer") if isinstance(flags, dict) else None
 
 
 class RecSource:
     """data2rec's source over existing shards (see the module doc). ``text_fields``: the output's
-    fields; ``extra``: those other than raw and caption (the names check_text_fields expects)."""
+    fields, None for the input's own (a repack keeps every field it is not told to leave out:
+    ``dropped`` lists those it was); ``extra``: those other than raw and caption (the names
+    check_text_fields expects)."""
 
-    def __init__(self, spec, captions_path, text_fields, key_col="key", caption_col="caption",
+    def __init__(self, spec, captions_path, text_fields=None, key_col="key", caption_col="caption",
                  caption_fallback=None, tokenizer=None):
         self.shards = RecShards(spec)
         self.captions_path, self.caption_col = captions_path, caption_col
-        self.extra = tuple(f for f in text_fields if f not in ("raw", "caption"))
         try:
             self.layout = shards_layout(self.shards.paths)  # the input's fields, in label order
         except RecordIOError as e:
             raise DataError(f"--rec {spec!r}: {e}") from None
+        self.text_fields = tuple(self.layout if text_fields is None else text_fields)
+        self.extra = tuple(f for f in self.text_fields if f not in ("raw", "caption"))
+        self.dropped = tuple(f for f in self.layout if f not in self.text_fields)
         if "raw" not in self.layout:
             raise DataError(f"--rec {spec!r}: the shards have no raw field (they have "
                             f"{list(self.layout)}); data2rec keeps the raw text's tokens")
@@ -92,7 +121,12 @@ class RecSource:
             raise DataError(f"--tokenizer {tokenizer}: the shards' raw tokens come from {used} "
                             f"(their manifest.json); tokenize the captions with the same one")
         wanted = (caption_col,) + self.extra
-        columns = load_columns(captions_path, key_col, wanted)
+        columns, keys = load_columns(captions_path, key_col, wanted)
+        refuse_foreign_keys(captions_path, self.shards.foreign(keys), len(keys),
+                            f"the {len(self.shards)} records of --rec {spec}")
+        made_from = input_manifest(self.shards.paths) or {}  # the input the record keys number
+        check_captions_origin(captions_path, [input_identity(self.shards.describe(), len(self.shards)),
+                                              input_identity(made_from.get("inputs"), made_from.get("rows_in"))])
         self.captions = columns[caption_col]
         # an extra field comes from the captions file when it has that column, else from the input
         self.from_file = {f: columns[f] for f in self.extra if columns[f]}

@@ -214,8 +214,11 @@ def verify_shards(rec_paths, workers=1, decode=True, use_cache=True, progress=Fa
     if workers > 1 and len(todo) > 1:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
+        from alip.procs import die_with_parent
         ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
-        with ProcessPoolExecutor(min(workers, len(todo)), ctx) as pool:
+        # the workers end with this process: a killed verify leaves no orphans blocked for ever
+        with ProcessPoolExecutor(min(workers, len(todo)), ctx, initializer=die_with_parent,
+                                 initargs=(os.getpid(),)) as pool:
             outs = pool.map(_check_one, jobs)
             results = dict(zip(todo, _progress(outs, len(todo), progress)))
     else:

@@ -19,16 +19,34 @@ from alip.cli import resolve_device
 PRECISIONS = ("fp32", "fp16", "bf16", "pure_fp16", "pure_bf16", "amp", "amp_bf16")
 
 
-def checkpoint_model_name(path):
-    """The model name a train.py checkpoint records, or None (e.g. a bare state_dict)."""
+def refuse_training_state(path, what="checkpoint"):
+    """A train.py training state (``epoch_N.state.pt``) given where model weights go is named as
+    such, with the model file to give instead (torch.load's own error is an unpickling traceback).
+    Shared with caption.py's weights checks."""
+    if str(path).endswith(".state.pt"):
+        raise ValueError(f"{what} {path} is a train.py training state (optimizer, "
+                         f"RNG, ...), not model weights: give "
+                         f"{str(path)[:-len('.state.pt')]}.pt")
+
+
+def read_checkpoint(path, what="checkpoint"):
+    """torch.load(path) of tensors only, memory-mapped where it can be; anything unreadable (an
+    empty file, a pickle of other objects, garbage) is a one-line ValueError naming the file.
+    Shared with caption.py's CLIPS backend."""
     try:
         try:
-            saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError:  # legacy (non-zip) serialisation cannot be memory-mapped
-            saved = torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"checkpoint {path}: cannot be read as a torch checkpoint "
-                         f"({type(e).__name__}: {e})") from e
+        first = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else "no data"
+        raise ValueError(f"{what} {path}: cannot be read as a torch checkpoint "
+                         f"({type(e).__name__}: {first})") from e
+
+
+def checkpoint_model_name(path):
+    """The model name a train.py checkpoint records, or None (e.g. a bare state_dict)."""
+    saved = read_checkpoint(path)
     if isinstance(saved, dict) and isinstance(saved.get("model"), str):
         return saved["model"]
     return None
@@ -69,10 +87,7 @@ def load_model(model_name=None, pretrained=None, checkpoint=None, device="cpu", 
         why = checkpoint_path_error(checkpoint)
         if why is not None:
             raise why
-        if str(checkpoint).endswith(".state.pt"):
-            raise ValueError(f"checkpoint {checkpoint} is a train.py training state (optimizer, "
-                             f"RNG, ...), not model weights: give "
-                             f"{str(checkpoint)[:-len('.state.pt')]}.pt")
+        refuse_training_state(checkpoint)
         saved_name = checkpoint_model_name(checkpoint)
         if model_name is None:
             model_name = saved_name
