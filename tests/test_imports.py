@@ -89,3 +89,16 @@ def test_library_never_imports_training():
     bad = {m: [t for t in ts if t.startswith("alip.training")] for m, ts in graph().items()
            if not m.startswith("alip.training")}
     assert {m: ts for m, ts in bad.items() if ts} == {}
+
+
+def test_training_functions_stay_short():
+    """The training code reads as named phases: no function in alip/training over 80 lines (a
+    long one is a phase that wants a name)."""
+    long = []
+    for path in sorted((PACKAGE / "training").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > 80:
+                    long.append(f"{path.name}:{node.name} ({n} lines)")
+    assert long == []

@@ -28,7 +28,6 @@ Everything is a pure function of the arguments: each scene is drawn from its own
 """
 import json
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -479,17 +478,9 @@ def _write_classify(root, train_per_class, val_per_class, seed, size):
 
 
 def run_data2rec(argv):
-    """``data2rec.main(argv)``: the repo-root CLI, imported from the repo root if needed."""
-    try:
-        import data2rec
-    except ImportError:
-        root = Path(__file__).resolve().parents[2]
-        if not (root / "data2rec.py").is_file():
-            raise RuntimeError(f"demo world: data2rec.py not found (looked in {root}); "
-                               "pass shards=False (make_demo_data.py --no-shards) to skip shards")
-        sys.path.insert(0, str(root))
-        import data2rec
-    return data2rec.main(argv)
+    """data2rec.py's ``main(argv)``, from the library (no script imported through sys.path)."""
+    from .cli import main
+    return main(argv)
 
 
 OUTPUTS = ("raw", "shards", "retrieval", "classify", "demo_world.json")

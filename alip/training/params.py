@@ -168,12 +168,21 @@ def check_eval_inputs(args):
 
 
 def build_parser():
+    """train.py's parser: the training flags by topic, then each method's own group."""
     p = argparse.ArgumentParser(
         description="ALIP / CLIP pre-training on open_clip (torchrun for several processes).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = p.add_argument
-    a("--config", default=None, help="YAML file of flag defaults; command-line flags override it.")
-    # what to train
+    p.add_argument("--config", default=None,
+                   help="YAML file of flag defaults; command-line flags override it.")
+    for add in (_model_flags, _data_flags, _optim_flags, _run_flags, _eval_flags):
+        add(p.add_argument)
+    for name in method_names():  # each method's own flags, in its own group
+        get_method(name).add_args(p)
+    return p
+
+
+def _model_flags(a):
+    """What to train: the method, the model and its weights, the tower locks."""
     a("--method", choices=method_names(), default="alip",
       help="The training method (alip.methods): alip: ALIPLoss on image/raw-text/caption; "
            "clip: open_clip ClipLoss on image/raw text; see the README's method table. A method "
@@ -204,7 +213,10 @@ def build_parser():
     a("--lock-text-freeze-layer-norm", action="store_true", default=False,
       help="With --lock-text: lock the LayerNorms of the locked layers too. open_clip's own text "
            "tower cannot leave them trainable, so it needs this flag; an HF tower can.")
-    # data
+
+
+def _data_flags(a):
+    """The data, the batch and how it is accumulated."""
     a("--train-data", default=None, help="data2rec output dir, or comma-separated .rec paths.")
     a("--dataset-type", choices=("rec", "synthetic"), default="rec",
       help="synthetic: deterministic random tensors (benchmarks, smoke tests).")
@@ -242,7 +254,10 @@ def build_parser():
       help="batch: loss and gates over the whole accumulated batch (== one batch of "
            "accum-freq x batch-size); micro: each micro-batch its own loss/accum-freq and gates.")
     a("--epochs", type=int, default=32)
-    # optimisation (reference recipe defaults)
+
+
+def _optim_flags(a):
+    """Optimisation (the reference recipe's defaults) and the contrastive loss over processes."""
     a("--lr", type=float, default=1e-3, help="Peak learning rate.")
     a("--wd", type=float, default=0.2, help="AdamW weight decay.")
     a("--wd-exclude-gain-bias", action=argparse.BooleanOptionalAction, default=False,
@@ -272,7 +287,10 @@ def build_parser():
            "global-batch loss, whatever the number of processes (--local-loss then implies "
            "--gather-with-grad); reference: open_clip's and the reference's DDP gradients "
            "(towers 1/W of it, logit_scale in full), so clipping acts on a W-dependent norm.")
-    # distributed
+
+
+def _run_flags(a):
+    """Distributed set-up, logs, checkpoints and stopping."""
     a("--device", default="auto", help="auto (cuda if available, else cpu), cuda, cpu.")
     a("--dist-backend", default=None, help="Default: nccl on CUDA, gloo on CPU.")
     a("--dist-url", default=None, help="Default env:// (torchrun).")
@@ -304,7 +322,10 @@ def build_parser():
            "number; a second signal ends the process at once. SLURM: --signal=TERM@120.")
     a("--max-steps", type=int, default=None,
       help="Stop after this many optimizer steps (the schedule still spans --epochs).")
-    # evaluation during training (alip.eval)
+
+
+def _eval_flags(a):
+    """Evaluation during training (alip.eval)."""
     a("--retrieval-frequency", type=int, default=0, help="Retrieval eval every N epochs (0: off).")
     a("--retrieval-data", default=None, help="Karpathy-layout annotation json.")
     a("--retrieval-image-root", default=None, help="Image root of --retrieval-data.")
@@ -317,9 +338,6 @@ def build_parser():
     a("--zeroshot-classnames", default=None, help="File: one class name per line.")
     a("--zeroshot-templates", default=None, help="File: one template per line with {}.")
     a("--eval-batch-size", type=int, default=64)
-    for name in method_names():  # each method's own flags, in its own group
-        get_method(name).add_args(p)
-    return p
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
