@@ -50,6 +50,53 @@ def with_caption_view(spec, args, full="full"):
     return DataSpec(spec.image_views, spec.text_fields, spec.text_views + (view,))
 
 
+CAPTION_TOKENS = 32  # --caption-tokens
+SHARED_RANGES = {"caption_tokens": "[1, 75]"}  # of the flags below, as Method.flag_ranges
+
+
+def add_shared_args(parser):
+    """The flags of the method layer that every method takes (each reads those that apply to
+    it; ``check_args`` refuses the others): the ViT it trains, the partial caption view, and the
+    shard fields that feed its raw text and caption."""
+    g = parser.add_argument_group("every method (the caption flags: methods that read a caption)")
+    g.add_argument(
+        "--vit-style", choices=("reference", "open_clip", "toolbox"), default="reference",
+        help="A ViT image tower as built by open_clip (trained from its init), or as the DeCLIP "
+             "toolbox's VisualTransformer (conv1 frozen; its init when not --pretrained). "
+             "reference: the method's reference (toolbox for SLIP with toolbox views, FILIP, "
+             "DeCLIP, DeFILIP; open_clip for the others). Set one for all methods to compare "
+             "them on the same tower.")
+    g.add_argument(
+        "--caption-view", choices=("full", "truncate", "random", "block", "subcaption"),
+        default="full",
+        help="Feed the text encoder a reduced synthetic caption (CLIPS' token reduction, "
+             "alip.text_views): truncate = first K tokens, random = K random tokens in order, "
+             "block = one random span of K, subcaption = whole random sentences up to K; seeded "
+             "per sample. Methods that read the caption (alip, clips) use it.")
+    g.add_argument("--caption-tokens", type=int, default=CAPTION_TOKENS,
+                   help="K of --caption-view.")
+    g.add_argument(
+        "--raw-fields", default="raw", metavar="F[,F...]",
+        help="The shard text field(s) the method reads as its raw text: e.g. caption trains CLIP "
+             "on the synthetic captions; several: one drawn per sample and epoch.")
+    g.add_argument(
+        "--caption-fields", default="caption", metavar="F[,F...]",
+        help="The shard text field(s) the method reads as its synthetic caption (alip, clips): "
+             "e.g. generated (RWKV-CLIP's shards); several: one drawn per sample and epoch.")
+
+
+def check_field_flags(args):
+    """--raw-fields / --caption-fields name fields, each once; raises ValueError naming the
+    flag."""
+    for flag in ("raw_fields", "caption_fields"):
+        names = str(getattr(args, flag)).split(",")
+        bad = [n for n in names if not n.isidentifier()] or (
+            [n for n in names if names.count(n) > 1][:1])
+        if bad:
+            raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)!r}: {bad[0]!r} is "
+                             f"not a field name or is named twice (e.g. caption,generated)")
+
+
 LOGIT_SCALE_MAX = math.log(100)
 
 

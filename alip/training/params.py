@@ -18,6 +18,7 @@ import yaml
 from alip.atomic import write_text
 from alip.cli import interval_error, resolve_device
 from alip.methods import get_method, method_names
+from alip.methods.base import SHARED_RANGES, add_shared_args, check_field_flags
 
 from .preemption import parse_signals
 
@@ -37,7 +38,7 @@ RANGES = {
     "save_frequency": "[0, inf)", "save_every_n_steps": "[0, inf)", "keep_last": "[1, inf)",
     "log_every_n_steps": "[1, inf)", "max_nonfinite": "[0, inf)", "max_steps": "[1, inf)",
     "retrieval_frequency": "[0, inf)", "zeroshot_frequency": "[0, inf)",
-    "eval_batch_size": "[1, inf)", "caption_tokens": "[1, 75]", "length_bucketing": "[0, inf)",
+    "eval_batch_size": "[1, inf)", "length_bucketing": "[0, inf)",
     "lock_image_unlocked_groups": "[0, inf)", "lock_text_unlocked_layers": "[0, inf)",
 }
 
@@ -47,7 +48,7 @@ def flag_ranges():
     """Every flag's range: the training flags' (``RANGES``) and each method's own
     (``Method.flag_ranges``). The methods are imported here, when flags are first checked, not
     when this module loads."""
-    ranges = dict(RANGES)
+    ranges = {**RANGES, **SHARED_RANGES}
     for name in method_names():
         ranges.update(get_method(name).flag_ranges)
     return ranges
@@ -74,7 +75,6 @@ RESUME_DEFAULTS = {"length_bucketing": 0, "vit_style": "reference", "raw_fields"
                    "caption_fields": "caption", **LOCK_DEFAULTS}
 
 
-CAPTION_TOKENS = 32  # --caption-tokens when not given
 
 
 class FlagError(ValueError):
@@ -110,13 +110,10 @@ def check_flags(args):
     if "wandb" in report_targets(args.report_to) and importlib.util.find_spec("wandb") is None:
         raise FlagError(f"--report-to {args.report_to!r}: wandb is not installed "
                         f"(pip install wandb)")
-    for flag in ("raw_fields", "caption_fields"):
-        names = str(getattr(args, flag)).split(",")
-        bad = [n for n in names if not n.isidentifier()] or (
-            [n for n in names if names.count(n) > 1][:1])
-        if bad:
-            raise FlagError(f"--{flag.replace('_', '-')} {getattr(args, flag)!r}: {bad[0]!r} is "
-                            f"not a field name or is named twice (e.g. caption,generated)")
+    try:
+        check_field_flags(args)
+    except ValueError as e:
+        raise FlagError(str(e)) from None
     try:
         parse_signals(args.stop_signals)
     except ValueError as e:
@@ -176,6 +173,7 @@ def build_parser():
                    help="YAML file of flag defaults; command-line flags override it.")
     for add in (_model_flags, _data_flags, _optim_flags, _run_flags, _eval_flags):
         add(p.add_argument)
+    add_shared_args(p)  # the method layer's flags every method takes
     for name in method_names():  # each method's own flags, in its own group
         get_method(name).add_args(p)
     return p
@@ -190,12 +188,6 @@ def _model_flags(a):
            "flag given to it is an error.")
     a("--model", default="ALIP-ViT-B-32", help="open_clip model name (alip registers ALIP-*).")
     a("--pretrained", default=None, help="open_clip pretrained tag or checkpoint path.")
-    a("--vit-style", choices=("reference", "open_clip", "toolbox"), default="reference",
-      help="A ViT image tower as built by open_clip (trained from its init), or as the DeCLIP "
-           "toolbox's VisualTransformer (conv1 frozen; its init when not --pretrained). "
-           "reference: the method's reference (toolbox for SLIP with toolbox views, FILIP, "
-           "DeCLIP, DeFILIP; open_clip for the others). Set one for all methods to compare "
-           "them on the same tower.")
     a("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=False,
       help="Activation checkpointing in both towers (the reference forces it on).")
     # open_clip_train's tower locks (LiT), applied by the open_clip model's own methods
@@ -232,19 +224,6 @@ def _data_flags(a):
       help="Re-form each pool of N consecutive batches into batches of similar raw-text length "
            "(fewer padded text tokens; changes the in-batch negatives); 0: off. Torch reader "
            "only (--data-backend auto then picks torch on CUDA too).")
-    a("--caption-view", choices=("full", "truncate", "random", "block", "subcaption"),
-      default="full", help="Feed the text encoder a reduced synthetic caption (CLIPS' token "
-      "reduction, alip.text_views): truncate = first K tokens, random = K random tokens in "
-      "order, block = one random span of K, subcaption = whole random sentences up to K; seeded "
-      "per sample. Methods that read the caption (alip, clips) use it.")
-    a("--caption-tokens", type=int, default=None,
-      help=f"K of --caption-view (default {CAPTION_TOKENS}).")
-    a("--raw-fields", default="raw", metavar="F[,F...]",
-      help="The shard text field(s) the method reads as its raw text: e.g. caption trains CLIP "
-           "on the synthetic captions; several: one drawn per sample and epoch.")
-    a("--caption-fields", default="caption", metavar="F[,F...]",
-      help="The shard text field(s) the method reads as its synthetic caption (alip, clips): "
-           "e.g. generated (RWKV-CLIP's shards); several: one drawn per sample and epoch.")
     a("--accum-freq", type=int, default=1, help="Micro-batches per optimizer step.")
     a("--global-batch-size", type=int, default=None, metavar="N",
       help="The samples per optimizer step the recipe was made for: start-up fails unless "
@@ -459,8 +438,6 @@ def parse_args(argv=None):
         parser.set_defaults(**defaults)
     args = parser.parse_args(argv)
     args.flags_given = frozenset(spelled) | frozenset(command_line_dests(argv))
-    if args.caption_tokens is None:
-        args.caption_tokens = CAPTION_TOKENS
     if args.precision == "amp_bfloat16":
         args.precision = "amp_bf16"
     try:
