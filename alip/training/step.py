@@ -9,7 +9,13 @@ Gradient accumulation (``accum_freq`` micro-batches per optimizer step), two sem
   gates weigh the accumulated batch ONCE, updating their EMAs once per optimizer step, so
   ``accum_freq=2, batch B`` gives the same losses, gate EMAs and gradients as ``batch 2B``
   (at the price of one extra no-grad forward). logit_scale takes its gradient in the first
-  micro-step only, so it is not counted ``accum_freq`` times (open_clip counts it every time).
+  micro-step only, so it is not counted ``accum_freq`` times (open_clip counts it every time);
+  in the other micro-steps it stays in the graph with a zero gradient (``_zero_gradient``), so
+  every micro-step's backward reaches every parameter the forward used: under DDP the last,
+  synchronised micro-step must reduce logit_scale's gradient too (detached, it was left out
+  and DDP stopped at the next step: "Expected to have finished reduction"). Per-sample
+  features are ``[B, ...]``, joined along dim 0; a packed row ``[1, N, ...]`` whose N differs
+  between micro-batches (CLIPS' caption positions) is joined along N (``_join``).
 * ``accum_mode="micro"``: each micro-batch is its own contrastive batch: the gates see each
   micro-batch as it comes (EMAs move once per micro-batch) and ``loss / accum_freq`` is
   back-propagated, i.e. the average of the micro-batch gradients. Cheaper, but it is not a
@@ -17,7 +23,15 @@ Gradient accumulation (``accum_freq`` micro-batches per optimizer step), two sem
 
 Both: DDP's ``no_sync`` on all but the last micro-step, one optimizer step, one scheduler
 step and one logit_scale clamp per optimizer step (the reference runs the scheduler and the
-clamp every micro-step and never divides the loss).
+clamp every micro-step and never divides the loss). DDP averages the ranks' gradients once, in
+the last micro-step, over all that each rank accumulated; without ``find_unused_parameters``
+it reduces only what that micro-step's backward reaches, so every parameter with a gradient
+from any micro-step must be in the last one's graph (with it, DDP records what the no_sync
+micro-steps used). Both modes give that: each micro-step runs the same forward, and batch mode
+keeps the 0-dim features in every micro-step's graph. So where W ranks train as one process
+(clip, alip, filip; not the per-rank BatchNorm, MLM draws or caption means of slip, declip,
+defilip, clips), W ranks x batch B x accum k train as one process with batch W*k*B in batch
+mode, and with batch W*B and accum k in micro mode (tests/test_train_accum_ddp.py).
 
 A step whose features, loss or gradient norm are not finite on ANY rank is skipped on every
 rank: no optimizer update, and the buffers of the method's encoder and criterion (gate EMAs,
@@ -127,15 +141,46 @@ def _accumulate_micro(ctx, micro_batches):
     return torch.stack(finite).all(), keys, torch.stack([v for _, v in summaries]).mean(0)
 
 
+class _ZeroGradient(torch.autograd.Function):
+    """The input's value, and a zero gradient to it: the input's parameters stay in the
+    backward graph without taking any gradient from this use."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.zeros_like(grad)
+
+
+def _zero_gradient(x):
+    return _ZeroGradient.apply(x)
+
+
+def _join(parts):
+    """One feature's entries of the micro-batches, in order, as the whole batch's: per-sample
+    ``[B, ...]`` features along dim 0; a packed row ``[1, N, ...]`` of the micro-batch (CLIPS'
+    caption logits and targets: the decoder positions that have a target, sample by sample)
+    along N when the N differ, which is the row the whole batch's forward packs (when they agree,
+    dim 0 gives the same rows in the same order to a loss that flattens them)."""
+    if any(p.shape[1:] != parts[0].shape[1:] for p in parts) and all(
+            p.dim() >= 2 and p.shape[0] == 1 and p.shape[2:] == parts[0].shape[2:] for p in parts):
+        return torch.cat(parts, dim=1)
+    return torch.cat(parts)
+
+
 def _whole_batch(cached, j, feats):
     """Micro-batch j's features (with gradient) in its slot of the cached no-grad features of the
-    whole accumulated batch; 0-dim entries (logit_scale) carry gradient in the first slot only."""
+    whole accumulated batch. 0-dim entries (logit_scale) count in the first slot only and keep
+    a zero gradient in the others, so each micro-step's backward reaches their parameters (the
+    synchronised one under DDP is the last)."""
     whole = {}
     for k, v in feats.items():
         if scalar(v):
-            whole[k] = v if j == 0 else v.detach()
+            whole[k] = v if j == 0 else _zero_gradient(v)
         else:
-            whole[k] = torch.cat([c[k] for c in cached[:j]] + [v] + [c[k] for c in cached[j + 1:]])
+            whole[k] = _join([c[k] for c in cached[:j]] + [v] + [c[k] for c in cached[j + 1:]])
     return whole
 
 
