@@ -132,7 +132,7 @@ def _method(name, mode, rank=0, world_size=WORLD):
     args = parse_args(["--method", name, "--model", MODELS[name], "--accum-freq", str(ACCUM),
                        "--accum-mode", mode,
                        *(["--declip-bank-size", "32"] if name in ("declip", "defilip") else [])])
-    return get_method(name)(model, args, rank=rank, world_size=world_size)
+    return get_method(name)(args, rank=rank, world_size=world_size).attach(model)
 
 
 def _micro_batches(method, step, rank):
