@@ -112,7 +112,8 @@ def test_flags_read_declares_exactly_the_method_flags_the_method_reads(name):
     small_bank = ["--declip-bank-size", "32"] if name in ("declip", "defilip") else []
     args = Recording(**vars(parse_args(["--method", name, "--model", MODELS[name], *small_bank])))
     cls = get_method(name)
-    cls(args).attach(open_clip.create_model(MODELS[name]))
+    method = cls(args)
+    method.attach(open_clip.create_model(MODELS[name], **method.model_kwargs()))
     read = vars(args)["_read"] & set(method_flags())
     assert read == set(cls.flags_read())
 

@@ -33,10 +33,16 @@ TEXTS = ["a red circle on a white background", "two blue squares", "a star", "th
 
 
 def build(name, *flags):
-    torch.manual_seed(0)
-    model = open_clip.create_model(MODELS[name])
     args = parse_args(["--method", name, "--model", MODELS[name], *small_flags(name), *flags])
-    return get_method(name)(args).attach(model), args
+    method = get_method(name)(args)
+    torch.manual_seed(0)
+    return method.attach(open_clip.create_model(MODELS[name], **method.model_kwargs())), args
+
+
+def model_kwargs_of(name):
+    """The model arguments the method asks for with its default flags (SigLIP's bias)."""
+    args = parse_args(["--method", name, "--model", MODELS[name], *small_flags(name)])
+    return get_method(name)(args).model_kwargs()
 
 
 def batch_for(spec, n=8, seed=0):
@@ -137,7 +143,7 @@ def assert_normal(t, std, key):
 
 def random_model(name, seed=0):
     torch.manual_seed(seed)
-    return open_clip.create_model(MODELS[name])
+    return open_clip.create_model(MODELS[name], **model_kwargs_of(name))
 
 
 @pytest.mark.parametrize("name", TOOLBOX_VIT)
@@ -180,7 +186,7 @@ def test_toolbox_vit_init_leaves_pretrained_weights_alone(tmp_path, name):
     path = tmp_path / "weights.pt"
     torch.save(random_model(name, seed=3).state_dict(), path)
     torch.manual_seed(0)
-    model = open_clip.create_model(MODELS[name], pretrained=str(path))
+    model = open_clip.create_model(MODELS[name], pretrained=str(path), **model_kwargs_of(name))
     loaded = {k: v.clone() for k, v in model.state_dict().items()}
     args = parse_args(["--method", name, "--model", MODELS[name], *small_flags(name),
                        "--pretrained", str(path)])

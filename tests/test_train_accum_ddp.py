@@ -39,7 +39,7 @@ from alip.methods import METHODS, get_method
 from alip.training.distributed import DistInfo
 from alip.training.params import parse_args
 from alip.training.step import StepContext, train_step
-from test_methods import MODELS, batch_for
+from test_methods import MODELS, batch_for, small_flags
 from test_train_helpers import (assert_weights_close, final_state, free_port, gloo_worker,
                                 read_results, run_single, tiny_argv)
 
@@ -103,7 +103,7 @@ def _check_end_to_end(run_dir, method):
     _assert_modes_differ(run_dir)
 
 
-FAST = ("clip", "alip")
+FAST = ("clip", "alip", "siglip")  # siglip: its neighbour exchange against one global batch
 
 
 @pytest.fixture(scope="module")
@@ -127,12 +127,11 @@ def test_filip_two_ranks_with_accumulation_equal_one_process(tmp_path):
 # ------------------------------------------------------------------ the DDP gradient contract
 
 def _method(name, mode, rank=0, world_size=WORLD):
-    torch.manual_seed(0)
-    model = open_clip.create_model(MODELS[name])
     args = parse_args(["--method", name, "--model", MODELS[name], "--accum-freq", str(ACCUM),
-                       "--accum-mode", mode,
-                       *(["--declip-bank-size", "32"] if name in ("declip", "defilip") else [])])
-    return get_method(name)(args, rank=rank, world_size=world_size).attach(model)
+                       "--accum-mode", mode, *small_flags(name)])
+    method = get_method(name)(args, rank=rank, world_size=world_size)
+    torch.manual_seed(0)
+    return method.attach(open_clip.create_model(MODELS[name], **method.model_kwargs()))
 
 
 def _micro_batches(method, step, rank):

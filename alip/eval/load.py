@@ -52,6 +52,14 @@ def checkpoint_model_name(path):
     return None
 
 
+def checkpoint_model_kwargs(path):
+    """The open_clip model arguments a train.py model file records (``model_kwargs``: what its
+    method asked ``create_model`` for, e.g. SigLIP's logit bias), or {}."""
+    saved = read_checkpoint(path)
+    kwargs = saved.get("model_kwargs") if isinstance(saved, dict) else None
+    return dict(kwargs) if isinstance(kwargs, dict) else {}
+
+
 def model_files_in(folder):
     """The model files (``*.pt`` but not a ``*.state.pt`` training state) in ``folder`` and in
     its ``checkpoints/`` (a train.py run directory), newest first."""
@@ -104,9 +112,10 @@ def load_model(model_name=None, pretrained=None, checkpoint=None, device="cpu", 
     if model_name not in open_clip.list_models() and not model_name.startswith(("hf-hub:", "local-dir:")):
         raise ValueError(f"unknown model {model_name!r}; known: {', '.join(open_clip.list_models())}")
     weights = checkpoint if checkpoint is not None else pretrained
+    kwargs = checkpoint_model_kwargs(weights) if weights and os.path.isfile(weights) else {}
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
-            model_name, pretrained=weights, precision=precision, device=device)
+            model_name, pretrained=weights, precision=precision, device=device, **kwargs)
     except (RuntimeError, AssertionError, KeyError, ValueError) as e:
         if weights is not None and os.path.isfile(weights):
             raise ValueError(f"weights {weights} do not fit model {model_name}: "

@@ -19,6 +19,7 @@ METHODS = {
     "filip": "alip.methods.filip:FILIP",
     "defilip": "alip.methods.defilip:DeFILIP",
     "clips": "alip.methods.clips:CLIPS",
+    "siglip": "alip.methods.siglip:SigLIP",
 }
 
 

@@ -484,7 +484,8 @@ class Trainer:
             path = ckpt.save_checkpoint(run.ckpt_dir, tag, run.cfg.model, run.model, state,
                                         completed_epochs, pos.step, keep_last=run.cfg.keep_last,
                                         extra={"method": run.cfg.method,
-                                               "eval_heads": run.method.eval_heads()})
+                                               "eval_heads": run.method.eval_heads(),
+                                               "model_kwargs": run.method.model_kwargs()})
             run.log.info("saved %s", path)
         barrier(run.info)
 
