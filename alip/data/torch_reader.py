@@ -10,10 +10,13 @@ bit-identical, since each sample's augmentation comes from (seed, epoch, record 
 ``length_bucketing=N`` (N > 0) reorders each rank's records within pools of N batches by text
 length (alip.data.bucketing; lengths from alip.data.lengths), keeping all of the above.
 """
+import contextlib
 import io
 import itertools
 import math
 import os
+import signal
+import threading
 
 import numpy as np
 import torch
@@ -98,6 +101,64 @@ class RecDataset(torch.utils.data.Dataset):
         return x, fields["raw"], fields["caption"]
 
 
+def stop_signals():
+    """The signals this process saves and stops on: those whose handler is marked
+    ``spares_data_workers`` (alip.training.preemption's, while a run is in its loop). Empty
+    where a worker could not take them (no sigwaitinfo)."""
+    if not hasattr(signal, "sigwaitinfo"):
+        return frozenset()
+    return frozenset(s for s in signal.valid_signals()
+                     if getattr(signal.getsignal(s), "spares_data_workers", False))
+
+
+@contextlib.contextmanager
+def signals_blocked(signals):
+    """``signals`` blocked in this thread meanwhile: a worker forked or spawned here is born with
+    them blocked, so none reaches it before its ``OutliveStopSignals`` takes them over. One that
+    arrives meanwhile is delivered here afterwards. (A thread started here, the DataLoader's
+    pin-memory thread, keeps them blocked: the process takes them on its other threads.)"""
+    if not signals:
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
+class OutliveStopSignals:
+    """DataLoader ``worker_init_fn``: the worker survives the signals its parent saves on.
+
+    A preemption signals every process of the job (SLURM) or of the rank's process group
+    (torchrun), the workers too, and torch's worker handler dies of a SIGTERM its parent did not
+    send: the rank then failed on the lost worker ("DataLoader worker ... is killed by signal")
+    before it could save. The loader sets ``signals`` (``stop_signals()`` of the parent) just
+    before it starts its workers, with them blocked (``signals_blocked``); the worker keeps them
+    blocked and a thread takes them: one from the parent (the DataLoader's or multiprocessing's
+    terminate()) ends the worker at once, as torch's handler does; any other is dropped, since
+    the parent saves, then ends its workers itself. A worker still ends when its parent dies
+    (torch's watchdog sees the parent gone)."""
+
+    def __init__(self):
+        self.signals = frozenset()
+
+    def __call__(self, worker_id):
+        if not self.signals:
+            return
+        signal.pthread_sigmask(signal.SIG_BLOCK, self.signals)  # threads started later inherit it
+        threading.Thread(target=_take_signals, args=(self.signals, os.getppid()), daemon=True,
+                         name="alip-stop-signals").start()
+
+
+def _take_signals(signals, parent):
+    """The blocked ``signals`` as they come: the parent's end this process (exit status 0, so
+    the parent's SIGCHLD check reports no failed worker), the others are dropped."""
+    while True:
+        if signal.sigwaitinfo(signals).si_pid == parent:
+            os._exit(0)
+
+
 CHUNK_BATCHES = 64  # without bucketing, the order is computed for this many batches at a time
 
 
@@ -178,10 +239,11 @@ class TorchRecLoader:
         key = self.length_key(progress=rank == 0) if self.length_bucketing else None
         self._batches = _Batches(self.num_samples, seed, rank, world_size, batch_size, drop_last,
                                  self.batches_per_epoch, self.length_bucketing, key)
+        self._worker_init = OutliveStopSignals()
         self._loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=self._batches, num_workers=workers,
             pin_memory=str(device).startswith("cuda"), persistent_workers=workers > 0,
-            prefetch_factor=4 if workers > 0 else None)
+            prefetch_factor=4 if workers > 0 else None, worker_init_fn=self._worker_init)
 
     def make_dataset(self, rec_paths, image_size, seed, augment):
         return RecDataset(rec_paths, image_size, seed, augment)
@@ -231,7 +293,11 @@ class TorchRecLoader:
 
     def __iter__(self):
         self.position = self.start_batch
-        for batch in self._loader:
+        # the (persistent) workers start in the first iter(): they take the signals a run saves on
+        self._worker_init.signals = stop_signals() if self._loader.num_workers else frozenset()
+        with signals_blocked(self._worker_init.signals):
+            batches = iter(self._loader)
+        for batch in batches:
             self.position += 1
             yield batch
 

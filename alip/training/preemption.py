@@ -8,6 +8,16 @@ already waits for the device), so every rank learns, at the same step, that some
 they save that step's checkpoint together and stop. A second signal to a process ends it at
 once, with the signal's default action. Handlers can only be set from the main thread: a run
 started from another thread keeps the signals' defaults (said in a warning).
+
+SLURM signals every process of the job step, and torchrun the whole process group of each rank:
+the torch reader's DataLoader workers get the signal too, and torch's worker handler dies of a
+SIGTERM that its parent did not send, so the rank failed with "DataLoader worker ... is killed
+by signal" and saved nothing. The handler here is marked ``spares_data_workers``; the torch
+reader looks for the mark when it starts its workers, and they then ignore these signals unless
+their parent sends them (alip.data.torch_reader.OutliveStopSignals): the rank saves, then ends
+its workers as usual. (DALI reads with threads of the rank: no process to spare.)
+Only signals that ask a process to stop are accepted: a fault (SEGV, BUS, FPE, ...) returns to
+the faulting instruction, CHLD comes with every child's exit, KILL and STOP cannot be caught.
 """
 import logging
 import signal
@@ -17,18 +27,34 @@ import torch
 import torch.distributed as dist
 
 
+# requests to stop that a scheduler, a launcher or a user sends (SLURM's --signal takes any name;
+# XCPU is LSF's and SGE's warning), in signal-number order
+ACCEPTED = tuple(getattr(signal, n) for n in ("SIGHUP", "SIGINT", "SIGQUIT", "SIGUSR1", "SIGUSR2",
+                                              "SIGALRM", "SIGTERM", "SIGXCPU") if hasattr(signal, n))
+
+
 def parse_signals(text):
     """``--stop-signals`` ('TERM,USR1', 'SIGTERM', '' for none) -> [signal.Signals]; ValueError
-    naming the unknown name."""
+    naming the refused name and listing the accepted ones (``ACCEPTED``)."""
     out = []
     for name in (n.strip().upper() for n in str(text or "").split(",")):
         if not name:
             continue
         full = name if name.startswith("SIG") else "SIG" + name
-        if full in ("SIGKILL", "SIGSTOP") or not hasattr(signal, full) or full.startswith("SIG_"):
-            raise ValueError(f"{name!r} is not a signal a process can catch")
+        if full not in {s.name for s in ACCEPTED}:
+            raise ValueError(f"{name!r} is not {_why_refused(full)}; accepted: "
+                             + ", ".join(s.name[3:] for s in ACCEPTED))
         out.append(signal.Signals[full])
     return out
+
+
+def _why_refused(full):
+    """What a refused signal name is not, in the words of its case."""
+    if full in ("SIGKILL", "SIGSTOP"):
+        return "a signal a process can catch"
+    if full.startswith("SIG_") or not isinstance(getattr(signal, full, None), signal.Signals):
+        return "a signal name"
+    return "a request to stop that a handler can serve"
 
 
 class StopOnSignal:
@@ -58,6 +84,10 @@ class StopOnSignal:
             signal.signal(signum, signal.SIG_DFL)
             signal.raise_signal(signum)
         self.received = signal.Signals(signum)
+
+    # the torch reader's DataLoader workers, started while this is a handler, ignore its signals
+    # from anyone but their parent: this process saves, then ends them (alip.data.torch_reader)
+    _note.spares_data_workers = True
 
     def agreed(self, info):
         """The signal some rank received (the highest number if several), the same on every
