@@ -16,15 +16,17 @@ import torch
 
 from alip.training import checkpoint as ckpt
 from alip.training.params import parse_args
-from alip.training.preemption import parse_signals
+from alip.training.preemption import REPEAT_WINDOW, parse_signals
 from test_train_helpers import assert_same_run, free_port, read_results, run_single, tiny_argv
 from test_train_resume import EXACT_KEYS
 
 
 def signalled_worker(argv, at_step, times=1, rank=0, world_size=1, port=None, signal_ranks=(0,),
-                     group=None):
+                     group=None, gap=None):
     """train.py's main in this (spawned) process, rank ``rank`` of ``world_size`` (gloo); after
-    optimizer step ``at_step`` a rank in ``signal_ranks`` sends itself SIGTERM ``times`` times.
+    optimizer step ``at_step`` a rank in ``signal_ranks`` sends itself SIGTERM ``times`` times,
+    ``gap`` seconds apart (default: past the window in which a repeat is the same notice, so
+    the second is a second request; 0: back to back, as SLURM's and torchrun's copies come).
     With ``group`` (a file) the process leads its own process group, as torchrun starts each
     rank, and another process sends the SIGTERMs to the whole group, as SLURM and torchrun do:
     the DataLoader workers get them too (their pids are written to ``group`` first). Exits with
@@ -49,7 +51,9 @@ def signalled_worker(argv, at_step, times=1, rank=0, world_size=1, port=None, si
             if group:
                 with open(group, "w") as f:
                     f.write(" ".join(map(str, children(os.getpid()))))
-            for _ in range(times):
+            for i in range(times):
+                if i:
+                    time.sleep(REPEAT_WINDOW + 0.5 if gap is None else gap)
                 if group:
                     from_elsewhere(f"killpg({os.getpgrp()}, {int(signal.SIGTERM)})")
                 else:
@@ -154,6 +158,16 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
 def test_a_second_signal_ends_the_process_at_once(tmp_path):
     assert spawn([(argv_of(tmp_path, "twice"), 1, 2)]) == [-signal.SIGTERM]
     assert not ckpt.has_checkpoints(tmp_path / "twice" / "checkpoints")
+
+
+def test_the_same_signal_twice_at_once_is_one_notice(tmp_path):
+    """srun torchrun: SLURM signals every process of the step and torchrun forwards its copy to
+    each rank milliseconds later. Taken as a second request, it killed the rank unsaved; one
+    notice delivered twice, it saves and stops as one signal does."""
+    assert spawn([(argv_of(tmp_path, "dup"), 3, 2, 0, 1, None, (0,), None, 0.0)]) == [143]
+    assert ckpt.has_checkpoints(tmp_path / "dup" / "checkpoints")
+    state = torch.load(tmp_path / "dup" / "checkpoints" / "step_4.state.pt", weights_only=False)
+    assert state["step"] == 4
 
 
 def test_signal_names():

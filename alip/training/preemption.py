@@ -6,7 +6,10 @@ forwards a SIGTERM it receives to its workers and kills them TORCH_ELASTIC_SHUTD
 the signal. The loop asks ``agreed`` at its read-backs (every --log-every-n-steps steps, where it
 already waits for the device), so every rank learns, at the same step, that some rank got one:
 they save that step's checkpoint together and stop. A second signal to a process ends it at
-once, with the signal's default action. Handlers can only be set from the main thread: a run
+once, with the signal's default action, unless it is the same signal within ``REPEAT_WINDOW``
+seconds of the first: under ``srun torchrun`` SLURM signals every process of the step and
+torchrun forwards its own copy to each rank milliseconds later, one notice delivered twice
+(taken for the impatient second one, it killed a rank before it saved). Handlers can only be set from the main thread: a run
 started from another thread keeps the signals' defaults (said in a warning).
 
 SLURM signals every process of the job step, and torchrun the whole process group of each rank:
@@ -22,6 +25,7 @@ the faulting instruction, CHLD comes with every child's exit, KILL and STOP cann
 import logging
 import signal
 import threading
+import time
 
 import torch
 import torch.distributed as dist
@@ -57,12 +61,16 @@ def _why_refused(full):
     return "a request to stop that a handler can serve"
 
 
+REPEAT_WINDOW = 2.0  # seconds: the same signal again within this is the same notice
+
+
 class StopOnSignal:
     """Notes the first of ``signals`` this process receives (``received``), between ``install``
     and ``restore``, which puts back the handlers it replaced."""
 
     def __init__(self, signals):
         self.signals, self.received, self.previous = list(signals), None, {}
+        self.received_at = None
 
     def install(self):
         if self.signals and threading.current_thread() is not threading.main_thread():
@@ -80,10 +88,13 @@ class StopOnSignal:
         self.previous.clear()
 
     def _note(self, signum, frame):
-        if self.received is not None:  # the second: no more waiting
-            signal.signal(signum, signal.SIG_DFL)
+        now = time.monotonic()
+        if self.received is not None:
+            if signum == self.received and now - self.received_at < REPEAT_WINDOW:
+                return  # the same notice twice (SLURM's and torchrun's forwarded copy)
+            signal.signal(signum, signal.SIG_DFL)  # a second request: no more waiting
             signal.raise_signal(signum)
-        self.received = signal.Signals(signum)
+        self.received, self.received_at = signal.Signals(signum), now
 
     # the torch reader's DataLoader workers, started while this is a handler, ignore its signals
     # from anyone but their parent: this process saves, then ends them (alip.data.torch_reader)
