@@ -66,12 +66,11 @@ def parse_args(argv):
         p.error("give exactly one of --manifest, --wds or --rec")
     if args.batch_size < 1 or args.chunk_size < 1 or args.workers < 0:
         p.error("--batch-size and --chunk-size must be >= 1, --workers >= 0")
+    from alip.cli import parse_part  # here: --help need not import torch
     try:
-        i, n = (int(x) for x in args.part.split("/"))
-        assert 0 <= i < n
-    except (ValueError, AssertionError):
-        p.error(f"--part {args.part!r}: expected I/N with 0 <= I < N")
-    args.part = (i, n)
+        args.part = parse_part(args.part)
+    except ValueError as e:
+        p.error(str(e))
     return args
 
 

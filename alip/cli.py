@@ -18,6 +18,17 @@ def interval_error(interval, value):
     return f"must be {'a finite number ' if not math.isfinite(v) else ''}{want}, got {value}"
 
 
+def parse_part(text):
+    """``--part I/N`` -> (I, N) with 0 <= I < N; ValueError naming the flag otherwise."""
+    try:
+        i, n = (int(x) for x in str(text).split("/"))
+        if 0 <= i < n:
+            return i, n
+    except ValueError:
+        pass
+    raise ValueError(f"--part {text!r}: expected I/N with 0 <= I < N")
+
+
 def resolve_device(device, local_rank=None):
     """``device`` as a torch device string. ``auto``: cuda (``cuda:local_rank`` when given) if a
     GPU is visible, else cpu. A value that names no device, or a GPU that is not there, is a

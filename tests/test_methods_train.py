@@ -26,12 +26,13 @@ def test_every_method_trains_and_saves_an_open_clip_checkpoint(tmp_path, method)
     rows = read_results(tmp_path / method)
     assert [r["step"] for r in rows] == list(range(1, 7))
     assert all(r["loss"] == r["loss"] and not r["skipped"] for r in rows)  # finite, none skipped
-    model = open_clip.create_model(MODELS.get(method, "ALIP-tiny"),
-                                   pretrained=str(tmp_path / method / "checkpoints/epoch_1.pt"))
+    path = tmp_path / method / "checkpoints/epoch_1.pt"
+    kwargs = torch.load(path, weights_only=True)["model_kwargs"]  # what the method asked for
+    model = open_clip.create_model(MODELS.get(method, "ALIP-tiny"), pretrained=str(path), **kwargs)
     assert isinstance(model, torch.nn.Module)
     state = torch.load(tmp_path / method / "checkpoints/epoch_1.state.pt", weights_only=False)
     heads = state["heads"]
-    assert bool(heads) == (method not in ("clip", "alip"))  # the method's heads travel with it
+    assert bool(heads) == (method not in ("clip", "alip", "siglip"))  # heads travel with it
 
 
 def test_declip_sigkill_and_resume_is_bit_identical(tmp_path):

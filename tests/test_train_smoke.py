@@ -158,8 +158,8 @@ def test_config_yaml_defaults_cli_override_and_resolved_config(tmp_path):
     (tmp_path / "bad.yaml").write_text("batch_sise: 4\n")
     with pytest.raises(SystemExit, match="bad.yaml: unknown key 'batch_sise'"):
         parse_args(["--config", str(tmp_path / "bad.yaml")])
-    (tmp_path / "bad2.yaml").write_text("method: siglip\n")
-    with pytest.raises(SystemExit, match="method: 'siglip' is not one of"):
+    (tmp_path / "bad2.yaml").write_text("method: sigmoid\n")
+    with pytest.raises(SystemExit, match="method: 'sigmoid' is not one of"):
         parse_args(["--config", str(tmp_path / "bad2.yaml")])
 
 

@@ -65,12 +65,11 @@ def parse_args(argv):
         p.error("--max-row-lines must be >= 1")
     if args.shard_size < 1 or args.workers < 1 or not 1 <= args.quality <= 100 or args.max_size < 0:
         p.error("--shard-size and --workers must be >= 1, --quality in 1..100, --max-size >= 0")
+    from alip.cli import parse_part  # here: --help need not import torch
     try:
-        i, n = (int(x) for x in args.part.split("/"))
-        assert 0 <= i < n
-    except (ValueError, AssertionError):
-        p.error(f"--part {args.part!r}: expected I/N with 0 <= I < N")
-    args.part = (i, n)
+        args.part = parse_part(args.part)
+    except ValueError as e:
+        p.error(str(e))
     if args.text_fields is not None:
         args.text_fields = tuple(f.strip() for f in args.text_fields.split(","))
     elif not args.rec:  # --rec: the input shards' fields (RecSource reads them)
