@@ -15,7 +15,8 @@ def tiny_argv(logs, name, *extra, samples=64, batch=8, epochs=1):
     return ["--model", "ALIP-tiny", "--dataset-type", "synthetic", "--train-num-samples",
             str(samples), "--batch-size", str(batch), "--epochs", str(epochs), "--precision",
             "fp32", "--logs", str(logs), "--name", name, "--log-every-n-steps", "1",
-            "--report-to", "", "--workers", "0", "--seed", "0", "--device", "cpu", *extra]
+            "--report-to", "", "--workers", "0", "--seed", "0", "--cpu-threads", "1",
+            "--device", "cpu", *extra]
 
 
 def read_results(run_dir, kind="train"):

@@ -1,6 +1,7 @@
 """Training on demo data learns; a non-finite loss is skipped and counted; bad input fails
 clearly before any training step; --config YAML defaults, CLI override, resolved config."""
 import math
+import os
 
 import open_clip
 import pytest
@@ -242,3 +243,31 @@ def test_samples_per_s_is_measured_between_two_reads(monkeypatch, tmp_path):
     assert log.after_read(None) == 8 / 4.0 and log.loss is None
     assert log.after_read(None) == 8 / 4.0  # no step since: the last rate stands
     log.close()
+
+
+def test_cpu_threads_leave_the_cores_to_the_data_workers(monkeypatch):
+    """On a CPU the step's threads and the data workers fit the cores: a thread more stalls
+    every op at its barrier when the machine is busy (bench/cpu_share.py)."""
+    from types import SimpleNamespace
+
+    from alip.training.config import resolve_cpu_threads
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cpu = torch.device("cpu")
+    got = {w: resolve_cpu_threads(SimpleNamespace(cpu_threads=0, workers=w), cpu) for w in (0, 1, 4)}
+    assert got == {0: 2, 1: 1, 4: 1}
+    assert resolve_cpu_threads(SimpleNamespace(cpu_threads=3, workers=1), cpu) == 3  # asked for
+    assert resolve_cpu_threads(SimpleNamespace(cpu_threads=0, workers=1), torch.device("meta")) \
+        == torch.get_num_threads()  # a GPU run keeps torch's count
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")  # torchrun's (1 for several processes) or the user's
+    assert resolve_cpu_threads(SimpleNamespace(cpu_threads=0, workers=1), cpu) == 5
+
+
+def test_a_run_uses_and_records_its_cpu_threads(tmp_path):
+    before = torch.get_num_threads()
+    try:
+        run_single(tiny_argv(tmp_path, "t", "--cpu-threads", "2", samples=16, batch=8))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert yaml.safe_load((tmp_path / "t" / "config.yaml").read_text())["cpu_threads"] == 2

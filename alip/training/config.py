@@ -7,6 +7,7 @@ the run used.
 import argparse
 import importlib.util
 import logging
+import os
 from datetime import datetime
 from pathlib import Path
 
@@ -49,6 +50,7 @@ def resolve_config(args, info):
     cfg.name = args.name or default_run_name(args)
     cfg.world_size = info.world_size
     cfg.data_reader = resolve_data_reader(args, info.device)
+    cfg.cpu_threads = resolve_cpu_threads(args, info.device)
     if args.ddp_gradients == "global" and args.local_loss and not args.gather_with_grad:
         # local rows against gathered columns: the columns' gradient lives on the other ranks,
         # so exact global gradients need the gather's backward (see alip.loss.local_grad_scale)
@@ -61,6 +63,24 @@ def resolve_config(args, info):
     except MethodConfigError as e:
         raise TrainConfigError(str(e)) from e
     return cfg.freeze()
+
+
+def resolve_cpu_threads(args, device):
+    """The intra-op threads of this process: ``--cpu-threads``; else ``OMP_NUM_THREADS``; on a
+    CPU device the CPUs this process may use less its data workers (at least 1: the workers
+    and the step's threads then fit the cores; a thread more than that, or other jobs on the
+    cores, makes every parallel op wait at its barrier for a descheduled thread: measured by
+    bench/cpu_share.py at 10-30x a step's idle time beside 4 busy processes, against 2.7x with
+    one thread); elsewhere torch's own count."""
+    if args.cpu_threads:
+        return args.cpu_threads
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    if torch.device(device).type != "cpu":
+        return torch.get_num_threads()
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cpus or 1) - args.workers)
 
 
 def default_run_name(args):

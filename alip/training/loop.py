@@ -157,6 +157,7 @@ def build_method(cfg, info):
 def build_model(cfg, method, info, log):
     """The open_clip model with the method's model arguments, under the training seed, locked
     and checkpointed as open_clip_train does, and the method attached to it."""
+    torch.set_num_threads(cfg.cpu_threads)
     seed_everything(cfg.seed)
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(

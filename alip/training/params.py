@@ -39,7 +39,7 @@ RANGES = {
     "log_every_n_steps": "[1, inf)", "max_nonfinite": "[0, inf)", "max_steps": "[1, inf)",
     "retrieval_frequency": "[0, inf)", "zeroshot_frequency": "[0, inf)",
     "eval_batch_size": "[1, inf)", "length_bucketing": "[0, inf)",
-    "lock_image_unlocked_groups": "[0, inf)", "lock_text_unlocked_layers": "[0, inf)",
+    "lock_image_unlocked_groups": "[0, inf)", "cpu_threads": "[0, inf)", "lock_text_unlocked_layers": "[0, inf)",
 }
 
 
@@ -271,6 +271,11 @@ def _optim_flags(a):
 def _run_flags(a):
     """Distributed set-up, logs, checkpoints and stopping."""
     a("--device", default="auto", help="auto (cuda if available, else cpu), cuda, cpu.")
+    a("--cpu-threads", type=int, default=0, metavar="N",
+      help="Intra-op threads of each training process on a CPU device. 0: OMP_NUM_THREADS where "
+           "set (torchrun sets 1 for several processes), else the CPUs this process may use less "
+           "its --workers, at least 1: on a machine other jobs keep busy, every extra thread "
+           "stalls the others at each op's barrier (bench/cpu_share.py).")
     a("--dist-backend", default=None, help="Default: nccl on CUDA, gloo on CPU.")
     a("--dist-url", default=None, help="Default env:// (torchrun).")
     a("--ddp-static-graph", action="store_true", default=False)
