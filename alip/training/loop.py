@@ -341,11 +341,8 @@ class Trainer:
                                 wandb={"name": cfg.name, "project": cfg.wandb_project_name,
                                        "notes": cfg.wandb_notes, "config": run.record(),
                                        "resumed": resumed})
+        self.stopper = StopOnSignal(parse_signals(cfg.stop_signals))
         self.signalled = None  # the stop signal every rank agreed on (alip.training.preemption)
-
-    @property
-    def step(self):
-        return self.pos.step
 
     def done(self):
         """The run reached its last epoch or --max-steps."""
@@ -355,8 +352,7 @@ class Trainer:
 
     def train(self):
         """Epochs until the last, --max-steps or an agreed stop signal -> the run's summary."""
-        stopper = StopOnSignal(parse_signals(self.run.cfg.stop_signals)).install()
-        self.stopper = stopper
+        self.stopper.install()
         try:
             stopped = self.pos.step >= (self.run.cfg.max_steps or float("inf"))
             while self.pos.epoch < self.run.cfg.epochs and not stopped:
@@ -366,7 +362,7 @@ class Trainer:
             self.logger.close(failed=True)
             raise
         finally:
-            stopper.restore()
+            self.stopper.restore()
         self.logger.close()
         return {"step": self.pos.step, "epoch": self.pos.epoch, "nonfinite_total": self.book.total,
                 "run_dir": str(self.run.run_dir),
