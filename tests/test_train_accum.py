@@ -43,17 +43,6 @@ def _grads(ctx):
     return {n: p.grad.clone() for n, p in ctx.clip_model.named_parameters() if p.grad is not None}
 
 
-@pytest.fixture
-def float64():
-    """Model and data in float64: the compared computations sum in different orders (and the
-    text encoder groups rows by length per batch), which fp32 resolves only to ~1e-6 of a
-    gradient's scale, entry by entry less; float64 leaves ~1e-14."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
 @pytest.mark.parametrize("method", ["alip", "clip"])
 def test_batch_mode_gradients_equal_one_big_batch(method, float64):
     big, acc = _ctx(method), _ctx(method, "batch")

@@ -225,15 +225,6 @@ def _one_process_step(name, micro_batches):
                      if p.grad is not None}
 
 
-@pytest.fixture
-def float64():
-    """Model and data in float64 for the test."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
 @pytest.mark.parametrize("name", ["filip", "clips"])
 def test_batch_mode_of_the_token_methods_equals_one_big_batch(name, float64):
     """accum 2 x B == one batch of 2B in one process (tests/test_train_accum.py checks clip
