@@ -44,20 +44,25 @@ def read_checkpoint(path, what="checkpoint"):
                          f"({type(e).__name__}: {first})") from e
 
 
+def _recorded(saved, key, kind):
+    """``saved[key]`` when a train.py model file records it as a ``kind``, else None."""
+    value = saved.get(key) if isinstance(saved, dict) else None
+    return value if isinstance(value, kind) else None
+
+
 def checkpoint_model_name(path):
     """The model name a train.py checkpoint records, or None (e.g. a bare state_dict)."""
-    saved = read_checkpoint(path)
-    if isinstance(saved, dict) and isinstance(saved.get("model"), str):
-        return saved["model"]
-    return None
+    return _recorded(read_checkpoint(path), "model", str)
 
 
-def checkpoint_model_kwargs(path):
-    """The open_clip model arguments a train.py model file records (``model_kwargs``: what its
-    method asked ``create_model`` for, e.g. SigLIP's logit bias), or {}."""
-    saved = read_checkpoint(path)
-    kwargs = saved.get("model_kwargs") if isinstance(saved, dict) else None
-    return dict(kwargs) if isinstance(kwargs, dict) else {}
+def pretrained_model_kwargs(path):
+    """The open_clip model arguments a ``--pretrained`` file records when train.py wrote it
+    (``model_kwargs``: what its method asked ``create_model`` for, e.g. SigLIP's logit bias);
+    {} for any other file, which open_clip reads itself (safetensors, other pickles)."""
+    try:
+        return dict(_recorded(read_checkpoint(path), "model_kwargs", dict) or {})
+    except ValueError:
+        return {}
 
 
 def model_files_in(folder):
@@ -96,7 +101,9 @@ def load_model(model_name=None, pretrained=None, checkpoint=None, device="cpu", 
         if why is not None:
             raise why
         refuse_training_state(checkpoint)
-        saved_name = checkpoint_model_name(checkpoint)
+        saved = read_checkpoint(checkpoint)
+        saved_name = _recorded(saved, "model", str)
+        kwargs = dict(_recorded(saved, "model_kwargs", dict) or {})
         if model_name is None:
             model_name = saved_name
         elif saved_name is not None and saved_name != model_name:
@@ -112,7 +119,9 @@ def load_model(model_name=None, pretrained=None, checkpoint=None, device="cpu", 
     if model_name not in open_clip.list_models() and not model_name.startswith(("hf-hub:", "local-dir:")):
         raise ValueError(f"unknown model {model_name!r}; known: {', '.join(open_clip.list_models())}")
     weights = checkpoint if checkpoint is not None else pretrained
-    kwargs = checkpoint_model_kwargs(weights) if weights and os.path.isfile(weights) else {}
+    if checkpoint is None:
+        kwargs = pretrained_model_kwargs(pretrained) if pretrained and os.path.isfile(pretrained) \
+            else {}
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
             model_name, pretrained=weights, precision=precision, device=device, **kwargs)
