@@ -271,3 +271,20 @@ def test_a_run_uses_and_records_its_cpu_threads(tmp_path):
     finally:
         torch.set_num_threads(before)
     assert yaml.safe_load((tmp_path / "t" / "config.yaml").read_text())["cpu_threads"] == 2
+
+
+def test_the_configuration_is_resolved_once_and_then_frozen(tmp_path):
+    """resolve_config completes a copy (run name, world size, the reader, CLIPS' sub-caption
+    default) and leaves the parsed flags alone; after it nothing can change the configuration,
+    so config.yaml records what the run used."""
+    from alip.training.config import resolve_config
+    from alip.training.distributed import DistInfo
+    args = parse_args([a for a in tiny_argv(tmp_path, "x", "--method", "clips") if a != "x"
+                       and a != "--name"])
+    before = dict(vars(args))
+    cfg = resolve_config(args, DistInfo(0, 0, 1, False, torch.device("cpu")))
+    assert vars(args) == before  # the parsed flags untouched
+    assert cfg.caption_view == "subcaption" and cfg.data_reader == "synthetic"
+    assert cfg.world_size == 1 and cfg.name.endswith("-ALIP-tiny-clips-b8")
+    with pytest.raises(AttributeError, match="frozen; lr cannot change"):
+        cfg.lr = 1.0
