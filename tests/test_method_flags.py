@@ -47,6 +47,9 @@ IGNORED = [
     (["--method", "alip", "--declip-bank-size", "64"],
      "--method alip does not read --declip-bank-size (--method declip and --method defilip do): "
      "it would be ignored"),
+    (["--method", "filip", "--declip-augment", "reference"],
+     "--method filip does not read --declip-augment (--method declip and --method defilip do; "
+     "filip reads --filip-augment): it would be ignored"),
     (["--method", "clips", "--text-mode", "joint"],
      "--method clips does not read --text-mode (--method alip does): it would be ignored"),
     (["--method", "filip", "--defilip-k-text", "8"],
@@ -77,6 +80,7 @@ def test_another_methods_flag_in_a_config_is_refused_even_at_its_default(tmp_pat
 
 @pytest.mark.parametrize("argv", [
     ["--method", "defilip", "--declip-bank-size", "64", "--defilip-padding", "reference"],
+    ["--method", "defilip", "--declip-augment", "reference"],
     ["--method", "declip", "--declip-bank-size", "64"],
     ["--method", "filip", "--filip-padding", "reference", "--filip-augment", "simclr"],
     ["--method", "alip", "--alip-gamma", "3", "--text-mode", "separate"],

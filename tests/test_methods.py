@@ -353,6 +353,15 @@ def test_filip_and_defilip_losses_are_their_terms():
     assert [v.recipe for v in alip_aug.data.image_views] == ["reference"]
     assert get_method("filip").data_spec(args) == alip_aug.data  # what the loader is built from
 
+    # DeCLIP's two views (DeFILIP's too): MoCo-v2 as the reference, or --declip-augment's recipe
+    for name in ("declip", "defilip"):
+        ref_views, _ = build(name)
+        assert [v.recipe for v in ref_views.data.image_views] == ["mocov2", "mocov2"]
+        same, args = build(name, "--declip-augment", "reference")
+        assert [(v.name, v.recipe) for v in same.data.image_views] == [
+            ("image", "reference"), ("image_aug", "reference")]
+        assert get_method(name).data_spec(args) == same.data
+
     method, _ = build("defilip")
     f = method.encoder(batch_for(method.data))
     method.criterion.eval()  # the bank stays put, so the DeCLIP part can be recomputed

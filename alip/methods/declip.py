@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from alip.loss import gather_features
 
-from ..data.spec import DataSpec, ImageView, TextView
+from ..data.spec import RECIPES, DataSpec, ImageView, TextView
 from ..model import encode_text, host_tokens, text_lengths, to_device_keeping_host_tokens
 from .base import ContrastiveEncoder, Method, MethodConfigError, clamp_logit_scale
 
@@ -451,9 +451,14 @@ class DeCLIP(Method):
     accum_modes = ("micro",)
     batchnorm_heads = True  # SimSiam's projector and predictor
     flag_ranges = {"declip_bank_size": "[1, inf)"}
-    data = DataSpec(image_views=(ImageView("image", "mocov2"), ImageView("image_aug", "mocov2")),
-                    text_fields=("raw",),
-                    text_views=(TextView("raw_eda", source="raw", transform="alip.text_aug:eda_tokens"),))
+
+    @classmethod
+    def data_spec(cls, args):
+        view = args.declip_augment
+        return DataSpec(image_views=(ImageView("image", view), ImageView("image_aug", view)),
+                        text_fields=("raw",),
+                        text_views=(TextView("raw_eda", source="raw",
+                                             transform="alip.text_aug:eda_tokens"),))
 
     @classmethod
     def reference_vit(cls, args):  # DeCLIP and DeFILIP: the toolbox's ViT (base.toolbox_vit)
@@ -464,6 +469,9 @@ class DeCLIP(Method):
         g = parser.add_argument_group("declip (--method declip and --method defilip)")
         g.add_argument("--declip-bank-size", type=int, default=2 ** 16,
                        help="NN memory bank entries per process (reference: 2^16).")
+        g.add_argument("--declip-augment", choices=RECIPES, default="mocov2",
+                       help="Both image views' augmentation: mocov2 (the reference's MOCOV2 "
+                            "transform), reference (ALIP's and CLIP's here), slip_base, simclr.")
 
     def build(self, model):
         args, rank, world_size = self.args, self.rank, self.world_size

@@ -50,7 +50,7 @@ class DeFILIP(DeCLIP):
     # for image and text, all 77 positions), its text is DeCLIP's MLM-masked text (so no
     # --filip-input-mask) and its image is DeCLIP's view 1 (so no --filip-augment); its own
     # --defilip-k-image/-k-text/-padding/-chunk-size are FILIP's settings it has.
-    shared_flags = ("declip_bank_size",)
+    shared_flags = ("declip_bank_size", "declip_augment")
 
     @classmethod
     def add_args(cls, parser):
