@@ -2,7 +2,8 @@
 # The README's main command: set up .venv, generate the demo world, train every method on it with
 # one recipe, evaluate each on held-out data, write the report.
 #
-#   ./scripts/demo.sh                            # every method (alip.methods): same data and recipe
+#   ./scripts/demo.sh                            # every method (alip.methods): same data and recipe,
+#                                                # then the other configs/demo_<row>.yaml rows
 #   DEMO_METHODS="alip clip" ./scripts/demo.sh   # a subset, in this order (DEMO_METHODS=all: every one)
 #   DEMO_QUICK=1 ./scripts/demo.sh               # a first look: ALIP and the CLIP baseline only
 #                                                # (the same recipe, so the same numbers as in the full run)
@@ -24,7 +25,7 @@ else
   METHODS=${DEMO_METHODS:-all}
 fi
 if [ "$METHODS" = all ]; then
-  METHODS=$($PY -c "from alip.methods import method_names; print(' '.join(method_names()))")
+  METHODS=$($PY -c "from alip.eval.demo_report import demo_rows; print(' '.join(demo_rows('configs')))")
 fi
 for method in $METHODS; do  # a typo fails here, not after the methods before it have trained
   if [ ! -f "configs/demo_$method.yaml" ]; then

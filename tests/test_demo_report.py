@@ -124,3 +124,30 @@ def test_report_of_a_folder_without_runs_is_one_line(tmp_path):
     assert r.stderr == (f"demo_report.py: error: {tmp_path}: {tmp_path / 'zeroshot_clip.json'} is "
                         f"missing (scripts/demo.sh writes it)\n")
     assert not (tmp_path / "loss.png").exists()
+
+
+def test_each_row_says_how_it_trained_beyond_clips_recipe(tmp_path):
+    out = tmp_path / "demo"
+    for name, cfg in (("clip", {"method": "clip", "name": "demo-clip", "epochs": 2, "lr": 0.002,
+                                "filip_augment": "mocov2"}),
+                      ("filip", {"method": "filip", "name": "demo-filip", "epochs": 2, "lr": 0.002,
+                                 "filip_augment": "reference"}),
+                      ("clip_e4", {"method": "clip", "name": "demo-clip_e4", "epochs": 4,
+                                   "lr": 0.002, "filip_augment": "mocov2"})):
+        run = _write_run(out, name, [3.0, 2.0, 1.5, 1.0][:cfg["epochs"]], 4.0, 30.0)
+        (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    notes = demo_report.recipes(out, ["clip", "filip", "clip_e4"])
+    assert notes == {"clip": "2 steps", "filip": "2 steps; filip-augment reference",
+                     "clip_e4": "4 steps; epochs 4"}
+    assert demo_report.recipes(out, ["filip", "clip_e4"]) == {}  # no clip row: nothing to say
+    text = demo_report.table(demo_report.collect(out, ["clip", "filip"]),
+                             {**{f"{d}_R@{k}": 0.1 for d in ("i2t", "t2i") for k in (1, 5, 10)},
+                              "top1": 25.0}, notes)
+    assert "| filip | 4.0 | 20.0 | 40.0 | 4.0 | 20.0 | 40.0 | 30.0 | 2 steps; filip-augment reference |" in text
+
+
+def test_demo_rows_are_the_methods_then_the_other_demo_configs(tmp_path):
+    from alip.methods import method_names
+    for stem in ("clip", "zz_budget", "clip_mix", "alip"):
+        (tmp_path / f"demo_{stem}.yaml").write_text("method: clip\n")
+    assert demo_report.demo_rows(tmp_path) == [*method_names(), "clip_mix", "zz_budget"]

@@ -38,6 +38,41 @@ def collect(out_dir, methods):
                 "zeroshot": _metrics(out / f"zeroshot_{m}.json")} for m in methods}
 
 
+# config.yaml keys that name a run rather than how it trains
+NOT_RECIPE = ("config", "name", "method", "logs", "train_data", "flags_given")
+
+
+def demo_rows(config_dir):
+    """The rows ``scripts/demo.sh`` trains by default: one per method (``configs/demo_<method>.yaml``,
+    in the registry's order), then every other ``demo_<row>.yaml`` (a method with another budget
+    or data, e.g. ``clip_mix``), sorted."""
+    from ..methods import method_names
+    methods = list(method_names())
+    extra = sorted(p.stem[len("demo_"):] for p in Path(config_dir).glob("demo_*.yaml"))
+    return methods + [r for r in extra if r not in methods]
+
+
+def recipes(out_dir, rows, base="clip"):
+    """How each row trained beyond the ``base`` row's recipe: {row: "78 steps; key value, ..."},
+    from the runs' config.yaml (every flag, resolved) and results.jsonl (the last step); the
+    keys that differ from ``base``'s run, its method's own defaults included. {} when ``base``
+    was not trained."""
+    out = Path(out_dir)
+    runs = {r: out / "runs" / f"demo-{r}" for r in rows}
+    if base not in rows or not (runs[base] / "config.yaml").is_file():
+        return {}
+    import yaml
+    ref = yaml.safe_load((runs[base] / "config.yaml").read_text())
+    notes = {}
+    for r, run in runs.items():
+        cfg = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
+        steps = max((row["step"] for row in _train_rows(run)), default=0)
+        diff = [f"{k.replace('_', '-')} {cfg[k]}" for k in cfg
+                if k not in NOT_RECIPE and ref.get(k) != cfg[k]]
+        notes[r] = "; ".join([f"{steps} steps"] + ([", ".join(diff)] if diff else []))
+    return notes
+
+
 def timings(out_dir):
     """``timings.tsv`` (scripts/demo.sh: method, train seconds, eval seconds per line) ->
     {method: (train_s, eval_s)}; {} when the file is absent."""
@@ -74,15 +109,19 @@ def chance(world_dir):
     return out
 
 
-def table(results, ref):
-    """The ALIP README's retrieval table shape (I->T and T->I R@1/5/10) plus zero-shot top-1."""
+def table(results, ref, notes=None):
+    """The ALIP README's retrieval table shape (I->T and T->I R@1/5/10) plus zero-shot top-1,
+    and with ``notes`` ({row: text}, ``recipes``) a last column saying how each row trained."""
     cols = [f"i2t_R@{k}" for k in (1, 5, 10)] + [f"t2i_R@{k}" for k in (1, 5, 10)]
-    head = ("| method | I->T R@1 | R@5 | R@10 | T->I R@1 | R@5 | R@10 | zero-shot top-1 |\n"
-            "|---|---:|---:|---:|---:|---:|---:|---:|")
-    row = lambda name, r, z: "| " + " | ".join(  # noqa: E731
-        [name] + [f"{r[c]:.1f}" for c in cols] + [f"{z:.1f}"]) + " |"
-    lines = [head, row("chance", ref, ref["top1"])]
-    lines += [row(m, v["retrieval"], v["zeroshot"]["top1"]) for m, v in results.items()]
+    head = "| method | I->T R@1 | R@5 | R@10 | T->I R@1 | R@5 | R@10 | zero-shot top-1 |"
+    rule = "|---|---:|---:|---:|---:|---:|---:|---:|"
+    if notes:
+        head, rule = head + " trained (beyond clip's recipe) |", rule + "---|"
+    row = lambda name, r, z, extra=(): "| " + " | ".join(  # noqa: E731
+        [name] + [f"{r[c]:.1f}" for c in cols] + [f"{z:.1f}"] + list(extra)) + " |"
+    lines = [head, rule, row("chance", ref, ref["top1"], [""] if notes else [])]
+    lines += [row(m, v["retrieval"], v["zeroshot"]["top1"], [notes[m]] if notes else [])
+              for m, v in results.items()]
     return "\n".join(lines)
 
 
@@ -227,7 +266,7 @@ def build_report(out_dir, methods, world_dir, gates_run="alip", seconds=None, ma
     plot_loss(results, out / "loss.png")
     plot_recall(results, ref, out / "recall.png")
     lines = [f"# Demo results on held-out data ({ref['n_img']} images, {ref['n_txt']} captions, "
-             f"{ref['classes']} classes)", "", table(results, ref), ""]
+             f"{ref['classes']} classes)", "", table(results, ref, recipes(out, methods)), ""]
     if seconds is not None:
         lines += [f"Trained and evaluated in {seconds / 60:.1f} minutes"
                   + (f" on {machine}." if machine else "."), ""]
