@@ -170,3 +170,16 @@ def test_train_py_logs_the_epoch_fractions_and_keeps_them_over_a_resume(tmp_path
     assert read_results(tmp_path / "cut", kind="epoch") == full
     lines = [json.loads(x) for x in (tmp_path / "cut" / "results.jsonl").read_text().splitlines()]
     assert sum(r["kind"] == "epoch" for r in lines) == 2
+
+
+@pytest.mark.parametrize("recipe, views", [
+    ("yfcc15m_vit_b32_clip_recap.yaml", (TextView("raw", ("raw", "caption"), probs=(0.2, 0.8)),)),
+    ("yfcc15m_vit_b32_veclip.yaml", (TextView("raw", ("raw", "vecap"), probs=(0.5, 0.5)),)),
+    ("yfcc15m_vit_b32_laclip.yaml", (TextView("raw", ("raw", "rw1", "rw2", "rw3", "rw4")),)),
+    ("demo_clip_mix.yaml", (TextView("raw", ("raw", "caption"), probs=(0.2, 0.8)),)),
+])
+def test_the_mixing_recipes_build_their_text_slot(recipe, views):
+    from pathlib import Path
+    args = parse_args(["--config", str(Path(__file__).resolve().parents[1] / "configs" / recipe)])
+    spec = get_method(args.method).loader_spec(args)
+    assert spec.text_fields == () and spec.text_views == views
