@@ -183,3 +183,18 @@ def test_the_mixing_recipes_build_their_text_slot(recipe, views):
     args = parse_args(["--config", str(Path(__file__).resolve().parents[1] / "configs" / recipe)])
     spec = get_method(args.method).loader_spec(args)
     assert spec.text_fields == () and spec.text_views == views
+
+
+@pytest.mark.slow
+def test_two_ranks_log_the_counts_of_every_record(tmp_path):
+    """Under DDP (2 gloo ranks, 32 records each) the epoch line sums both ranks' counts: the
+    replica's draws over all 64 records."""
+    import torch.multiprocessing as mp
+
+    from test_train_helpers import free_port, gloo_worker
+    argv = tiny_argv(tmp_path, "ddp", "--method", "clip", "--raw-fields", "raw,caption",
+                     "--raw-field-probs", "0.25,0.75", samples=64, batch=4, epochs=1)
+    mp.spawn(gloo_worker, nprocs=2, join=True, args=(2, free_port(), argv))
+    n_caption = sum(replica_pick(("raw", "caption"), (0.25, 0.75), 0, 0, i) for i in range(64))
+    [record] = read_results(tmp_path / "ddp", kind="epoch")
+    assert record["field_counts"] == {"raw": {"raw": 64 - n_caption, "caption": n_caption}}
