@@ -153,6 +153,22 @@ def test_ten_thousand_draws_match_the_probabilities_in_both_readers_and_after_a_
     assert abs(fraction - 0.8) <= 0.015, fraction
 
 
+def test_dali_resumed_from_its_pipeline_checkpoint_draws_the_same_fields(big):
+    spec = spec_for("clip", "--raw-fields", "raw,caption", "--raw-field-probs", "0.2,0.8")
+    loader = build_train_loader(big, backend="dali", batch_size=BATCH, image_size=8, workers=1,
+                                drop_last=False, augment=False, spec=spec, seed=5, verify_shards=False)
+    loader.set_epoch(2)
+    it = iter(loader)
+    first = draws_of(next(it) for _ in range(7))
+    state = loader.state_dict()
+    del it
+    loader.load_state_dict(state)
+    rest = draws_of(loader)
+    assert len(first) == 7 * BATCH and len(rest) == N_BIG - 7 * BATCH
+    assert {**first, **rest} == {i: replica_pick(("raw", "caption"), (0.2, 0.8), 5, 2, i)
+                                 for i in range(N_BIG)}
+
+
 def test_train_py_logs_the_epoch_fractions_and_keeps_them_over_a_resume(tmp_path):
     argv = lambda name, *x: tiny_argv(tmp_path, name, "--method", "clip", "--raw-fields",  # noqa: E731
                                       "raw,caption", "--raw-field-probs", "0.25,0.75", *x,
