@@ -100,7 +100,8 @@ def test_config_keys_set_the_probabilities(tmp_path):
     (tmp_path / "c.yaml").write_text("method: clip\nraw-fields: raw,caption\nraw_field_probs: 0.5,0.6\n")
     with pytest.raises(SystemExit, match="--raw-field-probs '0.5,0.6': they sum to 1.1"):
         parse_args(["--config", str(tmp_path / "c.yaml")])
-    with pytest.raises(Exception, match="--method clip reads no 'caption' text"):
+    with pytest.raises(Exception, match="^--method clip reads no 'caption' text: --caption-fields "
+                                        "caption,x --caption-field-probs 0.5,0.5 would be ignored$"):
         get_method("clip").check_args(parse_args(["--method", "clip", "--caption-fields", "caption,x",
                                                   "--caption-field-probs", "0.5,0.5"]))
 

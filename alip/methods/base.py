@@ -413,8 +413,10 @@ class Method:
         spec, sources, probs = cls.data_spec(args), text_sources(args), text_probs(args)
         for key, fields in sources.items():
             if (fields != (key,) or key in probs) and key not in spec.fields_read:
-                raise MethodConfigError(f"--method {cls.name} reads no {key!r} text: --{key}-fields "
-                                        f"{','.join(fields)} would be ignored")
+                given = f"--{key}-fields {','.join(fields)}" + (
+                    f" --{key}-field-probs {getattr(args, f'{key}_field_probs')}" if key in probs else "")
+                raise MethodConfigError(f"--method {cls.name} reads no {key!r} text: {given} "
+                                        f"would be ignored")
         return with_sources(spec, sources, probs)
 
     @classmethod
