@@ -34,3 +34,12 @@ def test_demo_configs_share_one_recipe_and_one_vision_tower():
     assert cfgs["clip"].get("vit-style") in ("open_clip", "toolbox")
     towers = {m: open_clip.get_model_config(c["model"])["vision_cfg"] for m, c in cfgs.items()}
     assert len({repr(sorted(t.items())) for t in towers.values()}) == 1, towers
+
+
+def test_the_caption_mixing_demo_is_demo_clip_with_mixed_raw_text():
+    mix = yaml.safe_load((CONFIGS / "demo_clip_mix.yaml").read_text())
+    clip = _configs()["clip"]
+    mixing = {"raw-fields": "raw,caption", "raw-field-probs": "0.2,0.8", "name": "demo-clip-mix"}
+    assert {k: mix[k] for k in mixing} == mixing
+    assert {k: v for k, v in mix.items() if k not in mixing} == {
+        k: v for k, v in clip.items() if k != "name"}

@@ -391,8 +391,8 @@ class DaliViewLoader(DaliRecLoader):
 
     def _finish(self, b, batch, futures, checkpoint):
         parts = [f.result() for f in futures]
-        for v in self.spec.text_views:
-            batch[v.name] = torch.cat([p[v.name] for p in parts]).to(self.token_device)
+        for k in parts[0]:  # the text views and the drawn fields (text_views.apply_batch)
+            batch[k] = torch.cat([p[k] for p in parts]).to(self.token_device)
         self.position, self._saved_checkpoint = b + 1, checkpoint
         return batch
 

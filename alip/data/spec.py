@@ -45,15 +45,41 @@ class TextView:
     built-in name or a ``module:function`` path, ``alip.data.text_views.transform_fn``), seeded
     per sample. ``source``: a
     field name, or a tuple of them: each sample then reads one of them, drawn per sample and
-    epoch (the same draw for every view over the same fields; ``text_views.pick_source``)."""
+    epoch (the same draw for every view over the same fields; ``text_views.pick_source``):
+    uniformly, or with ``probs`` (one probability per source, summing to 1) when given."""
     name: str
     source: object = "raw"  # str or tuple of str
     transform: str = "identity"
     options: tuple = ()  # (key, value) pairs for the transform
+    probs: object = None  # None (uniform) or a tuple of floats, one per source
+
+    def __post_init__(self):
+        if self.probs is not None:
+            object.__setattr__(self, "probs", tuple(float(p) for p in self.probs))
+            why = probs_error(self.probs, len(self.sources))
+            if why:
+                raise ValueError(f"text view {self.name!r}: probabilities {self.probs}: {why}")
 
     @property
     def sources(self):
         return (self.source,) if isinstance(self.source, str) else tuple(self.source)
+
+
+PROBS_TOLERANCE = 1e-6
+
+
+def probs_error(probs, n):
+    """Why ``probs`` (floats) are not the draw probabilities of ``n`` fields, or None."""
+    if n < 2:
+        return "probabilities need two or more fields to draw from"
+    if len(probs) != n:
+        return f"{len(probs)} probabilities for {n} fields"
+    bad = [p for p in probs if not (p >= 0 and p != float("inf"))]  # NaN fails p >= 0
+    if bad:
+        return f"{bad[0]} is not a probability (a number >= 0)"
+    if abs(sum(probs) - 1) > PROBS_TOLERANCE:
+        return f"they sum to {sum(probs):.9g}, not 1"
+    return None
 
 
 @dataclass(frozen=True)
@@ -88,21 +114,24 @@ class DataSpec:
                 + [v.name for v in self.text_views])
 
 
-def with_sources(spec, sources):
+def with_sources(spec, sources, probs=None):
     """``spec`` with batch key K read from the shard fields ``sources[K]`` (a tuple; several:
-    one per sample, ``TextView.source``) instead of the field K: a text field K becomes an
-    identity view of them, and every view derived from K derives from them (drawing the same
-    field per sample). A key the spec does not read is a ValueError."""
+    one per sample, ``TextView.source``, drawn with the probabilities ``probs[K]`` if given,
+    else uniformly) instead of the field K: a text field K becomes an identity view of them,
+    and every view derived from K derives from them (drawing the same field per sample). A key
+    the spec does not read is a ValueError."""
+    probs = probs or {}
     for key, fields in sources.items():
-        fields = tuple(fields)
-        if fields == (key,):
+        fields, p = tuple(fields), probs.get(key)
+        if fields == (key,) and p is None:
             continue
         if key not in spec.fields_read:
             raise ValueError(f"reads no {key!r} text")
         views = tuple(TextView(v.name, fields if v.sources == (key,) else v.source, v.transform,
-                               v.options) for v in spec.text_views)
+                               v.options, p if v.sources == (key,) else v.probs)
+                      for v in spec.text_views)
         if key in spec.text_fields:
-            views = (TextView(key, fields if len(fields) > 1 else fields[0]),) + views
+            views = (TextView(key, fields if len(fields) > 1 else fields[0], probs=p),) + views
         spec = DataSpec(spec.image_views, tuple(f for f in spec.text_fields if f != key), views)
     return spec
 

@@ -62,14 +62,51 @@ def check(text_views, fields=DEFAULT_TEXT_FIELDS):
                                  f"the data has {list(fields)}")
 
 
-def pick_source(view, seed, epoch, index):
-    """The field ``view`` reads for one sample: its source, or one of its several sources drawn
-    from (seed, epoch, record index, the sources), so every view over the same sources reads the
-    same field of a sample (a caption and its partial view stay one caption)."""
+DRAWN = "@field"  # batch key suffix of the drawn fields' indices (a name no field can have)
+
+
+def source_index(view, seed, epoch, index):
+    """Which of ``view``'s sources one sample reads (0 for a single source): drawn from
+    (seed, epoch, record index, the sources) by ``text_rng``: without ``view.probs``
+    ``randrange(n)`` (uniform), with them the first field k whose cumulative probability
+    p_0 + ... + p_k exceeds ``random()`` (the last field of nonzero probability if rounding
+    leaves none). So every view over the same sources reads the same field of a sample (a
+    caption and its partial view stay one caption)."""
     sources = view.sources
     if len(sources) == 1:
-        return sources[0]
-    return sources[text_rng(seed, epoch, index, "pick:" + ",".join(sources)).randrange(len(sources))]
+        return 0
+    rng = text_rng(seed, epoch, index, "pick:" + ",".join(sources))
+    if view.probs is None:
+        return rng.randrange(len(sources))
+    u, total = rng.random(), 0.0
+    for k, p in enumerate(view.probs):
+        total += p
+        if u < total:
+            return k
+    return max(k for k, p in enumerate(view.probs) if p > 0)
+
+
+def pick_source(view, seed, epoch, index):
+    """The field ``view`` reads for one sample (``source_index``)."""
+    return view.sources[source_index(view, seed, epoch, index)]
+
+
+def drawn_views(text_views):
+    """{batch key: view} of the draws a loader reports: one per distinct (sources, probs) of
+    several sources, keyed ``<first such view's name>@field``; its value in a batch is an int64
+    [B] tensor of the index (in ``view.sources``) of the field each sample read."""
+    out, seen = {}, set()
+    for v in text_views:
+        if len(v.sources) > 1 and (v.sources, v.probs) not in seen:
+            seen.add((v.sources, v.probs))
+            out[v.name + DRAWN] = v
+    return out
+
+
+def draws(text_views, seed, epoch, index):
+    """One sample's entries of the ``drawn_views`` keys: {key: int64 0-dim tensor}."""
+    return {k: torch.tensor(source_index(v, seed, epoch, index), dtype=torch.int64)
+            for k, v in drawn_views(text_views).items()}
 
 
 def apply(view, fields, seed, epoch, index):
@@ -84,7 +121,11 @@ def apply(view, fields, seed, epoch, index):
 
 def apply_batch(text_views, fields, seed, epoch, indices):
     """Every text view of a batch: fields {name: int64 [B,77]} + record indices ->
-    {view name: int64 [B,77]}."""
-    return {v.name: torch.stack([apply(v, {f: fields[f][j] for f in v.sources}, seed, epoch, int(i))
-                                 for j, i in enumerate(indices)]) if len(indices) else
-            fields[v.sources[0]][:0].clone() for v in text_views}
+    {view name: int64 [B,77]}, and the ``drawn_views`` keys: {key: int64 [B]}."""
+    out = {v.name: torch.stack([apply(v, {f: fields[f][j] for f in v.sources}, seed, epoch, int(i))
+                                for j, i in enumerate(indices)]) if len(indices) else
+           fields[v.sources[0]][:0].clone() for v in text_views}
+    out.update((k, torch.tensor([source_index(v, seed, epoch, int(i)) for i in indices],
+                                dtype=torch.int64))
+               for k, v in drawn_views(text_views).items())
+    return out

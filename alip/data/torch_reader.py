@@ -327,6 +327,7 @@ class ViewDataset(RecDataset):
         out.update((f, fields[f]) for f in self.spec.text_fields)
         out.update((v.name, text_views.apply(v, fields, self.seed, epoch, i))
                    for v in self.spec.text_views)
+        out.update(text_views.draws(self.spec.text_views, self.seed, epoch, i))
         return out
 
 

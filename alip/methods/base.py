@@ -24,7 +24,7 @@ import open_clip
 import torch
 import torch.nn as nn
 
-from ..data.spec import DataSpec, TextView, with_sources
+from ..data.spec import DataSpec, TextView, probs_error, with_sources
 
 REDUCE = "alip.text_views:reduce_row"  # CLIPS' token reduction as a text view
 CAPTION_VIEW = "caption_view"
@@ -34,6 +34,14 @@ def text_sources(args):
     """{"raw": fields, "caption": fields} from ``--raw-fields`` / ``--caption-fields``."""
     return {key: tuple(str(getattr(args, f"{key}_fields", None) or key).split(","))
             for key in ("raw", "caption")}
+
+
+def text_probs(args):
+    """{"raw": probabilities, ...} from ``--raw-field-probs`` / ``--caption-field-probs``, for
+    the keys given (floats, one per field of ``text_sources``; ``check_field_flags`` checks them)."""
+    return {key: tuple(float(p) for p in str(value).split(","))
+            for key in ("raw", "caption")
+            if (value := getattr(args, f"{key}_field_probs", None)) not in (None, "")}
 
 
 def with_caption_view(spec, args, full="full"):
@@ -83,11 +91,19 @@ def add_shared_args(parser):
         "--caption-fields", default="caption", metavar="F[,F...]",
         help="The shard text field(s) the method reads as its synthetic caption (alip, clips): "
              "e.g. generated (RWKV-CLIP's shards); several: one drawn per sample and epoch.")
+    for key in ("raw", "caption"):
+        g.add_argument(
+            f"--{key}-field-probs", default=None, metavar="P[,P...]",
+            help=f"With several --{key}-fields: the probability of drawing each (same order, "
+                 f"summing to 1), e.g. 0.2,0.8; drawn per sample and epoch from (seed, epoch, "
+                 f"record index). Default: uniform. The fraction each field was read is logged "
+                 f"per epoch (results.jsonl field_fractions).")
 
 
 def check_field_flags(args):
-    """--raw-fields / --caption-fields name fields, each once; raises ValueError naming the
-    flag."""
+    """--raw-fields / --caption-fields name fields, each once, and --raw-field-probs /
+    --caption-field-probs are one probability per field of several, summing to 1; raises
+    ValueError naming the flag."""
     for flag in ("raw_fields", "caption_fields"):
         names = str(getattr(args, flag)).split(",")
         bad = [n for n in names if not n.isidentifier()] or (
@@ -95,6 +111,18 @@ def check_field_flags(args):
         if bad:
             raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)!r}: {bad[0]!r} is "
                              f"not a field name or is named twice (e.g. caption,generated)")
+    for key, fields in text_sources(args).items():
+        given = getattr(args, f"{key}_field_probs", None)
+        if given in (None, ""):
+            continue
+        flag = f"--{key}-field-probs {given!r}"
+        try:
+            probs = tuple(float(p) for p in str(given).split(","))
+        except ValueError:
+            raise ValueError(f"{flag}: expected numbers separated by commas, e.g. 0.2,0.8") from None
+        why = probs_error(probs, len(fields))
+        if why:
+            raise ValueError(f"{flag}: {why} (--{key}-fields {','.join(fields)})")
 
 
 LOGIT_SCALE_MAX = math.log(100)
@@ -382,12 +410,14 @@ class Method:
         """``data_spec`` with its raw / caption inputs read from the shard fields
         ``--raw-fields`` / ``--caption-fields`` name (``spec.with_sources``): what the loader
         yields and the method reads."""
-        spec, sources = cls.data_spec(args), text_sources(args)
+        spec, sources, probs = cls.data_spec(args), text_sources(args), text_probs(args)
         for key, fields in sources.items():
-            if fields != (key,) and key not in spec.fields_read:
-                raise MethodConfigError(f"--method {cls.name} reads no {key!r} text: --{key}-fields "
-                                        f"{','.join(fields)} would be ignored")
-        return with_sources(spec, sources)
+            if (fields != (key,) or key in probs) and key not in spec.fields_read:
+                given = f"--{key}-fields {','.join(fields)}" + (
+                    f" --{key}-field-probs {getattr(args, f'{key}_field_probs')}" if key in probs else "")
+                raise MethodConfigError(f"--method {cls.name} reads no {key!r} text: {given} "
+                                        f"would be ignored")
+        return with_sources(spec, sources, probs)
 
     @classmethod
     def check_args(cls, args):

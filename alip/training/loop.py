@@ -26,6 +26,7 @@ from alip.model import to_device_keeping_host_tokens
 from . import checkpoint as ckpt
 from .config import TrainConfigError, resolve_config, run_dir_of, train_data_paths
 from .distributed import all_gather_object, barrier, cleanup, init_distributed
+from .field_log import FieldCounts
 from .locks import lock_towers
 from .logger import RunLogger, setup_text_log
 from .optim import build_optimizer, build_scheduler
@@ -342,6 +343,7 @@ class Trainer:
                                        "notes": cfg.wandb_notes, "config": run.record(),
                                        "resumed": resumed})
         self.stopper = StopOnSignal(parse_signals(cfg.stop_signals))
+        self.fields = FieldCounts(method.data, info.device, position.field_counts)
         self.signalled = None  # the stop signal every rank agreed on (alip.training.preemption)
 
     def done(self):
@@ -389,6 +391,7 @@ class Trainer:
         for batch in as_batch_dicts(run.loader, run.method.data, run.info.device):
             if pos.batch >= last_batch:
                 break
+            self.fields.take(batch)  # the drawn fields' indices: counted, not trained on
             micro.append(batch)
             pos.batch += 1
             if len(micro) < cfg.accum_freq:
@@ -447,6 +450,9 @@ class Trainer:
         """The epoch's checkpoint when due (or on a stop signal), then its evaluation."""
         cfg, run, pos = self.run.cfg, self.run, self.pos
         self.book.read()
+        fields = self.fields.epoch_record(run.info)  # every rank
+        if fields and run.info.is_master:
+            self.logger.write({"kind": "epoch", "step": pos.step, "epoch": pos.epoch + 1, **fields})
         pos.epoch, pos.batch = pos.epoch + 1, 0
         if (cfg.save_frequency and pos.epoch % cfg.save_frequency == 0) \
                 or pos.epoch == cfg.epochs or self.signalled:
@@ -473,6 +479,7 @@ class Trainer:
                  "scaler": run.scaler.state_dict() if run.scaler is not None else None,
                  **run.method.state_dict(), "epoch": pos.epoch, "batch_in_epoch": pos.batch,
                  "step": pos.step, "nonfinite_total": book.total,
+                 "field_counts": all_gather_object(self.fields.state(), run.info),
                  "rng": all_gather_object(ckpt.rng_state(), run.info),
                  "loader": all_gather_object(run.loader.state_dict(), run.info)
                  if hasattr(run.loader, "state_dict") else None,

@@ -69,10 +69,11 @@ RESUME_FIXED = ("batch_size", "world_size", "accum_freq", "epochs", "length_buck
                 "wd", "beta1", "beta2", "eps", "schedule", "pct_start", "cycle_momentum", "warmup",
                 "warmup_start_lr", "wd_exclude_gain_bias", "method", "seed", "data_reader",
                 "caption_view", "caption_tokens", "vit_style", "raw_fields", "caption_fields",
-                *LOCK_FLAGS)
+                "raw_field_probs", "caption_field_probs", *LOCK_FLAGS)
 # What a checkpoint written before a RESUME_FIXED flag existed ran with.
 RESUME_DEFAULTS = {"length_bucketing": 0, "vit_style": "reference", "raw_fields": "raw",
-                   "caption_fields": "caption", **LOCK_DEFAULTS}
+                   "caption_fields": "caption", "raw_field_probs": None,
+                   "caption_field_probs": None, **LOCK_DEFAULTS}
 
 
 
@@ -375,6 +376,10 @@ def _config_keys(parser):
     return keys
 
 
+# Comma-list flags a --config may also give as a YAML list (``raw-field-probs: [0.2, 0.8]``).
+LIST_FLAGS = ("train_data", "raw_fields", "caption_fields", "raw_field_probs", "caption_field_probs")
+
+
 def yaml_value(action, value):
     """A --config value converted as the flag's parser would; raises FlagError (no file name)."""
     if value is None:
@@ -399,7 +404,7 @@ def yaml_value(action, value):
         if why:
             raise FlagError(why)
         return value
-    if action.dest == "train_data" and isinstance(value, list):
+    if action.dest in LIST_FLAGS and isinstance(value, list):
         value = ",".join(map(str, value))
     if isinstance(value, (list, dict)):
         raise FlagError(f"expected a single value, got {value!r}")

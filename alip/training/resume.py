@@ -21,6 +21,7 @@ class Position:
     step: int = 0
     nonfinite_total: int = 0
     loader_state: Optional[dict] = None
+    field_counts: Optional[dict] = None  # this rank's drawn-field counts of the epoch so far
 
 def find_resume(args, ckpt_dir, log):
     """The checkpoint this process would resume from (None: a fresh start)."""
@@ -105,11 +106,13 @@ def restore(run, path):
         run.scaler.load_state_dict(state["scaler"])
     run.method.load_state_dict(state)
     rngs, loaders = state.get("rng") or [], state.get("loader") or []
+    counts = state.get("field_counts") or []
     if len(rngs) == info.world_size:
         ckpt.set_rng_state(rngs[info.rank])
     position = Position(state["epoch"], state["batch_in_epoch"], state["step"],
                         state.get("nonfinite_total", 0),
-                        loaders[info.rank] if len(loaders) == info.world_size else None)
+                        loaders[info.rank] if len(loaders) == info.world_size else None,
+                        counts[info.rank] if len(counts) == info.world_size else None)
     run.log.info("resumed from %s: epoch %d, batch %d, step %d", path, position.epoch,
                  position.batch, position.step)
     return position
