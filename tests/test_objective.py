@@ -209,7 +209,11 @@ def _worker(rank, port, out_path):
     dist.destroy_process_group()
 
 
-def test_alip_sigmoid_on_two_ranks_equals_one_process_over_the_global_batch(tmp_path):
+@pytest.mark.slow  # a 2-process spawn (~45 s on a loaded CPU); tests/test_train_accum_ddp.py
+def test_alip_sigmoid_on_two_ranks_equals_one_process_over_the_global_batch(tmp_path):  # (CI)
+    """With and without --local-loss / --gather-with-grad: the losses (ranks' mean), the
+    gradients DDP holds (ranks' mean) and the gate EMAs, over two calls. (End to end, training
+    with accumulation on 2 ranks, in tests/test_train_accum_ddp.py, which CI runs.)"""
     mp.spawn(_worker, nprocs=WORLD, join=True, args=(free_port(), tmp_path / "r.pt"))
     result = torch.load(tmp_path / "r.pt")
     one_losses, one_grads, one_state = alip_step(0, 1, False, False)
