@@ -143,10 +143,12 @@ def weighted_sigmoid_loss(img, txt, logit_scale, logit_bias, w_row, w_col, offse
     -1; ``t = logit_scale`` (already exp'd), ``b = logit_bias``. Rows are the image side (the
     global batch, or one rank's rows with ``offset = rank * R``), columns every text. With all
     weights 1 and R = N it is open_clip's ``SigLipLoss`` over one batch."""
-    logits = logit_scale * img @ txt.T + logit_bias
+    # at least float32 (fp16 autocast's matmul: a sum of N^2 terms of ~10 overflows fp16)
+    dtype = torch.promote_types(torch.promote_types(img.dtype, txt.dtype), torch.float32)
+    logits = logit_scale.to(dtype) * (img @ txt.T).to(dtype) + logit_bias.to(dtype)
     rows, cols = logits.shape
     z = _signs(rows, cols, offset, logits)
-    weights = 0.5 * (w_row[:, None] + w_col[None, :]).to(logits.dtype)
+    weights = 0.5 * (w_row[:, None] + w_col[None, :]).to(dtype)
     return -(weights * F.logsigmoid(z * logits)).sum() / rows
 
 

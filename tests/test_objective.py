@@ -286,3 +286,29 @@ def test_a_sigmoid_clip_checkpoint_loads_for_evaluation_with_its_bias(tmp_path):
     model, _, _ = load_model(checkpoint=str(path))
     assert torch.equal(model.logit_bias, saved["state_dict"]["logit_bias"])
     assert torch.equal(model.logit_scale, saved["state_dict"]["logit_scale"])
+
+
+def test_the_weighted_sigmoid_loss_sums_in_float32_or_wider():
+    """Half-precision features (autocast's matmul) are summed in float32: a sum of N^2 terms
+    near 10 per positive reaches fp16's 65504 at a global batch of ~6.5k; float64 stays."""
+    from alip.loss import weighted_sigmoid_loss
+    gen = torch.Generator().manual_seed(5)
+    x, y = unit(8, 16, gen), unit(8, 16, gen)
+    w = torch.rand(8, generator=gen, dtype=torch.float64)
+    t, b = torch.tensor(10.0), torch.tensor(-10.0)
+    exact = weighted_sigmoid_loss(x, y, t.double(), b.double(), w, w)
+    assert exact.dtype == torch.float64
+    torch.testing.assert_close(exact, replica(x, y, 10.0, -10.0, w), **TIGHT)
+    half = weighted_sigmoid_loss(x.half(), y.half(), t, b, w.float(), w.float())
+    assert half.dtype == torch.float32
+    # fp16 features round each <x, y> by <= ~2^-11 relative; t = 10 moves a logit by <= 0.01
+    torch.testing.assert_close(half.double(), exact, rtol=1e-2, atol=0)
+
+
+def test_resuming_with_another_objective_is_refused():
+    from alip.training.params import resume_conflicts
+    now = parse_args(["--method", "clip", "--objective", "sigmoid"])
+    assert resume_conflicts({"objective": "softmax"}, now) == [
+        "objective (checkpoint softmax, now sigmoid)"]
+    assert resume_conflicts({"objective": "sigmoid"}, now) == []
+    assert resume_conflicts({}, now) == []  # a checkpoint from before --objective: not checked
