@@ -50,7 +50,8 @@ ALIP_KEYS = ["loss_raw", "loss_caption", "ema_tc", "ema_it", "ema_ic", "w_sample
 
 
 # a run's key -> its method flags: a method's name, or a variant of it (docs/methods.md §11)
-VARIANTS = {"alip-sigmoid": ("--method", "alip", "--objective", "sigmoid")}
+VARIANTS = {"alip-sigmoid": ("--method", "alip", "--objective", "sigmoid"),
+            "clip-sigmoid": ("--method", "clip", "--objective", "sigmoid")}
 
 
 def _argv(tmp_path, name, method, mode, *, batch, accum):
@@ -109,8 +110,9 @@ def _check_end_to_end(run_dir, method):
 
 
 # siglip: its neighbour exchange against one global batch; alip-sigmoid: ALIP's gate-weighted
-# sigmoid loss over the gathered batch (tests/test_objective.py: its --local-loss forms)
-FAST = ("clip", "alip", "siglip", "alip-sigmoid")
+# sigmoid loss over the gathered batch (tests/test_objective.py: its --local-loss forms);
+# clip-sigmoid: open_clip's SigLipLoss as --objective sigmoid wires it (alip.loss.PairLoss)
+FAST = ("clip", "alip", "siglip", "alip-sigmoid", "clip-sigmoid")
 
 
 @pytest.fixture(scope="module")
