@@ -10,6 +10,12 @@ The defaults reproduce deepglint/ALIP (train.py:106-156, open_alip/loss.py:84-12
   ``w_c = exp(gamma*(s_ic - H_ic))``, else 1. DCG is *not* capped at 1;
 * per path p: ``L_p = mean_N(w_s * w_pair_p * CE_sym_p)``; ``L = L_raw + L_caption``.
 
+``objective="sigmoid"`` (``--objective sigmoid``, docs/methods.md §11) replaces each path's
+symmetric InfoNCE by SigLIP's pairwise sigmoid loss with the same per-sample weights
+``w = w_s * w_pair_p``: sample i's weight on the image-i row and sample j's on the text-j
+column, ``L_p = -1/N sum_ij (w_i + w_j)/2 log sigmoid(z_ij (t <x_i, y_j> + b))``
+(``weighted_sigmoid_loss``); with every weight 1 it is SigLIP's loss.
+
 Deviations from the reference, each a constructor argument or stated here:
 
 * the three EMAs are registered buffers, so they live in ``state_dict`` and survive a resume
@@ -24,10 +30,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from open_clip.loss import ClipLoss
+from open_clip.loss import ClipLoss, SigLipLoss
 
 GATE_NAMES = ("tc", "it", "ic")
 DDP_GRADIENTS = ("global", "reference")
+OBJECTIVES = ("softmax", "sigmoid")  # --objective
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -83,7 +90,8 @@ def gather_features(features, rank, world_size, gather_with_grad=False):
     return torch.cat(pieces, dim=0)
 
 
-def _check_inputs(image_features, raw_features, caption_features, logit_scale):
+def _check_inputs(image_features, raw_features, caption_features, logit_scale,
+                  logit_bias=None, objective="softmax"):
     """Shapes, every call; values (``_check_values``) are checked on a module's first call
     only, so that a training step never waits for them."""
     named = {"image_features": image_features, "raw_features": raw_features,
@@ -97,6 +105,10 @@ def _check_inputs(image_features, raw_features, caption_features, logit_scale):
     if not torch.is_tensor(logit_scale) or logit_scale.numel() != 1:
         shape = tuple(logit_scale.shape) if torch.is_tensor(logit_scale) else type(logit_scale)
         raise ValueError(f"ALIPLoss: logit_scale must be a scalar tensor, got {shape}")
+    if objective == "sigmoid" and (not torch.is_tensor(logit_bias) or logit_bias.numel() != 1):
+        raise ValueError("ALIPLoss: objective 'sigmoid' needs a scalar logit_bias tensor (a model "
+                         "created with init_logit_bias), got "
+                         f"{tuple(logit_bias.shape) if torch.is_tensor(logit_bias) else logit_bias}")
     return named
 
 
@@ -116,10 +128,43 @@ def _check_values(named, logit_scale):
                     f"{norms.min().item():.4g}..{norms.max().item():.4g} (tolerance {tol})")
 
 
+def check_objective(objective):
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    return objective
+
+
+def weighted_sigmoid_loss(img, txt, logit_scale, logit_bias, w_row, w_col, offset=0):
+    """SigLIP's pairwise sigmoid loss with per-sample weights, over R image rows and N texts::
+
+        -1/R sum_{i<R, j<N} (w_row_i + w_col_j)/2 log sigmoid(z_ij (t <x_i, y_j> + b))
+
+    ``z_ij = 1`` where row i's sample is text j (row i is global sample ``offset + i``), else
+    -1; ``t = logit_scale`` (already exp'd), ``b = logit_bias``. Rows are the image side (the
+    global batch, or one rank's rows with ``offset = rank * R``), columns every text. With all
+    weights 1 and R = N it is open_clip's ``SigLipLoss`` over one batch."""
+    # at least float32 (fp16 autocast's matmul: a sum of N^2 terms of ~10 overflows fp16)
+    dtype = torch.promote_types(torch.promote_types(img.dtype, txt.dtype), torch.float32)
+    logits = logit_scale.to(dtype) * (img @ txt.T).to(dtype) + logit_bias.to(dtype)
+    rows, cols = logits.shape
+    z = _signs(rows, cols, offset, logits)
+    weights = 0.5 * (w_row[:, None] + w_col[None, :]).to(dtype)
+    return -(weights * F.logsigmoid(z * logits)).sum() / rows
+
+
+def _signs(rows, cols, offset, like):
+    """[rows, cols] of -1 with +1 at (i, offset + i)."""
+    z = -torch.ones(rows, cols, dtype=like.dtype, device=like.device)
+    i = torch.arange(rows, device=like.device)
+    z[i, offset + i] = 1
+    return z
+
+
 class ALIPLoss(nn.Module):
     def __init__(self, gamma=2.0, momentum=0.99, ema_init=1.0, rank=0, world_size=1,
-                 local_loss=False, gather_with_grad=False, grad_scale=1.0):
+                 local_loss=False, gather_with_grad=False, grad_scale=1.0, objective="softmax"):
         super().__init__()
+        self.objective = check_objective(objective)
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"ALIPLoss: momentum must be in [0, 1], got {momentum}")
         if world_size < 1 or not 0 <= rank < world_size:
@@ -157,12 +202,18 @@ class ALIPLoss(nn.Module):
         w_caption = torch.where(flagged, torch.exp(self.gamma * (sims["ic"] - emas["ic"])), one)
         return sims, w_sample, w_text, w_caption
 
-    def _path_loss(self, img_local, txt_local, all_img, all_txt, logit_scale, weights):
-        """mean(weights * symmetric per-sample InfoNCE) for one (image, text) path."""
+    def _path_loss(self, img_local, txt_local, all_img, all_txt, logit_scale, weights,
+                   logit_bias=None):
+        """One (image, text) path weighted per sample by ``weights`` (the global batch's):
+        mean(weights * symmetric per-sample InfoNCE), or the weighted sigmoid loss."""
+        if self.objective == "sigmoid":
+            return self._sigmoid_path_loss(img_local, all_img, all_txt, logit_scale, logit_bias,
+                                           weights)
         if self.local_loss:
+            b = img_local.shape[0]
+            weights = weights[self.rank * b:(self.rank + 1) * b]
             logits_per_image = logit_scale * img_local @ all_txt.T
             logits_per_text = logit_scale * txt_local @ all_img.T
-            b = img_local.shape[0]
             labels = torch.arange(b, device=img_local.device) + self.rank * b
         else:
             logits_per_image = logit_scale * all_img @ all_txt.T
@@ -172,8 +223,22 @@ class ALIPLoss(nn.Module):
                     + F.cross_entropy(logits_per_text, labels, reduction="none"))
         return (weights.to(ce.dtype) * ce).mean()
 
-    def forward(self, image_features, raw_features, caption_features, logit_scale):
-        named = _check_inputs(image_features, raw_features, caption_features, logit_scale)
+    def _sigmoid_path_loss(self, img_local, all_img, all_txt, logit_scale, logit_bias, weights):
+        """``weighted_sigmoid_loss`` over the global batch's images (every rank the same loss;
+        the local rows' gradient scaled by ``grad_scale``), or with ``local_loss`` over this
+        rank's image rows against every text (the mean over ranks is the global loss; the other
+        ranks' texts take their gradient through the gather's backward)."""
+        if self.local_loss:
+            b = img_local.shape[0]
+            return weighted_sigmoid_loss(img_local, all_txt, logit_scale, logit_bias,
+                                         weights[self.rank * b:(self.rank + 1) * b], weights,
+                                         offset=self.rank * b)
+        return weighted_sigmoid_loss(all_img, all_txt, logit_scale, logit_bias, weights, weights)
+
+    def forward(self, image_features, raw_features, caption_features, logit_scale,
+                logit_bias=None):
+        named = _check_inputs(image_features, raw_features, caption_features, logit_scale,
+                              logit_bias, self.objective)
         if not self._values_checked:
             _check_values(named, logit_scale)
             self._values_checked = True
@@ -185,15 +250,10 @@ class ALIPLoss(nn.Module):
         all_img, all_raw, all_cap = all_joint.split(d, dim=1)
 
         sims, w_sample, w_text, w_caption = self.gates(all_img, all_raw, all_cap)
-        if self.local_loss:
-            rows = slice(self.rank * b, (self.rank + 1) * b)
-            ws, wt, wc = w_sample[rows], w_text[rows], w_caption[rows]
-        else:
-            ws, wt, wc = w_sample, w_text, w_caption
         loss_raw = self._path_loss(image_features, raw_features, all_img, all_raw, logit_scale,
-                                   ws * wt)
+                                   w_sample * w_text, logit_bias)
         loss_caption = self._path_loss(image_features, caption_features, all_img, all_cap,
-                                       logit_scale, ws * wc)
+                                       logit_scale, w_sample * w_caption, logit_bias)
         out = {"loss": loss_raw + loss_caption, "loss_raw": loss_raw, "loss_caption": loss_caption,
                "w_sample": w_sample, "w_text": w_text, "w_caption": w_caption}
         for name in GATE_NAMES:
@@ -214,3 +274,35 @@ class GlobalGradClipLoss(ClipLoss):
     def forward(self, image_features, text_features, logit_scale, **kwargs):
         return super().forward(scale_grad(image_features, self.grad_scale),
                                scale_grad(text_features, self.grad_scale), logit_scale, **kwargs)
+
+
+class PairLoss(nn.Module):
+    """One CLIP-style term on (image, text) under ``objective`` (``--objective``): softmax is
+    ``GlobalGradClipLoss`` (open_clip's ``ClipLoss``, the arguments as there), sigmoid is
+    open_clip's ``SigLipLoss`` with its neighbour exchange (``dist_impl``). ``forward(image,
+    text, feats)`` reads ``feats["logit_scale"]`` (and ``feats["logit_bias"]`` for sigmoid).
+
+    The sigmoid term needs no gradient scale and ignores ``local_loss`` / ``gather_with_grad``:
+    each rank scores its images against every rank's texts, the exchange's backward returning
+    the other ranks' text gradients, so DDP's mean of the ranks' gradients is the gradient of
+    one process over the global batch (open_clip's and the global gradients coincide)."""
+
+    def __init__(self, objective="softmax", grad_scale=1.0, local_loss=False,
+                 gather_with_grad=False, cache_labels=True, rank=0, world_size=1,
+                 dist_impl="bidir"):
+        super().__init__()
+        self.objective = check_objective(objective)
+        if objective == "softmax":
+            self.term = GlobalGradClipLoss(
+                grad_scale=grad_scale, local_loss=local_loss, gather_with_grad=gather_with_grad,
+                cache_labels=cache_labels, rank=rank, world_size=world_size)
+        else:
+            self.term = SigLipLoss(rank=rank, world_size=world_size, dist_impl=dist_impl)
+
+    def forward(self, image_features, text_features, feats):
+        if self.objective == "softmax":
+            return self.term(image_features, text_features, feats["logit_scale"])
+        if feats.get("logit_bias") is None:
+            raise ValueError("objective 'sigmoid' needs the features' logit_bias (a model created "
+                             "with init_logit_bias)")
+        return self.term(image_features, text_features, feats["logit_scale"], feats["logit_bias"])

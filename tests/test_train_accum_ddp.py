@@ -49,8 +49,14 @@ ALIP_KEYS = ["loss_raw", "loss_caption", "ema_tc", "ema_it", "ema_ic", "w_sample
              "w_text_mean", "w_caption_mean"]
 
 
+# a run's key -> its method flags: a method's name, or a variant of it (docs/methods.md §11)
+VARIANTS = {"alip-sigmoid": ("--method", "alip", "--objective", "sigmoid"),
+            "clip-sigmoid": ("--method", "clip", "--objective", "sigmoid")}
+
+
 def _argv(tmp_path, name, method, mode, *, batch, accum):
-    return tiny_argv(tmp_path, name, "--method", method, "--lr", "5e-3", "--accum-freq",
+    flags = VARIANTS.get(method, ("--method", method))
+    return tiny_argv(tmp_path, name, *flags, "--lr", "5e-3", "--accum-freq",
                      str(accum), "--accum-mode", mode, samples=64, batch=batch)
 
 
@@ -97,13 +103,16 @@ def _assert_modes_differ(run_dir):
 def _check_end_to_end(run_dir, method):
     """``run_dir`` holds the method's 2-rank runs: each equals its one-process run."""
     _single_runs(run_dir, method)
-    keys = ["loss", "grad_norm"] + (ALIP_KEYS if method == "alip" else [])
+    keys = ["loss", "grad_norm"] + (ALIP_KEYS if method.startswith("alip") else [])
     for mode in ("batch", "micro"):
         _assert_same_run(run_dir / f"ddp-{mode}", run_dir / f"one-{mode}", keys)
     _assert_modes_differ(run_dir)
 
 
-FAST = ("clip", "alip", "siglip")  # siglip: its neighbour exchange against one global batch
+# siglip: its neighbour exchange against one global batch; alip-sigmoid: ALIP's gate-weighted
+# sigmoid loss over the gathered batch (tests/test_objective.py: its --local-loss forms);
+# clip-sigmoid: open_clip's SigLipLoss as --objective sigmoid wires it (alip.loss.PairLoss)
+FAST = ("clip", "alip", "siglip", "alip-sigmoid", "clip-sigmoid")
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,9 @@ deepglint/ALIP train.py:106-156, open_alip/loss.py:84-121)."""
 from ..data.spec import ALIP_DATA
 from ..loss import ALIPLoss, local_grad_scale
 from ..model import TEXT_MODES, encode_text_pair
-from .base import CAPTION_VIEW, ContrastiveEncoder, Method, with_caption_view
+from .base import (CAPTION_VIEW, ContrastiveEncoder, Method, logit_params, objective,
+                   with_caption_view)
+from .clip import require_logit_bias
 
 
 class ALIPEncoder(ContrastiveEncoder):
@@ -25,18 +27,19 @@ class ALIPEncoder(ContrastiveEncoder):
         cap = batch.get(CAPTION_VIEW, batch["caption"])  # --caption-view: a partial caption
         raw_f, cap_f = encode_text_pair(self.model, raw, cap, self.text_mode, self.trim_text)
         return {"image": self.model.encode_image(batch["image"], normalize=True),
-                "raw": raw_f, "caption": cap_f, "logit_scale": self.model.logit_scale.exp()}
+                "raw": raw_f, "caption": cap_f, **logit_params(self.model)}
 
 
 class ALIPCriterion(ALIPLoss):
     def forward(self, feats):
         return super().forward(feats["image"], feats["raw"], feats["caption"],
-                               feats["logit_scale"])
+                               feats["logit_scale"], feats.get("logit_bias"))
 
 
 class ALIP(Method):
     name = "alip"
     data = ALIP_DATA
+    objectives = ("softmax", "sigmoid")  # sigmoid: the gate-weighted pairwise sigmoid loss
     flag_ranges = {"alip_gamma": "[0, inf)", "alip_momentum": "[0, 1]", "alip_ema_init": "[-1, 1]"}
 
     @classmethod
@@ -55,9 +58,11 @@ class ALIP(Method):
 
     def build(self, model):
         args, rank, world_size = self.args, self.rank, self.world_size
+        require_logit_bias(model, args)
         self.encoder = ALIPEncoder(model, args.text_mode)
         self.criterion = ALIPCriterion(
             gamma=args.alip_gamma, momentum=args.alip_momentum, ema_init=args.alip_ema_init,
             rank=rank, world_size=world_size, local_loss=args.local_loss,
             gather_with_grad=args.gather_with_grad,
-            grad_scale=local_grad_scale(world_size, args.gather_with_grad, args.ddp_gradients))
+            grad_scale=local_grad_scale(world_size, args.gather_with_grad, args.ddp_gradients),
+            objective=objective(args))

@@ -74,6 +74,7 @@ def add_shared_args(parser):
              "reference: the method's reference (toolbox for SLIP with toolbox views, FILIP, "
              "DeCLIP, DeFILIP; open_clip for the others). Set one for all methods to compare "
              "them on the same tower.")
+    add_objective_arg(g)
     g.add_argument(
         "--caption-view", choices=("full", "truncate", "random", "block", "subcaption"),
         default="full",
@@ -98,6 +99,35 @@ def add_shared_args(parser):
                  f"summing to 1), e.g. 0.2,0.8; drawn per sample and epoch from (seed, epoch, "
                  f"record index). Default: uniform. The fraction each field was read is logged "
                  f"per epoch (results.jsonl field_fractions).")
+
+
+OBJECTIVES = ("softmax", "sigmoid")  # --objective (alip.loss.OBJECTIVES)
+# SigLIP's init (Zhai et al. 2023, arXiv 2303.15343 §3.2): t' = log 10, b = -10; open_clip
+# creates ``model.logit_bias`` for a non-None ``init_logit_bias``
+SIGMOID_MODEL_KWARGS = {"init_logit_scale": math.log(10), "init_logit_bias": -10.0}
+
+
+def add_objective_arg(g):
+    g.add_argument(
+        "--objective", choices=OBJECTIVES, default="softmax",
+        help="The CLIP-style contrastive terms' objective: softmax (InfoNCE, the methods' "
+             "own) or sigmoid (SigLIP's pairwise loss, learnable temperature from 10 and bias "
+             "from -10): clip, alip (gate-weighted), slip's CLIP term, clips' two contrastive "
+             "terms; other methods refuse sigmoid (docs/methods.md §11).")
+
+
+def objective(args):
+    """``--objective`` (softmax when the flag is absent)."""
+    return getattr(args, "objective", "softmax")
+
+
+def logit_params(model):
+    """The features' temperature ``logit_scale`` (exp of the parameter) and, for a model with a
+    logit bias (created for ``--objective sigmoid``), ``logit_bias`` as a 0-dim tensor."""
+    out = {"logit_scale": model.logit_scale.exp()}
+    if getattr(model, "logit_bias", None) is not None:
+        out["logit_bias"] = model.logit_bias.reshape(())
+    return out
 
 
 def check_field_flags(args):
@@ -288,6 +318,8 @@ class Method:
     find_unused_parameters = False  # DDP: True when some model parameters are outside the loss
     shared_flags = ()  # dests of other methods' flags it reads too (``flags_read``)
     batchnorm_heads = False  # heads with BatchNorm: a training batch needs 2+ samples
+    objectives = ("softmax",)  # --objective values it has a form for (docs/methods.md §11)
+    sigmoid_exchange = False  # its sigmoid terms are open_clip's SigLipLoss (alip.loss.PairLoss)
 
     def __init__(self, args, rank=0, world_size=1):
         self.check_args(args)
@@ -304,9 +336,10 @@ class Method:
         return {}
 
     def model_kwargs(self):
-        """Keyword arguments the method needs ``open_clip.create_model_and_transforms`` to get
-        (none here; a method that needs, say, another text context returns them)."""
-        return {}
+        """Keyword arguments the method needs ``open_clip.create_model_and_transforms`` to get:
+        SigLIP's temperature and bias init for ``--objective sigmoid``, else none (a method that
+        needs, say, another text context returns them)."""
+        return dict(SIGMOID_MODEL_KWARGS) if objective(self.args) == "sigmoid" else {}
 
     def attach(self, model):
         """Build the method on ``model`` (created with ``model_kwargs()``, under the training
@@ -391,6 +424,25 @@ class Method:
         return f"{flag} ({who}{f'; {cls.name} reads {own}' if own else ''})"
 
     @classmethod
+    def check_objective(cls, args):
+        """``--objective`` must be one of ``objectives`` when given or not softmax (a method
+        whose only form is sigmoid, SigLIP, takes the default softmax as not given). A sigmoid
+        term through open_clip's SigLipLoss (``sigmoid_exchange``) has no use for --local-loss /
+        --gather-with-grad: refused rather than ignored."""
+        value, given = objective(args), "objective" in getattr(args, "flags_given", ())
+        if (given or value != "softmax") and value not in cls.objectives:
+            raise MethodConfigError(
+                f"--objective {value}: --method {cls.name} has no {value} form of its "
+                f"contrastive terms (it has: {', '.join(cls.objectives)})")
+        if value == "sigmoid" and cls.sigmoid_exchange:
+            for flag in ("local_loss", "gather_with_grad"):
+                if getattr(args, flag, False):
+                    raise MethodConfigError(
+                        f"--{flag.replace('_', '-')} has no effect with --objective sigmoid on "
+                        f"--method {cls.name}: each rank scores its images against every rank's "
+                        f"texts by neighbour exchange (open_clip SigLipLoss)")
+
+    @classmethod
     def check_shapes(cls, args, dims):
         """Raise MethodConfigError, naming the flags, for head sizes that do not fit together
         or do not fit ``--model`` (``dims``: its ``ModelDims``; a None size is known only to
@@ -425,6 +477,7 @@ class Method:
         methods' flags (``check_flags_read``), head shapes (``check_shapes``), accumulation,
         text fields and caption views."""
         cls.check_flags_read(args)
+        cls.check_objective(args)
         cls.check_shapes(args, model_dims(args.model))
         if args.accum_freq > 1 and args.accum_mode not in cls.accum_modes:
             raise MethodConfigError(

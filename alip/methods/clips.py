@@ -29,10 +29,11 @@ from open_clip.coca_model import MultimodalCfg
 from open_clip.transformer import LayerNorm, Transformer
 
 from ..data.spec import ALIP_DATA
-from ..loss import GlobalGradClipLoss, local_grad_scale
+from ..loss import PairLoss
 from ..model import encode_text, host_tokens
 from .base import (CAPTION_VIEW, ContrastiveEncoder, Method, MethodConfigError, ModelDims,
-                   with_caption_view)
+                   logit_params, with_caption_view)
+from .clip import pair_kwargs, require_logit_bias
 from .filip import dense_image_tokens, dense_text_tokens, require_token_towers
 
 SOT_ID, EOT_ID = 49406, 49407
@@ -229,8 +230,7 @@ class CLIPSEncoder(ContrastiveEncoder):
         hidden = self.decoder.features(image_tokens, text_tokens[:, :-1])
         return {"image": image, "raw": raw, "caption_partial": encode_text(self.model, partial),
                 "caption_logits": self.decoder.head(hidden.flatten(0, 1)[keep])[None],
-                "caption_targets": targets[None],
-                "logit_scale": self.model.logit_scale.exp()}
+                "caption_targets": targets[None], **logit_params(self.model)}
 
     @torch.no_grad()
     def caption(self, images, raw=None, num_beams=1):
@@ -245,11 +245,11 @@ class CLIPSCriterion(nn.Module):
     def __init__(self, w_con, w_cap, clip_kwargs):
         super().__init__()
         self.w_con, self.w_cap = w_con, w_cap
-        self.clip = GlobalGradClipLoss(**clip_kwargs)
+        self.clip = PairLoss(**clip_kwargs)
 
     def forward(self, f):
-        web = self.clip(f["image"], f["raw"], f["logit_scale"])
-        partial = self.clip(f["image"], f["caption_partial"], f["logit_scale"])
+        web = self.clip(f["image"], f["raw"], f)
+        partial = self.clip(f["image"], f["caption_partial"], f)
         cap = caption_loss(f["caption_logits"], f["caption_targets"])
         return clips_loss(web, partial, cap, self.w_con, self.w_cap)
 
@@ -263,6 +263,8 @@ class CLIPS(Method):
     its tokenizer needs a download)."""
 
     name = "clips"
+    objectives = ("softmax", "sigmoid")  # its two contrastive terms (the caption loss stays CE)
+    sigmoid_exchange = True
     find_unused_parameters = True  # the text tower's projection is unused by the decoder prefix
     flag_ranges = {"clips_w_con": "[0, inf)", "clips_w_cap": "[0, inf)",
                    "clips_queries": "[1, 75]", "clips_decoder_layers": "[1, inf)",
@@ -306,6 +308,7 @@ class CLIPS(Method):
     def build(self, model):
         args, rank, world_size = self.args, self.rank, self.world_size
         require_token_towers(model, self.name, args.model)
+        require_logit_bias(model, args)
         text = model.transformer
         why = decoder_shape_error(args, ModelDims(  # the built model (an hf-hub: one too)
             text.width, text.resblocks[0].attn.num_heads, text.layers, model.context_length))
@@ -319,10 +322,8 @@ class CLIPS(Method):
             heads=args.clips_decoder_heads or model.transformer.resblocks[0].attn.num_heads,
             num_queries=args.clips_queries)
         self.encoder = CLIPSEncoder(model, decoder)
-        self.criterion = CLIPSCriterion(args.clips_w_con, args.clips_w_cap, dict(
-            grad_scale=local_grad_scale(world_size, args.gather_with_grad, args.ddp_gradients),
-            local_loss=args.local_loss, gather_with_grad=args.gather_with_grad,
-            cache_labels=True, rank=rank, world_size=world_size))
+        self.criterion = CLIPSCriterion(args.clips_w_con, args.clips_w_cap,
+                                        pair_kwargs(args, rank, world_size))
 
     def eval_heads(self):
         return clips_eval_heads(self.encoder.decoder)

@@ -15,14 +15,13 @@ the ranks' gradients is then the gradient of one process over the global batch (
 loss is its rows over B = n / world; the exchange's backward returns the other rows' text
 gradients), which is what ``--ddp-gradients global`` asks of every method.
 """
-import math
 
 import torch.nn as nn
 from open_clip.loss import SigLipLoss
 
 from ..data.spec import CLIP_DATA
 from ..model import encode_text
-from .base import ContrastiveEncoder, Method, MethodConfigError
+from .base import SIGMOID_MODEL_KWARGS, ContrastiveEncoder, Method, MethodConfigError
 
 DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
 
@@ -47,6 +46,7 @@ class SigLIPCriterion(nn.Module):
 class SigLIP(Method):
     name = "siglip"
     data = CLIP_DATA
+    objectives = ("sigmoid",)  # it is the sigmoid objective: --objective softmax is refused
 
     @classmethod
     def add_args(cls, parser):
@@ -56,8 +56,13 @@ class SigLIP(Method):
                             "(neighbour exchange around the ring), reduce, gather (open_clip's "
                             "SigLipLoss implementations; the loss and gradients are the same).")
 
+    @classmethod
+    def resolved_flags(cls, args):
+        """SigLIP's objective is sigmoid: recorded so in config.yaml and the checkpoints."""
+        return {"objective": "sigmoid"}
+
     def model_kwargs(self):
-        return {"init_logit_scale": math.log(10), "init_logit_bias": -10.0}
+        return dict(SIGMOID_MODEL_KWARGS)
 
     def build(self, model):
         if not hasattr(model, "logit_bias"):

@@ -15,12 +15,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from alip.loss import gather_features, local_grad_scale
+from alip.loss import gather_features
 
 from ..data.spec import DataSpec, ImageView
 from ..model import encode_text
-from .base import LOGIT_SCALE_MAX, ContrastiveEncoder, Method, MethodConfigError, clamp_logit_scale
-from .clip import CLIPCriterion
+from .base import (LOGIT_SCALE_MAX, ContrastiveEncoder, Method, MethodConfigError,
+                   clamp_logit_scale, logit_params, objective)
+from .clip import CLIPCriterion, pair_kwargs, require_logit_bias
 
 
 def simclr_loss(q_a, q_b, temperature=0.1, rank=0, world_size=1):
@@ -123,7 +124,7 @@ class SLIPEncoder(ContrastiveEncoder):
              for v in ("image_aug1", "image_aug2")]
         return {"image": self.model.encode_image(batch["image"], normalize=True),
                 "raw": encode_text(self.model, batch["raw"]),
-                "ssl_a": q[0], "ssl_b": q[1], "logit_scale": self.model.logit_scale.exp()}
+                "ssl_a": q[0], "ssl_b": q[1], **logit_params(self.model)}
 
 
 def vit_pooled_features_width(visual):
@@ -161,6 +162,8 @@ class SLIP(Method):
 
     name = "slip"
     accum_modes = ("micro",)
+    objectives = ("softmax", "sigmoid")  # its CLIP term (SimCLR stays softmax)
+    sigmoid_exchange = True
     batchnorm_heads = True  # the SSL head's BatchNorm1d
     flag_ranges = {"slip_ssl_scale": "[0, inf)", "slip_ssl_temp": "(0, inf)",
                    "slip_mlp_dim": "[1, inf)", "slip_emb_dim": "[1, inf)"}
@@ -188,17 +191,17 @@ class SLIP(Method):
 
     def build(self, model):
         args, rank, world_size = self.args, self.rank, self.world_size
+        require_logit_bias(model, args)
         self.encoder = SLIPEncoder(model, args.slip_mlp_dim, args.slip_emb_dim)
         if world_size > 1 and next(model.parameters()).is_cuda:
             self.encoder.head = nn.SyncBatchNorm.convert_sync_batchnorm(self.encoder.head)
-        self.criterion = SLIPCriterion(
-            args.slip_ssl_scale, args.slip_ssl_temp, rank, world_size,
-            clip_kwargs=dict(grad_scale=local_grad_scale(world_size, args.gather_with_grad,
-                                                         args.ddp_gradients),
-                             local_loss=args.local_loss, gather_with_grad=args.gather_with_grad,
-                             cache_labels=True, rank=rank, world_size=world_size))
-        # the DeCLIP benchmark clamps the logit parameter to [3, 6]; official SLIP to [0, ln 100]
-        self.logit_range = (3.0, 6.0) if args.slip_views == "declip" else (0.0, LOGIT_SCALE_MAX)
+        self.criterion = SLIPCriterion(args.slip_ssl_scale, args.slip_ssl_temp, rank, world_size,
+                                       clip_kwargs=pair_kwargs(args, rank, world_size))
+        # the DeCLIP benchmark clamps the logit parameter to [3, 6]; official SLIP to [0, ln 100].
+        # --objective sigmoid: [0, ln 100] (open_clip's clamp), which holds SigLIP's init log 10
+        # (the toolbox's [3, 6] would lift it to 3, t = 20, at the first step)
+        toolbox = args.slip_views == "declip" and objective(args) == "softmax"
+        self.logit_range = (3.0, 6.0) if toolbox else (0.0, LOGIT_SCALE_MAX)
 
     def after_step(self):
         clamp_logit_scale(self.model, *self.logit_range)

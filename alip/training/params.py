@@ -64,12 +64,13 @@ LOCK_DEFAULTS = {f: (0 if f.endswith(("_groups", "_layers")) else False) for f i
 # carry the others (a new value would be overridden by the checkpoint, so it is refused instead
 # of being recorded and not used). The tower locks decide which parameters the optimizer holds
 # (--lock-image-freeze-bn-stats turns BatchNorm weights into buffers), so they are fixed too,
-# as is --vit-style (the toolbox's ViT keeps conv1 out of the optimizer).
+# as is --vit-style (the toolbox's ViT keeps conv1 out of the optimizer), and --objective (the
+# model's logit bias and the loss); a checkpoint from before --objective is not checked for it.
 RESUME_FIXED = ("batch_size", "world_size", "accum_freq", "epochs", "length_bucketing", "lr",
                 "wd", "beta1", "beta2", "eps", "schedule", "pct_start", "cycle_momentum", "warmup",
                 "warmup_start_lr", "wd_exclude_gain_bias", "method", "seed", "data_reader",
                 "caption_view", "caption_tokens", "vit_style", "raw_fields", "caption_fields",
-                "raw_field_probs", "caption_field_probs", *LOCK_FLAGS)
+                "raw_field_probs", "caption_field_probs", "objective", *LOCK_FLAGS)
 # What a checkpoint written before a RESUME_FIXED flag existed ran with.
 RESUME_DEFAULTS = {"length_bucketing": 0, "vit_style": "reference", "raw_fields": "raw",
                    "caption_fields": "caption", "raw_field_probs": None,
