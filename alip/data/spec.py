@@ -2,7 +2,8 @@
 text fields / text views, named by the keys of the batch dict the loaders yield.
 
 A loader built for a ``DataSpec`` yields dicts: one float32 ``[B, 3, S, S]`` tensor per image
-view (``spec.image_views[i].name``), one int64 ``[B, 77]`` token tensor per text field (any name
+view (``spec.image_views[i].name``), one int64 ``[B, W]`` token tensor per text field (W: the
+field's width in the shards, 77 unless data2rec stored it wider; any name
 the shards carry: ``"raw"``, ``"caption"``, RWKV-CLIP's ``"generated"``, ...; the loaders check
 them against the shards at construction) and per text view (derived from a field by a named transform, e.g. an EDA copy of
 the raw text). The first image view is the one the contrastive loss and evaluation see.
@@ -45,11 +46,15 @@ class TextView:
     built-in name or a ``module:function`` path, ``alip.data.text_views.transform_fn``), seeded
     per sample. ``source``: a
     field name, or a tuple of them: each sample then reads one of them, drawn per sample and
-    epoch (the same draw for every view over the same fields; ``text_views.pick_source``)."""
+    epoch (the same draw for every view over the same fields; ``text_views.pick_source``).
+    ``width``: the token width of the view's rows, passed to the transform as ``width=``
+    (CLIPS' reduced caption: 77 whatever the caption's width); 0: the source's width (sources of
+    different widths: the widest, the narrower rows zero-padded to it)."""
     name: str
     source: object = "raw"  # str or tuple of str
     transform: str = "identity"
     options: tuple = ()  # (key, value) pairs for the transform
+    width: int = 0
 
     @property
     def sources(self):
@@ -100,7 +105,7 @@ def with_sources(spec, sources):
         if key not in spec.fields_read:
             raise ValueError(f"reads no {key!r} text")
         views = tuple(TextView(v.name, fields if v.sources == (key,) else v.source, v.transform,
-                               v.options) for v in spec.text_views)
+                               v.options, v.width) for v in spec.text_views)
         if key in spec.text_fields:
             views = (TextView(key, fields if len(fields) > 1 else fields[0]),) + views
         spec = DataSpec(spec.image_views, tuple(f for f in spec.text_fields if f != key), views)
