@@ -47,9 +47,10 @@ class TextView:
     per sample. ``source``: a
     field name, or a tuple of them: each sample then reads one of them, drawn per sample and
     epoch (the same draw for every view over the same fields; ``text_views.pick_source``).
-    ``width``: the token width of the view's rows, passed to the transform as ``width=``
-    (CLIPS' reduced caption: 77 whatever the caption's width); 0: the source's width (sources of
-    different widths: the widest, the narrower rows zero-padded to it)."""
+    ``width``: the token width of the view's rows, at most the source's, passed to the transform
+    as ``width=`` (CLIPS' reduced caption: 77 for a caption stored 77 or 256 wide, 64 for a
+    64-wide one); 0: the source's width (sources of different widths: the widest, the narrower
+    rows zero-padded to it)."""
     name: str
     source: object = "raw"  # str or tuple of str
     transform: str = "identity"

@@ -3,7 +3,7 @@
 A transform is ``fn(tokens_row: LongTensor[W], rng: random.Random, **options) -> LongTensor[W']``
 (it must not modify its input): it gets the source field's full row, whatever its width W (a
 200-token caption stored 256 wide reaches it whole), and returns a row of the view's width W'
-(``TextView.width``, passed to it as ``width=``; 0: W' = W). A view over several sources of
+(``TextView.width`` capped at W, passed to it as ``width=``; a view without one: W' = W). A view over several sources of
 different widths gets its row zero-padded to the widest of them, so its batch stacks. ``TextView.transform`` names it: a built-in of ``TRANSFORMS``
 (``identity``) or an import path ``"package.module:function"`` (CLIPS' ``alip.text_views:reduce_row``,
 DeCLIP's ``alip.text_aug:eda_tokens``), imported where it is first used, so a method names its
@@ -80,16 +80,23 @@ def source_width(view, widths):
     return max(widths[f] for f in view.sources)
 
 
+def view_width(view, wide):
+    """The width of ``view``'s rows over sources ``wide`` tokens wide: its declared width, at
+    most ``wide`` (CLIPS' 77-wide view of a 64-wide SigLIP caption is 64 wide); else ``wide``."""
+    return min(view.width, wide) if view.width else wide
+
+
 def apply(view, fields, seed, epoch, index):
     """One text view of one sample: its fields {name: LongTensor[W_name]} -> LongTensor[W_view]
-    (``TextView.width``, else the widest source's width)."""
+    (``view_width``)."""
     tokens = fields[pick_source(view, seed, epoch, index)]
     wide = source_width(view, {f: fields[f].shape[-1] for f in view.sources})
     if tokens.shape[-1] < wide:
         tokens = torch.nn.functional.pad(tokens, (0, wide - tokens.shape[-1]))
-    options = dict(view.options, **({"width": view.width} if view.width else {}))
+    width = view_width(view, wide)
+    options = dict(view.options, **({"width": width} if view.width else {}))
     out = transform_fn(view.transform)(tokens, text_rng(seed, epoch, index, view.name), **options)
-    want = (view.width or wide,)
+    want = (width,)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != want:
         raise ValueError(f"text view {view.name!r}: transform {view.transform!r} returned "
                          f"{getattr(out, 'shape', type(out))}, expected a tensor of shape {want}")
@@ -101,5 +108,5 @@ def apply_batch(text_views, fields, seed, epoch, indices):
     {view name: int64 [B, W_view]}."""
     return {v.name: torch.stack([apply(v, {f: fields[f][j] for f in v.sources}, seed, epoch, int(i))
                                  for j, i in enumerate(indices)]) if len(indices) else
-            torch.zeros((0, v.width or source_width(v, {f: fields[f].shape[-1] for f in v.sources})),
+            torch.zeros((0, view_width(v, source_width(v, {f: fields[f].shape[-1] for f in v.sources}))),
                         dtype=torch.int64) for v in text_views}
