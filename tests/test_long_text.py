@@ -240,7 +240,7 @@ def test_a_declared_width_caps_at_the_source():
         text_views.apply(clips_view(width=20), {"caption": cap}, 0, 0, 0)
 
 
-def test_repack_long_captions_into_existing_shards(src, tmp_path):
+def test_repack_long_captions_into_existing_shards(src, tmp_path, capsys):
     root, manifest = src
     short = str(tmp_path / "short")
     assert run("--manifest", manifest, "--image-root", root, "--output-dir", short, "--shard-size", "4") == 0
@@ -259,6 +259,9 @@ def test_repack_long_captions_into_existing_shards(src, tmp_path):
     # the copied raw tokens cannot be made wider: their text is not in the shards
     assert run("--rec", short, "--captions", caps, "--output-dir", str(tmp_path / "x"),
                "--text-fields", "raw:128,caption") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("data2rec: error: --text-fields raw:128: raw is copied")
+    assert not glob.glob(os.path.join(str(tmp_path / "x"), "train-*"))
 
 
 def test_a_tokenizer_of_another_context_is_accepted(src, tmp_path):
