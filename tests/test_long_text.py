@@ -303,3 +303,17 @@ def test_a_context_above_the_tokenizers_positions_is_refused():
     check_widths(HF(), {"raw": 64})
     with pytest.raises(DataError, match=r"^--text-fields caption:65: above the tokenizer's 64 positions"):
         check_widths(HF(), {"raw": 64, "caption": 65})
+
+
+def test_tokenize_at_is_the_tokenizer_at_that_width_and_says_which_were_cut():
+    """data2rec tokenizes one token wider and re-tokenizes only the texts that did not fit."""
+    import open_clip
+
+    import alip  # noqa: F401
+    from alip.data.pack import tokenize_at
+    tok = open_clip.get_tokenizer("ALIP-ViT-B-32")
+    texts = [" ".join(f"word{j}" for j in range(i)) for i in range(0, 130, 7)] + [long_caption(2)]
+    for width in (5, 20, 77, 256):
+        rows, cut = tokenize_at(tok, texts, width)
+        assert (rows == tok(texts, context_length=width).numpy()).all()
+        assert cut.tolist() == [bpe_len(t) + 2 > width for t in texts]

@@ -686,12 +686,17 @@ def _init_worker(tokenizer_name, quality, max_size, copy_jpeg, widths=None, pare
 
 
 def tokenize_at(tokenizer, texts, width):
-    """(int64 [n, width] token rows, bool [n]: the text was cut at ``width``): a text is cut
-    when its row one token wider starts differently (open_clip's tokenizers cut the text and
-    end the row with the end-of-text token)."""
-    rows = tokenizer(texts, context_length=width).numpy()
+    """(int64 [n, width] token rows, bool [n]: the text was cut at ``width``). The texts are
+    tokenized one token wider: one whose row there still ends in padding fits, and its row is
+    that row's first ``width`` tokens; the others (cut: open_clip's tokenizers cut the text and
+    end the row with the end-of-text token) are tokenized again at ``width``."""
     wider = tokenizer(texts, context_length=width + 1).numpy()
-    return rows, (wider[:, :width] != rows).any(axis=1)
+    pad = getattr(getattr(tokenizer, "tokenizer", None), "pad_token_id", None)  # HF; CLIP's BPE pads with 0
+    cut = wider[:, width] != (0 if pad is None else pad)
+    rows = np.ascontiguousarray(wider[:, :width])
+    if cut.any():
+        rows[cut] = tokenizer([t for t, c in zip(texts, cut) if c], context_length=width).numpy()
+    return rows, cut
 
 
 def process_row(job):
@@ -710,16 +715,16 @@ def process_row(job):
         record = _read_record(src) if src[0] == "rec" else None
         data = record.jpeg if record is not None else read_source(src)
         jpeg = encode_image(data, _WORKER["quality"], _WORKER["max_size"], _WORKER["copy_jpeg"])
-        tokens, cut = [], []
-        for name, v in texts.items():
-            if not isinstance(v, str):
-                tokens.append(record.tokens[v])
-                continue
-            rows, was_cut = tokenize_at(_WORKER["tokenizer"], [v], _WORKER["widths"].get(name, CONTEXT_LENGTH))
-            tokens.append(rows[0])
-            if was_cut[0]:
-                cut.append(name)
-        return row, key, pack_fields(key, tokens, jpeg), None, tuple(cut)
+        widths = {name: _WORKER["widths"].get(name, CONTEXT_LENGTH) for name in texts}
+        made, cut = {}, []
+        for width in dict.fromkeys(widths.values()):  # one tokenizer call per width
+            names = [f for f, v in texts.items() if widths[f] == width and isinstance(v, str)]
+            if names:
+                rows, was_cut = tokenize_at(_WORKER["tokenizer"], [texts[f] for f in names], width)
+                made.update(zip(names, rows))
+                cut += [f for f, c in zip(names, was_cut) if c]
+        tokens = [made[f] if isinstance(v, str) else record.tokens[v] for f, v in texts.items()]
+        return row, key, pack_fields(key, tokens, jpeg), None, tuple(f for f in texts if f in cut)
     except Reject as e:
         return row, key, None, str(e), ()
 
