@@ -317,3 +317,9 @@ def test_tokenize_at_is_the_tokenizer_at_that_width_and_says_which_were_cut():
         rows, cut = tokenize_at(tok, texts, width)
         assert (rows == tok(texts, context_length=width).numpy()).all()
         assert cut.tolist() == [bpe_len(t) + 2 > width for t in texts]
+
+
+@pytest.mark.parametrize("width", [-1, 7.5, "77", True])
+def test_a_view_width_that_is_not_a_token_count_is_refused(width):
+    with pytest.raises(ValueError, match=f"text view 'v': width {width!r} is not a number of tokens"):
+        DataSpec(text_views=(TextView("v", "caption", width=width),))

@@ -78,6 +78,9 @@ class DataSpec:
                 raise ValueError(f"text view {v.name!r}: no source field")
             for f in v.sources:
                 check_field_name(f, f"text view {v.name!r}: source field")
+            if isinstance(v.width, bool) or not isinstance(v.width, int) or v.width < 0:
+                raise ValueError(f"text view {v.name!r}: width {v.width!r} is not a number of tokens "
+                                 "(0: the source's width)")
         names = [v.name for v in self.image_views] + list(self.text_fields) + [
             v.name for v in self.text_views]
         if len(set(names)) != len(names):
