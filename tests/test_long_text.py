@@ -323,3 +323,17 @@ def test_tokenize_at_is_the_tokenizer_at_that_width_and_says_which_were_cut():
 def test_a_view_width_that_is_not_a_token_count_is_refused(width):
     with pytest.raises(ValueError, match=f"text view 'v': width {width!r} is not a number of tokens"):
         DataSpec(text_views=(TextView("v", "caption", width=width),))
+
+
+def test_length_bucketing_over_wide_fields_sorts_by_their_full_lengths(wide):
+    """Bucketing reads the 256-wide caption's true length (uint16 above 255): with the caption
+    as the loader's first field, each pool's batches are sorted by it."""
+    loader = build_train_loader(wide, backend="torch", batch_size=2, image_size=SIZE, workers=0, drop_last=False,
+                                augment=False, spec=DataSpec(text_fields=("caption", "raw")), length_bucketing=5)
+    loader.set_epoch(0)
+    batches = list(loader)
+    lengths = [sorted(int(c.argmax()) + 1 for c in b["caption"]) for b in batches]
+    assert sorted(x for b in lengths for x in b) == sorted(bpe_len(long_caption(i)) + 2 for i in range(N))
+    # one pool of 5 batches: sorted by length, batch k holds the 2k-th and 2k+1-th shortest
+    flat = sorted(x for b in lengths for x in b)
+    assert sorted(lengths) == [flat[i:i + 2] for i in range(0, N, 2)]
