@@ -44,12 +44,17 @@ def parse_args(argv):
                              "except those the --decoding does not use)")
     g.add_argument("--decoding", default="beam", choices=["greedy", "beam", "sample"])
     g.add_argument("--num-beams", type=int, default=3)
-    g.add_argument("--max-new-tokens", type=int, default=30)
+    g.add_argument("--max-new-tokens", type=int, default=None,
+                   help="default 30; with --detailed %d" % DETAILED_MAX_NEW_TOKENS)
     g.add_argument("--min-new-tokens", type=int, default=5)
     g.add_argument("--temperature", type=float, default=1.0, help="--decoding sample")
     g.add_argument("--top-p", type=float, default=0.9, help="--decoding sample")
     g.add_argument("--repetition-penalty", type=float, default=1.0)
     g.add_argument("--prompt", default="", help="hf: text prefix / question; vllm: the user turn")
+    g.add_argument("--detailed", action="store_true",
+                   help=f"long, detailed descriptions (hf / vllm): --prompt {DETAILED_PROMPT!r} and "
+                        f"--max-new-tokens {DETAILED_MAX_NEW_TOKENS} unless given; pack them with "
+                        "data2rec.py --text-fields raw,caption:N")
     g.add_argument("--seed", type=int, default=0, help="--decoding sample: seeds each batch")
     o = p.add_argument_group("run")
     o.add_argument("--output-dir", required=True)
@@ -60,8 +65,28 @@ def parse_args(argv):
                    help="caption only chunks c with c %% N == I; a part is one machine's: give each machine "
                         "(each node of a multi-node torchrun) its own I, and its processes split the part by "
                         "LOCAL_RANK/LOCAL_WORLD_SIZE (without --part: by RANK/WORLD_SIZE over the whole launch)")
+    o.add_argument("--tokenizer", default="ALIP-ViT-B-32",
+                   help="open_clip model name whose tokenizer counts the captions too long for "
+                        "--caption-context (data2rec.py --tokenizer)")
+    o.add_argument("--caption-context", type=int, default=0, metavar="N",
+                   help="count the captions longer than N tokens, which data2rec.py --text-fields caption:N "
+                        "would cut (captions.json captions_cut); default: the --tokenizer's context")
     o.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    if args.caption_context < 0:
+        p.error(f"--caption-context {args.caption_context}: a number of tokens >= 1 (0: the --tokenizer's)")
+    if args.detailed:
+        if args.backend in ("open_clip", "clips"):
+            p.error(f"--detailed: the {args.backend} backend captions without a prompt (use hf or vllm)")
+        args.prompt = args.prompt or DETAILED_PROMPT
+        args.max_new_tokens = args.max_new_tokens or DETAILED_MAX_NEW_TOKENS
+    if args.max_new_tokens is None:
+        args.max_new_tokens = 30
+    from alip.data.pack import DataError, check_tokenizer
+    try:
+        check_tokenizer(args.tokenizer)
+    except DataError as e:
+        p.error(str(e))
     if sum(map(bool, (args.manifest, args.wds, args.rec))) != 1:
         p.error("give exactly one of --manifest, --wds or --rec")
     if args.batch_size < 1 or args.chunk_size < 1 or args.workers < 0:
@@ -72,6 +97,10 @@ def parse_args(argv):
     except ValueError as e:
         p.error(str(e))
     return args
+
+
+DETAILED_PROMPT = "Describe this image in detail."
+DETAILED_MAX_NEW_TOKENS = 200
 
 
 def resolve_device(device, precision, local_rank):
@@ -142,8 +171,15 @@ def main(argv=None) -> int:
         print(f"caption: {who} done; other processes still have chunks to caption (the one that finds every "
               "chunk written assembles the output; rerun the same command once all are done if none did)")
         return 0
+    try:
+        s = writer.note_lengths(args.output_dir, s, args.tokenizer, args.caption_context)
+    except (ValueError, OSError) as e:
+        print(f"caption: error: --tokenizer {args.tokenizer}: {one_line(e)}", file=sys.stderr)
+        return 1
     print(f"caption: rows in {s['rows_in']} = captioned {s['captioned']} + failed {s['failed']} "
-          f"({args.output_dir}/captions.jsonl; failed.jsonl lists the failed rows)")
+          f"({args.output_dir}/captions.jsonl; failed.jsonl lists the failed rows); "
+          f"{s['captions_cut']} captions longer than {s['caption_context']} tokens (longest "
+          f"{s['caption_tokens_max']}{'+' if s['captions_cut'] else ''})")
     return 0
 
 

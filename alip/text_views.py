@@ -147,7 +147,17 @@ class TextView:
         return f"TextView(strategy={self.strategy!r}, k={self.k}, seed={self.seed}, epoch={self.epoch})"
 
 
-def reduce_row(tokens, rng, strategy, k):
+def reduce_row(tokens, rng, strategy, k, width=None):
     """``reduce_tokens`` on one row with the sample's own generator: the registered
-    ``alip.data.text_views`` transform "reduce" (options strategy, k), seeded per sample."""
-    return reduce_tokens(tokens[None], strategy, k, [rng.getrandbits(63)])[0]
+    ``alip.data.text_views`` transform "reduce" (options strategy, k), seeded per sample. The
+    draw is from the row's whole caption, however wide the row (a 256-wide field holds a
+    200-token caption whole, so its last sentence can be drawn); ``width``: the output row's
+    width (the view's ``TextView.width``; None: the input's), at least ``k + 2``."""
+    if width is not None and int(width) < int(k) + 2:
+        raise ValueError(f"reduce_row: width {width} cannot hold k={k} caption tokens with SOT and EOT")
+    out = reduce_tokens(tokens[None], strategy, k, [rng.getrandbits(63)])[0]
+    if width is None or int(width) == out.shape[0]:
+        return out
+    if int(width) < out.shape[0]:  # the view holds at most k + 2 tokens: only padding is cut
+        return out[:int(width)].clone()
+    return torch.nn.functional.pad(out, (0, int(width) - out.shape[0]), value=PAD_ID)

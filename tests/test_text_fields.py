@@ -240,6 +240,7 @@ def test_verify_checks_labels_against_manifest_text_fields(three, tmp_path):
     rec = os.path.join(d, "train-00000.rec")
     assert check_shard(rec) == (5, [])
     m["text_fields"] = ["raw", "caption"]
+    del m["text_context"]  # a manifest of a data2rec before per-field widths: 77 each
     json.dump(m, open(os.path.join(d, "manifest.json"), "w"))
     n, problems = check_shard(rec)
     assert len(problems) == 5 and "IRHeader flag is 231, expected 154 (2 text fields x 77 tokens)" in problems[0]

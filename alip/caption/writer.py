@@ -328,6 +328,18 @@ def assemble(output_dir, num_chunks, n, source, plan, command, recorded=None):
     return summary
 
 
+def note_lengths(output_dir, summary, tokenizer, context=0):
+    """``summary`` (captions.json) with the captions' lengths at ``context`` tokens
+    (``alip.caption.lengths.captions_cut``), rewritten in place when they change."""
+    from .lengths import captions_cut
+    got = captions_cut(os.path.join(output_dir, summary["outputs"]["captions"]), tokenizer, context)
+    if all(summary.get(k) == v for k, v in got.items()):
+        return summary
+    summary = {**summary, **got}
+    write_text(os.path.join(output_dir, "captions.json"), json.dumps(summary, indent=1, ensure_ascii=False))
+    return summary
+
+
 class _CaptionedManifest:
     """The input manifest with the caption column set, row for row (data2rec --manifest), written
     as the chunks come: ``rows(start, end, caption_of_row)`` reads those rows' bytes from the

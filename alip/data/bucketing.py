@@ -20,11 +20,11 @@ TAG = 0x62756B74  # "bukt": keeps this stream apart from other (seed, epoch, ...
 
 
 def sort_key(lengths):
-    """int64 sort key per record from its uint8 [n, F] text lengths, in the loader's field
+    """int64 sort key per record from its [n, F] text lengths, in the loader's field
     order: the first field (the raw web text in every method: the long, widely spread one)
-    decides, the sum of the others breaks ties."""
+    decides, the sum of the others breaks ties (any widths: the sum stays below 2**32)."""
     lengths = np.asarray(lengths, np.int64)
-    return lengths[:, 0] * 1024 + lengths[:, 1:].sum(axis=1)
+    return (lengths[:, 0] << 32) + lengths[:, 1:].sum(axis=1)
 
 
 class LengthKey:
@@ -39,7 +39,7 @@ class LengthKey:
     def __getitem__(self, records):
         records = np.asarray(records, np.int64)
         shard = np.searchsorted(self.starts, records, side="right") - 1
-        lengths = np.empty((len(records), len(self.columns)), np.uint8)
+        lengths = np.empty((len(records), len(self.columns)), np.int64)
         for s in np.unique(shard).tolist():
             here = shard == s
             lengths[here] = self.parts[s][records[here] - self.starts[s]][:, self.columns]

@@ -18,10 +18,13 @@ def parse_args(argv):
     src.add_argument("--image-col", default="image")
     src.add_argument("--text-col", default="text")
     src.add_argument("--caption-col", default="caption")
-    src.add_argument("--text-fields", default=None, metavar="raw,caption[,F...]",
+    src.add_argument("--text-fields", default=None, metavar="raw,caption[:N][,F...]",
                      help="the label's text fields in order: raw (--text-col / KEY.txt), caption "
                           "(--caption-col) and any extra field F, read from the manifest's column F "
                           "(--wds: the --captions file's column F); a missing or empty F rejects the row. "
+                          "A field may carry its context, F:N: its tokens are stored N wide (e.g. "
+                          "caption:256 for long captions; default: the --tokenizer's context, 77 for "
+                          "CLIP's); manifest.json records each width and how many texts were cut. "
                           "Default raw,caption; --rec: the input shards' fields, every one kept")
     src.add_argument("--wds", help="glob of img2dataset-style tars (KEY.jpg + KEY.txt [+ KEY.json])")
     src.add_argument("--rec", help="rec shards (a directory or a glob of .rec) to repack with the captions of "
@@ -70,12 +73,13 @@ def parse_args(argv):
         args.part = parse_part(args.part)
     except ValueError as e:
         p.error(str(e))
-    if args.text_fields is not None:
-        args.text_fields = tuple(f.strip() for f in args.text_fields.split(","))
-    elif not args.rec:  # --rec: the input shards' fields (RecSource reads them)
-        args.text_fields = ("raw", "caption")
-    from alip.data.pack import DataError, check_text_fields, check_tokenizer
+    from alip.data.pack import DataError, check_text_fields, check_tokenizer, parse_text_fields
+    args.text_context = {}
     try:
+        if args.text_fields is not None:
+            args.text_fields, args.text_context = parse_text_fields(args.text_fields)
+        elif not args.rec:  # --rec: the input shards' fields (RecSource reads them)
+            args.text_fields = ("raw", "caption")
         if args.text_fields is not None:
             check_text_fields(args.text_fields, [f for f in args.text_fields if f not in ("raw", "caption")])
         check_tokenizer(args.tokenizer)
@@ -120,7 +124,8 @@ def main(argv=None) -> int:
                 quality=args.quality, max_size=args.max_size, copy_jpeg=args.copy_jpeg,
                 shuffle=not args.no_shuffle, seed=args.seed, caption_fallback=args.caption_fallback,
                 tokenizer=args.tokenizer, command=shlex.join(["data2rec.py", *argv]),
-                progress=not args.no_progress, part=args.part, text_fields=args.text_fields)
+                progress=not args.no_progress, part=args.part, text_fields=args.text_fields,
+                text_context=args.text_context)
     except (DataError, FileNotFoundError) as e:
         print(f"data2rec: error: {e}", file=sys.stderr)
         return 1
@@ -136,7 +141,9 @@ def main(argv=None) -> int:
         print(f"data2rec: error: {counts}: nothing was written; "
               f"{os.path.join(args.output_dir, 'rejects.jsonl')} gives each row's reason", file=sys.stderr)
         return 1
+    cut = ", ".join(f"{f} {n}" for f, n in s["text_cut"].items() if n)
     print(f"data2rec: {counts} ({len(s['shards'])} shards in {args.output_dir}; rejects.jsonl lists the rejected"
-          f" rows; caption fallbacks {s['caption_fallbacks']})")
+          f" rows; caption fallbacks {s['caption_fallbacks']}; texts cut at their field's context "
+          f"({', '.join(f'{f} {w}' for f, w in s['text_context'].items())}): {cut or 'none'})")
     return 0
 

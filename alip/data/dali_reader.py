@@ -35,8 +35,8 @@ import torch
 from ..atomic import replacing
 from . import text_views
 from .augment import AREA, ASPECT, CLIP_MEAN, CLIP_STD, RECIPE_PARAMS
-from .fields import resolve
-from .recordio import CONTEXT_LENGTH, RecordIOError, RecordReader, reserve_open_files
+from .fields import label_spans, resolve, shards_widths
+from .recordio import RecordIOError, RecordReader, reserve_open_files
 from .spec import DEFAULT_TEXT_FIELDS
 from .verify import require_verified
 
@@ -145,6 +145,8 @@ class DaliRecLoader:
             raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
         reserve_open_files(rec_paths)  # the combined index below holds every shard's reader
         self.field_rows, self.layout = resolve([str(p) for p in rec_paths], self.wanted_fields())
+        self.widths = shards_widths([str(p) for p in rec_paths])
+        self.spans = label_spans(self.layout, self.widths)
         if verify:  # a corrupt JPEG would otherwise kill DALI's decoder mid-epoch, naming nothing
             require_verified(rec_paths, max(1, workers), rank, world_size)
         self.recs, self.idx_path, self.shard_counts = _combined_index(rec_paths)
@@ -165,13 +167,12 @@ class DaliRecLoader:
         return DEFAULT_TEXT_FIELDS
 
     def split_labels(self, labels):
-        """int64 [B, 77*N] labels -> {field: int64 [B, 77]} for the wanted fields."""
-        if labels.shape[1] != CONTEXT_LENGTH * len(self.layout):
+        """int64 [B, W1+..+WN] labels -> {field: int64 [B, W_field]} for the wanted fields."""
+        if labels.shape[1] != sum(self.widths):
             raise RecordIOError(f"labels of {labels.shape[1]} floats in {self.idx_path} (rank {self.rank}, "
-                                f"epoch {self.epoch}), but the shards' layout is {list(self.layout)}: "
-                                "`python data2rec.py verify` names the record")
-        return {f: labels[:, CONTEXT_LENGTH * k:CONTEXT_LENGTH * (k + 1)].contiguous()
-                for f, k in self.field_rows.items()}
+                                f"epoch {self.epoch}), but the shards' layout is {list(self.layout)} "
+                                f"({list(self.widths)} tokens wide): `python data2rec.py verify` names the record")
+        return {f: labels[:, slice(*self.spans[f])].contiguous() for f in self.field_rows}
 
     def files_of(self, lo, hi):
         """The .rec files holding records lo..hi-1 of the combined index."""

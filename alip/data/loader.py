@@ -25,8 +25,8 @@ def build_train_loader(data, backend="torch", batch_size=64, image_size=32, rank
     shard version (cached). See torch_reader.py / dali_reader.py.
 
     With ``spec`` (an ``alip.data.spec.DataSpec``) it yields dicts keyed by ``spec.keys`` instead:
-    one float32 [B,3,S,S] per image view (its recipe's augmentation), int64 [B,77] per text field
-    and text view.
+    one float32 [B,3,S,S] per image view (its recipe's augmentation), int64 [B,W] per text field
+    (W: its width in the shards, 77 unless data2rec stored it wider) and text view (its width).
 
     ``length_bucketing=N`` (torch backend; 0: off): each rank's records are re-formed into
     batches of similar text length within pools of N consecutive batches (alip.data.bucketing);

@@ -12,7 +12,10 @@ Inputs: a manifest (JSONL / CSV / TSV, header row for CSV/TSV) or webdataset tar
 (``KEY.jpg`` + ``KEY.txt``) plus a captions file keyed by KEY.
 Text fields: ``raw`` (the text column / KEY.txt) and ``caption`` always, plus any extra field F
 (``--text-fields raw,caption,F``) read from the manifest's column F, or the captions file's column
-F for tars; the label holds their tokens in the given order.
+F for tars; the label holds their tokens in the given order. A field may carry its context
+(``caption:256``): its tokens are stored that wide (default: the tokenizer's context, 77 for
+CLIP's); manifest.json records every field's width (``text_context``) and how many texts were cut
+at it (``text_cut``).
 Outcomes per row: a record, or a line in ``rejects.jsonl`` (missing file, undecodable image,
 empty text, a missing or empty extra field, ...). A missing caption stops the run before anything is written unless
 ``--caption-fallback raw``. Rows in = written + rejected, always.
@@ -670,7 +673,7 @@ def _gray16_to_8(img):
 _WORKER = {}
 
 
-def _init_worker(tokenizer_name, quality, max_size, copy_jpeg, parent=None):
+def _init_worker(tokenizer_name, quality, max_size, copy_jpeg, widths=None, parent=None):
     """Per-process state of process_row; ``parent``: the run's pid, for a pool worker, which must
     end with it (``alip.procs.die_with_parent``)."""
     if parent is not None:
@@ -679,13 +682,28 @@ def _init_worker(tokenizer_name, quality, max_size, copy_jpeg, parent=None):
 
     import alip  # noqa: F401  (registers the ALIP-* model configs)
     _WORKER.update(tokenizer=open_clip.get_tokenizer(tokenizer_name), quality=quality,
-                   max_size=max_size, copy_jpeg=copy_jpeg)
+                   max_size=max_size, copy_jpeg=copy_jpeg, widths=dict(widths or {}))
+
+
+def tokenize_at(tokenizer, texts, width):
+    """(int64 [n, width] token rows, bool [n]: the text was cut at ``width``). The texts are
+    tokenized one token wider: one whose row there still ends in padding fits, and its row is
+    that row's first ``width`` tokens; the others (cut: open_clip's tokenizers cut the text and
+    end the row with the end-of-text token) are tokenized again at ``width``."""
+    wider = tokenizer(texts, context_length=width + 1).numpy()
+    pad = getattr(getattr(tokenizer, "tokenizer", None), "pad_token_id", None)  # HF; CLIP's BPE pads with 0
+    cut = wider[:, width] != (0 if pad is None else pad)
+    rows = np.ascontiguousarray(wider[:, :width])
+    if cut.any():
+        rows[cut] = tokenizer([t for t, c in zip(texts, cut) if c], context_length=width).numpy()
+    return rows, cut
 
 
 def process_row(job):
     """job = (row, key, source, texts) with texts ((field, value), ...) in label order, a value
     being the text to tokenize, None (missing) or, for a ("rec", path, j) source, an int: the row
-    of that input record's tokens to copy -> (row, key, payload, None) or (row, key, None, reason)."""
+    of that input record's tokens to copy -> (row, key, payload, None, cut) or (row, key, None,
+    reason, ()); ``cut``: the fields whose text was cut at the field's width."""
     row, key, src, texts = job
     try:
         texts = dict(texts)
@@ -697,22 +715,29 @@ def process_row(job):
         record = _read_record(src) if src[0] == "rec" else None
         data = record.jpeg if record is not None else read_source(src)
         jpeg = encode_image(data, _WORKER["quality"], _WORKER["max_size"], _WORKER["copy_jpeg"])
-        strings = [v for v in texts.values() if isinstance(v, str)]
-        made = iter(_WORKER["tokenizer"](strings).numpy() if strings else ())
-        tokens = np.stack([next(made) if isinstance(v, str) else record.tokens[v] for v in texts.values()])
-        return row, key, pack_fields(key, tokens, jpeg), None
+        widths = {name: _WORKER["widths"].get(name, CONTEXT_LENGTH) for name in texts}
+        made, cut = {}, []
+        for width in dict.fromkeys(widths.values()):  # one tokenizer call per width
+            names = [f for f, v in texts.items() if widths[f] == width and isinstance(v, str)]
+            if names:
+                rows, was_cut = tokenize_at(_WORKER["tokenizer"], [texts[f] for f in names], width)
+                made.update(zip(names, rows))
+                cut += [f for f, c in zip(names, was_cut) if c]
+        tokens = [made[f] if isinstance(v, str) else record.tokens[v] for f, v in texts.items()]
+        return row, key, pack_fields(key, tokens, jpeg), None, tuple(f for f in texts if f in cut)
     except Reject as e:
-        return row, key, None, str(e)
+        return row, key, None, str(e), ()
 
 
 def _read_record(src):
     """The Record at ("rec", rec_path, j), through this worker's reader of that shard."""
     from .recordio import RecordIOError, RecordReader
+    from .fields import shards_widths
     _, path, j = src
     readers = _WORKER.setdefault("readers", {})
     try:
         if path not in readers:
-            readers[path] = RecordReader(path, check=False)
+            readers[path] = RecordReader(path, check=False, widths=shards_widths([path]))
         return readers[path][j]
     except RecordIOError as e:
         raise Reject(f"unreadable record: {e}") from None
@@ -735,17 +760,57 @@ def check_text_fields(text_fields, extra=()):
         raise DataError(f"--text-fields {','.join(fields)}: the source reads extra columns {list(extra)}")
 
 
+def parse_text_fields(spec):
+    """``raw,caption:256`` -> (("raw", "caption"), {"caption": 256}): the fields in order and
+    the contexts given (``:N``, N >= 1); a DataError naming --text-fields otherwise."""
+    fields, context = [], {}
+    for item in str(spec).split(","):
+        name, colon, width = item.strip().partition(":")
+        name = name.strip()
+        if colon:
+            width = width.strip()
+            if not width.isdigit() or int(width) < 1:
+                raise DataError(f"--text-fields {spec}: {item.strip()!r}: the context after ':' must be a "
+                                "whole number of tokens >= 1 (e.g. caption:256)")
+            context[name] = int(width)
+        fields.append(name)
+    return tuple(fields), context
+
+
+def field_widths(text_fields, context, default, fixed=None):
+    """{field: width} of the label: ``context`` (the --text-fields ``:N``) where given, else
+    ``fixed`` (fields copied from input shards keep their width), else ``default`` (the
+    tokenizer's context). A ``:N`` on a copied field of another width is a DataError."""
+    fixed = fixed or {}
+    for f, n in context.items():
+        if f in fixed and fixed[f] != n:
+            raise DataError(f"--text-fields {f}:{n}: {f} is copied from the --rec shards as tokens "
+                            f"{fixed[f]} wide (its text is not in them); drop the :{n}")
+    return {f: context.get(f, fixed.get(f, default)) for f in text_fields}
+
+
+def check_widths(tokenizer, widths):
+    """DataError when a width exceeds what ``tokenizer`` (an open_clip tokenizer) can give: an HF
+    tokenizer's ``model_max_length`` (CLIP's BPE has no limit)."""
+    limit = getattr(getattr(tokenizer, "tokenizer", None), "model_max_length", None)
+    if isinstance(limit, int) and limit < 10 ** 6:
+        over = [f"{f}:{n}" for f, n in widths.items() if n > limit]
+        if over:
+            raise DataError(f"--text-fields {over[0]}: above the tokenizer's {limit} positions "
+                            f"(model_max_length)")
+
+
 def check_tokenizer(name):
     """DataError unless open_clip knows ``name`` (a built-in or ALIP model config, an hf-hub: or an
-    existing local-dir: name) and its context length is the shards' 77: open_clip.get_tokenizer
-    itself only warns and falls back to a plain SimpleTokenizer for an unknown name, which would
-    label the shards with the wrong tokens."""
+    existing local-dir: name); returns its context length (None for hf-hub: known to the hub
+    only): open_clip.get_tokenizer itself only warns and falls back to a plain SimpleTokenizer
+    for an unknown name, which would label the shards with the wrong tokens."""
     import open_clip
 
     import alip  # noqa: F401  (registers the ALIP-* model configs)
     schema, ident = open_clip.factory.parse_model_name(name)
     if schema == "hf-hub":
-        return  # known only to the hub (network); get_tokenizer says so if it is not there
+        return None  # known only to the hub (network); get_tokenizer says so if it is not there
     if schema == "local-dir":
         path = os.path.join(ident, "open_clip_config.json")
         try:
@@ -758,10 +823,7 @@ def check_tokenizer(name):
         if config is None:
             raise DataError(f"--tokenizer {name!r}: not an open_clip model name (see open_clip.list_models(); "
                             f"default {DEFAULT_TOKENIZER})")
-    n = (config.get("text_cfg") or {}).get("context_length", CONTEXT_LENGTH)
-    if n != CONTEXT_LENGTH:
-        raise DataError(f"--tokenizer {name!r}: its context length is {n}, rec shards hold {CONTEXT_LENGTH} "
-                        "tokens per text field")
+    return (config.get("text_cfg") or {}).get("context_length", CONTEXT_LENGTH)
 
 
 def shard_name(k):
@@ -794,11 +856,13 @@ def _jobs(source, keys, caption_fallback, stats, rejects, text_fields=DEFAULT_FI
 
 def run(source, output_dir, shard_size=10000, workers=1, quality=95, max_size=0, copy_jpeg=False,
         shuffle=True, seed=0, caption_fallback=None, tokenizer=DEFAULT_TOKENIZER, command=None,
-        progress=True, part=(0, 1), text_fields=DEFAULT_FIELDS):
+        progress=True, part=(0, 1), text_fields=DEFAULT_FIELDS, text_context=None):
     """Write (or complete) the shards in ``output_dir``; returns the summary dict (manifest.json).
 
     ``text_fields``: the label's fields in order, ``raw`` and ``caption`` among them; any other
-    name is an extra field the source reads (its ``extra`` columns).
+    name is an extra field the source reads (its ``extra`` columns). ``text_context``: {field:
+    width} for the fields given one (``caption:256``); the others get the tokenizer's context
+    (a --rec source's copied fields: their width in the input shards).
 
     ``part=(i, n)`` builds only shards k with k % n == i, so n machines can share one output dir
     on a shared file system; whichever run finds every shard done writes manifest.json and
@@ -811,7 +875,8 @@ def run(source, output_dir, shard_size=10000, workers=1, quality=95, max_size=0,
         raise DataError(f"{e.filename or output_dir}: cannot create or lock the output dir ({e.strerror})") from None
     try:
         return _run(source, output_dir, shard_size, workers, quality, max_size, copy_jpeg, shuffle, seed,
-                    caption_fallback, tokenizer, command, progress, part, tuple(text_fields))
+                    caption_fallback, tokenizer, command, progress, part, tuple(text_fields),
+                    dict(text_context or {}))
     except OSError as e:
         raise DataError(f"{e.filename or output_dir}: {e.strerror or e}") from None
     finally:
@@ -838,16 +903,28 @@ def _lock_output_dir(output_dir, part):
 
 
 def _run(source, output_dir, shard_size, workers, quality, max_size, copy_jpeg, shuffle, seed,
-         caption_fallback, tokenizer, command, progress, part, text_fields):
+         caption_fallback, tokenizer, command, progress, part, text_fields, text_context):
+    import open_clip
     from tqdm import tqdm
 
+    import alip  # noqa: F401  (registers the ALIP-* model configs)
+
     check_text_fields(text_fields, getattr(source, "extra", ()))
+    unknown = [f for f in text_context if f not in text_fields]
+    if unknown:
+        raise DataError(f"--text-fields: {unknown[0]!r} is given a context but is not a field")
+    tok = open_clip.get_tokenizer(tokenizer)
+    widths = field_widths(text_fields, text_context, int(tok.context_length),
+                          getattr(source, "copied_widths", None))
+    check_widths(tok, widths)
 
     n = len(source)
     flags = dict(shard_size=shard_size, quality=quality, max_size=max_size, copy_jpeg=copy_jpeg,
                  shuffle=shuffle, seed=seed, caption_fallback=caption_fallback, tokenizer=tokenizer)
     if text_fields != DEFAULT_FIELDS:  # only then: an output dir of an older version still resumes
         flags["text_fields"] = list(text_fields)
+    if set(widths.values()) != {CONTEXT_LENGTH}:  # likewise: 77 each is what every older run wrote
+        flags["text_context"] = widths
     plan = {"tool_version": TOOL_VERSION, "rows": n, "inputs": source.describe(), "flags": flags}
     plan_path = os.path.join(output_dir, "plan.json")
     plan_text = json.dumps(plan, indent=1, sort_keys=True)
@@ -869,7 +946,7 @@ def _run(source, output_dir, shard_size, workers, quality, max_size, copy_jpeg, 
             if not os.path.exists(os.path.join(output_dir, shard_name(k) + ".done.json"))]
     todo_rows = sum(len(order[k * shard_size:(k + 1) * shard_size]) for k in todo)
     bar = tqdm(total=todo_rows, unit="rec", desc="data2rec", disable=not progress, smoothing=0.1)
-    init = (tokenizer, quality, max_size, copy_jpeg)
+    init = (tokenizer, quality, max_size, copy_jpeg, widths)
     pool = None
     if workers > 1:
         init += (os.getpid(),)  # the workers die with this process, never outlive it as orphans
@@ -910,18 +987,20 @@ def _run(source, output_dir, shard_size, workers, quality, max_size, copy_jpeg, 
 
 def _write_shard(output_dir, k, keys, source, caption_fallback, imap, bar, text_fields=DEFAULT_FIELDS):
     base = os.path.join(output_dir, shard_name(k))
-    stats = {"caption_fallbacks": 0}
+    stats = {"caption_fallbacks": 0, "text_cut": dict.fromkeys(text_fields, 0)}
     rejects = []
     with RecordWriter(base + ".rec.partial", base + ".idx.partial") as w:
         # the jobs are listed here, in this thread: Pool.imap would run a generator in its task
         # thread, racing the parse-time rejects it appends against the end of this loop
         jobs = list(_jobs(source, keys, caption_fallback, stats, rejects, text_fields))
         processed = 0
-        for row, key, payload, reason in imap(jobs):
+        for row, key, payload, reason, cut in imap(jobs):
             if payload is None:
                 rejects.append({"key": key, "reason": reason, **source.where(row)})
             else:
                 w.write_payload(key, payload)
+                for f in cut:
+                    stats["text_cut"][f] += 1
             processed += 1
             bar.update(1)
         bar.update(len(keys) - processed)  # rows rejected while parsing never reached the pool
@@ -932,7 +1011,7 @@ def _write_shard(output_dir, k, keys, source, caption_fallback, imap, bar, text_
     os.replace(base + ".idx.partial", base + ".idx")
     os.replace(base + ".rec.partial", base + ".rec")
     done = {"records": count, "bytes": nbytes, "rows": len(keys), "rejects": rejects,
-            "caption_fallbacks": stats["caption_fallbacks"]}
+            "caption_fallbacks": stats["caption_fallbacks"], "text_cut": stats["text_cut"]}
     with open(base + ".done.json.tmp", "w") as f:
         json.dump(done, f)
     os.replace(base + ".done.json.tmp", base + ".done.json")
@@ -941,6 +1020,9 @@ def _write_shard(output_dir, k, keys, source, caption_fallback, imap, bar, text_
 def _finish(output_dir, num_shards, n, plan, command):
     shards, rejects = [], []
     fallbacks = 0
+    fields = plan["flags"].get("text_fields", DEFAULT_FIELDS)
+    widths = plan["flags"].get("text_context") or dict.fromkeys(fields, CONTEXT_LENGTH)
+    cut = dict.fromkeys(fields, 0)
     for k in range(num_shards):
         with open(os.path.join(output_dir, shard_name(k) + ".done.json")) as f:
             done = json.load(f)
@@ -948,6 +1030,8 @@ def _finish(output_dir, num_shards, n, plan, command):
                        "records": done["records"], "bytes": done["bytes"], "rows": done["rows"]})
         rejects.extend(done["rejects"])
         fallbacks += done["caption_fallbacks"]
+        for f, c in (done.get("text_cut") or {}).items():  # a shard of an older run: not counted
+            cut[f] = cut.get(f, 0) + c
     with open(os.path.join(output_dir, "rejects.jsonl"), "w") as f:
         for r in rejects:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
@@ -955,15 +1039,17 @@ def _finish(output_dir, num_shards, n, plan, command):
     if written + len(rejects) != n:
         raise RuntimeError(f"{output_dir}: {n} rows in but {written} written + {len(rejects)} rejected")
     import alip
-    fields = plan["flags"].get("text_fields", DEFAULT_FIELDS)
+    spans = [sum(widths[f] for f in fields[:k]) for k in range(len(fields) + 1)]
     summary = {
         "tool": "alip data2rec", "tool_version": TOOL_VERSION, "alip_version": alip.__version__,
         "command": command, "inputs": plan["inputs"], "flags": plan["flags"],
         "tokenizer": f"open_clip.get_tokenizer({plan['flags']['tokenizer']!r}) (CLIP BPE, SOT 49406, EOT 49407, pad 0)",
-        "context_length": 77,
+        **({"context_length": widths[fields[0]]} if len(set(widths.values())) == 1 else {}),
         "text_fields": list(fields),
-        "label_layout": f"IRHeader flag={77 * len(fields)}, {77 * len(fields)} float32: " + " | ".join(
-            f"{f} tokens [{77 * k}:{77 * (k + 1)}]" for k, f in enumerate(fields)),
+        "text_context": {f: widths[f] for f in fields},
+        "label_layout": f"IRHeader flag={spans[-1]}, {spans[-1]} float32: " + " | ".join(
+            f"{f} tokens [{spans[k]}:{spans[k + 1]}]" for k, f in enumerate(fields)),
+        "text_cut": cut,
         "rows_in": n, "total_records": written, "rejected": len(rejects), "caption_fallbacks": fallbacks,
         "shards": shards,
     }

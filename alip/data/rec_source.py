@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 
-from .fields import shards_layout
+from .fields import shards_layout_widths
 from .pack import (DataError, check_captions_origin, input_identity, load_columns, refuse_foreign_keys,
                    text_value)
 from .recordio import RecordIOError, RecordReader
@@ -107,7 +107,7 @@ class RecSource:
         self.shards = RecShards(spec)
         self.captions_path, self.caption_col = captions_path, caption_col
         try:
-            self.layout = shards_layout(self.shards.paths)  # the input's fields, in label order
+            self.layout, widths = shards_layout_widths(self.shards.paths)  # the input's fields, in label order
         except RecordIOError as e:
             raise DataError(f"--rec {spec!r}: {e}") from None
         self.text_fields = tuple(self.layout if text_fields is None else text_fields)
@@ -134,6 +134,9 @@ class RecSource:
         if missing:
             raise DataError(f"--text-fields names {missing[0]!r}: neither {captions_path} has a column "
                             f"{missing[0]!r} nor the shards a field of that name (they have {list(self.layout)})")
+        # the fields copied as tokens keep their input widths (data2rec's field_widths)
+        self.copied_widths = {f: w for f, w in zip(self.layout, widths)
+                              if f in self.text_fields and f != "caption" and f not in self.from_file}
         if caption_fallback != "raw":
             keys = (self.shards.key(i) for i in range(len(self.shards)))
             absent = [k for k in keys if str(k) not in self.captions]

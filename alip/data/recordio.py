@@ -10,13 +10,14 @@ reader), exactly as dmlc does, so mxnet, DALI and this module read each other's 
 
 Payload (``mx.recordio.pack`` with an array label)::
 
-    IRHeader '<IfQQ' (flag=77*N, label=0.0, id=key, id2=0) | 77*N float32 | JPEG bytes
+    IRHeader '<IfQQ' (flag=W1+..+WN, label=0.0, id=key, id2=0) | W1+..+WN float32 | JPEG bytes
 
-The 77*N floats are the label: open_clip tokens of N text fields, 77 each, in the shard's field
-order (token ids < 2**24, so float32 holds them exactly). ALIP's layout is N=2: the raw web text
-[0:77] and the synthetic caption [77:154]; RWKV-CLIP's shards carry N=3 (raw, caption,
-generated). Which field is which is in the shard dir's manifest.json (``text_fields``), else it
-follows from the label length (``LAYOUTS``).
+The floats are the label: open_clip tokens of N text fields, field k ``Wk`` tokens wide (its
+context; 77 unless data2rec was told otherwise), in the shard's field order (token ids < 2**24,
+so float32 holds them exactly). ALIP's layout is N=2, 77 each: the raw web text [0:77] and the
+synthetic caption [77:154]; RWKV-CLIP's shards carry N=3 (raw, caption, generated). Which field
+is which, and how wide, is in the shard dir's manifest.json (``text_fields``, ``text_context``;
+without the latter every field is 77 wide), else it follows from the label length (``LAYOUTS``).
 
 The ``.idx`` file has one ``key\\toffset`` line per record (offset of the record's first byte).
 """
@@ -81,18 +82,37 @@ def pack(key: int, raw_tokens, caption_tokens, jpeg: bytes) -> bytes:
 
 
 def pack_fields(key: int, tokens, jpeg: bytes) -> bytes:
-    """The record payload of N text fields: IRHeader(flag=77*N) + tokens [N, 77] as float32 + JPEG."""
-    tokens = np.asarray(tokens)
-    if tokens.ndim != 2 or tokens.shape[0] < 1 or tokens.shape[1] != CONTEXT_LENGTH:
-        raise ValueError(f"record {key}: expected tokens of shape [N, {CONTEXT_LENGTH}], got {tokens.shape}")
-    label = tokens.astype("<f4").reshape(-1)
+    """The record payload of N text fields: IRHeader(flag=W1+..+WN) + the fields' tokens as
+    float32 + JPEG. ``tokens``: [N, 77] (or [N, W]), or a list of N 1-D rows of any widths."""
+    rows = list(tokens) if not isinstance(tokens, np.ndarray) or tokens.ndim == 2 else [tokens]
+    rows = [np.asarray(r) for r in rows]
+    if not rows or any(r.ndim != 1 or r.size < 1 for r in rows):
+        raise ValueError(f"record {key}: expected N >= 1 token rows, got {[r.shape for r in rows]}")
+    label = np.concatenate(rows).astype("<f4")
     return struct.pack(IR_FORMAT, label.size, 0.0, key, 0) + label.tobytes() + bytes(jpeg)
+
+
+def split_label(label, widths, where="record"):
+    """A flat int64 label -> the fields' token rows: [N, W] when every width is W, else a tuple
+    of N rows of their widths. ``widths`` None: 77 each."""
+    if widths is None:
+        n = label_fields(label.size)
+        if n is None:
+            raise RecordIOError(f"{where}: IRHeader flag is {label.size}, expected 77*N label floats "
+                                "(N text fields; manifest.json gives other widths in text_context)")
+        widths = (CONTEXT_LENGTH,) * n
+    if sum(widths) != label.size:
+        raise RecordIOError(f"{where}: IRHeader flag is {label.size}, expected {sum(widths)} label "
+                            f"floats (text fields {list(widths)} tokens wide)")
+    if len(set(widths)) == 1:
+        return label.reshape(len(widths), widths[0])
+    return tuple(np.split(label, np.cumsum(widths)[:-1]))
 
 
 @dataclass
 class Record:
     key: int
-    tokens: np.ndarray  # int64 [N, 77]: the text fields in the shard's order
+    tokens: object  # int64 [N, W] (every field W wide, W=77 by default) or a tuple of N rows
     jpeg: bytes
 
     @property
@@ -109,18 +129,18 @@ def label_fields(flag):
     return flag // CONTEXT_LENGTH if flag > 0 and flag % CONTEXT_LENGTH == 0 else None
 
 
-def unpack(payload: bytes, where="record") -> Record:
+def unpack(payload: bytes, where="record", widths=None) -> Record:
+    """The Record of a payload; ``widths``: the fields' token widths (None: 77 each)."""
     if len(payload) < IR_SIZE:
         raise RecordIOError(f"{where}: {len(payload)} bytes is shorter than the IRHeader")
     flag, _, key, _ = struct.unpack_from(IR_FORMAT, payload)
-    n = label_fields(flag)
-    if n is None:
+    if widths is None and label_fields(flag) is None:
         raise RecordIOError(f"{where}: IRHeader flag is {flag}, expected 77*N label floats (N text fields)")
     end = IR_SIZE + 4 * flag
     if len(payload) < end:
         raise RecordIOError(f"{where}: payload too short for a {flag}-float label")
-    tokens = np.frombuffer(payload, "<f4", flag, IR_SIZE).astype(np.int64).reshape(n, CONTEXT_LENGTH)
-    return Record(key, tokens, payload[end:])
+    label = np.frombuffer(payload, "<f4", flag, IR_SIZE).astype(np.int64)
+    return Record(key, split_label(label, widths, where), payload[end:])
 
 
 def label_length(payload: bytes, where="record"):
@@ -298,14 +318,16 @@ def reserve_open_files(rec_paths):
 class RecordReader:
     """Random access to the records of one shard (``.rec`` + ``.idx``).
 
-    ``len(reader)`` records; ``reader[i]`` is the i-th (in .idx order) as a :class:`Record`;
+    ``len(reader)`` records; ``reader[i]`` is the i-th (in .idx order) as a :class:`Record`
+    (its fields split by ``widths``, the shard's field widths: None for 77 each);
     ``reader.keys`` / ``reader.offsets`` (memory-mapped from the cache: ``shard_index``). Opening checks every .idx offset lies inside the .rec and
     that the last record is complete, so a truncated shard fails here, naming the file and key.
     The file handle is opened lazily per process (safe to pickle into DataLoader workers).
     """
 
-    def __init__(self, rec_path, idx_path=None, check=True, use_cache=True):
+    def __init__(self, rec_path, idx_path=None, check=True, use_cache=True, widths=None):
         self.rec_path = str(rec_path)
+        self.widths = None if widths is None else tuple(widths)  # the fields' widths (None: 77 each)
         self.idx_path = str(idx_path or os.path.splitext(self.rec_path)[0] + ".idx")
         if not os.path.exists(self.rec_path):
             raise FileNotFoundError(f"{self.rec_path}: no such .rec file")
@@ -349,7 +371,7 @@ class RecordReader:
 
     def __getitem__(self, i) -> Record:
         where = f"{self.rec_path}: record key {int(self.keys[i])}"
-        rec = unpack(self.read_payload(i), where)
+        rec = unpack(self.read_payload(i), where, self.widths)
         rec.key = int(self.keys[i])  # the .idx key (the reference writes IRHeader id=1 everywhere)
         return rec
 

@@ -2,7 +2,8 @@
 text fields / text views, named by the keys of the batch dict the loaders yield.
 
 A loader built for a ``DataSpec`` yields dicts: one float32 ``[B, 3, S, S]`` tensor per image
-view (``spec.image_views[i].name``), one int64 ``[B, 77]`` token tensor per text field (any name
+view (``spec.image_views[i].name``), one int64 ``[B, W]`` token tensor per text field (W: the
+field's width in the shards, 77 unless data2rec stored it wider; any name
 the shards carry: ``"raw"``, ``"caption"``, RWKV-CLIP's ``"generated"``, ...; the loaders check
 them against the shards at construction) and per text view (derived from a field by a named transform, e.g. an EDA copy of
 the raw text). The first image view is the one the contrastive loss and evaluation see.
@@ -46,12 +47,17 @@ class TextView:
     per sample. ``source``: a
     field name, or a tuple of them: each sample then reads one of them, drawn per sample and
     epoch (the same draw for every view over the same fields; ``text_views.pick_source``):
-    uniformly, or with ``probs`` (one probability per source, summing to 1) when given."""
+    uniformly, or with ``probs`` (one probability per source, summing to 1) when given.
+    ``width``: the token width of the view's rows, at most the source's, passed to the transform
+    as ``width=`` (CLIPS' reduced caption: 77 for a caption stored 77 or 256 wide, 64 for a
+    64-wide one); 0: the source's width (sources of different widths: the widest, the narrower
+    rows zero-padded to it)."""
     name: str
     source: object = "raw"  # str or tuple of str
     transform: str = "identity"
     options: tuple = ()  # (key, value) pairs for the transform
     probs: object = None  # None (uniform) or a tuple of floats, one per source
+    width: int = 0
 
     def __post_init__(self):
         if self.probs is not None:
@@ -98,6 +104,9 @@ class DataSpec:
                 raise ValueError(f"text view {v.name!r}: no source field")
             for f in v.sources:
                 check_field_name(f, f"text view {v.name!r}: source field")
+            if isinstance(v.width, bool) or not isinstance(v.width, int) or v.width < 0:
+                raise ValueError(f"text view {v.name!r}: width {v.width!r} is not a number of tokens "
+                                 "(0: the source's width)")
         names = [v.name for v in self.image_views] + list(self.text_fields) + [
             v.name for v in self.text_views]
         if len(set(names)) != len(names):
@@ -128,7 +137,7 @@ def with_sources(spec, sources, probs=None):
         if key not in spec.fields_read:
             raise ValueError(f"reads no {key!r} text")
         views = tuple(TextView(v.name, fields if v.sources == (key,) else v.source, v.transform,
-                               v.options, p if v.sources == (key,) else v.probs)
+                               v.options, p if v.sources == (key,) else v.probs, v.width)
                       for v in spec.text_views)
         if key in spec.text_fields:
             views = (TextView(key, fields if len(fields) > 1 else fields[0], probs=p),) + views

@@ -1,7 +1,10 @@
 """Text views: named token transforms applied per sample on the CPU beside the readers.
 
-A transform is ``fn(tokens_row: LongTensor[77], rng: random.Random, **options) -> LongTensor[77]``
-(it must not modify its input). ``TextView.transform`` names it: a built-in of ``TRANSFORMS``
+A transform is ``fn(tokens_row: LongTensor[W], rng: random.Random, **options) -> LongTensor[W']``
+(it must not modify its input): it gets the source field's full row, whatever its width W (a
+200-token caption stored 256 wide reaches it whole), and returns a row of the view's width W'
+(``TextView.width`` capped at W, passed to it as ``width=``; a view without one: W' = W). A view over several sources of
+different widths gets its row zero-padded to the widest of them, so its batch stacks. ``TextView.transform`` names it: a built-in of ``TRANSFORMS``
 (``identity``) or an import path ``"package.module:function"`` (CLIPS' ``alip.text_views:reduce_row``,
 DeCLIP's ``alip.text_aug:eda_tokens``), imported where it is first used, so a method names its
 transform without registering anything into this module, and a spawned reader worker finds it
@@ -109,22 +112,41 @@ def draws(text_views, seed, epoch, index):
             for k, v in drawn_views(text_views).items()}
 
 
+def source_width(view, widths):
+    """The width of the rows ``view``'s transform gets: the widest of its sources'."""
+    return max(widths[f] for f in view.sources)
+
+
+def view_width(view, wide):
+    """The width of ``view``'s rows over sources ``wide`` tokens wide: its declared width, at
+    most ``wide`` (CLIPS' 77-wide view of a 64-wide SigLIP caption is 64 wide); else ``wide``."""
+    return min(view.width, wide) if view.width else wide
+
+
 def apply(view, fields, seed, epoch, index):
-    """One text view of one sample: its fields {name: LongTensor[77]} -> LongTensor[77]."""
+    """One text view of one sample: its fields {name: LongTensor[W_name]} -> LongTensor[W_view]
+    (``view_width``)."""
     tokens = fields[pick_source(view, seed, epoch, index)]
-    out = transform_fn(view.transform)(tokens, text_rng(seed, epoch, index, view.name), **dict(view.options))
-    if not isinstance(out, torch.Tensor) or out.shape != tokens.shape:
+    wide = source_width(view, {f: fields[f].shape[-1] for f in view.sources})
+    if tokens.shape[-1] < wide:
+        tokens = torch.nn.functional.pad(tokens, (0, wide - tokens.shape[-1]))
+    width = view_width(view, wide)
+    options = dict(view.options, **({"width": width} if view.width else {}))
+    out = transform_fn(view.transform)(tokens, text_rng(seed, epoch, index, view.name), **options)
+    want = (width,)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != want:
         raise ValueError(f"text view {view.name!r}: transform {view.transform!r} returned "
-                         f"{getattr(out, 'shape', type(out))}, expected a tensor of shape {tuple(tokens.shape)}")
+                         f"{getattr(out, 'shape', type(out))}, expected a tensor of shape {want}")
     return out.to(torch.int64)
 
 
 def apply_batch(text_views, fields, seed, epoch, indices):
-    """Every text view of a batch: fields {name: int64 [B,77]} + record indices ->
-    {view name: int64 [B,77]}, and the ``drawn_views`` keys: {key: int64 [B]}."""
+    """Every text view of a batch: fields {name: int64 [B, W_name]} + record indices ->
+    {view name: int64 [B, W_view]}, and the ``drawn_views`` keys: {key: int64 [B]}."""
     out = {v.name: torch.stack([apply(v, {f: fields[f][j] for f in v.sources}, seed, epoch, int(i))
                                 for j, i in enumerate(indices)]) if len(indices) else
-           fields[v.sources[0]][:0].clone() for v in text_views}
+           torch.zeros((0, view_width(v, source_width(v, {f: fields[f].shape[-1] for f in v.sources}))),
+                       dtype=torch.int64) for v in text_views}
     out.update((k, torch.tensor([source_index(v, seed, epoch, int(i)) for i in indices],
                                 dtype=torch.int64))
                for k, v in drawn_views(text_views).items())

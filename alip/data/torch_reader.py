@@ -26,7 +26,7 @@ from ..cli import without_addresses
 from . import text_views
 from .augment import eval_transform, image_views, sample_rng, train_transform, view_rngs
 from .bucketing import LengthKey, bucket_pool
-from .fields import resolve
+from .fields import resolve, shards_widths
 from .lengths import length_parts
 from .order import EpochOrder, order_kind
 from .recordio import RecordIOError, RecordReader, reserve_open_files
@@ -57,7 +57,8 @@ def machine_share(rank, world_size):
 
 
 class RecDataset(torch.utils.data.Dataset):
-    """Record i of the concatenated shards -> (image [3,S,S], raw tokens [77], caption tokens [77]).
+    """Record i of the concatenated shards -> (image [3,S,S], raw tokens [W], caption tokens [W]),
+    each field as wide as the shards store it (``widths``, from manifest.json; 77 by default).
 
     Indexed by (i, epoch) pairs so the augmentation is a function of (seed, epoch, i).
     ``wanted`` text fields are looked up in the shards' layout (alip.data.fields) here, so a
@@ -66,10 +67,11 @@ class RecDataset(torch.utils.data.Dataset):
 
     def __init__(self, rec_paths, image_size, seed=0, augment=True, wanted=DEFAULT_TEXT_FIELDS):
         reserve_open_files(rec_paths)
-        self.readers = [RecordReader(p) for p in rec_paths]
+        self.field_rows, self.layout = resolve([str(p) for p in rec_paths], wanted)
+        self.widths = shards_widths([str(p) for p in rec_paths])
+        self.readers = [RecordReader(p, widths=self.widths) for p in rec_paths]
         self.starts = np.cumsum([0] + [len(r) for r in self.readers])
         self.image_size, self.seed, self.augment = image_size, seed, augment
-        self.field_rows, self.layout = resolve([r.rec_path for r in self.readers], wanted)
 
     def __len__(self):
         return int(self.starts[-1])
@@ -83,7 +85,7 @@ class RecDataset(torch.utils.data.Dataset):
         return rec
 
     def fields(self, rec):
-        """{field: int64 [77]} of the wanted fields of a record."""
+        """{field: int64 [W_field]} of the wanted fields of a record."""
         return {f: torch.from_numpy(rec.tokens[k]) for f, k in self.field_rows.items()}
 
     def __getitem__(self, item):
@@ -252,7 +254,7 @@ class TorchRecLoader:
         """The bucketing sort key of the records (from the text fields this loader reads)."""
         d = self.dataset
         share, barrier = machine_share(self.rank, self.world_size)
-        parts = length_parts(d.readers, len(d.layout), progress=progress, share=share, barrier=barrier)
+        parts = length_parts(d.readers, d.widths, progress=progress, share=share, barrier=barrier)
         return LengthKey(parts, d.field_rows.values())
 
     def set_epoch(self, epoch, start_batch=0):

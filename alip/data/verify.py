@@ -7,9 +7,10 @@ Per shard (``.rec`` + ``.idx``), every problem is reported as ``FILE: record key
 * index: one .idx line per record, each offset the start of a record, no key or offset twice,
   no record missing from the .idx, the count equal to manifest.json's for the shard when the
   dir has one;
-* payload: IRHeader flag 77*N and 77*N float32 label values that are token ids (integers in
-  0..2**24), N the number of ``text_fields`` in manifest.json (without one: the same N in every
-  record of the shard);
+* payload: IRHeader flag W1+..+WN and that many float32 label values that are token ids
+  (integers in 0..2**24), N the number of ``text_fields`` in manifest.json and Wk their widths
+  (``text_context``; 77 each without it); without a manifest 77*N, the same N in every record
+  of the shard;
 * image: a JPEG that Pillow decodes to the last scan (at 1/8 scale in the DCT domain: all
   entropy-coded data is read, the inverse DCT is cheap), so a zeroed header, a truncated file
   or a non-JPEG is found here and never reaches DALI's decoder.
@@ -29,7 +30,7 @@ import sys
 import numpy as np
 
 from .cache import cache_path
-from .fields import manifest_fields
+from .fields import manifest_layout
 from .recordio import CONTEXT_LENGTH, IR_FORMAT, IR_SIZE, MAGIC, MAX_PART, RecordIOError, label_fields, read_index
 from .shards import rec_paths as shard_paths
 
@@ -97,19 +98,22 @@ def _walk(f, size):
         yield start, struct.pack("<I", MAGIC).join(parts), None
 
 
-def check_payload(payload, decode=True, label_len=None):
+def check_payload(payload, decode=True, label_len=None, widths=None):
     """None if the payload is a good record, else what is wrong with it. ``label_len``: the
-    label length the shard's layout gives (None: any 77*N)."""
+    label length the shard's layout gives (None: any 77*N); ``widths``: its fields' widths."""
     from PIL import Image
 
     if len(payload) < IR_SIZE:
         return f"payload of {len(payload)} bytes is too short for the IRHeader"
     flag = struct.unpack_from(IR_FORMAT, payload)[0]
-    if label_fields(flag) is None:
+    if label_len is None and label_fields(flag) is None:
         return f"IRHeader flag is {flag}, expected 77*N label floats (N text fields)"
     if label_len is not None and flag != label_len:
-        return (f"IRHeader flag is {flag}, expected {label_len} ({label_len // CONTEXT_LENGTH} text fields "
-                "x 77 tokens)")
+        widths = widths or (CONTEXT_LENGTH,) * (label_len // CONTEXT_LENGTH)
+        if len(set(widths)) == 1:
+            return (f"IRHeader flag is {flag}, expected {label_len} ({len(widths)} text fields "
+                    f"x {widths[0]} tokens)")
+        return f"IRHeader flag is {flag}, expected {label_len} (text fields {list(widths)} tokens wide)"
     if len(payload) < IR_SIZE + 4 * flag:
         return f"payload of {len(payload)} bytes is too short for the IRHeader and a {flag}-float label"
     label = np.frombuffer(payload, "<f4", flag, IR_SIZE)
@@ -142,10 +146,10 @@ def check_shard(rec_path, decode=True):
     try:
         keys, offsets = read_index(idx_path, size)  # also: entries past the end,: malformed lines, duplicate keys/offsets
         check_index_count(rec_path, len(keys))
-        fields = manifest_fields(rec_path)[1]
+        _, fields, widths = manifest_layout(rec_path)
     except RecordIOError as e:
         return 0, [str(e)]
-    label_len = CONTEXT_LENGTH * len(fields) if fields else None  # else: the shard's first record's
+    label_len = sum(widths) if fields else None  # else: the shard's first record's
     key_at = dict(zip(offsets.tolist(), keys.tolist()))
     problems, seen, walked_to = [], set(), size
     with open(rec_path, "rb") as f:
@@ -165,7 +169,7 @@ def check_shard(rec_path, decode=True):
                 continue
             seen.add(start)
             last_key = key
-            bad = check_payload(payload, decode, label_len)
+            bad = check_payload(payload, decode, label_len, widths)
             if label_len is None and not bad:
                 label_len = struct.unpack_from(IR_FORMAT, payload)[0]
             if bad:

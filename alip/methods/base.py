@@ -53,12 +53,13 @@ def with_caption_view(spec, args, full="full"):
     strategy = full if strategy == "full" else strategy
     if strategy == "full":
         return spec
-    view = TextView(CAPTION_VIEW, "caption", REDUCE,
-                    (("strategy", strategy), ("k", args.caption_tokens)))
+    view = TextView(CAPTION_VIEW, "caption", REDUCE,  # drawn from the caption's full row, 77 wide
+                    (("strategy", strategy), ("k", args.caption_tokens)), width=CAPTION_VIEW_WIDTH)
     return DataSpec(spec.image_views, spec.text_fields, spec.text_views + (view,))
 
 
 CAPTION_TOKENS = 32  # --caption-tokens
+CAPTION_VIEW_WIDTH = 77  # the reduced caption's row width (K <= 75 tokens + SOT + EOT), any caption width
 SHARED_RANGES = {"caption_tokens": "[1, 75]"}  # of the flags below, as Method.flag_ranges
 
 
