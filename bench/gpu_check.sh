@@ -242,7 +242,8 @@ shards, device = sys.argv[1], sys.argv[2]
 loader = build_train_loader(shards, backend="dali", batch_size=64, image_size=224, workers=4,
                             device=device)
 n, t = 0, time.perf_counter()
-for images, raw, cap in loader:
+for batch in loader:
+    images, raw, cap = batch["image"], batch["raw"], batch["caption"]
     assert images.shape[1:] == (3, 224, 224) and images.dtype == torch.float32, images.shape
     assert str(images.device).startswith(device.split(":")[0]), images.device
     assert raw.shape[1] == cap.shape[1] == 77 and torch.isfinite(images).all()

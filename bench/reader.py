@@ -75,7 +75,18 @@ def imagefolder_loader(root, size, batch_size):
                      v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True),
                      v2.Normalize(CLIP_MEAN, CLIP_STD)])
     ds = torchvision.datasets.ImageFolder(os.path.join(root, "folder"), transform=tf)
-    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=0, drop_last=False)
+    return AsDicts(torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=0,
+                                               drop_last=False))
+
+
+class AsDicts:
+    """torchvision's (images, labels) batches as {"image", "label"} dicts, the readers' form."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __iter__(self):
+        return ({"image": images, "label": labels} for images, labels in self.loader)
 
 
 def run_epoch(loader, epoch):
@@ -84,7 +95,7 @@ def run_epoch(loader, epoch):
     n = 0
     c, t = time.process_time(), time.perf_counter()
     for batch in loader:
-        n += len(batch[0])
+        n += len(batch["image"])
     return n, time.process_time() - c, time.perf_counter() - t
 
 

@@ -58,7 +58,7 @@ def load(data, **kw):
 
 
 def ids(batch):
-    return (batch[1][:, 1] - ID0).tolist()
+    return (batch["raw"][:, 1] - ID0).tolist()
 
 
 def epoch_ids(loader, e, start_batch=0):
@@ -103,7 +103,7 @@ def test_batches_are_length_homogeneous(shards):
     loader = load(data, drop_last=False, length_bucketing=8)
     loader.set_epoch(0)
     for batch in loader:
-        assert ((batch[1].argmax(-1) + 1).numpy() == raw[ids(batch)]).all()
+        assert ((batch["raw"].argmax(-1) + 1).numpy() == raw[ids(batch)]).all()
     # 150 lognormal lengths (median 15), batches of 6, pools of 8: the mean within-batch spread
     # (max - min) of raw lengths falls from 29.4 to 6.1 tokens (the long tail's batches keep
     # most of it); padded raw tokens (6 x batch max, summed) from 5562 to 3390
@@ -119,7 +119,7 @@ def test_resume_mid_epoch_yields_the_rest_bit_identical(shards):
     full = load(data, **kw)
     full.set_epoch(1)
     uninterrupted = list(full)
-    assert len(uninterrupted) == 25 and len(uninterrupted[-1][0]) == 6
+    assert len(uninterrupted) == 25 and len(uninterrupted[-1]["image"]) == 6
     first = load(data, **kw)
     first.set_epoch(1)
     for k, _ in enumerate(first):
@@ -131,8 +131,9 @@ def test_resume_mid_epoch_yields_the_rest_bit_identical(shards):
     resumed.load_state_dict(state)
     rest = list(resumed)
     assert len(rest) == len(uninterrupted) - 7
-    for a, b in zip(uninterrupted[7:], rest):
-        assert all(torch.equal(x, y) for x, y in zip(a, b))  # images and tokens
+    for a, b in zip(uninterrupted[7:], rest):  # images and tokens
+        assert list(a) == list(b) == ["image", "raw", "caption"]
+        assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="length_bucketing=3, this loader has 4"):
         load(data, drop_last=False, length_bucketing=4).load_state_dict(state)
     with pytest.raises(ValueError, match="length_bucketing=0, this loader has 3"):

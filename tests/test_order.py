@@ -132,7 +132,7 @@ def loader_keys(loader, epoch, start_batch=0):
     table = {tuple(r.raw_tokens): r.key for name in sorted(os.listdir(loader.shards_dir))
              if name.endswith(".rec") for r in RecordReader(os.path.join(loader.shards_dir, name))}
     loader.set_epoch(epoch, start_batch)
-    return [table[tuple(row.tolist())] for _, raw, _ in loader for row in raw]
+    return [table[tuple(row.tolist())] for batch in loader for row in batch["raw"]]
 
 
 def build(shards, **kw):

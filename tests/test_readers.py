@@ -35,12 +35,18 @@ def key_of(shards):
 
 
 def keys(batches, key_of):
-    return [key_of[tuple(r.tolist()) + tuple(c.tolist())] for _, raw, cap in batches for r, c in zip(raw, cap)]
+    return [key_of[tuple(r.tolist()) + tuple(c.tolist())] for b in batches
+            for r, c in zip(b["raw"], b["caption"])]
 
 
 def epoch(loader, e=0, start_batch=0):
     loader.set_epoch(e, start_batch)
     return list(loader)
+
+
+def same(a, b):
+    """Two batch dicts with the same keys and bit-identical tensors."""
+    return list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def denorm(x):
@@ -53,16 +59,16 @@ def test_round_trip_every_record_once_tokens_and_pixels(shards, key_of, backend)
                                 drop_last=False, augment=False)
     assert (loader.num_samples, loader.batches_per_epoch, loader.dropped_per_epoch) == (N, 6, 0)
     batches = epoch(loader)
-    assert len(batches) == 6 and [len(b[0]) for b in batches] == [4, 4, 4, 4, 4, 3]
+    assert len(batches) == 6 and [len(b["image"]) for b in batches] == [4, 4, 4, 4, 4, 3]
     got = keys(batches, key_of)
     assert sorted(got) == list(range(N))
     from data_fixtures import caption_of, text_of
     tok = tokenize([text_of(k) for k in got] + [caption_of(k) for k in got])
-    raw = torch.cat([b[1] for b in batches])
-    cap = torch.cat([b[2] for b in batches])
+    raw = torch.cat([b["raw"] for b in batches])
+    cap = torch.cat([b["caption"] for b in batches])
     assert raw.dtype == cap.dtype == torch.int64 and raw.shape == (N, 77)
     assert (raw.numpy() == tok[:N]).all() and (cap.numpy() == tok[N:]).all()
-    images = torch.cat([b[0] for b in batches])
+    images = torch.cat([b["image"] for b in batches])
     assert images.dtype == torch.float32 and images.shape == (N, 3, SIZE, SIZE)
     for k, x in zip(got, images):
         want = torch.from_numpy(np.asarray(image(k), np.float32) / 255).permute(2, 0, 1)
@@ -102,7 +108,7 @@ def test_drop_last_full_equal_batches_and_counted_drops(shards, key_of, backend)
             # N=23, W=2, B=3: 3 full batches per rank (torch: 23 // 6; dali: (23 // 2) // 3)
             assert loader.batches_per_epoch == 3 and loader.dropped_per_epoch == 23 - 18
             batches = epoch(loader, e)
-            assert [len(b[0]) for b in batches] == [3, 3, 3]
+            assert [len(b["image"]) for b in batches] == [3, 3, 3]
             got += keys(batches, key_of)
         assert len(got) == len(set(got)) == 18
         per_epoch.append(frozenset(range(N)) - set(got))
@@ -114,12 +120,11 @@ def test_torch_deterministic_whatever_the_workers(shards):
             for w in (0, 2, 0)]
     for other in runs[1:]:
         assert len(other) == len(runs[0]) == 5
-        for a, b in zip(runs[0], other):
-            assert all(torch.equal(x, y) for x, y in zip(a, b))
+        assert all(same(a, b) for a, b in zip(runs[0], other))
     other_seed = epoch(build_train_loader(shards, backend="torch", batch_size=4, image_size=SIZE, seed=4, workers=0), 2)
-    assert not torch.equal(runs[0][0][1], other_seed[0][1])
+    assert not torch.equal(runs[0][0]["raw"], other_seed[0]["raw"])
     other_epoch = epoch(build_train_loader(shards, backend="torch", batch_size=4, image_size=SIZE, seed=3, workers=0), 3)
-    assert not torch.equal(runs[0][0][1], other_epoch[0][1])
+    assert not torch.equal(runs[0][0]["raw"], other_epoch[0]["raw"])
 
 
 @pytest.mark.parametrize("backend", ["torch", "dali"])
@@ -130,8 +135,7 @@ def test_mid_epoch_resume_yields_the_rest_of_the_epoch(shards, backend):
     resumed_loader = build_train_loader(shards, **kw)
     resumed = epoch(resumed_loader, 1, start_batch=4)
     assert len(resumed_loader) == 3 and len(resumed) == 3
-    for a, b in zip(full[4:], resumed):
-        assert all(torch.equal(x, y) for x, y in zip(a, b))  # bit-identical images and tokens
+    assert all(same(a, b) for a, b in zip(full[4:], resumed))  # bit-identical images and tokens
 
 
 @pytest.mark.parametrize("backend", ["torch", "dali"])
@@ -151,8 +155,7 @@ def test_resume_from_state_dict(shards, backend):
     resumed.load_state_dict(state)
     rest = list(resumed)
     assert len(rest) == len(full) - 3 == 4
-    for a, b in zip(full[3:], rest):
-        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert all(same(a, b) for a, b in zip(full[3:], rest))
     if backend == "dali":
         assert resumed.replayed_batches == 0  # restored, not replayed
         resumed.set_epoch(2, start_batch=3)
@@ -213,7 +216,8 @@ def test_dali_reads_a_multipart_record(tmp_path):
     for backend in ("torch", "dali"):
         loader = build_train_loader(str(tmp_path), backend=backend, batch_size=3, image_size=SIZE, workers=1,
                                     drop_last=False, augment=False)
-        (images, r, c), = epoch(loader)
+        (batch,) = epoch(loader)
+        images, r, c = batch["image"], batch["raw"], batch["caption"]
         order = [1 if (x == torch.from_numpy(cap)).all() else 0 for x in r]
         assert sorted(order) == [0, 0, 1]
         i = order.index(1)

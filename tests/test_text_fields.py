@@ -81,12 +81,12 @@ def test_three_field_shards_round_trip_through_both_readers(three, backend):
     assert tokens_by_raw(batches, "generated") == {tuple(raw[i]): tuple(gen[i]) for i in range(N)}
     assert all(b["generated"].dtype == torch.int64 and b["generated"].is_contiguous() for b in batches)
 
-    # the tuple form (no spec) still yields (image, raw, caption) from a 3-field shard
+    # the default spec (ALIP_DATA) yields image, raw, caption from a 3-field shard
     cap = tokenize([caption_of(i) for i in range(N)])
-    tup = build_train_loader(out, backend=backend, batch_size=5, image_size=SIZE, workers=1,
-                             drop_last=False, augment=False)
-    got = {tuple(a.tolist()): tuple(c.tolist()) for _, rw, cp in epoch(tup) for a, c in zip(rw, cp)}
-    assert got == {tuple(raw[i]): tuple(cap[i]) for i in range(N)}
+    default = epoch(build_train_loader(out, backend=backend, batch_size=5, image_size=SIZE, workers=1,
+                                       drop_last=False, augment=False))
+    assert all(list(b) == ["image", "raw", "caption"] for b in default)
+    assert tokens_by_raw(default, "caption") == {tuple(raw[i]): tuple(cap[i]) for i in range(N)}
 
 
 def test_two_field_output_is_byte_identical_to_todays(three, tmp_path):

@@ -25,7 +25,7 @@ def demo_shards(tmp_path_factory):
 
 
 def _clip_loss(model, batch):
-    images, raw, _ = batch
+    images, raw = batch["image"], batch["raw"]
     model.eval()
     with torch.no_grad():
         img = model.encode_image(images, normalize=True)
@@ -222,7 +222,7 @@ def test_every_batch_tensor_reaches_the_training_device():
     assert batch["n"] == 3 and all(batch[k].is_meta for k in ("image", "image_2", "raw"))
     # token tensors keep their host copy (the text tower plans from it); images do not
     assert host_tokens(batch["raw"]) is views["raw"] and host_tokens(batch["image"]) is None
-    # a loader not built for the method's DataSpec (the old (image, raw, caption) tuples)
+    # a custom loader yielding (image, raw, caption) tuples, not dicts built for the DataSpec
     legacy = (torch.zeros(2, 3, 4, 4), torch.zeros(2, 77, dtype=torch.long))
     with pytest.raises(TrainConfigError, match=r"yields tuple batches; a loader must yield dicts "
                                                r"keyed \['image', 'raw', 'caption'\]"):

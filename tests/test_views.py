@@ -67,14 +67,29 @@ def same(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_alip_spec_is_the_tuple_as_a_dict(shards):
+def test_default_spec_is_alip_data_and_its_image_is_the_reference_transform(shards):
+    """No spec: ALIP_DATA's dicts; its one ``reference`` view is, bit for bit, the single-view
+    transform of (seed, epoch, record index) (``train_transform`` with ``sample_rng``, an
+    independent replica), so one reference view reproduces the reference augmentation."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    from alip.data.augment import sample_rng, train_transform
+    from alip.data.loader import rec_paths
     kw = dict(backend="torch", batch_size=4, image_size=SIZE, seed=3, workers=0)
-    tuples = epoch(build_train_loader(shards, **kw), 1)
+    default = epoch(build_train_loader(shards, **kw), 1)
     dicts = epoch(build_train_loader(shards, spec=ALIP_DATA, **kw), 1)
-    assert len(tuples) == len(dicts) == 5
-    for t, d in zip(tuples, dicts):
-        assert list(d) == ALIP_DATA.keys == ["image", "raw", "caption"]
-        assert all(torch.equal(x, d[k]) for x, k in zip(t, ALIP_DATA.keys))  # bit-identical
+    assert len(default) == len(dicts) == 5
+    records = [r for p in rec_paths(shards) for r in RecordReader(p)]  # the loader's record indices
+    index_of = {tuple(r.raw_tokens): i for i, r in enumerate(records)}
+    for t, d in zip(default, dicts):
+        assert list(t) == list(d) == ALIP_DATA.keys == ["image", "raw", "caption"]
+        assert same(t, d)
+        for x, raw in zip(t["image"], t["raw"]):
+            i = index_of[tuple(raw.tolist())]
+            want = train_transform(Image.open(BytesIO(records[i].jpeg)), SIZE, sample_rng(3, 1, i))
+            assert torch.equal(x, want)  # bit-identical
 
 
 @pytest.mark.parametrize("backend", ["torch", "dali"])
@@ -293,8 +308,9 @@ def test_synthetic_loader_spec(tmp_path):
     plain = list(SyntheticLoader(24, 4, 8, seed=1))
     views = list(SyntheticLoader(24, 4, 8, seed=1, spec=spec))
     assert len(views) == len(plain) == 6
-    for (img, raw, cap), d in zip(plain, views):
-        assert list(d) == spec.keys
+    for p, d in zip(plain, views):
+        assert list(p) == ALIP_DATA.keys and list(d) == spec.keys
+        img, raw, cap = p["image"], p["raw"], p["caption"]
         assert torch.equal(d["image"], img) and torch.equal(d["raw"], raw)
         assert not torch.equal(d["aug"], img) and d["aug"].shape == img.shape
         assert torch.equal(d["swap"].sort(1).values, cap.sort(1).values) and not torch.equal(d["swap"], cap)
@@ -306,27 +322,26 @@ def test_synthetic_loader_spec(tmp_path):
             assert torch.equal(d[k], torch.cat([ranks[0][b][k], ranks[1][b][k]]))
 
 
-@pytest.mark.parametrize("spec", [None, SLIP], ids=["tuple", "views"])
+@pytest.mark.parametrize("spec", [ALIP_DATA, SLIP], ids=["alip", "views"])
 def test_dali_checkpoint_restores_after_other_pipelines_were_built(shards, spec):
     """A resume builds its pipeline after however many others the process built (other epochs,
     other loaders): DALI checkpoints name the ops whose state they hold, so every random op has
     an explicit name (auto-generated names count the process's pipelines and would not match)."""
     kw = dict(backend="dali", batch_size=3, image_size=SIZE, seed=5, workers=1, spec=spec)
-    as_dict = (lambda b: b) if spec else (lambda b: dict(enumerate(b)))
     first = build_train_loader(shards, **kw)
     first.set_epoch(1)
     it = iter(first)
     for _ in range(2):
         next(it)
     state = first.state_dict()
-    rest_ref = [as_dict(b) for b in it]
+    rest_ref = list(it)
     for e in range(3):  # more pipelines built in this process before the restore
         other = build_train_loader(shards, **kw)
         other.set_epoch(e)
         next(iter(other))
     resumed = build_train_loader(shards, **kw)
     resumed.load_state_dict(state)
-    rest = [as_dict(b) for b in resumed]
+    rest = list(resumed)
     assert len(rest) == len(rest_ref) > 0 and all(same(a, b) for a, b in zip(rest_ref, rest))
 
 

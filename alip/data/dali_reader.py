@@ -34,10 +34,10 @@ import torch
 
 from ..atomic import replacing
 from . import text_views
-from .augment import AREA, ASPECT, CLIP_MEAN, CLIP_STD, RECIPE_PARAMS
+from .augment import CLIP_MEAN, CLIP_STD, RECIPE_PARAMS
 from .fields import label_spans, resolve, shards_widths
 from .recordio import RecordIOError, RecordReader, reserve_open_files
-from .spec import DEFAULT_TEXT_FIELDS
+from .spec import ALIP_DATA
 from .verify import require_verified
 
 
@@ -87,39 +87,6 @@ def _seed(*parts):
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0] & 0x7FFFFFFF)
 
 
-def build_pipeline(recs, idx_path, batch_size, image_size, shard_id, num_shards, seed, threads,
-                   device_id=None, augment=True, shuffle=True, initial_fill=16384, checkpoint=None):
-    from nvidia.dali import fn, pipeline_def, types
-
-    gpu = device_id is not None
-    kw = dict(device_memory_padding=211025920, host_memory_padding=140544512) if gpu else {}
-
-    @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=device_id, seed=seed,
-                  prefetch_queue_depth=3 if gpu else 2, exec_dynamic=True)
-    def pipe():
-        jpegs, labels = fn.readers.mxnet(
-            path=recs, index_path=[idx_path], num_shards=num_shards, shard_id=shard_id,
-            random_shuffle=shuffle, initial_fill=initial_fill, pad_last_batch=True,
-            seed=seed, name="Reader")
-        dev = "mixed" if gpu else "cpu"
-        if augment:
-            images = fn.decoders.image_random_crop(
-                jpegs, device=dev, output_type=types.RGB, random_area=list(AREA),
-                random_aspect_ratio=list(ASPECT), num_attempts=100, name="decode_crop", **kw)
-        else:
-            images = fn.decoders.image(jpegs, device=dev, output_type=types.RGB, name="decode",
-                                       **kw)
-        images = fn.resize(images, resize_x=image_size, resize_y=image_size,
-                           interp_type=types.INTERP_LINEAR, antialias=True, name="resize")
-        images = fn.crop_mirror_normalize(
-            images, dtype=types.FLOAT, output_layout="CHW", name="normalize",
-            mean=[255 * m for m in CLIP_MEAN], std=[255 * s for s in CLIP_STD],
-            mirror=fn.random.coin_flip(probability=0.5, name="mirror") if augment else 0)
-        return images, labels.gpu() if gpu else labels
-
-    return pipe(enable_checkpointing=True, checkpoint=checkpoint)
-
-
 def _named_errors(make_iterator, loader):
     """DALI's own errors ("nvImageCodec failure", "wrong magic number", ...) name no file: re-raise
     them as RecordIOError naming the shard files and the range of records this rank was reading.
@@ -138,13 +105,19 @@ def _named_errors(make_iterator, loader):
 
 
 class DaliRecLoader:
+    """Batches of ``spec.keys`` dicts (``build_view_pipeline``). Text views run in a thread pool
+    of ``text_threads`` beside the pipeline, one batch ahead: batch b+1's transforms run while
+    the caller works on batch b (the pipeline checkpoint after b is kept for ``state_dict``)."""
+
     def __init__(self, rec_paths, batch_size, image_size, rank=0, world_size=1, seed=0, workers=2,
                  device="cpu", drop_last=True, augment=True, shuffle=True, initial_fill=16384,
-                 verify=True):
+                 verify=True, spec=ALIP_DATA, text_threads=4):
+        text_views.check(spec.text_views, spec.fields_read)  # transforms; the shards' fields in resolve
+        self.spec, self.text_threads = spec, text_threads
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
         reserve_open_files(rec_paths)  # the combined index below holds every shard's reader
-        self.field_rows, self.layout = resolve([str(p) for p in rec_paths], self.wanted_fields())
+        self.field_rows, self.layout = resolve([str(p) for p in rec_paths], spec.fields_read)
         self.widths = shards_widths([str(p) for p in rec_paths])
         self.spans = label_spans(self.layout, self.widths)
         if verify:  # a corrupt JPEG would otherwise kill DALI's decoder mid-epoch, naming nothing
@@ -161,10 +134,9 @@ class DaliRecLoader:
             self.device_id = device.index if device.index is not None else torch.cuda.current_device()
         n, W = self.num_samples, world_size
         self.dropped_per_epoch = n - W * batch_size * ((n // W) // batch_size) if drop_last else 0
+        self.sources = SourceIndex(rec_paths) if spec.text_views else None
+        self.token_device = torch.device("cpu" if self.device_id is None else f"cuda:{self.device_id}")
         self.set_epoch(0)
-
-    def wanted_fields(self):
-        return DEFAULT_TEXT_FIELDS
 
     def split_labels(self, labels):
         """int64 [B, W1+..+WN] labels -> {field: int64 [B, W_field]} for the wanted fields."""
@@ -195,14 +167,19 @@ class DaliRecLoader:
         if not 0 <= start_batch <= self.batches_per_epoch:
             raise ValueError(f"start_batch {start_batch} is not in 0..{self.batches_per_epoch}")
         self.start_batch = self.position = int(start_batch)
-        self._checkpoint, self._it = None, None
+        self._checkpoint, self._it, self._saved_checkpoint = None, None, None
 
     def state_dict(self):
         """Where this rank is: {epoch, batch, dali_checkpoint}. Call it between batches and keep
         it with the training checkpoint; the DALI pipeline checkpoint restores the reader's
         position and every RNG, so resuming decodes nothing twice."""
-        it = self._it
-        cpt = it.checkpoints()[0] if it is not None and self.position < self.batches_per_epoch else None
+        cpt = None
+        if self.position >= self.batches_per_epoch:
+            pass  # the epoch is over: nothing to restore
+        elif self.spec.text_views:  # the pipeline runs a batch ahead: the checkpoint kept with batch b
+            cpt = self._saved_checkpoint
+        elif self._it is not None:
+            cpt = self._it.checkpoints()[0]
         return {"epoch": self.epoch, "batch": self.position, "dali_checkpoint": cpt}
 
     def load_state_dict(self, state):
@@ -212,22 +189,51 @@ class DaliRecLoader:
     def __len__(self):
         return self.batches_per_epoch - self.start_batch
 
+    def _fields(self, out):
+        """DALI outputs -> the batch dict without text views, and the CPU token fields."""
+        fields = self.split_labels(out["labels"].long())
+        batch = {v.name: out[f"view{k}"] for k, v in enumerate(self.spec.image_views)}
+        batch.update((f, fields[f].to(self.token_device)) for f in self.spec.text_fields)
+        return batch, fields
+
+    def _submit_text(self, pool, out, fields):
+        """Text views of one batch as futures over chunks of its samples."""
+        infos = [bytes(row).rstrip(b"\0").decode() for row in out["source"].numpy()]
+        indices = [self.sources(i) for i in infos]
+        n = len(indices)
+        step = max(1, math.ceil(n / self.text_threads))
+        return [pool.submit(text_views.apply_batch, self.spec.text_views,
+                            {k: f[lo:lo + step] for k, f in fields.items()}, self.seed, self.epoch,
+                            indices[lo:lo + step]) for lo in range(0, n, step)]
+
+    def _finish(self, b, batch, futures, checkpoint):
+        parts = [f.result() for f in futures]
+        for k in parts[0]:  # the text views and the drawn fields (text_views.apply_batch)
+            batch[k] = torch.cat([p[k] for p in parts]).to(self.token_device)
+        self.position, self._saved_checkpoint = b + 1, checkpoint
+        return batch
+
     def __iter__(self):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         cpt, self._checkpoint = self._checkpoint, None
-        pipe = build_pipeline(self.recs, self.idx_path, self.batch_size, self.image_size,
-                              self.shard_id, self.world_size, _seed(self.seed, self.epoch, self.rank),
-                              self.threads, self.device_id, self.augment, self.shuffle,
-                              min(self.initial_fill, max(1, self.num_samples)), checkpoint=cpt)
+        n_views, text = len(self.spec.image_views), bool(self.spec.text_views)
+        pipe = build_view_pipeline(self.recs, self.idx_path, self.batch_size, self.image_size,
+                                   self.shard_id, self.world_size, _seed(self.seed, self.epoch, self.rank),
+                                   self.threads, [v.recipe for v in self.spec.image_views], self.device_id,
+                                   self.augment, self.shuffle, min(self.initial_fill, max(1, self.num_samples)),
+                                   checkpoint=cpt, source_info=text)
+        names = [f"view{k}" for k in range(n_views)] + ["labels"] + (["source"] if text else [])
 
         def make_iterator():
-            self._it = DALIGenericIterator([pipe], ["images", "labels"], reader_name="Reader",
+            self._it = DALIGenericIterator([pipe], names, reader_name="Reader",
                                            last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False)
             return self._it
 
         self._it = None
         self.position, self.replayed_batches = self.start_batch, 0
+        pool = ThreadPoolExecutor(self.text_threads, thread_name_prefix="alip-text") if text else None
+        pending = None
         try:
             for b, out in enumerate(_named_errors(make_iterator, self), start=self.start_batch if cpt else 0):
                 if b >= self.batches_per_epoch:
@@ -235,14 +241,25 @@ class DaliRecLoader:
                 if b < self.start_batch:
                     self.replayed_batches += 1
                     continue
-                fields = self.split_labels(out[0]["labels"].long())
-                self.position = b + 1
-                yield out[0]["images"], fields["raw"], fields["caption"]
+                batch, fields = self._fields(out[0])
+                if not text:
+                    self.position = b + 1
+                    yield batch
+                    continue
+                futures = self._submit_text(pool, out[0], fields)
+                after_b = self._it.checkpoints()[0] if b + 1 < self.batches_per_epoch else None
+                if pending is not None:
+                    yield self._finish(*pending)
+                pending = (b, batch, futures, after_b)
+            if pending is not None:
+                yield self._finish(*pending)
         finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
             del pipe  # self._it keeps it until the next epoch, for state_dict() after a break
 
 
-# ---- DataSpec batches: dicts of named views ------------------------------------------------
+# ---- the pipeline: decode once, one branch of ops per image view ---------------------------
 
 def _uniform(lo, hi, name):
     """fn.random.uniform over [lo, hi), or the constant when the range is a point (DALI's
@@ -294,7 +311,7 @@ def _dali_view(images, recipe, size, augment, tag="v0"):
 def build_view_pipeline(recs, idx_path, batch_size, image_size, shard_id, num_shards, seed, threads,
                         recipes, device_id=None, augment=True, shuffle=True, initial_fill=16384,
                         checkpoint=None, source_info=False):
-    """Like build_pipeline, for several views: decode once (``mixed`` on GPU), one branch of ops
+    """The loader's pipeline for one or several image views: decode once (``mixed`` on GPU), one branch of ops
     per view. Outputs: the views (on the decode device), the labels on the CPU (the text views
     are made there), and with ``source_info`` each record's "<file> at index <offset>" padded
     with zeros to the batch's longest."""
@@ -346,93 +363,3 @@ class SourceIndex:
         if j == len(offsets) or offsets[j] != int(offset):
             raise ValueError(f"DALI source_info {info!r}: no record starts at that offset in {path}")
         return start + (j if order is None else int(order[j]))
-
-
-class DaliViewLoader(DaliRecLoader):
-    """DaliRecLoader yielding ``spec.keys`` dicts. Text views run in a thread pool of
-    ``text_threads`` beside the pipeline, one batch ahead: batch b+1's transforms run while the
-    caller works on batch b (the pipeline checkpoint after b is kept for ``state_dict``)."""
-
-    def __init__(self, rec_paths, batch_size, image_size, spec, text_threads=4, **kw):
-        text_views.check(spec.text_views, spec.fields_read)  # transforms; the shards' fields in resolve
-        self.spec, self.text_threads = spec, text_threads
-        super().__init__(rec_paths, batch_size, image_size, **kw)
-        self.sources = SourceIndex(rec_paths) if spec.text_views else None
-        self.token_device = torch.device("cpu" if self.device_id is None else f"cuda:{self.device_id}")
-
-    def wanted_fields(self):
-        return self.spec.fields_read
-
-    def set_epoch(self, epoch, start_batch=0):
-        super().set_epoch(epoch, start_batch)
-        self._saved_checkpoint = None
-
-    def state_dict(self):
-        if not self.spec.text_views:
-            return super().state_dict()
-        cpt = self._saved_checkpoint if self.position < self.batches_per_epoch else None
-        return {"epoch": self.epoch, "batch": self.position, "dali_checkpoint": cpt}
-
-    def _fields(self, out):
-        """DALI outputs -> the batch dict without text views, and the CPU token fields."""
-        fields = self.split_labels(out["labels"].long())
-        batch = {v.name: out[f"view{k}"] for k, v in enumerate(self.spec.image_views)}
-        batch.update((f, fields[f].to(self.token_device)) for f in self.spec.text_fields)
-        return batch, fields
-
-    def _submit_text(self, pool, out, fields):
-        """Text views of one batch as futures over chunks of its samples."""
-        infos = [bytes(row).rstrip(b"\0").decode() for row in out["source"].numpy()]
-        indices = [self.sources(i) for i in infos]
-        n = len(indices)
-        step = max(1, math.ceil(n / self.text_threads))
-        return [pool.submit(text_views.apply_batch, self.spec.text_views,
-                            {k: f[lo:lo + step] for k, f in fields.items()}, self.seed, self.epoch,
-                            indices[lo:lo + step]) for lo in range(0, n, step)]
-
-    def _finish(self, b, batch, futures, checkpoint):
-        parts = [f.result() for f in futures]
-        for k in parts[0]:  # the text views and the drawn fields (text_views.apply_batch)
-            batch[k] = torch.cat([p[k] for p in parts]).to(self.token_device)
-        self.position, self._saved_checkpoint = b + 1, checkpoint
-        return batch
-
-    def __iter__(self):
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
-
-        cpt, self._checkpoint = self._checkpoint, None
-        n_views, text = len(self.spec.image_views), bool(self.spec.text_views)
-        pipe = build_view_pipeline(self.recs, self.idx_path, self.batch_size, self.image_size,
-                                   self.shard_id, self.world_size, _seed(self.seed, self.epoch, self.rank),
-                                   self.threads, [v.recipe for v in self.spec.image_views], self.device_id,
-                                   self.augment, self.shuffle, min(self.initial_fill, max(1, self.num_samples)),
-                                   checkpoint=cpt, source_info=text)
-        names = [f"view{k}" for k in range(n_views)] + ["labels"] + (["source"] if text else [])
-        self._it = DALIGenericIterator([pipe], names, reader_name="Reader",
-                                       last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False)
-        self.position, self.replayed_batches = self.start_batch, 0
-        pool = ThreadPoolExecutor(self.text_threads, thread_name_prefix="alip-text") if text else None
-        pending = None
-        try:
-            for b, out in enumerate(self._it, start=self.start_batch if cpt else 0):
-                if b >= self.batches_per_epoch:
-                    break
-                if b < self.start_batch:
-                    self.replayed_batches += 1
-                    continue
-                batch, fields = self._fields(out[0])
-                if not text:
-                    self.position = b + 1
-                    yield batch
-                    continue
-                futures = self._submit_text(pool, out[0], fields)
-                after_b = self._it.checkpoints()[0] if b + 1 < self.batches_per_epoch else None
-                if pending is not None:
-                    yield self._finish(*pending)
-                pending = (b, batch, futures, after_b)
-            if pending is not None:
-                yield self._finish(*pending)
-        finally:
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
-            del pipe

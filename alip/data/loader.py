@@ -1,5 +1,6 @@
 """``build_train_loader``: the one entry point training uses to read ALIP RecordIO shards."""
 from .shards import rec_paths
+from .spec import ALIP_DATA
 
 BACKENDS = ("torch", "dali")
 
@@ -16,17 +17,16 @@ def check_index_counts(paths):
 
 def build_train_loader(data, backend="torch", batch_size=64, image_size=32, rank=0, world_size=1,
                        seed=0, workers=2, device="cpu", drop_last=True, augment=True,
-                       verify_shards=True, spec=None, length_bucketing=0):
-    """A re-iterable loader of (images float32 [B,3,S,S], raw tokens int64 [B,77], caption
-    tokens int64 [B,77]) with ``num_samples``, ``batches_per_epoch``, ``dropped_per_epoch`` and
-    ``set_epoch(epoch, start_batch=0)``. ``augment=False`` squashes the whole image instead of the
-    random crop + flip (for checks, not training). ``verify_shards`` (DALI): check every shard
-    (framing, index, labels, JPEG decode; alip.data.verify) before the first epoch, once per
-    shard version (cached). See torch_reader.py / dali_reader.py.
-
-    With ``spec`` (an ``alip.data.spec.DataSpec``) it yields dicts keyed by ``spec.keys`` instead:
-    one float32 [B,3,S,S] per image view (its recipe's augmentation), int64 [B,W] per text field
-    (W: its width in the shards, 77 unless data2rec stored it wider) and text view (its width).
+                       verify_shards=True, spec=ALIP_DATA, length_bucketing=0):
+    """A re-iterable loader of dicts keyed by ``spec.keys`` (an ``alip.data.spec.DataSpec``;
+    the default ``ALIP_DATA``: "image", "raw", "caption"): one float32 [B,3,S,S] per image view
+    (its recipe's augmentation), int64 [B,W] per text field (W: its width in the shards, 77 unless data2rec
+    stored it wider) and text view (its width). It has
+    ``num_samples``, ``batches_per_epoch``, ``dropped_per_epoch`` and
+    ``set_epoch(epoch, start_batch=0)``. ``augment=False`` squashes the whole image instead of
+    the random crop + flip (for checks, not training). ``verify_shards`` (DALI): check every
+    shard (framing, index, labels, JPEG decode; alip.data.verify) before the first epoch, once
+    per shard version (cached). See torch_reader.py / dali_reader.py.
 
     ``length_bucketing=N`` (torch backend; 0: off): each rank's records are re-formed into
     batches of similar text length within pools of N consecutive batches (alip.data.bucketing);
@@ -39,8 +39,8 @@ def build_train_loader(data, backend="torch", batch_size=64, image_size=32, rank
         raise ValueError(f"length_bucketing={length_bucketing}: the {backend} backend does not support "
                          f"length bucketing; use backend='torch' (train.py --data-backend torch)")
     check_index_counts(paths)
-    Loader = _loader_class(backend, spec)
-    extra = {} if spec is None else {"spec": spec}
+    Loader = _loader_class(backend)
+    extra = {"spec": spec}
     if backend == "dali":
         extra["verify"] = verify_shards
     elif length_bucketing:
@@ -53,9 +53,9 @@ def build_train_loader(data, backend="torch", batch_size=64, image_size=32, rank
     return loader
 
 
-def _loader_class(backend, spec):
+def _loader_class(backend):
     if backend == "torch":
-        from .torch_reader import TorchRecLoader, TorchViewLoader
-        return TorchRecLoader if spec is None else TorchViewLoader
-    from .dali_reader import DaliRecLoader, DaliViewLoader
-    return DaliRecLoader if spec is None else DaliViewLoader
+        from .torch_reader import TorchRecLoader
+        return TorchRecLoader
+    from .dali_reader import DaliRecLoader
+    return DaliRecLoader

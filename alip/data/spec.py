@@ -145,5 +145,5 @@ def with_sources(spec, sources, probs=None):
     return spec
 
 
-ALIP_DATA = DataSpec()                                   # today's (image, raw, caption)
+ALIP_DATA = DataSpec()          # keys image, raw, caption: the loaders' default
 CLIP_DATA = DataSpec(text_fields=("raw",))

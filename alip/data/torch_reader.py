@@ -24,13 +24,13 @@ from PIL import Image
 
 from ..cli import without_addresses
 from . import text_views
-from .augment import eval_transform, image_views, sample_rng, train_transform, view_rngs
+from .augment import image_views, view_rngs
 from .bucketing import LengthKey, bucket_pool
 from .fields import resolve, shards_widths
 from .lengths import length_parts
 from .order import EpochOrder, order_kind
 from .recordio import RecordIOError, RecordReader, reserve_open_files
-from .spec import DEFAULT_TEXT_FIELDS
+from .spec import ALIP_DATA
 
 
 
@@ -57,21 +57,24 @@ def machine_share(rank, world_size):
 
 
 class RecDataset(torch.utils.data.Dataset):
-    """Record i of the concatenated shards -> (image [3,S,S], raw tokens [W], caption tokens [W]),
-    each field as wide as the shards store it (``widths``, from manifest.json; 77 by default).
+    """Record i of the concatenated shards -> {key: tensor} for a ``DataSpec``: every image view
+    from one decode (view k's randomness from ``view_rngs(seed, epoch, i, ...)[k]``), the
+    asked-for text fields (each as wide as the shards store it: ``widths``, from manifest.json;
+    77 by default), and the text views (transformed here, in the DataLoader worker).
 
     Indexed by (i, epoch) pairs so the augmentation is a function of (seed, epoch, i).
-    ``wanted`` text fields are looked up in the shards' layout (alip.data.fields) here, so a
-    field the shards lack fails before anything is read.
+    The text fields the spec reads are looked up in the shards' layout (alip.data.fields) here,
+    so a field the shards lack fails before anything is read.
     """
 
-    def __init__(self, rec_paths, image_size, seed=0, augment=True, wanted=DEFAULT_TEXT_FIELDS):
+    def __init__(self, rec_paths, image_size, seed=0, augment=True, spec=ALIP_DATA):
         reserve_open_files(rec_paths)
-        self.field_rows, self.layout = resolve([str(p) for p in rec_paths], wanted)
+        self.field_rows, self.layout = resolve([str(p) for p in rec_paths], spec.fields_read)
         self.widths = shards_widths([str(p) for p in rec_paths])
         self.readers = [RecordReader(p, widths=self.widths) for p in rec_paths]
         self.starts = np.cumsum([0] + [len(r) for r in self.readers])
         self.image_size, self.seed, self.augment = image_size, seed, augment
+        self.spec, self.recipes = spec, [v.recipe for v in spec.image_views]
 
     def __len__(self):
         return int(self.starts[-1])
@@ -91,16 +94,18 @@ class RecDataset(torch.utils.data.Dataset):
     def __getitem__(self, item):
         i, epoch = item
         rec = self.record(i)
+        rngs = view_rngs(self.seed, epoch, i, len(self.recipes)) if self.augment else None
         try:
-            img = Image.open(io.BytesIO(rec.jpeg))
-            if self.augment:
-                x = train_transform(img, self.image_size, sample_rng(self.seed, epoch, i))
-            else:
-                x = eval_transform(img, self.image_size)
+            images = image_views(Image.open(io.BytesIO(rec.jpeg)), self.image_size, self.recipes, rngs)
         except Exception as e:
             raise _undecodable(self, i, rec, e) from e
         fields = self.fields(rec)
-        return x, fields["raw"], fields["caption"]
+        out = {v.name: x for v, x in zip(self.spec.image_views, images)}
+        out.update((f, fields[f]) for f in self.spec.text_fields)
+        out.update((v.name, text_views.apply(v, fields, self.seed, epoch, i))
+                   for v in self.spec.text_views)
+        out.update(text_views.draws(self.spec.text_views, self.seed, epoch, i))
+        return out
 
 
 def stop_signals():
@@ -217,8 +222,12 @@ class _Batches:
 
 
 class TorchRecLoader:
+    """Batches of ``spec.keys`` dicts (``RecDataset``), in the order, exactly-once and resume
+    rules of the module docstring."""
+
     def __init__(self, rec_paths, batch_size, image_size, rank=0, world_size=1, seed=0, workers=2,
-                 device="cpu", drop_last=True, augment=True, length_bucketing=0):
+                 device="cpu", drop_last=True, augment=True, length_bucketing=0, spec=ALIP_DATA):
+        text_views.check(spec.text_views, spec.fields_read)  # transforms; the shards' fields in resolve
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
         if (isinstance(length_bucketing, bool) or not isinstance(length_bucketing, (int, np.integer))
@@ -226,7 +235,8 @@ class TorchRecLoader:
             raise ValueError(f"length_bucketing must be an integer >= 0 (batches per pool; 0: off), "
                              f"got {length_bucketing!r}")
         self.length_bucketing = int(length_bucketing)
-        self.dataset = self.make_dataset(rec_paths, image_size, seed, augment)
+        self.spec = spec
+        self.dataset = RecDataset(rec_paths, image_size, seed, augment, spec)
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.seed, self.drop_last = seed, drop_last
         self.num_samples = len(self.dataset)
@@ -246,9 +256,6 @@ class TorchRecLoader:
             self.dataset, batch_sampler=self._batches, num_workers=workers,
             pin_memory=str(device).startswith("cuda"), persistent_workers=workers > 0,
             prefetch_factor=4 if workers > 0 else None, worker_init_fn=self._worker_init)
-
-    def make_dataset(self, rec_paths, image_size, seed, augment):
-        return RecDataset(rec_paths, image_size, seed, augment)
 
     def length_key(self, progress=False):
         """The bucketing sort key of the records (from the text fields this loader reads)."""
@@ -302,44 +309,3 @@ class TorchRecLoader:
         for batch in batches:
             self.position += 1
             yield batch
-
-
-# ---- DataSpec batches: dicts of named views ------------------------------------------------
-
-class ViewDataset(RecDataset):
-    """Record i -> {key: tensor} for a ``DataSpec``: every image view from one decode (view k's
-    randomness from ``view_rngs(seed, epoch, i, ...)[k]``), the asked-for text fields, and the
-    text views (transformed here, in the DataLoader worker)."""
-
-    def __init__(self, rec_paths, image_size, spec, seed=0, augment=True):
-        super().__init__(rec_paths, image_size, seed, augment, wanted=spec.fields_read)
-        self.spec = spec
-        self.recipes = [v.recipe for v in spec.image_views]
-
-    def __getitem__(self, item):
-        i, epoch = item
-        rec = self.record(i)
-        rngs = view_rngs(self.seed, epoch, i, len(self.recipes)) if self.augment else None
-        try:
-            images = image_views(Image.open(io.BytesIO(rec.jpeg)), self.image_size, self.recipes, rngs)
-        except Exception as e:
-            raise _undecodable(self, i, rec, e) from e
-        fields = self.fields(rec)
-        out = {v.name: x for v, x in zip(self.spec.image_views, images)}
-        out.update((f, fields[f]) for f in self.spec.text_fields)
-        out.update((v.name, text_views.apply(v, fields, self.seed, epoch, i))
-                   for v in self.spec.text_views)
-        out.update(text_views.draws(self.spec.text_views, self.seed, epoch, i))
-        return out
-
-
-class TorchViewLoader(TorchRecLoader):
-    """TorchRecLoader yielding ``spec.keys`` dicts (same order, exactly-once and resume rules)."""
-
-    def __init__(self, rec_paths, batch_size, image_size, spec, **kw):
-        text_views.check(spec.text_views, spec.fields_read)  # transforms; the shards' fields in resolve
-        self.spec = spec
-        super().__init__(rec_paths, batch_size, image_size, **kw)
-
-    def make_dataset(self, rec_paths, image_size, seed, augment):
-        return ViewDataset(rec_paths, image_size, self.spec, seed, augment)

@@ -7,7 +7,8 @@ the samples in a permutation of (seed, epoch); global batch ``b`` is positions
 ``[b*B*W, (b+1)*B*W)`` of it and rank ``r`` gets the ``r``-th slice of B, so W processes with
 batch B see exactly the batches of one process with batch W*B.
 
-With a ``DataSpec`` it yields dicts keyed by ``spec.keys``: the first image view is sample i's
+It yields dicts keyed by ``spec.keys`` (a ``DataSpec``; the default ``ALIP_DATA``: "image",
+"raw", "caption"): the first image view is sample i's
 image, view k > 0 another N(0,1) image fixed by (seed, i, k) (no augmentation; the views only
 need to differ), the asked-for token rows, and the text views through their registered
 transforms, seeded by (seed, epoch, i, view name) as in the readers.
@@ -15,6 +16,7 @@ transforms, seeded by (seed, epoch, i, view name) as in the readers.
 import torch
 
 from alip.data import text_views
+from alip.data.spec import ALIP_DATA
 
 SOT, EOT, CONTEXT = 49406, 49407, 77
 SYNTHETIC_FIELDS = ("raw", "caption")
@@ -37,20 +39,19 @@ def synthetic_sample(seed, index, image_size):
 
 class SyntheticLoader:
     def __init__(self, num_samples, batch_size, image_size, rank=0, world_size=1, seed=0,
-                 device="cpu", spec=None):
+                 device="cpu", spec=ALIP_DATA):
         self.num_samples, self.batch_size, self.image_size = num_samples, batch_size, image_size
         self.rank, self.world_size, self.seed, self.device = rank, world_size, seed, device
         global_batch = batch_size * world_size
         self.batches_per_epoch = num_samples // global_batch
         self.dropped_per_epoch = num_samples - self.batches_per_epoch * global_batch
         self.epoch, self.start_batch = 0, 0
-        if spec is not None:
-            text_views.check(spec.text_views)
-            extra = [f for f in spec.fields_read if f not in SYNTHETIC_FIELDS]
-            if extra:
-                raise ValueError(f"--dataset-type synthetic has the text fields {', '.join(SYNTHETIC_FIELDS)}; "
-                                 f"this method also reads {', '.join(extra)} (use real shards with "
-                                 f"data2rec.py --text-fields)")
+        text_views.check(spec.text_views)
+        extra = [f for f in spec.fields_read if f not in SYNTHETIC_FIELDS]
+        if extra:
+            raise ValueError(f"--dataset-type synthetic has the text fields {', '.join(SYNTHETIC_FIELDS)}; "
+                             f"this method also reads {', '.join(extra)} (use real shards with "
+                             f"data2rec.py --text-fields)")
         self.spec = spec
 
     def set_epoch(self, epoch, start_batch=0):
@@ -68,11 +69,8 @@ class SyntheticLoader:
             samples = [synthetic_sample(self.seed, int(i), self.image_size)
                        for i in order[first:first + b]]
             images, raw, cap = (torch.stack(x) for x in zip(*samples))
-            if self.spec is None:
-                yield images.to(self.device), raw.to(self.device), cap.to(self.device)
-            else:
-                indices = [int(i) for i in order[first:first + b]]
-                yield {k: v.to(self.device) for k, v in self._views(images, raw, cap, indices).items()}
+            indices = [int(i) for i in order[first:first + b]]
+            yield {k: v.to(self.device) for k, v in self._views(images, raw, cap, indices).items()}
 
     def _views(self, images, raw, cap, indices):
         fields = {"raw": raw, "caption": cap}
