@@ -43,3 +43,18 @@ def test_the_caption_mixing_demo_is_demo_clip_with_mixed_raw_text():
     assert {k: mix[k] for k in mixing} == mixing
     assert {k: v for k, v in mix.items() if k not in mixing} == {
         k: v for k, v in clip.items() if k != "name"}
+
+
+def test_a_longer_budget_row_is_its_methods_config_with_more_epochs():
+    """demo_<method>_<N>ep.yaml: the method's demo config at N epochs, nothing else changed (the
+    report's row says so; the same-budget row stays beside it)."""
+    rows = sorted(CONFIGS.glob("demo_*_*ep.yaml"))
+    assert [p.stem for p in rows] == ["demo_clip_3ep", "demo_siglip_4ep"]
+    for path in rows:
+        method, epochs = path.stem[len("demo_"):].rsplit("_", 1)
+        longer = yaml.safe_load(path.read_text())
+        same = _configs()[method]
+        assert longer["epochs"] == int(epochs[:-2]) > same["epochs"]
+        assert longer["name"] == f"demo-{method}_{epochs}"
+        assert {k: v for k, v in longer.items() if k not in ("epochs", "name")} == {
+            k: v for k, v in same.items() if k not in ("epochs", "name")}
