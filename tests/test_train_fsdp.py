@@ -191,6 +191,13 @@ def test_a_tower_fsdp_cannot_shard_is_named():
         tower_blocks(model, "X")
 
 
+def test_fsdp_refuses_evaluation_during_training(tmp_path):
+    with pytest.raises(SystemExit, match=r"^train.py: error: --fsdp with --retrieval-frequency"):
+        main(tiny_argv(tmp_path, "e", "--fsdp", "--zeroshot-frequency", "1", "--zeroshot-root",
+                       str(tmp_path)))
+    assert not (tmp_path / "e").exists()
+
+
 def test_fsdp_refuses_fp16_on_cuda():
     from alip.training.fsdp import policy
     with pytest.raises(TrainConfigError, match="--fsdp --precision amp: fp16"):
