@@ -98,6 +98,29 @@ def test_alip_two_fsdp_ranks_train_as_two_ddp_ranks(tmp_path, mode):
     _assert_as_ddp(tmp_path / "alip" / mode, tmp_path)
 
 
+@pytest.mark.slow
+def test_every_method_under_fsdp_trains_as_under_ddp(tmp_path):
+    """Every method (heads, criterion buffers, extra views, token features) for 3 accumulated
+    steps: FSDP's losses are DDP's (each rank draws the same views and masks either way)."""
+    from alip.methods import method_names
+    from test_methods import MODELS, small_flags
+    runs = []
+    for m in method_names():
+        for name, extra in (("ddp", []), ("fsdp", ["--fsdp"])):
+            runs.append(tiny_argv(tmp_path / m, name, "--method", m, "--model", MODELS[m],
+                                  *small_flags(m), "--lr", "5e-3", "--accum-freq", "2",
+                                  "--max-steps", "3", samples=64, batch=4))
+    _spawn(runs)
+    for m in method_names():
+        ddp, fsdp = read_results(tmp_path / m / "ddp"), read_results(tmp_path / m / "fsdp")
+        assert [r["step"] for r in fsdp] == [r["step"] for r in ddp] == [1, 2, 3], m
+        for a, b in zip(ddp, fsdp):
+            assert not b["skipped"], m
+            for k in a:
+                if k.startswith(("loss", "ema_", "w_")):
+                    assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), (m, a["step"], k)
+
+
 def test_two_rank_checkpoint_resumes_on_one_rank(clip_runs, tmp_path):
     """step_8 of the 2-rank run on 1 process with batch 2B (the same global batch): DCP
     reshards; steps 9-12 as the 2-rank run's to fp32 rounding."""
