@@ -102,13 +102,14 @@ def test_alip_two_fsdp_ranks_train_as_two_ddp_ranks(tmp_path, mode):
 def test_every_method_under_fsdp_trains_as_under_ddp(tmp_path):
     """Every method (heads, criterion buffers, extra views, token features) for 3 accumulated
     steps: FSDP's losses are DDP's (each rank draws the same views and masks either way)."""
-    from alip.methods import method_names
+    from alip.methods import get_method, method_names
     from test_methods import MODELS, small_flags
     runs = []
     for m in method_names():
         for name, extra in (("ddp", []), ("fsdp", ["--fsdp"])):
             runs.append(tiny_argv(tmp_path / m, name, "--method", m, "--model", MODELS[m],
                                   *small_flags(m), "--lr", "5e-3", "--accum-freq", "2",
+                                  "--accum-mode", get_method(m).accum_modes[0],
                                   "--max-steps", "3", samples=64, batch=4))
     _spawn(runs)
     for m in method_names():
