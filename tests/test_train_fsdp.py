@@ -44,9 +44,14 @@ def _argv(logs, name, method, mode, *extra, batch=B):
                      "4", *extra, samples=SAMPLES, batch=batch)
 
 
-def _pair(logs, method, mode):
-    return [_argv(logs / method / mode, "ddp", method, mode),
-            _argv(logs / method / mode, "fsdp", method, mode, "--fsdp")]
+def _pair(logs, method, mode, *extra):
+    return [_argv(logs / method / mode, "ddp", method, mode, *extra),
+            _argv(logs / method / mode, "fsdp", method, mode, "--fsdp", *extra)]
+
+
+# each rank's loss over its own rows: every gradient differs between the ranks, logit_scale's
+# too (FSDP leaves that one whole on every rank and the step averages it by hand)
+LOCAL = ("--local-loss", "--gather-with-grad")
 
 
 def _spawn(runs, worker=gloo_worker):
@@ -75,7 +80,7 @@ def _assert_as_ddp(root, tmp_path):
 @pytest.fixture(scope="module")
 def clip_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp")
-    _spawn(_pair(root, "clip", "batch"))
+    _spawn(_pair(root, "clip", "batch", *LOCAL))
     return root / "clip" / "batch"
 
 
@@ -126,11 +131,13 @@ def test_two_rank_checkpoint_resumes_on_one_rank(clip_runs, tmp_path):
     """step_8 of the 2-rank run on 1 process with batch 2B (the same global batch): DCP
     reshards; steps 9-12 as the 2-rank run's to fp32 rounding."""
     start = clip_runs / "fsdp" / "checkpoints" / "step_8.dcp"
-    argv = lambda *x: _argv(tmp_path, "one", "clip", "batch", "--fsdp", *x, batch=WORLD * B)
+    argv = lambda *x: _argv(tmp_path, "one", "clip", "batch", "--fsdp", *LOCAL, *x,
+                            batch=WORLD * B)
     with pytest.raises(TrainConfigError, match=r"the global batch \(checkpoint 16 = "
                                                r"--batch-size 4 x 2 processes x --accum-freq, "
                                                r"now 8\)"):
-        run_single(_argv(tmp_path, "one", "clip", "batch", "--fsdp", "--resume", str(start)))
+        run_single(_argv(tmp_path, "one", "clip", "batch", "--fsdp", *LOCAL, "--resume",
+                         str(start)))
     run_single(argv("--resume", str(start)))
     two = {r["step"]: r for r in read_results(clip_runs / "fsdp")}
     one = read_results(tmp_path / "one")
@@ -143,8 +150,15 @@ def test_two_rank_checkpoint_resumes_on_one_rank(clip_runs, tmp_path):
                          ["state_dict"])
 
 
-def test_one_fsdp_process_trains_as_one_plain_process(tmp_path):
-    argv = lambda name, *x: _argv(tmp_path, name, "alip", "batch", *x, batch=WORLD * B)
+@pytest.mark.parametrize("flags", [(), ("--grad-checkpointing", "--lock-image",
+                                     "--lock-image-unlocked-groups", "2", "--lock-text",
+                                     "--lock-text-unlocked-layers", "1")],
+                         ids=["plain", "checkpointing-locks"])
+def test_one_fsdp_process_trains_as_one_plain_process(tmp_path, flags):
+    """Also with activation checkpointing and the towers partly locked (blocks holding frozen
+    and trainable parameters in one FSDP unit)."""
+    argv = lambda name, *x: _argv(tmp_path, name, "alip", "batch", *flags, *x,
+                                  batch=WORLD * B)
     run_single(argv("plain", "--max-steps", "4"))
     run_single(argv("fsdp", "--fsdp", "--max-steps", "4"))
     plain, fsdp = read_results(tmp_path / "plain"), read_results(tmp_path / "fsdp")
@@ -250,7 +264,7 @@ def _killed_worker(rank, world_size, port, argv, kill_after_step):
 
 @pytest.mark.slow
 def test_sigkill_and_resume_is_bit_identical(clip_runs, tmp_path):
-    cut = _argv(tmp_path, "cut", "clip", "batch", "--fsdp")
+    cut = _argv(tmp_path, "cut", "clip", "batch", "--fsdp", *LOCAL)
     with pytest.raises(mp.ProcessExitedException):
         mp.spawn(_killed_worker, nprocs=WORLD, join=True, args=(WORLD, free_port(), cut, 6))
     d = tmp_path / "cut" / "checkpoints"
