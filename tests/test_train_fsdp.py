@@ -152,7 +152,8 @@ def test_two_rank_checkpoint_resumes_on_one_rank(clip_runs, tmp_path):
 
 @pytest.mark.parametrize("flags", [(), ("--grad-checkpointing", "--lock-image",
                                      "--lock-image-unlocked-groups", "2", "--lock-text",
-                                     "--lock-text-unlocked-layers", "1")],
+                                     "--lock-text-unlocked-layers", "1",
+                                     "--lock-text-freeze-layer-norm")],
                          ids=["plain", "checkpointing-locks"])
 def test_one_fsdp_process_trains_as_one_plain_process(tmp_path, flags):
     """Also with activation checkpointing and the towers partly locked (blocks holding frozen
