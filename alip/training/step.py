@@ -21,6 +21,11 @@ Gradient accumulation (``accum_freq`` micro-batches per optimizer step), two sem
   back-propagated, i.e. the average of the micro-batch gradients. Cheaper, but it is not a
   larger batch: its negatives and gate statistics come from B samples.
 
+Under ``--fsdp`` (``alip.training.fsdp``) the same step runs on the sharded encoder: FSDP's
+``set_requires_gradient_sync(False)`` stands for ``no_sync``, the 0-dim parameters FSDP leaves
+whole are averaged over the ranks by hand, and the gradient norm is the DTensor norm over every
+rank's shards (the same value on every rank, so the ranks agree on a skip).
+
 Both: DDP's ``no_sync`` on all but the last micro-step, one optimizer step, one scheduler
 step and one logit_scale clamp per optimizer step (the reference runs the scheduler and the
 clamp every micro-step and never divides the loss). DDP averages the ranks' gradients once, in
