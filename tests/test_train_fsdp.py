@@ -13,10 +13,12 @@ Tolerances. The runs are fp32 and the two sides compute the same sums in other o
 gradient norm adds each rank's partial sums of squares (DDP: one sum over the whole
 gradient), its reduce-scatter averages what DDP's all-reduce averages (for 2 ranks g0/2 + g1/2
 either way). So the clip coefficient and then every update differ by a few fp32 ulps (~1e-7
-relative) per step; the loss, a smooth function of the weights, follows within ~1e-6 over 12
-steps (measured: <= 4e-7), so rel 1e-5 holds on any CPU; Adam's division by sqrt(v) turns
-~1e-7 noise on near-zero gradients into up to lr-sized steps on a few weights, hence
-``assert_weights_close`` with its outlier allowance for the weights (as the DDP tests).
+relative) per step, and Adam's division by sqrt(v) turns that noise on near-zero gradients into
+up to lr-sized steps on a few weights (hence ``assert_weights_close`` with its outlier
+allowance, as the DDP tests). The loss averages over all weights and samples: measured <= 2.2e-7
+relative over the 12 steps, asserted at 1e-5. The gradient norm is dominated by the largest
+entries, which those few moved weights feed: measured <= 3.8e-6, asserted at 1e-4 (1e-5 would
+leave a factor 2.6, too little for another CPU's kernels).
 """
 import os
 import signal
@@ -70,8 +72,8 @@ def _assert_as_ddp(root, tmp_path):
     assert any(r["grad_norm"] > 0.5 for r in ddp)  # the clip acts
     for a, b in zip(ddp, fsdp):
         assert b["lr"] == a["lr"]
-        for k in ("loss", "grad_norm", "logit_scale"):
-            assert b[k] == pytest.approx(a[k], rel=1e-5), (a["step"], k)
+        for k, rel in (("loss", 1e-5), ("logit_scale", 1e-5), ("grad_norm", 1e-4)):
+            assert b[k] == pytest.approx(a[k], rel=rel), (a["step"], k)
     whole = _consolidated(root / "fsdp", "epoch_1", tmp_path)
     assert whole["model"] == "ALIP-tiny" and whole["step"] == STEPS and whole["epoch"] == 1
     assert_weights_close(whole["state_dict"], final_state(root / "ddp", "epoch_1"))
@@ -129,7 +131,9 @@ def test_every_method_under_fsdp_trains_as_under_ddp(tmp_path):
 
 def test_two_rank_checkpoint_resumes_on_one_rank(clip_runs, tmp_path):
     """step_8 of the 2-rank run on 1 process with batch 2B (the same global batch): DCP
-    reshards; steps 9-12 as the 2-rank run's to fp32 rounding."""
+    reshards; steps 9-12 as the 2-rank run's to fp32 rounding (the same samples per step in
+    another order, four steps from equal weights: measured loss <= 1.7e-7, grad_norm <= 4.2e-7
+    relative; asserted at 1e-5)."""
     start = clip_runs / "fsdp" / "checkpoints" / "step_8.dcp"
     argv = lambda *x: _argv(tmp_path, "one", "clip", "batch", "--fsdp", *LOCAL, *x,
                             batch=WORLD * B)
