@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock
+from torch.distributed.fsdp import FSDPModule
 from torch.utils.checkpoint import checkpoint
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -237,10 +238,20 @@ def _varlen_attn_fn():
     return causal_only
 
 
+def sharded_blocks(tower):
+    """Whether the tower's blocks are FSDP units (``train.py --fsdp``): each block call then
+    all-gathers its parameters, so every rank must run the same passes through the tower -- one
+    (``"trim"``) -- whatever its texts' lengths (length groups differ between ranks), and call
+    each block as a module (the packed path runs a block's layers one by one)."""
+    return any(isinstance(b, FSDPModule) for b in tower.transformer.resblocks)
+
+
 def packed_supported(tower, text):
     """The packed path needs open_clip's plain blocks, and for varlen_attn (FlashAttention /
     cuDNN): a CUDA tensor of compute capability >= 8.0 computing in fp16/bf16."""
     blocks = tower.transformer.resblocks
+    if sharded_blocks(tower):
+        return False
     if not all(isinstance(b, ResidualAttentionBlock) and not hasattr(b, "ln_1_kv")
                and b.attn._qkv_same_embed_dim and b.attn.bias_k is None
                and not (b.attn.dropout and b.training) for b in blocks):
@@ -277,7 +288,8 @@ def encode_text(model, text, normalize=True, trim=True, *, path="auto", max_grou
         return model.encode_text(text, normalize=normalize)
     lengths = _host_lengths(text, model)
     if path == "auto":
-        path = "packed" if packed_supported(tower, text) else "grouped"
+        path = ("packed" if packed_supported(tower, text) else
+                "trim" if sharded_blocks(tower) else "grouped")
     if path == "packed":
         attn_fn = attn_fn or _varlen_attn_fn()
         if attn_fn is None:

@@ -281,6 +281,12 @@ def _run_flags(a):
     a("--dist-backend", default=None, help="Default: nccl on CUDA, gloo on CPU.")
     a("--dist-url", default=None, help="Default env:// (torchrun).")
     a("--ddp-static-graph", action="store_true", default=False)
+    a("--fsdp", action="store_true", default=False,
+      help="Shard parameters, gradients and optimizer state over the processes (FSDP2, one unit "
+           "per tower block plus the method's encoder) instead of DDP; checkpoints are sharded "
+           "(torch.distributed.checkpoint) and resume on any number of processes with the same "
+           "global batch; python -m alip.training.consolidate makes the open_clip model file. "
+           "See docs/training.md.")
     # logging and checkpoints
     a("--logs", "--logs-dir", dest="logs", default="./logs",
       help="Runs go to LOGS/NAME/. Under torchrun write --logs-dir: torchrun's own parser "
