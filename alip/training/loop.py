@@ -24,6 +24,7 @@ from alip.methods import MethodConfigError, get_method
 from alip.model import to_device_keeping_host_tokens
 
 from . import checkpoint as ckpt
+from .compile import compile_towers
 from .config import TrainConfigError, resolve_config, run_dir_of, train_data_paths
 from .distributed import all_gather_object, barrier, cleanup, init_distributed
 from .locks import lock_towers
@@ -203,6 +204,7 @@ def build_run(cfg, info, method, run_dir, log, make_loader):
     model, preprocess = build_model(cfg, method, info, log)
     loader, steps_per_epoch = build_data(cfg, method, info, make_loader, image_size_of(model))
     encoder = method.encoder.to(info.device)
+    compile_towers(cfg, model, info.device, log)  # --torchcompile (alip/training/compile.py)
     method.criterion.to(info.device)
     optimizer = build_optimizer(encoder, cfg.lr, cfg.wd, (cfg.beta1, cfg.beta2), cfg.eps,
                                 exclude_gain_bias=cfg.wd_exclude_gain_bias)
