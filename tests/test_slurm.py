@@ -236,3 +236,62 @@ def test_outside_a_job_and_outside_the_repository(tmp_path):
     r = subprocess.run([str(copy)], cwd=tmp_path, capture_output=True, text=True,
                        env=job_env(tmp_path, SLURM_SUBMIT_DIR=str(REPO), PYTHON="/bin/echo"))
     assert r.returncode == 0 and "recipe ALIP," in r.stderr, r.stderr
+
+
+RANK = r'''#!{python}
+import os, signal, sys, time
+def stop(sig, frame):
+    open(os.path.join(os.environ["FAKE_SLURM"], f"got-{{sig}}-" + os.environ["SLURM_PROCID"]), "w")
+    sys.exit(int(os.environ.get("RANK_EXIT", 128 + sig)))
+signal.signal(signal.SIGUSR1, stop)
+signal.signal(signal.SIGTERM, stop)
+open(os.path.join(os.environ["FAKE_SLURM"], "ready-" + os.environ["SLURM_PROCID"]), "w")
+time.sleep(120)
+sys.exit(3)
+'''
+
+
+def rank_stub(tmp_path):
+    """A task that waits for a stop signal, notes it, and exits 128 + the signal (saved and
+    stopped, as train.py), or RANK_EXIT."""
+    p = tmp_path / "rank"
+    p.write_text(RANK.format(python=sys.executable))
+    p.chmod(0o755)
+    return str(p)
+
+
+def ready(tmp_path, job, n=2, timeout=60):
+    end = time.monotonic() + timeout
+    while not all((tmp_path / "slurm" / f"ready-{r}").exists() for r in range(n)):
+        assert job.poll() is None and time.monotonic() < end, job.communicate()[0]
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("rank_exit, requeues", [(None, [JOB]), ("0", [])])
+def test_a_usr1_to_the_batch_shell_reaches_every_task(tmp_path, rank_exit, requeues):
+    """--signal=B:USR1 signals the batch shell only: it passes the signal to srun, srun to
+    every task; tasks that saved and stopped (138) get the job requeued, a finished run (0)
+    does not."""
+    env = job_env(tmp_path, PYTHON=rank_stub(tmp_path), **({"RANK_EXIT": rank_exit} if rank_exit else {}))
+    job = submit(tmp_path, "yfcc15m_B32_1x8.sbatch", "ALIP", env=env)
+    ready(tmp_path, job)
+    job.send_signal(signal.SIGUSR1)
+    rc, out = finish(job, timeout=60)
+    assert rc == int(rank_exit or 128 + signal.SIGUSR1), out
+    assert all((tmp_path / "slurm" / f"got-{int(signal.SIGUSR1)}-{r}").exists() for r in (0, 1))
+    assert requeued(tmp_path) == requeues
+
+
+def test_a_term_to_the_batch_shell_is_not_passed_on(tmp_path):
+    """SLURM sends its TERM to every process itself: the shell neither dies of it (that would end
+    the job under the saving ranks) nor passes it on (a second notice), nor requeues."""
+    env = job_env(tmp_path, PYTHON=rank_stub(tmp_path))
+    job = submit(tmp_path, "yfcc15m_B32_1x8.sbatch", "ALIP", env=env)
+    ready(tmp_path, job)
+    job.send_signal(signal.SIGTERM)
+    time.sleep(1.0)
+    assert job.poll() is None and not list((tmp_path / "slurm").glob("got-*"))
+    for pid in task_pids(tmp_path):  # SLURM's own TERM to the tasks
+        os.killpg(pid, signal.SIGTERM)
+    rc, out = finish(job, timeout=60)
+    assert rc == 128 + signal.SIGTERM and requeued(tmp_path) == [], out
