@@ -14,7 +14,8 @@
 # DDP over NCCL on every GPU (torchrun); FSDP bf16 killed and resumed (torchrun); DALI "mixed" decoding through build_train_loader. Then
 # every bench at its GPU setting (bench/text_encoding.py and bench/train_throughput.py: issue
 # #15's ratios, every method's step time and peak memory). Each check runs under its own time limit (a hung
-# check is killed and FAILs); nvidia-dali missing makes its checks SKIP, saying so.
+# check is killed and FAILs); last, --torchcompile against eager (3 fp32 train.py steps each,
+# bench/compile_step.py). nvidia-dali missing makes its checks SKIP, saying so.
 # Logs stay in $GPU_CHECK_DIR (default: a new temporary directory, printed at the end):
 # NAME.log is a check's stdout, NAME.err its stderr, table.txt the table as it grows.
 set -uo pipefail
@@ -332,6 +333,28 @@ if [ "$HAVE_DALI" = 1 ]; then
   check bench-reader 300 "$PY" bench/reader.py $([ "$SMOKE" = 1 ] && echo --images 128 --rounds 1)
 else
   skip bench-reader "per-core CPU reader bench; its DALI side needs nvidia-dali"
+fi
+
+# --- --torchcompile (issue #28): the compiled image tower trains like eager; its step time ------
+compile_train() {  # 3 fp32 steps eager and with --torchcompile: same losses, compiled for real
+  train compile-eager fp32 && train compile-on fp32 --torchcompile || return 1
+  local log="$WORK/runs/compile-on/out.log"
+  grep -q "image tower compiled" "$log" || { echo "not compiled: $log" >&2; return 1; }
+  ! grep -q "cannot compile\|does not run on" "$log" || { echo "fell back to eager: $log" >&2; return 1; }
+  "$PY" - "$WORK/runs/compile-eager/results.jsonl" "$WORK/runs/compile-on/results.jsonl" <<'PYEOF'
+import json, sys
+a, b = ([json.loads(l)["loss"] for l in open(p) if '"loss"' in l] for p in sys.argv[1:])
+rel = max(abs(x - y) / abs(x) for x, y in zip(a, b))
+assert len(a) == len(b) == 3 and rel < 1e-4, (a, b)  # fp32 (TF32 off by default), fused sums
+print(f"FIGURE 3 fp32 steps, compiled vs eager loss within {rel:.1e} relative")
+PYEOF
+}
+export -f compile_train
+check train-compile 600 compile_train
+if [ "$SMOKE" = 1 ]; then
+  check bench-compile_step 600 "$PY" bench/compile_step.py --model ALIP-tiny --batch-size 8 --reps 1 --calls 1
+else
+  check bench-compile_step 300 "$PY" bench/compile_step.py --device cuda --batch-size 256 --reps 5 --text
 fi
 
 echo

@@ -241,6 +241,12 @@ def test_fsdp_refuses_evaluation_during_training(tmp_path):
     assert not (tmp_path / "e").exists()
 
 
+def test_fsdp_refuses_torchcompile_until_they_are_tested_together(tmp_path):
+    with pytest.raises(SystemExit, match=r"^train.py: error: --fsdp with --torchcompile: "):
+        main(tiny_argv(tmp_path, "c", "--fsdp", "--torchcompile"))
+    assert not (tmp_path / "c").exists()
+
+
 def test_fsdp_refuses_fp16_on_cuda():
     from alip.training.fsdp import policy
     with pytest.raises(TrainConfigError, match="--fsdp --precision amp: fp16"):

@@ -122,6 +122,9 @@ def check_run_flags(args, world_size):
                                "evaluation runs on rank 0 alone, which a sharded model cannot; "
                                "evaluate the consolidated checkpoint (python -m "
                                "alip.training.consolidate) with eval_*.py")
+    if getattr(args, "fsdp", False) and getattr(args, "torchcompile", False):
+        raise TrainConfigError("--fsdp with --torchcompile: the compiled image tower under "
+                               "FSDP2's hooks is not tested yet; use one of them")
 
 
 def check_train_data(args):

@@ -25,6 +25,7 @@ from alip.model import to_device_keeping_host_tokens
 
 from . import checkpoint as ckpt
 from . import sharded
+from .compile import compile_towers
 from .config import TrainConfigError, resolve_config, run_dir_of, train_data_paths
 from .distributed import all_gather_object, barrier, cleanup, init_distributed
 from .field_log import FieldCounts
@@ -206,6 +207,7 @@ def build_run(cfg, info, method, run_dir, log, make_loader):
     model, preprocess = build_model(cfg, method, info, log)
     loader, steps_per_epoch = build_data(cfg, method, info, make_loader, image_size_of(model))
     encoder = method.encoder.to(info.device)
+    compile_towers(cfg, model, info.device, log)  # --torchcompile (alip/training/compile.py)
     method.criterion.to(info.device)
     if cfg.fsdp:  # before the optimizer: sharding replaces the parameters
         shard(encoder, cfg, info)

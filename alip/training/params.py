@@ -192,6 +192,11 @@ def _model_flags(a):
     a("--pretrained", default=None, help="open_clip pretrained tag or checkpoint path.")
     a("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=False,
       help="Activation checkpointing in both towers (the reference forces it on).")
+    a("--torchcompile", action="store_true", default=False,
+      help="torch.compile the image tower (inductor; CPU and CUDA); the text tower and the "
+           "loss stay eager (length-aware text shapes change every batch). Where torch.compile "
+           "does not run here (no C++ compiler / triton) or the tower does not compile: one "
+           "warning and eager training. docs/training.md.")
     # open_clip_train's tower locks (LiT), applied by the open_clip model's own methods
     a("--lock-image", action="store_true", default=False,
       help="Lock the full image tower by disabling gradients (model.lock_image_tower).")
