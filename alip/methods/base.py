@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from ..data.spec import DataSpec, TextView, with_sources
+from ..long_context import context_kwargs
 
 REDUCE = "alip.text_views:reduce_row"  # CLIPS' token reduction as a text view
 CAPTION_VIEW = "caption_view"
@@ -122,12 +123,13 @@ def _grid(size, patch):
     return math.prod(s // p for s, p in zip(size, patch))
 
 
-def model_dims(model_name):
+def model_dims(model_name, text_context=None):
     """``ModelDims`` of a model open_clip knows locally; all None for another (an ``hf-hub:`` /
     ``local-dir:`` model's config would be downloaded or read from elsewhere): its shapes are
-    checked on the built model instead, in the method's ``__init__``."""
+    checked on the built model instead, in the method's ``__init__``. ``text_context``
+    (``--text-context``) replaces the config's context length."""
     if model_name not in open_clip.list_models():
-        return ModelDims()
+        return ModelDims(context_length=text_context)
     cfg = open_clip.get_model_config(model_name) or {}
     text, vision = dict(cfg.get("text_cfg", {})), dict(cfg.get("vision_cfg", {}))
     defaults = open_clip.model.CLIPTextCfg()
@@ -136,7 +138,7 @@ def model_dims(model_name):
     vit = isinstance(vision.get("layers", 12), int) and not vision.get("timm_model_name") \
         and vision.get("patch_size")
     return ModelDims(get("width"), get("heads"), get("layers"),
-                     text.get("context_length", defaults.context_length),
+                     text_context or text.get("context_length", defaults.context_length),
                      _grid(vision.get("image_size", 224), vision["patch_size"]) if vit else None)
 
 
@@ -276,9 +278,11 @@ class Method:
         return {}
 
     def model_kwargs(self):
-        """Keyword arguments the method needs ``open_clip.create_model_and_transforms`` to get
-        (none here; a method that needs, say, another text context returns them)."""
-        return {}
+        """Keyword arguments ``open_clip.create_model_and_transforms`` gets (the checkpoints
+        record them, so evaluation rebuilds the same model): here the text context of
+        ``--text-context`` (``force_context_length``, alip.long_context); a method that needs
+        more (SigLIP's logit bias) adds to ``super().model_kwargs()``."""
+        return context_kwargs(getattr(self.args, "text_context", None))
 
     def attach(self, model):
         """Build the method on ``model`` (created with ``model_kwargs()``, under the training
@@ -395,7 +399,7 @@ class Method:
         methods' flags (``check_flags_read``), head shapes (``check_shapes``), accumulation,
         text fields and caption views."""
         cls.check_flags_read(args)
-        cls.check_shapes(args, model_dims(args.model))
+        cls.check_shapes(args, model_dims(args.model, getattr(args, "text_context", None)))
         if args.accum_freq > 1 and args.accum_mode not in cls.accum_modes:
             raise MethodConfigError(
                 f"--method {cls.name} does not support --accum-mode {args.accum_mode} "

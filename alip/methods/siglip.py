@@ -57,7 +57,7 @@ class SigLIP(Method):
                             "SigLipLoss implementations; the loss and gradients are the same).")
 
     def model_kwargs(self):
-        return {"init_logit_scale": math.log(10), "init_logit_bias": -10.0}
+        return {**super().model_kwargs(), "init_logit_scale": math.log(10), "init_logit_bias": -10.0}
 
     def build(self, model):
         if not hasattr(model, "logit_bias"):

@@ -18,6 +18,7 @@ import torch
 from open_clip_train.precision import get_autocast
 
 import alip  # noqa: F401  (registers the ALIP-* model configs)
+from alip import long_context
 from alip.cli import one_line
 from alip.data.recordio import RecordIOError
 from alip.methods import MethodConfigError, get_method
@@ -160,8 +161,9 @@ def build_model(cfg, method, info, log):
     torch.set_num_threads(cfg.cpu_threads)
     seed_everything(cfg.seed)
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            cfg.model, pretrained=cfg.pretrained, device=info.device, **method.model_kwargs())
+        model, _, preprocess = long_context.create_model_and_transforms(  # open_clip's, at
+            cfg.model, pretrained=cfg.pretrained, device=info.device,  # --text-context
+            **method.model_kwargs())
     except (RuntimeError, OSError, ValueError, KeyError) as e:
         raise TrainConfigError(f"--model {cfg.model} --pretrained {cfg.pretrained}: {e}") from e
     lock_towers(model, cfg, log)  # before grad checkpointing, as open_clip_train
@@ -277,7 +279,8 @@ def evaluate(args, clip_model, preprocess, epoch, info, dense_head=None):
     results = {}
     if not info.is_master:
         return results
-    tokenizer = open_clip.get_tokenizer(args.model)
+    tokenizer = open_clip.get_tokenizer(  # at the model's own context (--text-context)
+        args.model, context_length=getattr(clip_model, "context_length", None))
     device = str(info.device)
     clip_model.eval()
     try:
