@@ -123,13 +123,12 @@ def _grid(size, patch):
     return math.prod(s // p for s, p in zip(size, patch))
 
 
-def model_dims(model_name, text_context=None):
+def model_dims(model_name):
     """``ModelDims`` of a model open_clip knows locally; all None for another (an ``hf-hub:`` /
     ``local-dir:`` model's config would be downloaded or read from elsewhere): its shapes are
-    checked on the built model instead, in the method's ``__init__``. ``text_context``
-    (``--text-context``) replaces the config's context length."""
+    checked on the built model instead, in the method's ``__init__``."""
     if model_name not in open_clip.list_models():
-        return ModelDims(context_length=text_context)
+        return ModelDims()
     cfg = open_clip.get_model_config(model_name) or {}
     text, vision = dict(cfg.get("text_cfg", {})), dict(cfg.get("vision_cfg", {}))
     defaults = open_clip.model.CLIPTextCfg()
@@ -138,7 +137,7 @@ def model_dims(model_name, text_context=None):
     vit = isinstance(vision.get("layers", 12), int) and not vision.get("timm_model_name") \
         and vision.get("patch_size")
     return ModelDims(get("width"), get("heads"), get("layers"),
-                     text_context or text.get("context_length", defaults.context_length),
+                     text.get("context_length", defaults.context_length),
                      _grid(vision.get("image_size", 224), vision["patch_size"]) if vit else None)
 
 
@@ -399,7 +398,10 @@ class Method:
         methods' flags (``check_flags_read``), head shapes (``check_shapes``), accumulation,
         text fields and caption views."""
         cls.check_flags_read(args)
-        cls.check_shapes(args, model_dims(args.model, getattr(args, "text_context", None)))
+        dims = model_dims(args.model)
+        if getattr(args, "text_context", None):  # the context the tower is built with
+            dims = dims._replace(context_length=args.text_context)
+        cls.check_shapes(args, dims)
         if args.accum_freq > 1 and args.accum_mode not in cls.accum_modes:
             raise MethodConfigError(
                 f"--method {cls.name} does not support --accum-mode {args.accum_mode} "
