@@ -244,3 +244,34 @@ def test_retrieval_says_it_truncates(tmp_path, caplog):
     evaluate_retrieval(long_model, preprocess, open_clip.get_tokenizer("ALIP-tiny", context_length=256),
                        str(ann), str(tmp_path / "img"), batch_size=2, details=details)
     assert details["truncation"]["truncated_texts"] == 0
+
+
+def test_token_wise_methods_take_rows_narrower_than_the_context():
+    """FILIP's / DeCLIP's all-position text pass on [B, 77] rows in a 256 tower: the tokens of
+    the rows padded to 256, cut back to 77."""
+    from alip.methods.declip import text_tokens_and_features
+    from alip.methods.filip import dense_text_tokens
+    model = tiny()
+    short = tokens([5, 77, 12], 77)
+    wide = torch.nn.functional.pad(short, (0, 179))
+    with torch.no_grad():
+        t, m, f = dense_text_tokens(model, short)
+        tw, mw, fw = dense_text_tokens(model, wide)
+        assert t.shape == (3, 77, 64) and torch.equal(m, mw[:, :77]) and not mw[:, 77:].any()
+        torch.testing.assert_close(t, tw[:, :77], atol=1e-12, rtol=1e-10)
+        torch.testing.assert_close(f, fw, atol=1e-12, rtol=1e-10)
+        t, f = text_tokens_and_features(model, short)
+        tw, fw = text_tokens_and_features(model, wide)
+        torch.testing.assert_close(t, tw[:, :77], atol=1e-12, rtol=1e-10)
+        torch.testing.assert_close(f, fw, atol=1e-12, rtol=1e-10)
+
+
+def test_head_shapes_are_checked_against_the_built_context(tmp_path):
+    from alip.methods import MethodConfigError, get_method
+    from alip.training.params import parse_args
+    args = parse_args(tiny_argv(tmp_path, "x", "--method", "filip", "--filip-k-text", "100"))
+    with pytest.raises(MethodConfigError, match=r"^--filip-k-text 100: .* 77 text positions"):
+        get_method("filip")(args)
+    args = parse_args(tiny_argv(tmp_path, "y", "--method", "filip", "--filip-k-text", "100",
+                                "--text-context", "256"))
+    get_method("filip")(args)  # 100 of 256 positions
