@@ -150,3 +150,14 @@ def create_model_and_transforms(model_name, pretrained=None, **kwargs):
                                        **{**kwargs, CONTEXT_KEY: target})
     stretched.load_state_dict(state)
     return stretched, train_tf, val_tf
+
+
+def check_field_widths(widths, context, flag="--text-context"):
+    """The data's text fields fit the tower: ``widths`` {field: tokens wide} (None: not known),
+    each <= ``context``; else a ContextError naming the flag and the widest field."""
+    if not widths or context is None:
+        return
+    field, width = max(widths.items(), key=lambda kv: kv[1])
+    if width > context:
+        raise ContextError(f"{flag} {context}: the data's {field!r} field is {width} tokens wide; "
+                           f"give {flag} >= {width}")

@@ -275,3 +275,25 @@ def test_head_shapes_are_checked_against_the_built_context(tmp_path):
     args = parse_args(tiny_argv(tmp_path, "y", "--method", "filip", "--filip-k-text", "100",
                                 "--text-context", "256"))
     get_method("filip")(args)  # 100 of 256 positions
+
+
+def test_data_fields_wider_than_the_context_are_refused(tmp_path):
+    from alip.long_context import check_field_widths
+    from alip.training.loop import TrainConfigError
+    from alip.training.synthetic import SyntheticLoader
+    check_field_widths({"raw": 77, "caption": 256}, 256)
+    check_field_widths(None, 77)
+    with pytest.raises(ContextError, match=r"^--text-context 77: the data's 'caption' field is "
+                                           r"256 tokens wide; give --text-context >= 256$"):
+        check_field_widths({"raw": 77, "caption": 256}, 77)
+
+    def loader_with_widths(cfg, info, image_size, spec):
+        loader = SyntheticLoader(cfg.train_num_samples, cfg.batch_size, image_size, spec=spec)
+        loader.text_widths = {"raw": 77, "caption": 256}
+        return loader
+
+    from alip.training.loop import run
+    from alip.training.params import parse_args
+    with pytest.raises(TrainConfigError, match=r"^--text-context 77: .*'caption'"):
+        run(parse_args(tiny_argv(tmp_path, "w", "--text-context", "77")),
+            make_loader=loader_with_widths)

@@ -204,6 +204,10 @@ def build_run(cfg, info, method, run_dir, log, make_loader):
     draws (model init, then the method's heads, then the loader)."""
     model, preprocess = build_model(cfg, method, info, log)
     loader, steps_per_epoch = build_data(cfg, method, info, make_loader, image_size_of(model))
+    try:  # a loader that knows its fields' widths (text_widths) is checked against the tower
+        long_context.check_field_widths(getattr(loader, "text_widths", None), model.context_length)
+    except ValueError as e:
+        raise TrainConfigError(str(e)) from e
     encoder = method.encoder.to(info.device)
     method.criterion.to(info.device)
     optimizer = build_optimizer(encoder, cfg.lr, cfg.wd, (cfg.beta1, cfg.beta2), cfg.eps,
