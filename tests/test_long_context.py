@@ -297,3 +297,13 @@ def test_data_fields_wider_than_the_context_are_refused(tmp_path):
     with pytest.raises(TrainConfigError, match=r"^--text-context 77: .*'caption'"):
         run(parse_args(tiny_argv(tmp_path, "w", "--text-context", "77")),
             make_loader=loader_with_widths)
+
+
+def test_text_context_is_a_yaml_key(tmp_path):
+    from alip.training.params import parse_args
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("text-context: 256\n")
+    assert parse_args(["--config", str(cfg), *tiny_argv(tmp_path, "x")]).text_context == 256
+    cfg.write_text("text_context: 0\n")
+    with pytest.raises(SystemExit, match=r"text_context"):
+        parse_args(["--config", str(cfg), *tiny_argv(tmp_path, "x")])
