@@ -147,6 +147,7 @@ def long_part(args, device, autocast):
     """Long captions in a --long-context tower: length-aware forward+backward vs padded."""
     torch.manual_seed(0)
     model = open_clip.create_model(args.model, force_context_length=args.long_context).to(device)
+    model.set_grad_checkpointing(args.long_checkpointing)  # both sides alike
     n = args.long_context
     gen = torch.Generator().manual_seed(3)
     text = to_device_keeping_host_tokens(_texts.batch("long", args.long_batch, gen, n), device)
@@ -172,7 +173,8 @@ def long_part(args, device, autocast):
         tok = int(lens.sum())
     print(f"\ntext tower of {args.model} at context {n}, batch {args.long_batch} captions of "
           f"{int(lens.min())}-{int(lens.max())} tokens (median {int(lens.median())}), forward + "
-          f"backward; median [min-max] over {args.repeats} ABBA repeats")
+          f"backward{' (grad checkpointing)' if args.long_checkpointing else ''}; median "
+          f"[min-max] over {args.repeats} ABBA repeats")
     print(f"  padded {n}: {_timing.stats(times['padded'])[0]:.3f} s   {path}: "
           f"{_timing.stats(times[path])[0]:.3f} s   time {path}/padded "
           f"{_timing.fmt(_timing.ratio(times, path, 'padded'))}   tokens {path}/padded "
@@ -200,6 +202,9 @@ def main(argv=None):
     p.add_argument("--parts", nargs="+", choices=["text", "step", "long"], default=["text", "step"])
     p.add_argument("--long-context", type=int, default=256, help="context of the long part's tower")
     p.add_argument("--long-batch", type=int, default=256, help="captions in the long part's batch")
+    p.add_argument("--long-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                   help="gradient checkpointing in the long part, both sides (the padded 256 x 256 "
+                        "fwd+bwd without it took > 12.8 GB and was OOM-killed on a 23 GB machine)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
