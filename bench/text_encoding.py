@@ -22,7 +22,7 @@ synthetic captions of 10-25 tokens (bench/_texts.py). Two parts, each ABBA-inter
    long captions of 60-200 tokens (median ~100), forward + backward: the length-aware path
    (grouped on CPU, packed on CUDA) vs the padded 256-token pass, time ratio beside tokens ratio.
 
-    .venv/bin/python bench/text_encoding.py --parts long     # ~25 min on 2 busy shared cores
+    .venv/bin/python bench/text_encoding.py --parts long --long-batch 64 --repeats 2   # ~6 min, load 4
 """
 import argparse
 import sys
