@@ -18,6 +18,7 @@ import torch
 from open_clip_train.precision import get_autocast
 
 import alip  # noqa: F401  (registers the ALIP-* model configs)
+from alip import long_context
 from alip.cli import one_line
 from alip.data.recordio import RecordIOError
 from alip.methods import MethodConfigError, get_method
@@ -164,8 +165,9 @@ def build_model(cfg, method, info, log):
     torch.set_num_threads(cfg.cpu_threads)
     seed_everything(cfg.seed)
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            cfg.model, pretrained=cfg.pretrained, device=info.device, **method.model_kwargs())
+        model, _, preprocess = long_context.create_model_and_transforms(  # open_clip's, at
+            cfg.model, pretrained=cfg.pretrained, device=info.device,  # --text-context
+            **method.model_kwargs())
     except (RuntimeError, OSError, ValueError, KeyError) as e:
         raise TrainConfigError(f"--model {cfg.model} --pretrained {cfg.pretrained}: {e}") from e
     lock_towers(model, cfg, log)  # before grad checkpointing, as open_clip_train
@@ -206,6 +208,10 @@ def build_run(cfg, info, method, run_dir, log, make_loader):
     draws (model init, then the method's heads, then the loader)."""
     model, preprocess = build_model(cfg, method, info, log)
     loader, steps_per_epoch = build_data(cfg, method, info, make_loader, image_size_of(model))
+    try:  # a loader that knows its fields' widths (text_widths) is checked against the tower
+        long_context.check_field_widths(getattr(loader, "text_widths", None), model.context_length)
+    except ValueError as e:
+        raise TrainConfigError(str(e)) from e
     encoder = method.encoder.to(info.device)
     compile_towers(cfg, model, info.device, log)  # --torchcompile (alip/training/compile.py)
     method.criterion.to(info.device)
@@ -284,7 +290,8 @@ def evaluate(args, clip_model, preprocess, epoch, info, dense_head=None):
     results = {}
     if not info.is_master:
         return results
-    tokenizer = open_clip.get_tokenizer(args.model)
+    tokenizer = open_clip.get_tokenizer(  # at the model's own context (--text-context)
+        args.model, context_length=getattr(clip_model, "context_length", None))
     device = str(info.device)
     clip_model.eval()
     try:
