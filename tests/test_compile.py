@@ -11,6 +11,10 @@ from alip.training.loop import main
 from test_train_helpers import assert_weights_close, final_state, read_results, tiny_argv
 
 
+# a C++ compiler that fails, as on a machine without g++ (and no cached kernels to fall back on)
+NO_CXX = {"cpp.cxx": (None, "/bin/false"), "force_disable_caches": True}
+
+
 def losses(tmp_path, name, method, *extra):
     assert main(tiny_argv(tmp_path, name, "--method", method, "--lr", "5e-3", *extra,
                           samples=32, batch=8)) == 0
@@ -40,17 +44,16 @@ def test_compiled_trains_like_eager(tmp_path, method, capfd):
 
 
 @pytest.mark.slow
-def test_without_a_working_compiler_one_warning_and_eager(tmp_path, monkeypatch, capfd):
+def test_without_a_working_compiler_one_warning_and_eager(tmp_path, capfd):
     """A C++ compiler that fails (as on a machine without g++): the probe finds it before the
     model is trained, one warning says so, and the run is the eager run bit for bit."""
     import torch._dynamo
     import torch._inductor.config as inductor_config
     eager = losses(tmp_path, "eager", "clip")
     torch._dynamo.reset()
-    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, "/bin/false"))
-    monkeypatch.setattr(inductor_config, "force_disable_caches", True)
     capfd.readouterr()
-    fallback = losses(tmp_path, "fallback", "clip", "--torchcompile")
+    with inductor_config.patch(NO_CXX):
+        fallback = losses(tmp_path, "fallback", "clip", "--torchcompile")
     said = [ln for ln in capfd.readouterr().err.splitlines() if "--torchcompile" in ln]
     assert len(said) == 1 and "| WARNING | --torchcompile: torch.compile does not run on cpu " \
         "here (InvalidCxxCompiler: No working C++ compiler found" in said[0], said
@@ -59,13 +62,12 @@ def test_without_a_working_compiler_one_warning_and_eager(tmp_path, monkeypatch,
 
 
 @pytest.fixture
-def no_cxx(monkeypatch):
+def no_cxx():
     import torch._dynamo
     import torch._inductor.config as inductor_config
     torch._dynamo.reset()
-    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, "/bin/false"))
-    monkeypatch.setattr(inductor_config, "force_disable_caches", True)
-    yield
+    with inductor_config.patch(NO_CXX):  # torch's own config patch: restored however it ends
+        yield
     torch._dynamo.reset()
 
 
