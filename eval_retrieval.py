@@ -37,18 +37,20 @@ def main(argv=None):
         return 0
     model, preprocess, tokenizer = load_model_from_args(args)
     dense_head = dense_head_from_args(args)
+    details = {}
     metrics = evaluate_retrieval(model, preprocess, tokenizer, args.annotation, args.image_root,
                                  split=args.split, caption_prefix=args.caption_prefix,
                                  batch_size=args.batch_size, device=args.device,
                                  workers=args.workers, precision=args.precision,
-                                 dense_head=dense_head, loaded=loaded)
+                                 dense_head=dense_head, loaded=loaded, details=details)
     name = args.name or args.annotation
     print(f"{name} ({args.split}), image->text / text->image, caption prefix {args.caption_prefix!r}")
     print("| R@1 | R@5 | R@10 | rsum |\n|---|---|---|---|")
     print("| " + " | ".join(f"{metrics[f'i2t_R@{k}']:.1f}/{metrics[f't2i_R@{k}']:.1f}" for k in (1, 5, 10))
           + f" | {metrics['rsum']:.1f} |")
     if args.output:
-        write_json(args.output, metrics=metrics, settings=vars(args), complete=True)
+        write_json(args.output, metrics=metrics, settings=vars(args),
+                   truncation=details.get("truncation"), complete=True)
     return 0
 
 

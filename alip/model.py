@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock
+from torch.distributed.fsdp import FSDPModule
 from torch.utils.checkpoint import checkpoint
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -83,12 +84,19 @@ def host_tokens(text):
     return text if text.device.type == "cpu" else _HOST_TOKENS.get(text)
 
 
+def _widen(t, width):
+    """Rows right-padded with 0 to ``width`` (after EOT: the features do not change)."""
+    return t if t.shape[1] == width else F.pad(t, (0, width - t.shape[1]))
+
+
 def _cat_tokens(a, b):
-    """``torch.cat([a, b])`` carrying the host copies along."""
-    both = torch.cat([a, b])
+    """``torch.cat([a, b])`` carrying the host copies along; rows of different widths (raw
+    text at 77, captions at 256) are padded to the wider first."""
+    width = max(a.shape[1], b.shape[1])
+    both = torch.cat([_widen(a, width), _widen(b, width)])
     ha, hb = host_tokens(a), host_tokens(b)
     if both.device.type != "cpu" and ha is not None and hb is not None:
-        _HOST_TOKENS[both] = torch.cat([ha, hb])
+        _HOST_TOKENS[both] = torch.cat([_widen(ha, width), _widen(hb, width)])
     return both
 
 
@@ -105,7 +113,7 @@ def length_groups(lengths, max_groups=4, pass_tokens=0):
 
     Rows are sorted by length and cut into contiguous runs; a run costs (rows x its longest
     length) tokens plus ``pass_tokens`` for the pass itself (launch and per-op overhead, in
-    tokens). The cuts minimise the total cost (a DP over the distinct lengths, <= 77 of them).
+    tokens). The cuts minimise the total cost (a DP over the distinct lengths, <= the context).
     Returns a list of ``(row_indices, length)``, shortest first; together the rows are a
     permutation of ``range(len(lengths))``.
     """
@@ -237,10 +245,20 @@ def _varlen_attn_fn():
     return causal_only
 
 
+def sharded_blocks(tower):
+    """Whether the tower's blocks are FSDP units (``train.py --fsdp``): each block call then
+    all-gathers its parameters, so every rank must run the same passes through the tower -- one
+    (``"trim"``) -- whatever its texts' lengths (length groups differ between ranks), and call
+    each block as a module (the packed path runs a block's layers one by one)."""
+    return any(isinstance(b, FSDPModule) for b in tower.transformer.resblocks)
+
+
 def packed_supported(tower, text):
     """The packed path needs open_clip's plain blocks, and for varlen_attn (FlashAttention /
     cuDNN): a CUDA tensor of compute capability >= 8.0 computing in fp16/bf16."""
     blocks = tower.transformer.resblocks
+    if sharded_blocks(tower):
+        return False
     if not all(isinstance(b, ResidualAttentionBlock) and not hasattr(b, "ln_1_kv")
                and b.attn._qkv_same_embed_dim and b.attn.bias_k is None
                and not (b.attn.dropout and b.training) for b in blocks):
@@ -254,6 +272,33 @@ def packed_supported(tower, text):
     return dtype in (torch.float16, torch.bfloat16)
 
 
+def context_length(model):
+    """The text tower's context (token positions), or None when the model does not say."""
+    n = getattr(model, "context_length", None)
+    return int(n) if n is not None else None
+
+
+def check_text_width(model, text):
+    """Token rows may be narrower than the tower's context (positions start at 0: a [B, 77]
+    batch in a 256-position tower is exact), never wider."""
+    n = context_length(model)
+    if n is not None and text.shape[-1] > n:
+        raise ValueError(f"--text-context {n}: the model's text tower has {n} positions but a "
+                         f"text batch is {text.shape[-1]} tokens wide; give --text-context >= "
+                         f"{text.shape[-1]} (or tokenize at {n})")
+
+
+def pad_to_context(model, text, pad_id=0):
+    """``text`` right-padded with ``pad_id`` (open_clip's tokenizer pads with 0) to the model's
+    context: open_clip's full pass (``model.encode_text``) adds the whole positional embedding,
+    so it takes only rows as wide as the context. A [B, 77] row padded to 256 is the row the
+    tokenizer gives at 256."""
+    n = context_length(model)
+    if n is None or text.shape[-1] >= n:
+        return text
+    return F.pad(text, (0, n - text.shape[-1]), value=pad_id)
+
+
 TEXT_PATHS = ("auto", "packed", "grouped", "trim")
 
 
@@ -262,7 +307,9 @@ def encode_text(model, text, normalize=True, trim=True, *, path="auto", max_grou
     """``model.encode_text`` that computes (almost) no padding; same features.
 
     ``trim=False`` (or a tower where skipping padding is not exact) runs open_clip's full
-    77-token pass. Otherwise ``path``:
+    pass over the whole context (rows narrower than the context are padded to it first:
+    ``pad_to_context``). Rows wider than the context are refused (``check_text_width``); rows
+    narrower are fine on every path (positions start at 0). Otherwise ``path``:
       ``"packed"``   all texts as one packed sequence with per-sequence causal attention
                      (``attn_fn``, default ``torch.nn.attention.varlen.varlen_attn``): no padding;
       ``"grouped"``  rows sorted by length into <= ``max_groups`` passes, each trimmed to its own
@@ -272,12 +319,14 @@ def encode_text(model, text, normalize=True, trim=True, *, path="auto", max_grou
     """
     if path not in TEXT_PATHS:
         raise ValueError(f"path must be one of {TEXT_PATHS}, got {path!r}")
+    check_text_width(model, text)
     tower = _text_tower(model) if trim else None
     if tower is None:
-        return model.encode_text(text, normalize=normalize)
+        return model.encode_text(pad_to_context(model, text), normalize=normalize)
     lengths = _host_lengths(text, model)
     if path == "auto":
-        path = "packed" if packed_supported(tower, text) else "grouped"
+        path = ("packed" if packed_supported(tower, text) else
+                "trim" if sharded_blocks(tower) else "grouped")
     if path == "packed":
         attn_fn = attn_fn or _varlen_attn_fn()
         if attn_fn is None:
@@ -294,7 +343,8 @@ def encode_text_pair(model, raw, caption, text_mode="auto", trim=True):
     """Raw text and caption through the one text tower -> (raw features, caption features).
 
     ``"separate"``: two passes, each with its own length groups (a batch of short captions is
-    not held back by long web text). ``"joint"``: one 2B pass. ``"auto"``: joint where the
+    not held back by long web text). ``"joint"``: one 2B pass (rows of different widths, e.g.
+    raw text at 77 and captions at 256 in a 256-position tower, padded to the wider). ``"auto"``: joint where the
     packed varlen path runs (the packed call computes the same tokens either way, and one call
     launches half the kernels: on an H200 at batch 256 the ALIP step went from 1.27x to 1.05x
     open_clip's CLIP step, bench/loss_step.py), separate elsewhere.
@@ -303,8 +353,7 @@ def encode_text_pair(model, raw, caption, text_mode="auto", trim=True):
         raise ValueError(f"text_mode must be one of {TEXT_MODES}, got {text_mode!r}")
     if text_mode == "auto":
         tower = _text_tower(model) if trim else None
-        text_mode = ("joint" if tower is not None and raw.shape[1] == caption.shape[1]
-                     and packed_supported(tower, raw) else "separate")
+        text_mode = "joint" if tower is not None and packed_supported(tower, raw) else "separate"
     if text_mode == "joint":
         both = encode_text(model, _cat_tokens(raw, caption), trim=trim)
         return both.split([len(raw), len(caption)])

@@ -2,7 +2,8 @@
 
 ``yfcc``: YFCC-like raw web text, lognormal lengths with median 15 tokens and sigma 0.69,
 cut at 77 like the tokenizer (about 0.9% of texts hit 77). ``caption``: synthetic captions,
-uniform 10-25 tokens. ``full``: every text 77 tokens.
+uniform 10-25 tokens. ``full``: every text 77 tokens. ``long``: long captions for a 256-token
+tower, lognormal with median 100 tokens and sigma 0.35, cut to 60-200 (rows ``width`` wide).
 """
 import math
 
@@ -16,19 +17,22 @@ def lengths(kind, n, gen):
         return torch.full((n,), CONTEXT, dtype=torch.long)
     if kind == "caption":
         return torch.randint(10, 26, (n,), generator=gen)
+    if kind == "long":
+        z = torch.randn(n, generator=gen, dtype=torch.float64)
+        return (math.log(100) + 0.35 * z).exp().round().long().clamp(60, 200)
     if kind == "yfcc":
         z = torch.randn(n, generator=gen, dtype=torch.float64)
         return (math.log(15) + 0.69 * z).exp().round().long().clamp(3, CONTEXT)
     raise ValueError(f"unknown text length mix {kind!r}")
 
 
-def tokens(lens, gen):
-    rows = torch.zeros(len(lens), CONTEXT, dtype=torch.long)
+def tokens(lens, gen, width=CONTEXT):
+    rows = torch.zeros(len(lens), width, dtype=torch.long)
     for i, n in enumerate(lens.tolist()):
         rows[i, 0], rows[i, n - 1] = SOT, EOT
         rows[i, 1:n - 1] = torch.randint(1, 49000, (n - 2,), generator=gen)
     return rows
 
 
-def batch(kind, n, gen):
-    return tokens(lengths(kind, n, gen), gen)
+def batch(kind, n, gen, width=CONTEXT):
+    return tokens(lengths(kind, n, gen), gen, width)

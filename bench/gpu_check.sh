@@ -11,10 +11,11 @@
 # synchronising call in a training step (CLIP, ALIP, SLIP, CLIPS; fp16 + GradScaler, bf16); train.py
 # steps with fp16 AMP + GradScaler and with bf16; every method's train.py for 3 bf16 steps; a
 # train.py run SIGKILLed after a checkpoint and resumed (PyTorch reader, and DALI when installed);
-# DDP over NCCL on every GPU (torchrun); DALI "mixed" decoding through build_train_loader. Then
+# DDP over NCCL on every GPU (torchrun); FSDP bf16 killed and resumed (torchrun); DALI "mixed" decoding through build_train_loader. Then
 # every bench at its GPU setting (bench/text_encoding.py and bench/train_throughput.py: issue
 # #15's ratios, every method's step time and peak memory). Each check runs under its own time limit (a hung
-# check is killed and FAILs); nvidia-dali missing makes its checks SKIP, saying so.
+# check is killed and FAILs); last, --torchcompile against eager (3 fp32 train.py steps each,
+# bench/compile_step.py). nvidia-dali missing makes its checks SKIP, saying so.
 # Logs stay in $GPU_CHECK_DIR (default: a new temporary directory, printed at the end):
 # NAME.log is a check's stdout, NAME.err its stderr, table.txt the table as it grows.
 set -uo pipefail
@@ -271,6 +272,48 @@ else
   skip dali-mixed "nvidia-dali is not installed for $PY"
   skip kill-resume-dali "nvidia-dali is not installed for $PY"
 fi
+# --- FSDP (train.py --fsdp, issue #28): its own block -----------------------------------------------
+# bf16 on every GPU (torchrun), SIGKILLed (torchrun and its workers) after the step_4 sharded
+# checkpoint, resumed with --resume latest; then the epoch checkpoint consolidated and loaded by
+# open_clip.create_model
+fsdp_resume() {
+  local name=fsdp-resume ckdir="$WORK/runs/fsdp-resume/checkpoints"
+  local args=(-m torch.distributed.run --standalone --nproc_per_node "$NGPU" train.py
+              --train-data "$SHARDS" --model ALIP-demo --batch-size 16 --epochs 2 --max-steps 12
+              --save-every-n-steps 4 --precision "$AMP_BF16" --device "$DEV" --dist-backend "$BACKEND"
+              --workers 1 --data-backend "$DATA_BACKEND" --logs-dir "$WORK/runs" --name "$name"
+              --report-to '' --log-every-n-steps 1 --fsdp)
+  "$PY" "${args[@]}" & local pid=$!
+  until [ -f "$ckdir/index.json" ] && grep -q step_4 "$ckdir/index.json" 2>/dev/null; do
+    sleep 0.2
+    if ! kill -0 "$pid" 2>/dev/null; then echo "the run ended before a step_4 checkpoint" >&2; return 1; fi
+  done
+  # torchrun's workers are its children (they do not share its process group): kill them too
+  kill -9 $(pgrep -P "$pid") "$pid"; wait "$pid"; local rc=$?
+  [ "$rc" = 137 ] || { echo "run ended with $rc before the kill landed" >&2; return 1; }
+  local cut
+  cut=$(grep -c '"loss"' "$WORK/runs/$name/results.jsonl")
+  [ "$cut" -lt 12 ] || { echo "the kill landed after the last step ($cut logged)" >&2; return 1; }
+  "$PY" "${args[@]}" --resume latest || return 1
+  local last
+  last=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))[-1]['model'])" "$ckdir/index.json")
+  "$PY" -m alip.training.consolidate "$ckdir/$last" "$WORK/fsdp-consolidated.pt" >/dev/null || return 1
+  "$PY" - "$WORK/runs/$name/results.jsonl" "$WORK/fsdp-consolidated.pt" "$NGPU" "$cut" <<'PYEOF'
+import json, math, sys
+import open_clip
+import alip  # noqa: F401
+rows = [json.loads(l) for l in open(sys.argv[1]) if '"loss"' in l]
+steps = [r["step"] for r in rows]
+assert steps and max(steps) == 12 and len(steps) == len(set(steps)), steps
+assert all(math.isfinite(r["loss"]) for r in rows), rows
+open_clip.create_model("ALIP-demo", pretrained=sys.argv[2])
+print(f"FIGURE {sys.argv[3]} FSDP rank(s) bf16, killed at step {sys.argv[4]}, resumed to step 12 "
+      f"(loss {rows[-1]['loss']:.4f}), consolidated file loads")
+PYEOF
+}
+export -f fsdp_resume
+check fsdp-resume 240 fsdp_resume
+
 if [ "$SMOKE" = 1 ]; then
   check bench-text_encoding 300 "$PY" bench/text_encoding.py --model ALIP-tiny --text-batch 64 --step-batch 8 --repeats 1
   check bench-train_throughput 300 "$PY" bench/train_throughput.py --models ALIP-tiny --batch-size 16 --reps 1
@@ -290,6 +333,28 @@ if [ "$HAVE_DALI" = 1 ]; then
   check bench-reader 300 "$PY" bench/reader.py $([ "$SMOKE" = 1 ] && echo --images 128 --rounds 1)
 else
   skip bench-reader "per-core CPU reader bench; its DALI side needs nvidia-dali"
+fi
+
+# --- --torchcompile (issue #28): the compiled image tower trains like eager; its step time ------
+compile_train() {  # 3 fp32 steps eager and with --torchcompile: same losses, compiled for real
+  train compile-eager fp32 && train compile-on fp32 --torchcompile || return 1
+  local log="$WORK/runs/compile-on/out.log"
+  grep -q "image tower compiled" "$log" || { echo "not compiled: $log" >&2; return 1; }
+  ! grep -q "cannot compile\|does not run on" "$log" || { echo "fell back to eager: $log" >&2; return 1; }
+  "$PY" - "$WORK/runs/compile-eager/results.jsonl" "$WORK/runs/compile-on/results.jsonl" <<'PYEOF'
+import json, sys
+a, b = ([json.loads(l)["loss"] for l in open(p) if '"loss"' in l] for p in sys.argv[1:])
+rel = max(abs(x - y) / abs(x) for x, y in zip(a, b))
+assert len(a) == len(b) == 3 and rel < 1e-4, (a, b)  # fp32 (TF32 off by default), fused sums
+print(f"FIGURE 3 fp32 steps, compiled vs eager loss within {rel:.1e} relative")
+PYEOF
+}
+export -f compile_train
+check train-compile 600 compile_train
+if [ "$SMOKE" = 1 ]; then
+  check bench-compile_step 600 "$PY" bench/compile_step.py --model ALIP-tiny --batch-size 8 --reps 1 --calls 1
+else
+  check bench-compile_step 300 "$PY" bench/compile_step.py --device cuda --batch-size 256 --reps 5 --text
 fi
 
 echo

@@ -18,6 +18,11 @@ synthetic captions of 10-25 tokens (bench/_texts.py). Two parts, each ABBA-inter
 2. one training step (forward + backward, towers + loss) at --step-batch: open_clip's CLIP
    (model(images, raw) + open_clip.loss.ClipLoss: one padded 77-token text pass) vs ALIP
    (ALIPEncoder: raw text and caption, length-aware; ALIPLoss with its gates).
+3. ``--parts long``: the text tower built at --long-context (256) tokens, --long-batch (256)
+   long captions of 60-200 tokens (median ~100), forward + backward: the length-aware path
+   (grouped on CPU, packed on CUDA) vs the padded 256-token pass, time ratio beside tokens ratio.
+
+    .venv/bin/python bench/text_encoding.py --parts long --long-batch 64 --repeats 2   # ~6 min, load 4
 """
 import argparse
 import sys
@@ -138,6 +143,44 @@ def step_part(model, args, device, autocast):
           f"(ALIP's two {path} text passes process {text_tokens:.3f}x the tokens of CLIP's padded one)")
 
 
+def long_part(args, device, autocast):
+    """Long captions in a --long-context tower: length-aware forward+backward vs padded."""
+    torch.manual_seed(0)
+    model = open_clip.create_model(args.model, force_context_length=args.long_context).to(device)
+    model.set_grad_checkpointing(args.long_checkpointing)  # both sides alike
+    n = args.long_context
+    gen = torch.Generator().manual_seed(3)
+    text = to_device_keeping_host_tokens(_texts.batch("long", args.long_batch, gen, n), device)
+    path = "packed" if device.type == "cuda" else "grouped"
+
+    def run(which, rows):
+        def fn():
+            with autocast():
+                f = (model.encode_text(rows, normalize=True) if which == "padded" else
+                     encode_text(model, rows, path=path, max_groups=args.max_groups))
+            f.float().sum().backward()
+            model.zero_grad(set_to_none=True)
+        return fn
+
+    for which in ("padded", path):  # warm-up at full size (a first full-size call is slower)
+        run(which, text)()
+    times = _timing.abba({"padded": run("padded", text), path: run(path, text)},
+                         args.repeats, device, warmup=0, label="long captions")
+    lens = text_lengths(text).cpu()
+    if path == "grouped":
+        tok = sum(len(r) * m for r, m in length_groups(lens, args.max_groups))
+    else:
+        tok = int(lens.sum())
+    print(f"\ntext tower of {args.model} at context {n}, batch {args.long_batch} captions of "
+          f"{int(lens.min())}-{int(lens.max())} tokens (median {int(lens.median())}), forward + "
+          f"backward{' (grad checkpointing)' if args.long_checkpointing else ''}; median "
+          f"[min-max] over {args.repeats} ABBA repeats")
+    print(f"  padded {n}: {_timing.stats(times['padded'])[0]:.3f} s   {path}: "
+          f"{_timing.stats(times[path])[0]:.3f} s   time {path}/padded "
+          f"{_timing.fmt(_timing.ratio(times, path, 'padded'))}   tokens {path}/padded "
+          f"{tok / (len(lens) * n):.3f}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     cuda = torch.cuda.is_available()
@@ -156,7 +199,12 @@ def main(argv=None):
     p.add_argument("--inner", type=int, default=None,
                    help="calls per timed sample (default: 5 on CUDA, where one pass is milliseconds; 1 on CPU)")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--parts", nargs="+", choices=["text", "step"], default=["text", "step"])
+    p.add_argument("--parts", nargs="+", choices=["text", "step", "long"], default=["text", "step"])
+    p.add_argument("--long-context", type=int, default=256, help="context of the long part's tower")
+    p.add_argument("--long-batch", type=int, default=256, help="captions in the long part's batch")
+    p.add_argument("--long-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                   help="gradient checkpointing in the long part, both sides (the padded 256 x 256 "
+                        "fwd+bwd without it took > 12.8 GB and was OOM-killed on a 23 GB machine)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
@@ -174,6 +222,10 @@ def main(argv=None):
         return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
     print(f"bench/text_encoding.py on {_timing.describe(device, threads)}, precision {args.precision}")
+    if "long" in args.parts:
+        long_part(args, device, autocast)
+    if not {"text", "step"} & set(args.parts):
+        return
     torch.manual_seed(0)
     model = open_clip.create_model(args.model).to(device)
     if "text" in args.parts:

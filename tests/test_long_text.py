@@ -114,6 +114,7 @@ def test_wide_round_trip_through_both_readers(wide, backend):
     raw = {tuple(r): i for i, r in enumerate(tokenize([text_of(i) for i in range(N)]).tolist())}
     want = tokenize([long_caption(i) for i in range(N)], WIDE)
     seen = []
+    assert loader.text_widths == {"raw": 77, "caption": WIDE}  # what train.py checks the tower against
     for b in batches:
         assert b["raw"].shape[1] == 77 and b["caption"].shape[1] == WIDE  # a 256-wide batch comes out
         assert b["caption"].dtype == torch.int64 and b["caption"].is_contiguous()
@@ -203,6 +204,7 @@ def test_clips_view_through_the_readers_reaches_the_tail(wide, backend):
     spec = DataSpec(text_fields=("raw",), text_views=(clips_view(strategy="block"),))
     loader = build_train_loader(wide, backend=backend, batch_size=5, image_size=SIZE, workers=1,
                                 drop_last=False, augment=False, spec=spec)
+    assert loader.text_widths == {"raw": 77, "caption_view": 77}  # the view's width, not the field's
     tail = tokenize(["moon"])[0][1]
     found = 0
     for e in range(4):

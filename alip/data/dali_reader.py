@@ -120,6 +120,7 @@ class DaliRecLoader:
         self.field_rows, self.layout = resolve([str(p) for p in rec_paths], spec.fields_read)
         self.widths = shards_widths([str(p) for p in rec_paths])
         self.spans = label_spans(self.layout, self.widths)
+        self.text_widths = text_views.batch_widths(spec, self.layout, self.widths)
         if verify:  # a corrupt JPEG would otherwise kill DALI's decoder mid-epoch, naming nothing
             require_verified(rec_paths, max(1, workers), rank, world_size)
         self.recs, self.idx_path, self.shard_counts = _combined_index(rec_paths)

@@ -151,3 +151,14 @@ def apply_batch(text_views, fields, seed, epoch, indices):
                                 dtype=torch.int64))
                for k, v in drawn_views(text_views).items())
     return out
+
+
+def batch_widths(spec, layout, widths):
+    """{batch key: token width} of a loader's text entries: each text field as wide as the
+    shards store it (``layout``/``widths``: the shards' field names and widths), each text view
+    its ``view_width`` (what the model's text tower must hold)."""
+    wide = dict(zip(layout, widths))
+    out = {f: wide[f] for f in spec.text_fields}
+    out.update((v.name, view_width(v, source_width(v, wide))) for v in spec.text_views)
+    return out
+

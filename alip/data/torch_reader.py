@@ -237,6 +237,7 @@ class TorchRecLoader:
         self.length_bucketing = int(length_bucketing)
         self.spec = spec
         self.dataset = RecDataset(rec_paths, image_size, seed, augment, spec)
+        self.text_widths = text_views.batch_widths(spec, self.dataset.layout, self.dataset.widths)
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.seed, self.drop_last = seed, drop_last
         self.num_samples = len(self.dataset)

@@ -122,7 +122,7 @@ def load_model(model_name=None, pretrained=None, checkpoint=None, device="cpu", 
     if checkpoint is None:
         kwargs = pretrained_model_kwargs(pretrained) if pretrained and os.path.isfile(pretrained) \
             else {}
-    try:
+    try:  # at the context the file records (force_context_length), else the config's
         model, _, preprocess = open_clip.create_model_and_transforms(
             model_name, pretrained=weights, precision=precision, device=device, **kwargs)
     except (RuntimeError, AssertionError, KeyError, ValueError) as e:
@@ -130,8 +130,9 @@ def load_model(model_name=None, pretrained=None, checkpoint=None, device="cpu", 
             raise ValueError(f"weights {weights} do not fit model {model_name}: "
                              f"{type(e).__name__}: {e}") from e
         raise
-    model.eval()
-    return model, preprocess, open_clip.get_tokenizer(model_name)
+    model.eval()  # the tokenizer pads/truncates to the model's context, not the config's
+    return model, preprocess, open_clip.get_tokenizer(
+        model_name, context_length=getattr(model, "context_length", None))
 
 
 def add_model_args(parser):

@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 
 from .features import eval_mode, image_features, make_loader, text_features, unwrap
 from .recall import RECALL_K, recall_at_k  # noqa: F401  (recall_at_k: tests import it here)
+from .truncation import log_truncation, tokenizer_context, truncation_report
 
 
 
@@ -108,16 +109,25 @@ def retrieval_metrics(image_feats, text_feats, text_to_image, recall_k=RECALL_K)
 
 def evaluate_retrieval(model, preprocess, tokenizer, annotation, image_root, split="test",
                        caption_prefix="", batch_size=64, device="cpu", workers=0, precision="fp32",
-                       recall_k=RECALL_K, distributed=False, dense_head=None, loaded=None):
+                       recall_k=RECALL_K, distributed=False, dense_head=None, loaded=None,
+                       details=None):
     """-> {"i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum"} (percent).
 
     ``distributed=True``: every rank of the initialised process group calls this; each encodes
     1/world of the images and captions; all ranks get the result. ``dense_head`` (a FILIPHead):
     FILIP's token-wise scores (alip.eval.dense) instead of global embeddings. ``loaded``: what
     ``load_annotation(annotation, image_root, split)`` returned (a caller that checked the
-    annotation already), so it is not read twice."""
+    annotation already), so it is not read twice. Captions longer than the tokenizer's context
+    (long-text retrieval with a shorter model) are truncated and logged as such
+    (``alip.eval.truncation``); a ``details`` dict gets that report as ``details["truncation"]``
+    (None where the tokenizer cannot count)."""
     paths, captions, text_to_image = loaded or load_annotation(annotation, image_root, split)
     model = unwrap(model)
+    texts = [caption_prefix + c for c in captions]
+    report = truncation_report(tokenizer, texts, tokenizer_context(tokenizer, model))
+    log_truncation(report, "captions")
+    if details is not None:
+        details["truncation"] = report
     if dense_head is not None:
         from .dense import DenseView
         model = DenseView(model, dense_head.to(device))
@@ -126,7 +136,7 @@ def evaluate_retrieval(model, preprocess, tokenizer, annotation, image_root, spl
                              distributed=distributed)
         images, _ = image_features(model, loader, device=device, precision=precision,
                                    distributed=distributed)
-        texts = text_features(model, tokenizer, [caption_prefix + c for c in captions],
+        texts = text_features(model, tokenizer, texts,
                               batch_size=max(batch_size, 256), device=device, precision=precision,
                               distributed=distributed)
     if dense_head is not None:

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from ..data.spec import DataSpec, TextView, probs_error, with_sources
+from ..long_context import context_kwargs
 
 REDUCE = "alip.text_views:reduce_row"  # CLIPS' token reduction as a text view
 CAPTION_VIEW = "caption_view"
@@ -337,10 +338,15 @@ class Method:
         return {}
 
     def model_kwargs(self):
-        """Keyword arguments the method needs ``open_clip.create_model_and_transforms`` to get:
-        SigLIP's temperature and bias init for ``--objective sigmoid``, else none (a method that
-        needs, say, another text context returns them)."""
-        return dict(SIGMOID_MODEL_KWARGS) if objective(self.args) == "sigmoid" else {}
+        """Keyword arguments ``open_clip.create_model_and_transforms`` gets (the checkpoints
+        record them, so evaluation rebuilds the same model): the text context of
+        ``--text-context`` (``force_context_length``, alip.long_context), and SigLIP's
+        temperature and bias init for ``--objective sigmoid``; a method that needs more adds to
+        ``super().model_kwargs()``."""
+        kwargs = context_kwargs(getattr(self.args, "text_context", None))
+        if objective(self.args) == "sigmoid":
+            kwargs.update(SIGMOID_MODEL_KWARGS)
+        return kwargs
 
     def attach(self, model):
         """Build the method on ``model`` (created with ``model_kwargs()``, under the training
@@ -479,7 +485,10 @@ class Method:
         text fields and caption views."""
         cls.check_flags_read(args)
         cls.check_objective(args)
-        cls.check_shapes(args, model_dims(args.model))
+        dims = model_dims(args.model)
+        if getattr(args, "text_context", None):  # the context the tower is built with
+            dims = dims._replace(context_length=args.text_context)
+        cls.check_shapes(args, dims)
         if args.accum_freq > 1 and args.accum_mode not in cls.accum_modes:
             raise MethodConfigError(
                 f"--method {cls.name} does not support --accum-mode {args.accum_mode} "

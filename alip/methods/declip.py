@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from alip.loss import gather_features
 
 from ..data.spec import RECIPES, DataSpec, ImageView, TextView
-from ..model import encode_text, host_tokens, text_lengths, to_device_keeping_host_tokens
+from ..model import (encode_text, host_tokens, pad_to_context, text_lengths,
+                     to_device_keeping_host_tokens)
 from .base import ContrastiveEncoder, Method, MethodConfigError, clamp_logit_scale
 
 # DeCLIP's vocabulary: open_clip's 49408 BPE ids (SOT 49406, EOT 49407, so open_clip's tokenizer
@@ -247,13 +248,14 @@ def text_tokens_and_features(model, text):
     is the tensor the pooling reads), for both the built-in text tower of ``CLIP`` and a
     ``TextTransformer`` in ``CustomTextCLIP``.
     """
+    width, text = text.shape[1], pad_to_context(model, text)  # narrower rows: cut back below
     if hasattr(model, "text"):
         out = model.text.forward_intermediates(text, indices=1, normalize_intermediates=True,
                                                output_fmt="NLC")
     else:
         out = model.forward_intermediates(text=text, text_indices=1, normalize=False,
                                           normalize_intermediates=True)
-    return out["text_intermediates"][-1], out["text_features"]
+    return out["text_intermediates"][-1][:, :width], out["text_features"]
 
 
 # ---------------------------------------------------------------------------------- NN bank

@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from alip.loss import gather_features
-from alip.model import text_lengths
+from alip.model import pad_to_context, text_lengths
 
 from ..data.spec import RECIPES, DataSpec, ImageView
 from .base import Method, MethodConfigError, clamp_logit_scale
@@ -84,12 +84,14 @@ def dense_image_tokens(model, images, ln_post=False):
 
 
 def dense_text_tokens(model, text):
-    """-> (ln_final tokens [B, L, width], mask [B, L] True up to EOT, normalised features [B, E])."""
-    out = model.forward_intermediates(text=text, text_indices=1, normalize=True,
-                                      normalize_intermediates=True)
+    """-> (ln_final tokens [B, L, width], mask [B, L] True up to EOT, normalised features [B, E]).
+    Rows narrower than the tower's context (``--text-context``) are padded to it for open_clip's
+    pass and the tokens cut back to their L (causal: the same values)."""
+    out = model.forward_intermediates(text=pad_to_context(model, text), text_indices=1,
+                                      normalize=True, normalize_intermediates=True)
     positions = torch.arange(text.shape[1], device=text.device)
     mask = positions[None, :] < text_lengths(text, model)[:, None]
-    return out["text_intermediates"][0], mask, out["text_features"]
+    return out["text_intermediates"][0][:, :text.shape[1]], mask, out["text_features"]
 
 
 class FILIPHead(nn.Module):

@@ -62,7 +62,7 @@ class SigLIP(Method):
         return {"objective": "sigmoid"}
 
     def model_kwargs(self):
-        return dict(SIGMOID_MODEL_KWARGS)
+        return {**super().model_kwargs(), **SIGMOID_MODEL_KWARGS}
 
     def build(self, model):
         if not hasattr(model, "logit_bias"):

@@ -16,12 +16,19 @@ saying why it passed over newer ones. Weights that are not finite are never save
 newest ``keep_last`` training states are kept (and the model files of step checkpoints); the
 model files of epoch checkpoints are always kept.
 ``open_clip.create_model(name, pretrained="…/epoch_3.pt")`` loads the model file.
+
+A ``--fsdp`` run writes sharded checkpoints instead (``alip.training.sharded``): ``epoch_3.dcp/``
+(``model/`` and ``optim/``, torch.distributed.checkpoint directories with one shard file per rank,
+and ``meta.pt``) beside ``epoch_3.state.pt``; its index entry says ``"sharded": true``. A
+sharded checkpoint is complete when every shard file its metadata names is there, whole
+(``sharded_problem``). ``python -m alip.training.consolidate`` turns one into the model file.
 Every error is a ``CheckpointError`` naming the file at fault.
 """
 import hashlib
 import json
 import os
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -117,11 +124,51 @@ def has_checkpoints(ckpt_dir):
         return True
 
 
+def is_sharded(path):
+    """Whether ``path`` names a sharded checkpoint (a ``*.dcp`` directory)."""
+    path = Path(path)
+    return path.name.endswith(".dcp") and path.is_dir()
+
+
+def sharded_problem(path, parts=("model", "optim")):
+    """None when the sharded checkpoint directory ``path`` is complete: ``meta.pt``, and under
+    each of ``parts`` the metadata and every shard file it names, at least as long as
+    the data it places there; else what is missing or short, naming the file."""
+    from torch.distributed.checkpoint import FileSystemReader
+    path = Path(path)
+    if not (path / "meta.pt").is_file():
+        return f"{path / 'meta.pt'} is missing"
+    for part in parts:
+        where = path / part
+        if not (where / ".metadata").is_file():
+            return f"{where / '.metadata'} is missing"
+        try:
+            storage = FileSystemReader(str(where)).read_metadata().storage_data
+        except Exception as e:  # noqa: BLE001  (a torn metadata file: said, not raised)
+            return f"{where / '.metadata'} cannot be read ({type(e).__name__})"
+        ends = {}
+        for info in storage.values():
+            ends[info.relative_path] = max(ends.get(info.relative_path, 0),
+                                           info.offset + info.length)
+        for name, end in sorted(ends.items()):
+            shard = where / name
+            if not shard.is_file():
+                return f"shard file {shard} is missing (a rank's shard)"
+            if shard.stat().st_size < end:
+                return f"shard file {shard} is truncated ({shard.stat().st_size} < {end} bytes)"
+    return None
+
+
 def verify_entry(ckpt_dir, entry):
-    """None when both files of index ``entry`` exist and match their recorded sha256, else why
-    not (naming the file)."""
+    """None when both files of index ``entry`` exist and match their recorded sha256 (a
+    sharded checkpoint's directory: is complete), else why not (naming the file)."""
     for role in ("model", "state"):
         path = Path(ckpt_dir) / entry[role]
+        if role == "model" and entry.get("sharded"):
+            why = sharded_problem(path) if path.is_dir() else f"{path} is missing"
+            if why:
+                return why
+            continue
         if not path.is_file():
             return f"{path} is missing"
         want = (entry.get("sha256") or {}).get(role)
@@ -146,22 +193,40 @@ def save_checkpoint(ckpt_dir, tag, model_name, model, train_state, epoch, step, 
     if bad:
         raise CheckpointError(f"not saving {ckpt_dir / model_file}: non-finite weights in "
                               f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
-    index = [e for e in read_index(ckpt_dir) if e["model"] != model_file]
+    read_index(ckpt_dir)  # a damaged index stops the save before any file is written
     _atomic_save({"state_dict": state_dict, "model": model_name, "epoch": int(epoch),
                   "step": int(step), **(extra or {})}, ckpt_dir / model_file)
     _atomic_save(train_state, ckpt_dir / state_file)
-    index.append({"model": model_file, "state": state_file, "epoch": int(epoch), "step": int(step),
-                  "sha256": {"model": sha256_of(ckpt_dir / model_file),
-                             "state": sha256_of(ckpt_dir / state_file)}})
-    # prune: keep the newest keep_last training states; step model files go with their state
+    add_to_index(ckpt_dir, {"model": model_file, "state": state_file, "epoch": int(epoch),
+                            "step": int(step),
+                            "sha256": {"model": sha256_of(ckpt_dir / model_file),
+                                       "state": sha256_of(ckpt_dir / state_file)}}, keep_last)
+    return ckpt_dir / model_file
+
+
+def _remove(path):
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def add_to_index(ckpt_dir, entry, keep_last):
+    """``entry`` (its files written) appended to the index, replacing one of the same model
+    file, and the index pruned: the newest ``keep_last`` training states are kept; step model
+    files go with their state; an epoch's sharded checkpoint keeps its ``model/`` shards (what
+    consolidate reads) and loses its optimizer state. The index is written last."""
+    ckpt_dir = Path(ckpt_dir)
+    index = [e for e in read_index(ckpt_dir) if e["model"] != entry["model"]] + [entry]
     keep = max(int(keep_last), 1)
-    for entry in index[:-keep]:
-        for name in ([entry["state"]] + ([entry["model"]] if entry["model"].startswith("step_")
-                                          else [])):
-            (ckpt_dir / name).unlink(missing_ok=True)
+    for old in index[:-keep]:
+        _remove(ckpt_dir / old["state"])
+        if old["model"].startswith("step_"):
+            _remove(ckpt_dir / old["model"])
+        elif old.get("sharded"):
+            _remove(ckpt_dir / old["model"] / "optim")
     index = [e for e in index if (ckpt_dir / e["model"]).exists()]
     write_text(ckpt_dir / INDEX, json.dumps(index, indent=1))
-    return ckpt_dir / model_file
 
 
 def find_latest(ckpt_dir, verify=False, warn=None):
@@ -181,7 +246,7 @@ def find_latest(ckpt_dir, verify=False, warn=None):
             why = verify_entry(ckpt_dir, entry)
         else:
             why = next((f"{ckpt_dir / entry[r]} is missing" for r in ("model", "state")
-                        if not (ckpt_dir / entry[r]).is_file()), None)
+                        if not (ckpt_dir / entry[r]).exists()), None)
         if why is None:
             return ckpt_dir / entry["model"]
         if warn is not None:
@@ -196,6 +261,8 @@ def find_good(ckpt_dir):
     for entry in reversed(read_index(ckpt_dir)):
         if verify_entry(ckpt_dir, entry) is not None:
             continue
+        if entry.get("sharded"):  # its weights were checked finite on every rank before saving
+            return ckpt_dir / entry["model"]
         try:
             saved = torch.load(ckpt_dir / entry["model"], map_location="cpu", weights_only=True)
         except Exception:
@@ -209,6 +276,8 @@ def state_path_for(model_path):
     model_path = Path(model_path)
     if model_path.name.endswith(".state.pt"):
         return model_path
+    if model_path.name.endswith(".dcp"):
+        return model_path.with_name(model_path.name[:-len(".dcp")] + ".state.pt")
     return model_path.with_name(model_path.name[:-len(".pt")] + ".state.pt")
 
 

@@ -117,6 +117,14 @@ def check_run_flags(args, world_size):
     if args.zeroshot_frequency and not (args.imagenet_val or args.zeroshot_root):
         raise TrainConfigError("--zeroshot-frequency needs --imagenet-val or --zeroshot-root")
     check_global_batch(args, world_size)
+    if getattr(args, "fsdp", False) and (args.retrieval_frequency or args.zeroshot_frequency):
+        raise TrainConfigError("--fsdp with --retrieval-frequency / --zeroshot-frequency: the "
+                               "evaluation runs on rank 0 alone, which a sharded model cannot; "
+                               "evaluate the consolidated checkpoint (python -m "
+                               "alip.training.consolidate) with eval_*.py")
+    if getattr(args, "fsdp", False) and getattr(args, "torchcompile", False):
+        raise TrainConfigError("--fsdp with --torchcompile: the compiled image tower under "
+                               "FSDP2's hooks is not tested yet; use one of them")
 
 
 def check_train_data(args):

@@ -18,15 +18,19 @@ import torch
 from open_clip_train.precision import get_autocast
 
 import alip  # noqa: F401  (registers the ALIP-* model configs)
+from alip import long_context
 from alip.cli import one_line
 from alip.data.recordio import RecordIOError
 from alip.methods import MethodConfigError, get_method
 from alip.model import to_device_keeping_host_tokens
 
 from . import checkpoint as ckpt
+from . import sharded
+from .compile import compile_towers
 from .config import TrainConfigError, resolve_config, run_dir_of, train_data_paths
 from .distributed import all_gather_object, barrier, cleanup, init_distributed
 from .field_log import FieldCounts
+from .fsdp import full, is_fsdp, release_group, shard
 from .locks import lock_towers
 from .logger import RunLogger, setup_text_log
 from .optim import build_optimizer, build_scheduler
@@ -161,8 +165,9 @@ def build_model(cfg, method, info, log):
     torch.set_num_threads(cfg.cpu_threads)
     seed_everything(cfg.seed)
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            cfg.model, pretrained=cfg.pretrained, device=info.device, **method.model_kwargs())
+        model, _, preprocess = long_context.create_model_and_transforms(  # open_clip's, at
+            cfg.model, pretrained=cfg.pretrained, device=info.device,  # --text-context
+            **method.model_kwargs())
     except (RuntimeError, OSError, ValueError, KeyError) as e:
         raise TrainConfigError(f"--model {cfg.model} --pretrained {cfg.pretrained}: {e}") from e
     lock_towers(model, cfg, log)  # before grad checkpointing, as open_clip_train
@@ -203,8 +208,15 @@ def build_run(cfg, info, method, run_dir, log, make_loader):
     draws (model init, then the method's heads, then the loader)."""
     model, preprocess = build_model(cfg, method, info, log)
     loader, steps_per_epoch = build_data(cfg, method, info, make_loader, image_size_of(model))
+    try:  # a loader that knows its fields' widths (text_widths) is checked against the tower
+        long_context.check_field_widths(getattr(loader, "text_widths", None), model.context_length)
+    except ValueError as e:
+        raise TrainConfigError(str(e)) from e
     encoder = method.encoder.to(info.device)
+    compile_towers(cfg, model, info.device, log)  # --torchcompile (alip/training/compile.py)
     method.criterion.to(info.device)
+    if cfg.fsdp:  # before the optimizer: sharding replaces the parameters
+        shard(encoder, cfg, info)
     optimizer = build_optimizer(encoder, cfg.lr, cfg.wd, (cfg.beta1, cfg.beta2), cfg.eps,
                                 exclude_gain_bias=cfg.wd_exclude_gain_bias)
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.lr, steps_per_epoch * cfg.epochs,
@@ -278,7 +290,8 @@ def evaluate(args, clip_model, preprocess, epoch, info, dense_head=None):
     results = {}
     if not info.is_master:
         return results
-    tokenizer = open_clip.get_tokenizer(args.model)
+    tokenizer = open_clip.get_tokenizer(  # at the model's own context (--text-context)
+        args.model, context_length=getattr(clip_model, "context_length", None))
     device = str(info.device)
     clip_model.eval()
     try:
@@ -322,7 +335,7 @@ class Trainer:
         self.run, self.pos = run, position
         cfg, info, method = run.cfg, run.info, run.method
         model = method.encoder
-        if info.distributed:
+        if info.distributed and not is_fsdp(model):
             device_ids = [info.device.index] if info.device.type == "cuda" else None
             model = torch.nn.parallel.DistributedDataParallel(
                 method.encoder, device_ids=device_ids, static_graph=cfg.ddp_static_graph,
@@ -435,12 +448,13 @@ class Trainer:
         metrics = self.book.read()  # every rank: a long streak stops them all here
         sps = self.logger.after_read(metrics)
         run, pos = self.run, self.pos
+        logit_scale = full(run.model.logit_scale.detach())  # FSDP: a collective, every rank
         if not run.info.is_master:
             return
         record = {"kind": "train", "step": pos.step, "epoch": pos.epoch,
                   "samples": pos.step * run.samples_per_step, "lr": used["lr"],
                   "beta1": used["beta1"],
-                  "logit_scale": float(run.model.logit_scale.detach().exp()),
+                  "logit_scale": float(logit_scale.exp()),
                   "samples_per_s": sps, "samples_per_s_per_gpu": sps / run.info.world_size,
                   "nonfinite_total": self.book.total, "skipped": metrics is None}
         record.update(metrics or {})
@@ -466,16 +480,21 @@ class Trainer:
         barrier(run.info)
 
     def save(self, tag, completed_epochs):
-        """A checkpoint of the position (every rank: RNG and reader states are gathered), unless
-        the step is in a non-finite streak or the weights are not finite."""
+        """A checkpoint of the position (every rank: RNG and reader states are gathered; an
+        --fsdp run's shards, alip.training.sharded), unless the step is in a non-finite streak
+        or the weights are not finite."""
         run, pos, book = self.run, self.pos, self.book
         book.read()
-        if book.run or ckpt.nonfinite_weights(run.model.state_dict()):
+        fsdp = is_fsdp(run.method.encoder)
+        bad = sharded.nonfinite(run.method.encoder, run.info) if fsdp else \
+            ckpt.nonfinite_weights(run.model.state_dict())
+        if book.run or bad:
             run.log.warning("not saving %s: %s", tag, f"step {pos.step} is in a streak of "
                             f"{book.run} non-finite step(s)" if book.run else
                             "the weights are not finite")
             return
-        state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+        state = {"optimizer": None if fsdp else run.optimizer.state_dict(),
+                 "scheduler": run.scheduler.state_dict(),
                  "scaler": run.scaler.state_dict() if run.scaler is not None else None,
                  **run.method.state_dict(), "epoch": pos.epoch, "batch_in_epoch": pos.batch,
                  "step": pos.step, "nonfinite_total": book.total,
@@ -484,12 +503,16 @@ class Trainer:
                  "loader": all_gather_object(run.loader.state_dict(), run.info)
                  if hasattr(run.loader, "state_dict") else None,
                  "config": run.record(), "model": run.cfg.model}
-        if run.info.is_master:
+        extra = {"method": run.cfg.method, "eval_heads": run.method.eval_heads(),
+                 "model_kwargs": run.method.model_kwargs()}
+        if fsdp:  # the heads are in the encoder's shards
+            path = sharded.save(run, tag, {**state, "heads": None}, completed_epochs, pos.step,
+                                extra)
+        elif run.info.is_master:
             path = ckpt.save_checkpoint(run.ckpt_dir, tag, run.cfg.model, run.model, state,
                                         completed_epochs, pos.step, keep_last=run.cfg.keep_last,
-                                        extra={"method": run.cfg.method,
-                                               "eval_heads": run.method.eval_heads(),
-                                               "model_kwargs": run.method.model_kwargs()})
+                                        extra=extra)
+        if run.info.is_master:
             run.log.info("saved %s", path)
         barrier(run.info)
 
@@ -530,6 +553,7 @@ def run(args, make_loader=None):
     try:
         return _run(args, info, make_loader or default_make_loader)
     finally:
+        release_group()
         cleanup(info)
 
 

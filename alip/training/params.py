@@ -40,6 +40,7 @@ RANGES = {
     "retrieval_frequency": "[0, inf)", "zeroshot_frequency": "[0, inf)",
     "eval_batch_size": "[1, inf)", "length_bucketing": "[0, inf)",
     "lock_image_unlocked_groups": "[0, inf)", "cpu_threads": "[0, inf)", "lock_text_unlocked_layers": "[0, inf)",
+    "text_context": "[2, inf)",  # SOT + EOT
 }
 
 
@@ -70,11 +71,11 @@ RESUME_FIXED = ("batch_size", "world_size", "accum_freq", "epochs", "length_buck
                 "wd", "beta1", "beta2", "eps", "schedule", "pct_start", "cycle_momentum", "warmup",
                 "warmup_start_lr", "wd_exclude_gain_bias", "method", "seed", "data_reader",
                 "caption_view", "caption_tokens", "vit_style", "raw_fields", "caption_fields",
-                "raw_field_probs", "caption_field_probs", "objective", *LOCK_FLAGS)
+                "raw_field_probs", "caption_field_probs", "objective", "text_context", *LOCK_FLAGS)
 # What a checkpoint written before a RESUME_FIXED flag existed ran with.
 RESUME_DEFAULTS = {"length_bucketing": 0, "vit_style": "reference", "raw_fields": "raw",
                    "caption_fields": "caption", "raw_field_probs": None,
-                   "caption_field_probs": None, **LOCK_DEFAULTS}
+                   "caption_field_probs": None, "text_context": None, **LOCK_DEFAULTS}
 
 
 
@@ -190,8 +191,19 @@ def _model_flags(a):
            "flag given to it is an error.")
     a("--model", default="ALIP-ViT-B-32", help="open_clip model name (alip registers ALIP-*).")
     a("--pretrained", default=None, help="open_clip pretrained tag or checkpoint path.")
+    a("--text-context", type=int, default=None, metavar="N",
+      help="Build the text tower with N token positions (positional embedding, causal mask); "
+           "unset: the model config's (77). Weights of a shorter tower (--pretrained, hf-hub:, "
+           "local-dir:) are stretched to N by Long-CLIP's interpolation (first 20 positions "
+           "kept); a context below the weights' is refused. Checkpoints record it "
+           "(docs/models.md).")
     a("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=False,
       help="Activation checkpointing in both towers (the reference forces it on).")
+    a("--torchcompile", action="store_true", default=False,
+      help="torch.compile the image tower (inductor; CPU and CUDA); the text tower and the "
+           "loss stay eager (length-aware text shapes change every batch). Where torch.compile "
+           "does not run here (no C++ compiler / triton) or the tower does not compile: one "
+           "warning and eager training. docs/training.md.")
     # open_clip_train's tower locks (LiT), applied by the open_clip model's own methods
     a("--lock-image", action="store_true", default=False,
       help="Lock the full image tower by disabling gradients (model.lock_image_tower).")
@@ -281,6 +293,12 @@ def _run_flags(a):
     a("--dist-backend", default=None, help="Default: nccl on CUDA, gloo on CPU.")
     a("--dist-url", default=None, help="Default env:// (torchrun).")
     a("--ddp-static-graph", action="store_true", default=False)
+    a("--fsdp", action="store_true", default=False,
+      help="Shard parameters, gradients and optimizer state over the processes (FSDP2, one unit "
+           "per tower block plus the method's encoder) instead of DDP; checkpoints are sharded "
+           "(torch.distributed.checkpoint) and resume on any number of processes with the same "
+           "global batch; python -m alip.training.consolidate makes the open_clip model file. "
+           "See docs/training.md.")
     # logging and checkpoints
     a("--logs", "--logs-dir", dest="logs", default="./logs",
       help="Runs go to LOGS/NAME/. Under torchrun write --logs-dir: torchrun's own parser "

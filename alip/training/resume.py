@@ -32,7 +32,7 @@ def find_resume(args, ckpt_dir, log):
         return path
     if args.resume:
         path = Path(args.resume)
-        if not path.is_file():
+        if not (path.is_file() or ckpt.is_sharded(path)):
             raise TrainConfigError(f"--resume: no such checkpoint: {path}")
         return path
     return None
@@ -87,9 +87,31 @@ def load_optimizer_state(optimizer, saved, resume_path):
 
 def restore(run, path):
     """The run's model, method state, optimizer, scheduler and scaler from the checkpoint at
-    ``path``, this rank's RNG state set, -> the Position to continue from (its loader state for
-    this rank, when the checkpoint has one per rank)."""
-    cfg, info = run.cfg, run.info
+    ``path`` (a sharded one of an ``--fsdp`` run: ``alip.training.sharded``), this rank's RNG
+    state set, -> the Position to continue from (its loader state for this rank, when the
+    checkpoint has one per rank)."""
+    cfg = run.cfg
+    if ckpt.is_sharded(path) != bool(getattr(cfg, "fsdp", False)):
+        raise TrainConfigError(
+            f"--resume {path}: a {'sharded (--fsdp)' if ckpt.is_sharded(path) else 'DDP'} "
+            f"checkpoint; resume it {'with' if ckpt.is_sharded(path) else 'without'} --fsdp"
+            + (" (python -m alip.training.consolidate makes its model file, a --pretrained "
+               "for a new run)" if ckpt.is_sharded(path) else ""))
+    if ckpt.is_sharded(path):
+        from . import sharded
+        state = sharded.restore(run, path)
+    else:
+        state = _restore_model(run, path)
+    run.scheduler.load_state_dict(state["scheduler"])
+    if run.scaler is not None and state.get("scaler"):
+        run.scaler.load_state_dict(state["scaler"])
+    run.method.load_state_dict(state)
+    return _position(run, state, path)
+
+
+def _restore_model(run, path):
+    """A DDP checkpoint's model and optimizer state -> its training state."""
+    cfg = run.cfg
     model_ckpt, state = ckpt.load_checkpoint(path)
     if model_ckpt.get("model") not in (None, cfg.model):
         raise TrainConfigError(f"--resume {path}: checkpoint is a {model_ckpt['model']!r}, but "
@@ -101,10 +123,11 @@ def restore(run, path):
             + ", ".join(changed) + "; resume with the same values")
     run.model.load_state_dict(model_ckpt["state_dict"])
     load_optimizer_state(run.optimizer, state["optimizer"], path)
-    run.scheduler.load_state_dict(state["scheduler"])
-    if run.scaler is not None and state.get("scaler"):
-        run.scaler.load_state_dict(state["scaler"])
-    run.method.load_state_dict(state)
+    return state
+
+
+def _position(run, state, path):
+    info = run.info
     rngs, loaders = state.get("rng") or [], state.get("loader") or []
     counts = state.get("field_counts") or []
     if len(rngs) == info.world_size:

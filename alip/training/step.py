@@ -21,6 +21,11 @@ Gradient accumulation (``accum_freq`` micro-batches per optimizer step), two sem
   back-propagated, i.e. the average of the micro-batch gradients. Cheaper, but it is not a
   larger batch: its negatives and gate statistics come from B samples.
 
+Under ``--fsdp`` (``alip.training.fsdp``) the same step runs on the sharded encoder: FSDP's
+``set_requires_gradient_sync(False)`` stands for ``no_sync``, the 0-dim parameters FSDP leaves
+whole are averaged over the ranks by hand, and the gradient norm is the DTensor norm over every
+rank's shards (the same value on every rank, so the ranks agree on a skip).
+
 Both: DDP's ``no_sync`` on all but the last micro-step, one optimizer step, one scheduler
 step and one logit_scale clamp per optimizer step (the reference runs the scheduler and the
 clamp every micro-step and never divides the loss). DDP averages the ranks' gradients once, in
@@ -58,6 +63,7 @@ import torch.nn as nn
 from alip.methods.base import scalar
 
 from .distributed import DistInfo, all_ranks_true, mean_over_ranks
+from .fsdp import average_scalar_grads, full, is_fsdp, local
 
 
 @dataclass
@@ -75,6 +81,10 @@ class StepContext:
     @property
     def ddp(self):
         return isinstance(self.model, nn.parallel.DistributedDataParallel)
+
+    @property
+    def fsdp(self):
+        return is_fsdp(self.model)
 
     @property
     def encoder(self):
@@ -111,6 +121,11 @@ def _backward(ctx, loss):
 
 
 def _sync_context(ctx, last):
+    """DDP: no_sync but in the last micro-step. FSDP: gradients kept unsharded and unreduced
+    but in the last micro-step, whose backward reduce-scatters them all."""
+    if ctx.fsdp:
+        ctx.model.set_requires_gradient_sync(last)
+        ctx.model.set_is_last_backward(last)
     return ctx.model.no_sync() if ctx.ddp and not last else nullcontext()
 
 
@@ -213,6 +228,7 @@ def _poison_unless(params, finite):
     """NaN into the smallest gradient (logit_scale's) unless ``finite``: the norm and a
     GradScaler then see a non-finite forward as they see any non-finite gradient."""
     grad = min((p.grad for p in params if p.grad is not None), key=torch.Tensor.numel)
+    grad = local(grad)  # FSDP: the rank holding the entry poisons it (all ranks agree on finite)
     grad.mul_(torch.where(finite, 1.0, float("nan")).to(grad.dtype))
 
 
@@ -250,6 +266,8 @@ def train_step(ctx, micro_batches):
         finite, keys, values = _accumulate_micro(ctx, micro_batches)
     # with local_loss each rank's loss covers its own rows; the mean over ranks is the global loss
     values = mean_over_ranks(values, ctx.info)
+    if ctx.fsdp:
+        average_scalar_grads(ctx.model, ctx.info.world_size)
     params = [p for g in ctx.optimizer.param_groups for p in g["params"]]
     _poison_unless(params, all_ranks_true(finite, ctx.info))
     if ctx.scaler is not None:
@@ -258,6 +276,7 @@ def train_step(ctx, micro_batches):
         norm = torch.nn.utils.clip_grad_norm_(params, ctx.grad_clip_norm)
     else:
         norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    norm = full(norm)  # FSDP: the norm over every rank's shards, the same on every rank
     # DDP-averaged gradients (and the AND over ranks before) give every rank the same verdict
     applied = torch.isfinite(norm)
     _optimizer_step_if(ctx, applied)
