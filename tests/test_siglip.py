@@ -75,3 +75,12 @@ def test_a_siglip_checkpoint_loads_for_evaluation_with_its_bias(tmp_path):
     # plain open_clip loads it with the arguments the file records
     plain = open_clip.create_model("ALIP-tiny", pretrained=str(path), **saved["model_kwargs"])
     assert torch.equal(plain.logit_bias, saved["state_dict"]["logit_bias"])
+
+
+@pytest.mark.parametrize("flag", ["--local-loss", "--gather-with-grad"])
+def test_clip_loss_gather_flags_are_refused_not_ignored(flag):
+    from alip.methods.base import MethodConfigError
+    with pytest.raises(MethodConfigError, match=rf"^{flag} has no effect with --objective sigmoid "
+                                                r"on --method siglip: each rank scores"):
+        get_method("siglip")(parse_args(["--method", "siglip", "--model", "ALIP-tiny", flag]))
+

@@ -441,7 +441,8 @@ class Method:
             raise MethodConfigError(
                 f"--objective {value}: --method {cls.name} has no {value} form of its "
                 f"contrastive terms (it has: {', '.join(cls.objectives)})")
-        if value == "sigmoid" and cls.sigmoid_exchange:
+        effective = cls.resolved_flags(args).get("objective", value)  # SigLIP's is sigmoid
+        if effective == "sigmoid" and cls.sigmoid_exchange:
             for flag in ("local_loss", "gather_with_grad"):
                 if getattr(args, flag, False):
                     raise MethodConfigError(

@@ -47,6 +47,7 @@ class SigLIP(Method):
     name = "siglip"
     data = CLIP_DATA
     objectives = ("sigmoid",)  # it is the sigmoid objective: --objective softmax is refused
+    sigmoid_exchange = True  # open_clip's SigLipLoss: --local-loss / --gather-with-grad refused
 
     @classmethod
     def add_args(cls, parser):
