@@ -90,6 +90,18 @@ def tokenize(texts):
     return open_clip.get_tokenizer("ALIP-ViT-B-32")(texts).numpy()
 
 
+def run_data2rec(*argv):
+    """data2rec.py's main on ``argv`` without its progress bar; its exit code."""
+    import data2rec
+    return data2rec.main([*argv, "--no-progress"])
+
+
+def shard_files(out):
+    """The .rec and .idx files of a data2rec output folder, sorted."""
+    import glob
+    return sorted(glob.glob(os.path.join(out, "train-*.rec")) + glob.glob(os.path.join(out, "train-*.idx")))
+
+
 def make_rec_shards(tmp_path_factory, n, shard_size=10):
     """``n`` manifest rows (make_manifest_dataset) through data2rec.py into RecordIO shards;
     returns the shard directory."""

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-import data2rec
 from alip.data import text_views
 from alip.data.lengths import length_index
 from alip.data.loader import build_train_loader
@@ -19,7 +18,7 @@ from alip.data.recordio import IR_FORMAT, RecordReader
 from alip.data.spec import DataSpec, TextView
 from alip.data.verify import check_shard
 from alip.methods.base import CAPTION_VIEW_WIDTH, REDUCE
-from data_fixtures import make_manifest_dataset, text_of, write_manifest
+from data_fixtures import make_manifest_dataset, text_of, write_manifest, run_data2rec as run, shard_files
 
 N = 10
 SIZE = 16
@@ -45,14 +44,6 @@ def tokenize(texts, width=77, name="ALIP-ViT-B-32"):
 def bpe_len(text):
     from open_clip.tokenizer import SimpleTokenizer
     return len(SimpleTokenizer().encode(text))
-
-
-def run(*argv):
-    return data2rec.main([*argv, "--no-progress"])
-
-
-def shard_files(out):
-    return sorted(glob.glob(os.path.join(out, "train-*.rec")) + glob.glob(os.path.join(out, "train-*.idx")))
 
 
 @pytest.fixture(scope="module")

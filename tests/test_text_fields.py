@@ -9,14 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-import data2rec
 from alip.data.fields import resolve
 from alip.data.loader import build_train_loader
 from alip.data.recordio import IR_FORMAT, RecordReader, RecordWriter, frame, pack_fields, unpack
 from alip.data.spec import DataSpec, TextView
 from alip.data.verify import check_shard
 from data_fixtures import caption_of, image, jpeg_bytes, make_manifest_dataset, make_wds_dataset, text_of, tokenize, \
-    write_manifest
+    write_manifest, run_data2rec as run, shard_files
 
 N = 12
 SIZE = 16
@@ -25,14 +24,6 @@ BACKENDS = ["torch", "dali"]
 
 def generated_of(i):
     return f"a generated long description {i} of the scene"
-
-
-def run(*argv):
-    return data2rec.main([*argv, "--no-progress"])
-
-
-def shard_files(out):
-    return sorted(glob.glob(os.path.join(out, "train-*.rec")) + glob.glob(os.path.join(out, "train-*.idx")))
 
 
 @pytest.fixture(scope="module")
