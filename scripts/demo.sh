@@ -43,26 +43,9 @@ sys.exit(json.load(open(sys.argv[1])).get('version') != VERSION)" "$WORLD/demo_w
   $PY make_demo_data.py --out "$WORLD" --overwrite
 fi
 
-: > "$OUT/timings.tsv"
-for method in $METHODS; do
-  run=$OUT/runs/demo-$method
-  rm -rf "$run"   # a fresh run each time; train.py --resume latest continues an interrupted one
-  echo "== training --method $method ($run)"
-  t0=$(date +%s)
-  $PY train.py --config "configs/demo_$method.yaml" --train-data "$WORLD/shards" \
-    --logs "$OUT/runs" --name "demo-$method"
-  ckpt=$(ls -v "$run"/checkpoints/epoch_*.pt | grep -v '\.state\.pt$' | tail -n 1)
-  t1=$(date +%s)
-  echo "== evaluating $ckpt"
-  $PY eval_retrieval.py --checkpoint "$ckpt" --annotation "$WORLD/retrieval/dataset_demo.json" \
-    --image-root "$WORLD/retrieval" --name "demo held-out ($method)" --workers 0 \
-    --output "$OUT/retrieval_$method.json"
-  $PY eval_zeroshot.py --checkpoint "$ckpt" --dataset imagefolder --root "$WORLD/classify" \
-    --classnames "$WORLD/classify/classnames.txt" --templates "$WORLD/classify/templates.txt" \
-    --workers 0 --output "$OUT/zeroshot_$method.json"
-  t2=$(date +%s)
-  printf '%s\t%d\t%d\n' "$method" $(( t1 - t0 )) $(( t2 - t1 )) >> "$OUT/timings.tsv"
-done
+# every row in one Python process (scripts/demo_rows.py): train.py, eval_retrieval.py and
+# eval_zeroshot.py's main functions per row, each run seeded from its config; timings.tsv
+$PY scripts/demo_rows.py --out "$OUT" --world "$WORLD" $METHODS
 
 echo "== report"
 $PY -m alip.eval.demo_report --out "$OUT" --world "$WORLD" --methods $METHODS \

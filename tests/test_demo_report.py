@@ -133,7 +133,8 @@ def test_each_row_says_how_it_trained_beyond_clips_recipe(tmp_path):
                       ("filip", {"method": "filip", "name": "demo-filip", "epochs": 2, "lr": 0.002,
                                  "filip_augment": "reference"}),
                       ("clip_e4", {"method": "clip", "name": "demo-clip_e4", "epochs": 4,
-                                   "lr": 0.002, "filip_augment": "mocov2"})):
+                                   "lr": 0.002, "filip_augment": "mocov2", "total_steps": 4,
+                                   "accum_mode": "micro"})):  # both follow from others here
         run = _write_run(out, name, [3.0, 2.0, 1.5, 1.0][:cfg["epochs"]], 4.0, 30.0)
         (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     notes = demo_report.recipes(out, ["clip", "filip", "clip_e4"])

@@ -38,8 +38,8 @@ def collect(out_dir, methods):
                 "zeroshot": _metrics(out / f"zeroshot_{m}.json")} for m in methods}
 
 
-# config.yaml keys that name a run rather than how it trains
-NOT_RECIPE = ("config", "name", "method", "logs", "train_data", "flags_given")
+# config.yaml keys that name a run rather than how it trains, or follow from other keys
+NOT_RECIPE = ("config", "name", "method", "logs", "train_data", "flags_given", "total_steps")
 
 
 def demo_rows(config_dir):
@@ -67,8 +67,9 @@ def recipes(out_dir, rows, base="clip"):
     for r, run in runs.items():
         cfg = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
         steps = max((row["step"] for row in _train_rows(run)), default=0)
+        moot = {"accum_mode"} if cfg.get("accum_freq", 1) == ref.get("accum_freq", 1) == 1 else set()
         diff = [f"{k.replace('_', '-')} {cfg[k]}" for k in cfg
-                if k not in NOT_RECIPE and ref.get(k) != cfg[k]]
+                if k not in NOT_RECIPE and k not in moot and ref.get(k) != cfg[k]]
         notes[r] = "; ".join([f"{steps} steps"] + ([", ".join(diff)] if diff else []))
     return notes
 
