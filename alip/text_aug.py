@@ -98,9 +98,16 @@ def wordnet():
         except LookupError:
             raise WordNetMissing(f"WordNet not found in nltk's data path {nltk.data.path}: "
                                  f"{HOW_TO_INSTALL}") from None
+        class EnglishWordNet(WordNetCorpusReader):
+            def map_wn(self, version="wordnet"):
+                """No WordNet-version map: nltk builds one from index.sense at every start
+                (about half of the reader's 7.6 s here, in each DataLoader worker), for the
+                multilingual (OMW) lemmas only (its ``map30``), which EDA never reads."""
+                return None
+
         with warnings.catch_warnings():  # English only: no multilingual (OMW) reader wanted
             warnings.filterwarnings("ignore", message="The multilingual functions")
-            _wordnet = WordNetCorpusReader(root, None)
+            _wordnet = EnglishWordNet(root, None)
     return _wordnet
 
 

@@ -8,6 +8,8 @@
 #   DEMO_QUICK=1 ./scripts/demo.sh               # a first look: ALIP and the CLIP baseline only
 #                                                # (the same recipe, so the same numbers as in the full run)
 #   DEMO_OUT=/tmp/demo ./scripts/demo.sh         # somewhere other than demo_output/ (of the repo)
+#   DEMO_JOBS=1 ./scripts/demo.sh                # rows one at a time, output on the console (default:
+#                                                # one row per CPU side by side, one thread each)
 #
 # Outputs go to demo_output/ (DEMO_OUT): the world (shards, retrieval and classification splits),
 # one run directory per method (checkpoints, results.jsonl, TensorBoard), the eval JSONs,
@@ -43,11 +45,14 @@ sys.exit(json.load(open(sys.argv[1])).get('version') != VERSION)" "$WORLD/demo_w
   $PY make_demo_data.py --out "$WORLD" --overwrite
 fi
 
-# every row in one Python process (scripts/demo_rows.py): train.py, eval_retrieval.py and
-# eval_zeroshot.py's main functions per row, each run seeded from its config; timings.tsv
-$PY scripts/demo_rows.py --out "$OUT" --world "$WORLD" $METHODS
+# the rows side by side, one per CPU, each with one thread (scripts/demo_rows.py): train.py,
+# eval_retrieval.py and eval_zeroshot.py's main functions per row, each run seeded from its
+# config; timings.tsv
+JOBS=${DEMO_JOBS:-$($PY -c "import sys; sys.path.insert(0, 'scripts'); import demo_rows
+print(demo_rows.default_jobs(sys.argv[1:]))" $METHODS)}
+$PY scripts/demo_rows.py --out "$OUT" --world "$WORLD" --jobs "$JOBS" $METHODS
 
 echo "== report"
 $PY -m alip.eval.demo_report --out "$OUT" --world "$WORLD" --methods $METHODS \
-  --seconds $(( $(date +%s) - START )) --machine "$(nproc) CPU cores"
+  --seconds $(( $(date +%s) - START )) --machine "$(nproc) CPU cores, $JOBS row(s) at a time"
 echo "(written to $OUT/report.md with its plots)"
