@@ -154,7 +154,6 @@ def run_side_by_side(rows, out, world, configs, jobs):
     """Rows ``jobs`` at a time, in the given order as workers free up; the first failure stops
     the rows not yet started (those running finish), and its log's tail is printed."""
     (out / "logs").mkdir(exist_ok=True)
-    os.environ["OMP_NUM_THREADS"] = "1"  # the workers' intra-op threads (train.py reads it)
     print(f"== {len(rows)} rows, {jobs} at a time (one thread each; each row's output in "
           f"{out / 'logs'}/ROW.log)", flush=True)
     done, failed, start = {}, None, time.time()
@@ -213,6 +212,7 @@ def main(argv=None):
         p.error(f"no {configs.name}/demo_{missing[0]}.yaml for demo row {missing[0]!r}")
     if a.jobs is not None and a.jobs < 1:
         p.error(f"--jobs must be a positive integer, got {a.jobs}")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # each row's intra-op threads (train.py reads it)
     out, world = a.out.resolve(), a.world.resolve()
     out.mkdir(parents=True, exist_ok=True)
     (out / "timings.tsv").write_text("")
