@@ -215,3 +215,17 @@ def test_two_ranks_log_the_counts_of_every_record(tmp_path):
     n_caption = sum(replica_pick(("raw", "caption"), (0.25, 0.75), 0, 0, i) for i in range(64))
     [record] = read_results(tmp_path / "ddp", kind="epoch")
     assert record["field_counts"] == {"raw": {"raw": 64 - n_caption, "caption": n_caption}}
+
+
+def test_a_resume_on_another_number_of_ranks_keeps_the_epochs_counts():
+    """A resharded (FSDP W -> W') resume: rank 0 takes the saved ranks' sum, the others zero, so
+    the epoch record (a sum over ranks) still covers the steps before the resume."""
+    from types import SimpleNamespace
+
+    from alip.training.resume import _field_counts
+    saved = [{"raw@field": [3, 5]}, {"raw@field": [4, 4]}]  # two ranks' counts so far
+    assert _field_counts(saved, SimpleNamespace(rank=1, world_size=2)) == {"raw@field": [4, 4]}
+    assert _field_counts(saved, SimpleNamespace(rank=0, world_size=1)) == {"raw@field": [7, 9]}
+    assert _field_counts(saved, SimpleNamespace(rank=0, world_size=4)) == {"raw@field": [7, 9]}
+    assert _field_counts(saved, SimpleNamespace(rank=3, world_size=4)) is None
+    assert _field_counts([], SimpleNamespace(rank=0, world_size=4)) is None

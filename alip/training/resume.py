@@ -126,6 +126,17 @@ def _restore_model(run, path):
     return state
 
 
+def _field_counts(counts, info):
+    """This rank's drawn-field counts of the epoch so far from the checkpoint's per-rank list. On
+    another number of ranks (a resharded FSDP resume) rank 0 takes the saved ranks' sum and the
+    others start at zero: the epoch's record sums over ranks, so it still covers the whole epoch."""
+    if len(counts) == info.world_size:
+        return counts[info.rank]
+    if not counts or info.rank != 0:
+        return None
+    return {k: [sum(c[k][j] for c in counts) for j in range(len(counts[0][k]))] for k in counts[0]}
+
+
 def _position(run, state, path):
     info = run.info
     rngs, loaders = state.get("rng") or [], state.get("loader") or []
@@ -135,7 +146,7 @@ def _position(run, state, path):
     position = Position(state["epoch"], state["batch_in_epoch"], state["step"],
                         state.get("nonfinite_total", 0),
                         loaders[info.rank] if len(loaders) == info.world_size else None,
-                        counts[info.rank] if len(counts) == info.world_size else None)
+                        _field_counts(counts, info))
     run.log.info("resumed from %s: epoch %d, batch %d, step %d", path, position.epoch,
                  position.batch, position.step)
     return position
