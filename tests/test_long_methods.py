@@ -7,8 +7,9 @@ Three worlds, the same images and raw texts, built by data2rec:
 * ``long``: the captions, field 256 wide;
 * ``tail``: the same captions with one word changed past token 77 (row positions 90-110: the
   first 77 positions of every row are identical, and every row keeps its length);
-* ``pad``: the same captions as ``long`` stored 224 wide (only the zeros past each row's EOT
-  differ).
+* ``pad``: the same captions as ``long`` stored 224 wide, and past each row's EOT not zeros
+  but other tokens (written into the shards' labels after data2rec): only what lies past EOT
+  differs.
 
 Per method (parametrized over the registry, and ``--objective sigmoid`` for each method with
 both objectives): the run trains with finite losses and its checkpoint records context 256 and
@@ -62,7 +63,34 @@ def worlds(tmp_path_factory):
         out[name] = os.path.join(root, name)
         assert run_data2rec("--manifest", manifest, "--image-root", root, "--output-dir", out[name],
                             "--shard-size", "8", "--text-fields", f"raw,caption:{width}") == 0
+    fill_past_eot(out["pad"], 77, NARROW)
     return out
+
+
+JUNK = (320.0, 1000.0)  # 'a</w>' and another word: neither SOT nor EOT, no RecordIO magic bytes
+
+
+def fill_past_eot(world, raw_width, width):
+    """Overwrite the zeros past each caption row's EOT in the shards' labels with JUNK (the
+    records keep their sizes, so the .idx offsets stay)."""
+    import struct
+
+    import numpy as np
+
+    from alip.data.recordio import IR_FORMAT
+    for name in sorted(os.listdir(world)):
+        if not name.endswith(".rec"):
+            continue
+        rec = os.path.join(world, name)
+        offsets = [int(line.split()[1]) for line in open(rec[:-4] + ".idx")]
+        data = bytearray(open(rec, "rb").read())
+        for off in offsets:
+            start = off + 8 + struct.calcsize(IR_FORMAT) + 4 * raw_width  # the caption's floats
+            row = np.frombuffer(data, np.float32, count=width, offset=start).copy()
+            eot = int(row.argmax())
+            row[eot + 1:] = np.resize(np.array(JUNK, np.float32), width - eot - 1)
+            data[start:start + 4 * width] = row.tobytes()
+        open(rec, "wb").write(bytes(data))
 
 
 def captions_of(world, width):
@@ -84,8 +112,9 @@ def test_the_worlds_differ_only_where_they_should(worlds):
         diff = (long[i] != tail[i]).nonzero().flatten().tolist()
         assert len(diff) == 1 and 90 <= diff[0] <= 110, diff  # one word, past token 77
         assert int(tail[i].argmax()) + 1 == lengths[i]
-        assert pad[i].shape == (NARROW,) and torch.equal(long[i][:NARROW], pad[i])
-        assert not long[i][NARROW:].any()  # 256 wide: only more zeros past EOT
+        n = lengths[i]
+        assert pad[i].shape == (NARROW,) and torch.equal(long[i][:n], pad[i][:n])
+        assert not long[i][n:].any() and set(pad[i][n:].tolist()) == {320, 1000}
 
 
 def method_of(case):
@@ -168,8 +197,8 @@ def test_the_caption_tail_past_token_77_changes_the_first_step(trained, case):
 
 @pytest.mark.parametrize("case", CASES)
 def test_padding_past_the_eot_does_not_change_the_run(trained, case):
-    """The captions 224 wide instead of 256 (the same rows, fewer zeros past EOT): every
-    logged number and the final weights bit-identical."""
+    """The captions 224 wide instead of 256, other tokens than zeros past EOT: every logged
+    number and the final weights bit-identical."""
     long_dir, pad_dir = trained(case, "long"), trained(case, "pad")
     long, pad = logged(long_dir), logged(pad_dir)
     a, b = final_state(long_dir, "epoch_1"), final_state(pad_dir, "epoch_1")
