@@ -152,12 +152,18 @@ def create_model_and_transforms(model_name, pretrained=None, **kwargs):
     return stretched, train_tf, val_tf
 
 
-def check_field_widths(widths, context, flag="--text-context"):
-    """The data's text fields fit the tower: ``widths`` {field: tokens wide} (None: not known),
-    each <= ``context``; else a ContextError naming the flag and the widest field."""
+def check_field_widths(widths, context, flag="--text-context", sources=None):
+    """The data's text fields fit the tower: ``widths`` {batch key: tokens wide} (None: not
+    known), each <= ``context``; else a ContextError naming the flag and the widest field.
+    ``sources`` {batch key: shard fields it reads} (the method's text views): a key read from
+    other fields (``--raw-fields caption``) is named by them, not by its batch key."""
     if not widths or context is None:
         return
-    field, width = max(widths.items(), key=lambda kv: kv[1])
+    key, width = max(widths.items(), key=lambda kv: kv[1])
     if width > context:
-        raise ContextError(f"{flag} {context}: the data's {field!r} field is {width} tokens wide; "
+        fields = tuple((sources or {}).get(key, (key,)))
+        what = (f"{key!r} field" if fields == (key,) else f"{fields[0]!r} field (read as {key!r})"
+                if len(fields) == 1 else f"{key!r} text (drawn from fields "
+                f"{', '.join(map(repr, fields))})")
+        raise ContextError(f"{flag} {context}: the data's {what} is {width} tokens wide; "
                            f"give {flag} >= {width}")

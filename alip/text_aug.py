@@ -220,15 +220,18 @@ if __name__ == "__main__":
 _TOKENIZER = None
 
 
-def eda_tokens(tokens, rng, sot_id=49406, eot_id=49407, context_length=77):
+def eda_tokens(tokens, rng, sot_id=49406, eot_id=49407):
     """EDA as a text view on a token row (``alip.data.text_views``): the BPE ids between SOT and
-    the first EOT decoded with open_clip's tokenizer, ``eda`` applied, re-tokenised to 77 ids.
-    Runs in the loader workers (torch) or the thread pool beside DALI."""
+    the first EOT decoded with open_clip's tokenizer, ``eda`` applied, re-tokenised as wide as
+    the row (77 for today's raw text; a caption stored 256 wide and read as raw text,
+    ``--raw-fields caption``, keeps its 256 positions: before, every row came back 77 wide and
+    the loader refused the batch). Runs in the loader workers (torch) or the thread pool beside
+    DALI."""
     global _TOKENIZER
     if _TOKENIZER is None:
         from open_clip.tokenizer import SimpleTokenizer
-        _TOKENIZER = SimpleTokenizer(context_length=context_length)
+        _TOKENIZER = SimpleTokenizer()
     ids = tokens.tolist()
     end = ids.index(eot_id) if eot_id in ids else len(ids)
     text = _TOKENIZER.decode([i for i in ids[1 if ids and ids[0] == sot_id else 0:end]]).strip()
-    return _TOKENIZER([eda(text, rng) if text else text])[0]
+    return _TOKENIZER([eda(text, rng) if text else text], context_length=len(ids))[0]

@@ -267,7 +267,7 @@ class CLIPS(Method):
     sigmoid_exchange = True
     find_unused_parameters = True  # the text tower's projection is unused by the decoder prefix
     flag_ranges = {"clips_w_con": "[0, inf)", "clips_w_cap": "[0, inf)",
-                   "clips_queries": "[1, 75]", "clips_decoder_layers": "[1, inf)",
+                   "clips_queries": "[1, inf)", "clips_decoder_layers": "[1, inf)",
                    "clips_decoder_width": "[1, inf)", "clips_decoder_heads": "[1, inf)"}
 
     @classmethod
@@ -278,9 +278,10 @@ class CLIPS(Method):
                        help="Weight of the two contrastive terms' mean (open_clip CoCa default).")
         g.add_argument("--clips-w-cap", type=float, default=2.0,
                        help="Weight of the caption loss (open_clip CoCa default).")
-        g.add_argument("--clips-queries", type=int, default=75,
-                       help="Learnable query tokens (the caption positions predicted; the "
-                            "reference's 128 exceeds the 76 targets of a 77-token row).")
+        g.add_argument("--clips-queries", type=int, default=None,
+                       help="Learnable query tokens (the caption positions predicted), at most "
+                            "the text context - 2. Default: the reference's 128, at most "
+                            "context - 2 (75 at 77; 128 at --text-context 256).")
         g.add_argument("--clips-decoder-width", type=int, default=None,
                        help="Decoder width (default: the text tower's).")
         g.add_argument("--clips-decoder-layers", type=int, default=None,
@@ -320,13 +321,24 @@ class CLIPS(Method):
             width=args.clips_decoder_width or text.width,
             layers=args.clips_decoder_layers or text.layers,
             heads=args.clips_decoder_heads or model.transformer.resblocks[0].attn.num_heads,
-            num_queries=args.clips_queries)
+            num_queries=clips_queries(args, model.context_length))
         self.encoder = CLIPSEncoder(model, decoder)
         self.criterion = CLIPSCriterion(args.clips_w_con, args.clips_w_cap,
                                         pair_kwargs(args, rank, world_size))
 
     def eval_heads(self):
         return clips_eval_heads(self.encoder.decoder)
+
+
+REFERENCE_QUERIES = 128  # MultimodalCfg.num_learnable_tokens (UCSC-VLAA/CLIPS open_clip/model.py:229)
+
+
+def clips_queries(args, context_length):
+    """``--clips-queries``, or unset the reference's 128 capped at ``context_length - 2`` (the
+    targets between SOT and EOT a row holds): 75 at 77, 128 at 256. Before, the default was a
+    fixed 75 and the flag's range stopped at 75 whatever the context, so with captions stored
+    256 wide the decoder never predicted a token past row position 76 (docs/methods.md §7.5)."""
+    return args.clips_queries or min(REFERENCE_QUERIES, context_length - 2)
 
 
 def decoder_shape_error(args, dims):
@@ -336,7 +348,7 @@ def decoder_shape_error(args, dims):
     * the width must be a multiple of the heads (``nn.MultiheadAttention`` splits it evenly;
       it would assert when the model is built); unset, each is the text tower's;
     * each query predicts one caption token: a ``context_length`` row holds at most
-      ``context_length - 2`` between SOT and EOT (the flag's range assumes 77).
+      ``context_length - 2`` between SOT and EOT (75 at 77, 254 at --text-context 256).
     Layers and the MLP have no constraint."""
     width = args.clips_decoder_width or dims.text_width
     heads = args.clips_decoder_heads or dims.text_heads
@@ -348,7 +360,7 @@ def decoder_shape_error(args, dims):
              f"the decoder's {heads} heads ({of_model}; set --clips-decoder-heads)")
         return f"{w} is not a multiple of {h}: attention splits the width evenly across heads"
     most = None if dims.context_length is None else dims.context_length - 2
-    if most is not None and args.clips_queries > most:
+    if most is not None and args.clips_queries is not None and args.clips_queries > most:
         return (f"--clips-queries {args.clips_queries}: --model {args.model}'s captions hold at "
                 f"most {most} tokens (context length {dims.context_length}); give at most {most}")
     return None
