@@ -439,3 +439,19 @@ def test_clips_checkpoint_trained_here_captions_through_caption_py(manifest, tmp
         from test_train_helpers import run_single as rs
         rs(tiny_argv(tmp_path, "alip", samples=16, batch=8))
         build_captioner("clips", str(tmp_path / "alip/checkpoints/epoch_1.pt"), "", gen)
+
+
+def test_clips_checkpoint_at_a_long_context_writes_captions_past_75_tokens(tmp_path):
+    """A CLIPS model trained with --text-context 96 loads at its recorded context, so its decoder
+    may write up to context - 2 = 94 tokens (the limit was 75 whatever the context); more than
+    that is refused naming the context."""
+    from test_train_helpers import run_single, tiny_argv
+    run_single(tiny_argv(tmp_path, "clips", "--method", "clips", "--clips-queries", "94",
+                         "--text-context", "96", samples=16, batch=8))
+    ckpt = str(tmp_path / "clips/checkpoints/epoch_1.pt")
+    cap = build_captioner("clips", ckpt, "", GenSettings(decoding="greedy", max_new_tokens=90,
+                                                         min_new_tokens=0))
+    assert cap.model.context_length == 96 and cap.token_limit() == 94
+    with pytest.raises(ValueError, match="--max-new-tokens 95: .* 94 queries, a 96-token context"):
+        build_captioner("clips", ckpt, "", GenSettings(decoding="greedy", max_new_tokens=95,
+                                                       min_new_tokens=0))

@@ -383,7 +383,7 @@ class CLIPSCaptioner:
     def __init__(self, checkpoint, gen, device="cpu", precision="fp32"):
         import open_clip
 
-        from alip.eval.load import read_checkpoint
+        from alip.eval.load import load_model, read_checkpoint
         from alip.methods.clips import decoder_from_eval_heads
 
         check_weights_file(checkpoint, "--model")
@@ -396,19 +396,20 @@ class CLIPSCaptioner:
             raise ValueError("--backend clips: greedy or beam decoding, no prompt")
         self.checkpoint, self.gen = checkpoint, gen
         self.device, self.precision = torch.device(device), precision
-        self.model, _, self.preprocess = open_clip.create_model_and_transforms(
-            saved["model"], pretrained=checkpoint, device=self.device)
-        self.model.eval()
+        # the eval CLIs' loader: the model at the context its file records (--text-context)
+        self.model, self.preprocess, _ = load_model(checkpoint=checkpoint, device=self.device)
         self.decoder = decoder_from_eval_heads(heads).to(self.device)
         self.weights = weights_identity(self.name, checkpoint)
         check_max_new_tokens(gen, self.token_limit(), f"the CLIPS decoder of {checkpoint} (its "
-                             f"{self.decoder.num_queries} queries, a 77-token context)")
+                             f"{self.decoder.num_queries} queries, a {self.model.context_length}-"
+                             f"token context)")
         self._decode = open_clip.decode
 
     def token_limit(self):
-        """The decoder writes one token per query, and its rows are 77 tokens with start and end:
-        more than this was silently cut (plan.json recorded the setting, not what was applied)."""
-        return min(self.decoder.num_queries, 77 - 2)
+        """The decoder writes one token per query, and its rows hold the model's context with
+        start and end: more than this was silently cut (plan.json recorded the setting, not what
+        was applied)."""
+        return min(self.decoder.num_queries, self.model.context_length - 2)
 
     def describe(self):
         return {"backend": self.name, "model": self.checkpoint, "pretrained": None,
