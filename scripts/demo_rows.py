@@ -5,6 +5,8 @@ Per row R (``configs/demo_R.yaml``) it runs what these three commands run, throu
 
     train.py --config configs/demo_R.yaml --train-data WORLD/shards --logs OUT/runs --name demo-R
     eval_retrieval.py --checkpoint LAST_EPOCH.pt --annotation ... --output OUT/retrieval_R.json
+    eval_retrieval.py ... --annotation WORLD/retrieval/dataset_demo_long.json \
+        --output OUT/retrieval_long_R.json      (when the world has the long-text split)
     eval_zeroshot.py --checkpoint LAST_EPOCH.pt --dataset imagefolder ... --output OUT/zeroshot_R.json
 
 One process instead of three per row: each interpreter start imports torch, torchvision,
@@ -50,10 +52,17 @@ def run_row(row, out, world):
     ckpt = last_epoch_model(run)
     t1 = time.time()
     print(f"== evaluating {ckpt}", flush=True)
-    rc = run_cli(eval_retrieval.main, "eval_retrieval.py", [
-        "--checkpoint", str(ckpt), "--annotation", str(world / "retrieval" / "dataset_demo.json"),
-        "--image-root", str(world / "retrieval"), "--name", f"demo held-out ({row})",
-        "--workers", "0", "--output", str(out / f"retrieval_{row}.json")])
+    # the usual split, then (a world of version 4 on) the long-text one: the same images with
+    # detailed captions, 80-135 tokens, which a 77-token model reads cut (its JSON says how much)
+    splits = [("dataset_demo.json", "", "held-out"), ("dataset_demo_long.json", "long_", "long-text")]
+    rc = 0
+    for ann, tag, what in splits:
+        if tag and not (world / "retrieval" / ann).is_file():
+            continue  # a world written before the long-text split
+        rc = rc or run_cli(eval_retrieval.main, "eval_retrieval.py", [
+            "--checkpoint", str(ckpt), "--annotation", str(world / "retrieval" / ann),
+            "--image-root", str(world / "retrieval"), "--name", f"demo {what} ({row})",
+            "--workers", "0", "--output", str(out / f"retrieval_{tag}{row}.json")])
     rc = rc or run_cli(eval_zeroshot.main, "eval_zeroshot.py", [
         "--checkpoint", str(ckpt), "--dataset", "imagefolder", "--root", str(world / "classify"),
         "--classnames", str(world / "classify" / "classnames.txt"),

@@ -67,6 +67,10 @@ DEFAULT_FILLER_RATE = 0.5
 _STREAM = {"train": 0, "test": 1, "classify_train": 2, "classify_val": 3,
            "train_detailed": 4, "test_detailed": 5}
 DETAILED_FIELD, DETAILED_CONTEXT = "detailed", 256  # the shards' field and its stored width
+# The same captions stored 77 wide (data2rec cuts them to SOT + their first 75 tokens + EOT), for
+# a 77-token tower: `--caption-view truncate` of the 256-wide field gives the same rows, but a
+# 77-position tower refuses shards whose caption field is 256 wide.
+CUT_FIELD = "detailed77"
 
 
 @dataclass(frozen=True)
@@ -430,7 +434,8 @@ def _write_train(root, num, seed, size, rates, filler_rate):
         long, info = demo_detailed.detailed(scene, _rng(seed, "train_detailed", i))
         rows.append({"image": rel, "text": text, "caption": caption(scene, rng), "key": f"{i:06d}",
                      "noise": noise[i], "noise_detail": detail, "filler": bool(filler[i]),
-                     "scene": scene.to_json(), DETAILED_FIELD: long, "detailed_late": info["late"]})
+                     "scene": scene.to_json(), DETAILED_FIELD: long, CUT_FIELD: long,
+                     "detailed_late": info["late"]})
     with open(root / "train.jsonl", "w") as fh:
         for row in rows:
             fh.write(json.dumps(row) + "\n")
@@ -562,7 +567,7 @@ def generate(out_dir, num_train=5000, num_test=500, seed=0, image_size=64,
         "retrieval_long": {"annotation": "retrieval/dataset_demo_long.json",
                            "image_root": "retrieval", "images": len(images),
                            "captions": 5 * len(images), "chance_r1_percent": 100.0 / len(images)},
-        "detailed": {"field": DETAILED_FIELD, "context": DETAILED_CONTEXT,
+        "detailed": {"field": DETAILED_FIELD, "context": DETAILED_CONTEXT, "cut_field": CUT_FIELD,
                      "tokens": _token_stats([r[DETAILED_FIELD] for r in rows]),
                      "late_share": demo_detailed.LATE_SHARE,
                      "late_count": sum(r["detailed_late"] for r in rows),
@@ -577,7 +582,7 @@ def generate(out_dir, num_train=5000, num_test=500, seed=0, image_size=64,
         argv = ["--manifest", str(out / "raw" / "train.jsonl"), "--image-root", str(out / "raw"),
                 "--output-dir", str(out / "shards"), "--shard-size", str(shard_size),
                 "--workers", str(workers), "--seed", str(seed), "--copy-jpeg",
-                "--text-fields", f"raw,caption,{DETAILED_FIELD}:{DETAILED_CONTEXT}"]
+                "--text-fields", f"raw,caption,{DETAILED_FIELD}:{DETAILED_CONTEXT},{CUT_FIELD}:77"]
         if not progress:
             argv.append("--no-progress")
         code = run_data2rec(argv)
