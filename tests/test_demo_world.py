@@ -425,7 +425,7 @@ def test_long_retrieval_split_same_images_detailed_captions_loads_for_eval_retri
     assert summary["version"] == 4
     assert summary["retrieval_long"] == {
         "annotation": "retrieval/dataset_demo_long.json", "image_root": "retrieval",
-        "images": 12, "captions": 60, "chance_r1_percent": 100 / 12}
+        "images": 12, "captions": 12, "chance_r1_percent": 100 / 12}
     rows = _rows(out)
     d = summary["detailed"]
     lengths = [_bpe(r["detailed"]) for r in rows]
@@ -437,8 +437,8 @@ def test_long_retrieval_split_same_images_detailed_captions_loads_for_eval_retri
     long = json.loads((out / summary["retrieval_long"]["annotation"]).read_text())
     assert list(long) == ["images", "dataset"]
     for i, (a, b) in enumerate(zip(short["images"], long["images"])):
-        assert {k: v for k, v in a.items() if k != "sentences"} == \
-            {k: v for k, v in b.items() if k != "sentences"}
+        assert {k: v for k, v in a.items() if k not in ("sentences", "sentids")} == \
+            {k: v for k, v in b.items() if k not in ("sentences", "sentids")}
         scene = dw.sample_scene(dw._rng(3, "test", i))
         for s in b["sentences"]:
             assert list(s) == ["tokens", "raw", "imgid", "sentid"] and s["imgid"] == i
@@ -447,8 +447,8 @@ def test_long_retrieval_split_same_images_detailed_captions_loads_for_eval_retri
             for o in scene.objects:
                 assert f" {o.size} {o.colour} {o.shape} " in words, s["raw"]
             assert f" {scene.background} " in words, s["raw"]
-        assert len({s["raw"] for s in b["sentences"]}) == 5
+        assert len(b["sentences"]) == 1 and b["sentids"] == [i]  # one per image (Urban1k, DCI)
     paths, captions, index = load_annotation(str(out / "retrieval" / "dataset_demo_long.json"),
                                              str(out / "retrieval"))
-    assert len(paths) == 12 and len(captions) == 60 and list(index) == [i // 5 for i in range(60)]
+    assert len(paths) == 12 and len(captions) == 12 and list(index) == list(range(12))
     assert captions[0] == long["images"][0]["sentences"][0]["raw"]

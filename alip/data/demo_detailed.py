@@ -52,6 +52,25 @@ _FRAMING = (  # true of every demo scene: nothing here tells two scenes apart
     "Nothing is moving, blurred or partly hidden, and every element is fully inside the frame.",
     "The colours are bright and saturated, though each one varies a little from pixel to pixel.",
 )
+# What a captioner says about the main object before it moves on: its shape, colour and size in
+# other words (the same facts the main sentence gives: visible to a 77-token tower, and not
+# the details that tell two scenes with the same main object apart).
+_SHAPE_WORDS = {
+    "circle": "The circle is perfectly round, with a smooth curved edge and no corners at all.",
+    "square": "The square has four straight sides of equal length and four sharp right-angled corners.",
+    "triangle": "The triangle has three straight sides and three corners, with one point facing upwards.",
+    "star": "The star has five pointed arms radiating out from its centre, like a classic drawn star.",
+    "cross": "The cross is made of two thick bars of equal length that meet at right angles, like a plus sign.",
+    "diamond": "The diamond is a square turned on one corner, with four points and four slanted sides.",
+}
+_COLOUR_WORDS = {
+    "red": "a strong, warm red, like a ripe tomato", "orange": "a bright orange, like the peel of an orange",
+    "yellow": "a sunny yellow, like a lemon", "green": "a fresh green, like spring leaves",
+    "blue": "a deep blue, like a clear evening sky", "purple": "a rich purple, like a violet",
+    "pink": "a soft pink, like candy floss",
+}
+_SIZE_WORDS = {"small": "is fairly small, covering only a modest part of the picture.",
+               "large": "is large, spanning almost half the width of the picture."}
 _CLOSINGS = (
     "Overall, the image is simple, clear and easy to describe.",
     "In short, it is a tidy, schematic picture with nothing else going on.",
@@ -154,27 +173,29 @@ def _fill(sentences, pool, rng, need):
     return sentences
 
 
+def _about(o, rng):
+    """The main object's shape, colour and size in other words, in a random order."""
+    parts = [_SHAPE_WORDS[o.shape], f"The {o.shape}'s colour is {_COLOUR_WORDS[o.colour]}.",
+             f"The {o.shape} {_SIZE_WORDS[o.size]}"]
+    return [parts[i] for i in rng.permutation(len(parts))]
+
+
 def detailed(scene, rng):
     """One detailed caption of ``scene`` -> (text, info); see the module docstring."""
     late = bool(rng.random() < LATE_SHARE)
     main, details = _details(scene, rng)
     head = [_pick(rng, _OPENINGS), _pick(rng, _COUNT[len(scene.objects)]),
             _pick(rng, _MAIN)(main)]
+    about = _about(main, rng)
     if late:
-        head = _fill(head, _FRAMING, rng, CUT)
+        head = _fill(head + about, _FRAMING, rng, CUT)
     elif sum(map(bpe_len, head + details)) > CUT:  # an early caption's details must fit the cut
         head = head[1:]
     start = sum(map(bpe_len, head))
     end = start + sum(map(bpe_len, details))
-    tail = _fill([], _FRAMING if not late else _CLOSINGS, rng, MIN_TOKENS - end) if end < MIN_TOKENS \
-        else []
-    if not late and not tail:
-        tail = [_pick(rng, _FRAMING)]
+    tail = [] if late else about
+    tail = _fill(tail, _FRAMING if not late else _CLOSINGS, rng,
+                 MIN_TOKENS - end) if end + sum(map(bpe_len, tail)) < MIN_TOKENS else tail
     text = " ".join(head + details + tail)
     info = {"late": late, "detail_start": start, "detail_end": end, "tokens": bpe_len(text)}
     return text, info
-
-
-def detailed_captions(scene, rng, n=5):
-    """``n`` detailed captions of ``scene`` (each its own draw of framing, order and wording)."""
-    return [detailed(scene, rng) for _ in range(n)]
