@@ -159,7 +159,8 @@ def test_long_caption_table_compares_the_long_rows_and_alip_on_both_splits(tmp_p
     out, world = tmp_path / "demo", tmp_path / "demo" / "world"
     _write_world(world, ROWS)
     (world / "demo_world.json").write_text(json.dumps({"detailed": {
-        "tokens": {"min": 80, "median": 108.0, "max": 135}, "late_share": 0.75}}))
+        "tokens": {"min": 80, "median": 108.0, "max": 135}, "late_share": 0.75},
+        "retrieval_long": {"captions": 10}}))
     cfgs = {"clip": {"method": "clip"}, "alip": {"method": "alip"},
             "alip_long": {"method": "alip", "caption_fields": ["detailed"], "text_context": 256},
             "alip_long77": {"method": "alip", "caption_fields": ["detailed77"]}}
@@ -183,7 +184,7 @@ def test_long_caption_table_compares_the_long_rows_and_alip_on_both_splits(tmp_p
         "| alip_long77 | detailed77; tower 77 | 4.0 | 4.0 | 31.0 | 32.0 | 35.0 | 36.0 | 45 of 60 (1,234 tokens lost) |"]
     assert demo_report.long_table(out, ["clip", "slip"], ref) == ""  # no long row: no section
     report = demo_report.build_report(out, list(cfgs), world, gates_run=None).read_text()
-    assert "## Long captions\n\nLong-text retrieval: the same 10 held-out images, each with 5 " \
+    assert "## Long captions\n\nLong-text retrieval: the same 10 held-out images with 10 " \
            "detailed captions (80-135 tokens, median 108 in training; the details that tell " \
            "scenes apart lie past token 77 in 75% of them)" in report
     assert text in report and "| alip_long77 | 4.0 | 20.0 | 40.0 |" in report  # the main table too

@@ -179,14 +179,16 @@ def long_table(out_dir, rows, ref):
 def _long_intro(world_dir, ref):
     """The sentence above the long-caption table (token counts from demo_world.json)."""
     path = Path(world_dir) / "demo_world.json"
-    d = _json(path).get("detailed", {}) if path.is_file() else {}
+    world = _json(path) if path.is_file() else {}
+    d, split = world.get("detailed", {}), world.get("retrieval_long", {})
     t = d.get("tokens")
     about = (f" ({t['min']}-{t['max']} tokens, median {t['median']:.0f} in training; the details "
              f"that tell scenes apart lie past token 77 in {100 * d['late_share']:.0f}% of them)"
              if t and "late_share" in d else "")
-    return (f"Long-text retrieval: the same {ref['n_img']} held-out images, each with "
-            f"{ref['n_txt'] // ref['n_img']} detailed captions{about}, beside the usual short "
-            "captions (docs/demo.md#long-captions).")
+    count = (f"{split['captions']:,} detailed captions" if "captions" in split
+             else "detailed captions")
+    return (f"Long-text retrieval: the same {ref['n_img']} held-out images with {count}{about}, "
+            "beside the usual short captions (docs/demo.md#long-captions).")
 
 
 def _plt():
