@@ -1,27 +1,28 @@
 """Detailed, multi-sentence captions of demo-world scenes (the demo's long synthetic captions).
 
-Long captions as ShareGPT4V- or DreamLIP-style captioners write them: a generic opening, the main
-object, then a stretch of framing that fits any picture (style, lighting, what is absent), and
-only then the secondary details: where the object is, the second object and how it relates to
-the first, the background. A model that reads a caption cut at 77 tokens sees the main object
-and the framing; the details that tell two scenes with the same main object apart lie past the
-cut.
+Long captions as ShareGPT4V- or DreamLIP-style captioners write them: a generic opening, the
+main object and more words about it (its shape, colour and size put another way), then framing
+that fits any picture (style, lighting, what is absent), and only then the secondary details:
+where the object is, the second object and how it relates to the first, the background. A model
+that reads a caption cut at 77 tokens sees the main object and the framing; the details that
+tell two scenes with the same main object apart lie past the cut.
 
 The layout is exact, in BPE tokens of open_clip's tokenizer (``[SOT, BPE..., EOT]``; a 77-token
 row holds SOT, the first ``CUT`` = 75 BPE tokens and EOT):
 
-* ``late`` captions (a share ``LATE_SHARE`` of them, drawn per caption): opening, main object,
-  then framing sentences until the prefix holds at least ``CUT`` tokens, then the details (in a
-  random order), then a closing remark until the caption holds at least ``MIN_TOKENS``. Every
-  detail token is past the cut.
+* ``late`` captions (a share ``LATE_SHARE`` of them, drawn per caption): opening, main object
+  and the words about it, then framing sentences until the prefix holds at least ``CUT``
+  tokens, then the details (in a random order), then a closing remark until the caption holds
+  at least ``MIN_TOKENS``. Every detail token is past the cut.
 * ``early`` captions (the rest): opening, main object and every detail within the first ``CUT``
-  tokens (the opening left out where they would not fit), then framing until at least
-  ``MIN_TOKENS``. A cut model sees all of them.
+  tokens (the opening left out where they would not fit), then the words about the main
+  object and framing until at least ``MIN_TOKENS``. A cut model sees all of them.
 
-Every caption holds ``MIN_TOKENS``..``MAX_TOKENS`` BPE tokens (80-200; the cheaper end: the
-framing stops as soon as the bound is met). ``detailed(scene, rng)`` returns ``(text, info)``,
-``info`` = {"late": bool, "detail_start": index of the first detail token, "detail_end": one past
-the last, "tokens": the caption's BPE count}; the randomness is ``rng``'s alone.
+Every caption holds ``MIN_TOKENS``..``MAX_TOKENS`` BPE tokens (80-200 allowed; 83-134 drawn,
+the cheaper end: the framing stops as soon as the layout holds). ``detailed(scene, rng)``
+returns ``(text, info)``, ``info`` = {"late": bool, "detail_start": index of the first detail
+token, "detail_end": one past the last, "tokens": the caption's BPE count}; the randomness is
+``rng``'s alone.
 """
 from functools import lru_cache
 
