@@ -161,7 +161,7 @@ def test_long_caption_table_compares_the_long_rows_and_alip_on_both_splits(tmp_p
     (world / "demo_world.json").write_text(json.dumps({"detailed": {
         "tokens": {"min": 80, "median": 108.0, "max": 135}, "late_share": 0.75},
         "retrieval_long": {"captions": 10}}))
-    cfgs = {"clip": {"method": "clip"}, "alip": {"method": "alip"},
+    cfgs = {"clip": {"method": "clip"}, "alip": {"method": "alip", "caption_view": "full"},
             "alip_long": {"method": "alip", "caption_fields": ["detailed"], "text_context": 256},
             "alip_long77": {"method": "alip", "caption_fields": ["detailed77"]}}
     for i, (row, cfg) in enumerate(cfgs.items()):

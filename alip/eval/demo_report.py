@@ -142,7 +142,7 @@ def _caption_setting(run_dir):
     fields = cfg.get("caption_fields") or "caption"
     fields = ",".join(fields) if isinstance(fields, list) else fields
     view = cfg.get("caption_view")
-    cut = f", {view} to {cfg.get('caption_tokens')} tokens" if view else ""
+    cut = f", {view} to {cfg.get('caption_tokens')} tokens" if view not in (None, "full") else ""
     return f"{fields}{cut}; tower {cfg.get('text_context') or 77}"
 
 
