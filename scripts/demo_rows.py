@@ -53,7 +53,7 @@ def run_row(row, out, world):
     t1 = time.time()
     print(f"== evaluating {ckpt}", flush=True)
     # the usual split, then (a world of version 4 on) the long-text one: the same images with
-    # detailed captions, 80-135 tokens, which a 77-token model reads cut (its JSON says how much)
+    # detailed captions, 83-134 tokens, which a 77-token model reads cut (its JSON says how much)
     splits = [("dataset_demo.json", "", "held-out"), ("dataset_demo_long.json", "long_", "long-text")]
     rc = 0
     for ann, tag, what in splits:

@@ -22,7 +22,7 @@ A scene is one or two coloured shapes on a plain background. Each training scene
                                                held-out scenes in COCO-Karpathy json layout, 5
                                                correct, differently phrased captions per image
     retrieval/dataset_demo_long.json           the same images, one detailed caption each
-                                               (alip/data/demo_detailed.py: 80-135 tokens)
+                                               (alip/data/demo_detailed.py: 83-134 tokens)
     classify/{train,val}/<colour>/*.png        single-object scenes, torchvision ImageFolder layout
     classify/classnames.txt, classify/templates.txt
     demo_world.json                            counts, rates, seed (what ``generate`` returns)
