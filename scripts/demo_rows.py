@@ -5,6 +5,8 @@ Per row R (``configs/demo_R.yaml``) it runs what these three commands run, throu
 
     train.py --config configs/demo_R.yaml --train-data WORLD/shards --logs OUT/runs --name demo-R
     eval_retrieval.py --checkpoint LAST_EPOCH.pt --annotation ... --output OUT/retrieval_R.json
+    eval_retrieval.py ... --annotation WORLD/retrieval/dataset_demo_long.json \
+        --output OUT/retrieval_long_R.json      (when the world has the long-text split)
     eval_zeroshot.py --checkpoint LAST_EPOCH.pt --dataset imagefolder ... --output OUT/zeroshot_R.json
 
 Rows run ``--jobs`` at a time (default: one per CPU this process may use, as memory allows),
@@ -26,6 +28,7 @@ their output on the console.
     python scripts/demo_rows.py --out demo_output --world demo_output/world alip clip ...
 """
 import argparse
+import importlib
 import multiprocessing
 import os
 import shutil
@@ -47,14 +50,27 @@ def last_epoch_model(run_dir):
     return max(found, key=lambda p: int(p.stem.split("_")[1]))
 
 
+# torch and the rest are imported where a row runs (the worker processes), not in the parent
+def train(argv):
+    """train.py's main."""
+    from alip.training.loop import main
+    return main(argv)
+
+
+def run_cli(main, prog, argv):
+    """An evaluator's main as its CLI runs it (one-line errors, exit codes)."""
+    from alip.eval.cli import run_cli as run
+    return run(main, prog, argv)
+
+
+def evaluator(name):
+    """The top-level CLI module ``name`` (eval_retrieval, eval_zeroshot)'s main."""
+    sys.path.insert(0, str(REPO))  # the top-level CLIs are modules here
+    return importlib.import_module(name).main
+
+
 def run_row(row, out, world, configs=REPO / "configs"):
     """Train and evaluate one row; -> (train seconds, eval seconds), or an exit code on failure."""
-    sys.path.insert(0, str(REPO))  # the top-level CLIs (train.py, eval_*.py) are modules here
-    import eval_retrieval
-    import eval_zeroshot
-    from alip.eval.cli import run_cli
-    from alip.training.loop import main as train
-
     run = out / "runs" / f"demo-{row}"
     shutil.rmtree(run, ignore_errors=True)  # a fresh run each time (train.py --resume latest continues one)
     print(f"== training demo row {row} ({run})", flush=True)
@@ -66,11 +82,18 @@ def run_row(row, out, world, configs=REPO / "configs"):
     ckpt = last_epoch_model(run)
     t1 = time.time()
     print(f"== evaluating {ckpt}", flush=True)
-    rc = run_cli(eval_retrieval.main, "eval_retrieval.py", [
-        "--checkpoint", str(ckpt), "--annotation", str(world / "retrieval" / "dataset_demo.json"),
-        "--image-root", str(world / "retrieval"), "--name", f"demo held-out ({row})",
-        "--workers", "0", "--output", str(out / f"retrieval_{row}.json")])
-    rc = rc or run_cli(eval_zeroshot.main, "eval_zeroshot.py", [
+    # the usual split, then (a world of version 4 on) the long-text one: the same images with
+    # detailed captions, 83-134 tokens, which a 77-token model reads cut (its JSON says how much)
+    splits = [("dataset_demo.json", "", "held-out"), ("dataset_demo_long.json", "long_", "long-text")]
+    rc = 0
+    for ann, tag, what in splits:
+        if tag and not (world / "retrieval" / ann).is_file():
+            continue  # a world written before the long-text split
+        rc = rc or run_cli(evaluator("eval_retrieval"), "eval_retrieval.py", [
+            "--checkpoint", str(ckpt), "--annotation", str(world / "retrieval" / ann),
+            "--image-root", str(world / "retrieval"), "--name", f"demo {what} ({row})",
+            "--workers", "0", "--output", str(out / f"retrieval_{tag}{row}.json")])
+    rc = rc or run_cli(evaluator("eval_zeroshot"), "eval_zeroshot.py", [
         "--checkpoint", str(ckpt), "--dataset", "imagefolder", "--root", str(world / "classify"),
         "--classnames", str(world / "classify" / "classnames.txt"),
         "--templates", str(world / "classify" / "templates.txt"), "--workers", "0",

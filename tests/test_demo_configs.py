@@ -58,3 +58,17 @@ def test_a_longer_budget_row_is_its_methods_config_with_more_epochs():
         assert longer["name"] == f"demo-{method}_{epochs}"
         assert {k: v for k, v in longer.items() if k not in ("epochs", "name")} == {
             k: v for k, v in same.items() if k not in ("epochs", "name")}
+
+
+def test_the_long_caption_rows_are_demo_alip_reading_the_detailed_captions():
+    """demo_alip_long: the detailed captions whole (256-token tower); demo_alip_long77: the same
+    captions cut to a 77-token row, the tower at 77. Nothing else differs from demo_alip."""
+    alip_cfg = _configs()["alip"]
+    differ = {"alip_long": {"caption-fields": "detailed", "text-context": 256,
+                            "name": "demo-alip-long"},
+              "alip_long77": {"caption-fields": "detailed77", "name": "demo-alip-long77"}}
+    for row, keys in differ.items():
+        cfg = yaml.safe_load((CONFIGS / f"demo_{row}.yaml").read_text())
+        assert {k: cfg[k] for k in keys} == keys
+        assert {k: v for k, v in cfg.items() if k not in keys} == {
+            k: v for k, v in alip_cfg.items() if k != "name"}

@@ -149,6 +149,42 @@ def test_each_row_says_how_it_trained_beyond_clips_recipe(tmp_path):
 
 def test_demo_rows_are_the_methods_then_the_other_demo_configs(tmp_path):
     from alip.methods import method_names
-    for stem in ("clip", "zz_budget", "clip_mix", "alip"):
+    for stem in ("clip", "zz_budget", "alip_long77", "clip_mix", "alip", "alip_long"):
         (tmp_path / f"demo_{stem}.yaml").write_text("method: clip\n")
-    assert demo_report.demo_rows(tmp_path) == [*method_names(), "clip_mix", "zz_budget"]
+    assert demo_report.demo_rows(tmp_path) == [*method_names(), "clip_mix", "zz_budget",
+                                               "alip_long", "alip_long77"]  # long rows last
+
+
+def test_long_caption_table_compares_the_long_rows_and_alip_on_both_splits(tmp_path):
+    out, world = tmp_path / "demo", tmp_path / "demo" / "world"
+    _write_world(world, ROWS)
+    (world / "demo_world.json").write_text(json.dumps({"detailed": {
+        "tokens": {"min": 80, "median": 108.0, "max": 135}, "late_share": 0.75},
+        "retrieval_long": {"captions": 10}}))
+    cfgs = {"clip": {"method": "clip"}, "alip": {"method": "alip", "caption_view": "full"},
+            "alip_long": {"method": "alip", "caption_fields": ["detailed"], "text_context": 256},
+            "alip_long77": {"method": "alip", "caption_fields": ["detailed77"]}}
+    for i, (row, cfg) in enumerate(cfgs.items()):
+        run = _write_run(out, row, [1.0], 1.0 + i, 50.0)
+        (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+        if row == "clip":
+            continue  # not a long-caption row: left out even with a long-split result
+        metrics = {f"{d}_R@{k}": 10.0 * i + k + (d == "t2i") for d in ("i2t", "t2i") for k in (1, 5, 10)}
+        cut = {"context": 77, "texts": 60, "truncated_texts": 45, "tokens_lost": 1234, "longest": 135}
+        (out / f"retrieval_long_{row}.json").write_text(json.dumps(
+            {"metrics": metrics, "truncation": cut if row != "alip_long" else dict(
+                cut, context=256, truncated_texts=0, tokens_lost=0)}))
+    ref = demo_report.chance(world)
+    text = demo_report.long_table(out, list(cfgs), ref)
+    lines = text.splitlines()
+    assert lines[2] == "| chance | | 10.0 | 10.0 | 10.0 | 10.0 | 50.0 | 50.0 | |"
+    assert lines[3:] == [
+        "| alip | caption; tower 77 | 2.0 | 2.0 | 11.0 | 12.0 | 15.0 | 16.0 | 45 of 60 (1,234 tokens lost) |",
+        "| alip_long | detailed; tower 256 | 3.0 | 3.0 | 21.0 | 22.0 | 25.0 | 26.0 | none |",
+        "| alip_long77 | detailed77; tower 77 | 4.0 | 4.0 | 31.0 | 32.0 | 35.0 | 36.0 | 45 of 60 (1,234 tokens lost) |"]
+    assert demo_report.long_table(out, ["clip", "slip"], ref) == ""  # no long row: no section
+    report = demo_report.build_report(out, list(cfgs), world, gates_run=None).read_text()
+    assert "## Long captions\n\nLong-text retrieval: the same 10 held-out images with 10 " \
+           "detailed captions (80-135 tokens, median 108 in training; the details that tell " \
+           "scenes apart lie past token 77 in 75% of them)" in report
+    assert text in report and "| alip_long77 | 4.0 | 20.0 | 40.0 |" in report  # the main table too

@@ -108,3 +108,41 @@ def test_jobs_must_be_positive(tmp_path):
                         str(tmp_path), "--jobs", "0", "clip"], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.splitlines()[-1].endswith(
         "error: --jobs must be a positive integer, got 0")
+
+
+@pytest.mark.parametrize("has_long", [True, False])
+def test_each_row_is_evaluated_on_the_long_text_split_when_the_world_has_one(tmp_path, monkeypatch, has_long):
+    """run_row: retrieval on the usual split, then on retrieval/dataset_demo_long.json (when the
+    world has it: version 4 on) into OUT/retrieval_long_R.json, then zero-shot."""
+    demo_rows = load()
+    world, out = tmp_path / "world", tmp_path / "out"
+    (world / "retrieval").mkdir(parents=True)
+    (world / "retrieval" / "dataset_demo.json").write_text("{}")
+    if has_long:
+        (world / "retrieval" / "dataset_demo_long.json").write_text("{}")
+
+    def train(argv):
+        (out / "runs" / "demo-alip_long" / "checkpoints").mkdir(parents=True)
+        (out / "runs" / "demo-alip_long" / "checkpoints" / "epoch_2.pt").write_bytes(b"")
+        return 0
+
+    calls = []
+    monkeypatch.setattr(demo_rows, "train", train)
+    monkeypatch.setattr(demo_rows, "run_cli", lambda main, prog, argv: calls.append((prog, argv)) or 0)
+    assert isinstance(demo_rows.run_row("alip_long", out, world), tuple)
+    got = [(prog, argv[argv.index("--annotation") + 1] if "--annotation" in argv else None,
+            argv[argv.index("--output") + 1]) for prog, argv in calls]
+    ckpt = str(out / "runs" / "demo-alip_long" / "checkpoints" / "epoch_2.pt")
+    assert all(argv[argv.index("--checkpoint") + 1] == ckpt for _, argv in calls)
+    want = [("eval_retrieval.py", str(world / "retrieval" / "dataset_demo.json"),
+             str(out / "retrieval_alip_long.json"))]
+    if has_long:
+        want.append(("eval_retrieval.py", str(world / "retrieval" / "dataset_demo_long.json"),
+                      str(out / "retrieval_long_alip_long.json")))
+    assert got == want + [("eval_zeroshot.py", None, str(out / "zeroshot_alip_long.json"))]
+    # a failing evaluation stops the row with its exit code
+    calls.clear()
+    monkeypatch.setattr(demo_rows, "run_cli", lambda main, prog, argv: calls.append(prog) or 3)
+    import shutil
+    shutil.rmtree(out / "runs")
+    assert demo_rows.run_row("alip_long", out, world) == 3 and calls == ["eval_retrieval.py"]

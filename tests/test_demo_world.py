@@ -1,17 +1,23 @@
 """The demo world: determinism, on-disk layouts, noise bookkeeping, held-out splits."""
+import functools
 import hashlib
 import json
+import random
 import re
 from pathlib import Path
 
 import numpy as np
 import open_clip
 import pytest
+import torch
 import torchvision
 from PIL import Image
 
+from alip.data import demo_detailed as dd
 from alip.data import demo_world as dw
 from alip.data.recordio import RecordReader
+from alip.eval.retrieval import load_annotation
+from alip.text_views import reduce_row
 
 import make_demo_data
 
@@ -81,8 +87,14 @@ def test_shards_hold_every_row_keyed_by_manifest_line(world):
     out, summary = world
     rows = _rows(out)
     tokenizer = open_clip.get_tokenizer("ALIP-tiny")
+    manifest = json.loads((out / "shards" / "manifest.json").read_text())
+    assert manifest["text_context"] == {"raw": 77, "caption": 77, "detailed": 256, "detailed77": 77}
+    late = sum(r["detailed_late"] for r in rows)  # every late caption is longer than 75 tokens
+    assert manifest["text_cut"] == {"raw": 0, "caption": 0, "detailed": 0,
+                                    "detailed77": sum(_bpe(r["detailed"]) > 75 for r in rows)}
+    assert manifest["text_cut"]["detailed77"] >= late > 0
     records = [rec for rec_path in sorted((out / "shards").glob("train-*.rec"))
-               for rec in RecordReader(rec_path)]
+               for rec in RecordReader(rec_path, widths=(77, 77, 256, 77))]
     assert summary["train"]["shards"] == "shards" and summary["train"]["num_shards"] == 3
     assert sorted(r.key for r in records) == list(range(len(rows)))
     assert [r.key for r in records] != list(range(len(rows)))  # data2rec shuffled them
@@ -91,6 +103,12 @@ def test_shards_hold_every_row_keyed_by_manifest_line(world):
         assert row["key"] == f"{rec.key:06d}"
         assert rec.raw_tokens.tolist() == tokenizer([row["text"]])[0].tolist()
         assert rec.caption_tokens.tolist() == tokenizer([row["caption"]])[0].tolist()
+        assert rec.tokens[2].tolist() == tokenizer([row["detailed"]], context_length=256)[0].tolist()
+        # detailed77: the same caption cut to a 77-token row, what --caption-view truncate
+        # --caption-tokens 75 makes of the 256-wide one
+        assert rec.tokens[3].tolist() == tokenizer([row["detailed"]])[0].tolist()
+        cut = reduce_row(torch.from_numpy(rec.tokens[2]).long(), random.Random(0), "truncate", 75, 77)
+        assert rec.tokens[3].tolist() == cut.tolist()
         assert rec.jpeg == (out / "raw" / row["image"]).read_bytes()  # --copy-jpeg
 
 
@@ -302,3 +320,135 @@ def test_cli_bad_out_and_shard_size_are_one_line_errors_before_drawing(tmp_path,
         err = capsys.readouterr().err
         assert f"{flag} must be an integer >= 1, got 0" in err and len(err.splitlines()) == 1
         assert not out.exists()  # checked with the other arguments, before the world is drawn
+
+
+# ------------------------------------------------------------------ version 4: detailed captions
+# Computed with the version-3 code (main at a0d3c83, before the detailed captions) on the
+# ``world`` fixture's arguments: adding the detailed captions changed none of these bytes.
+V3_TRAIN_LINES = "a2be860af92d631377d45014f7d649ecdf96deddb1cfad4a444f66cbec4c2645"
+V3_FILES = "8ea196c4e1918bcde218c63cdcce0f099682d3f220a413cc20e94ec9999d8201"
+V3_RECORDS = "5332cabe58d645b39d8ac7be4ad581d2f061e473742060050ad8f156844bf7e5"
+V3_ORDER = [22, 0, 3, 38, 37, 2, 17, 39, 43, 49, 25, 48]
+NEW_KEYS = {"detailed", "detailed77", "detailed_late"}
+
+
+def _sha(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_images_web_texts_short_captions_and_shards_are_those_of_version_3(world):
+    """The detailed captions come from their own rng streams: every image, web text, short
+    caption, retrieval caption, classify image and shard record (raw and caption tokens, JPEG,
+    order) is byte for byte what version 3 wrote."""
+    out, _ = world
+    rows = _rows(out)
+    assert all(set(r) - NEW_KEYS == set(rows[0]) - NEW_KEYS and set(r) >= NEW_KEYS for r in rows)
+    lines = "".join(json.dumps({k: v for k, v in r.items() if k not in NEW_KEYS}) + "\n"
+                    for r in rows)
+    assert _sha(lines.encode()) == V3_TRAIN_LINES
+    files = sorted(p for p in out.rglob("*") if p.is_file() and (
+        p.parent.name == "images" or p.suffix == ".png"
+        or p.name in ("dataset_demo.json", "classnames.txt", "templates.txt")))
+    assert len(files) == 60 + 12 + 1 + 7 * (3 + 2) + 2
+    assert _sha(b"".join(p.relative_to(out).as_posix().encode() + b"\0" + p.read_bytes()
+                         for p in files)) == V3_FILES
+    shards = sorted((out / "shards").glob("train-*.rec"))
+    recs = [r for p in shards for r in RecordReader(p, widths=(77, 77, 256, 77))]
+    assert [r.key for r in recs][:12] == V3_ORDER
+    recs.sort(key=lambda r: r.key)
+    assert _sha(b"".join(np.int64(r.key).tobytes() + r.raw_tokens.astype(np.int64).tobytes()
+                         + r.caption_tokens.astype(np.int64).tobytes() + r.jpeg
+                         for r in recs)) == V3_RECORDS
+
+
+@functools.lru_cache(maxsize=None)
+def _tok(name=None):
+    return open_clip.get_tokenizer(name) if name else open_clip.tokenizer.SimpleTokenizer()
+
+
+def _bpe(text):
+    """BPE tokens of ``text`` from open_clip's tokenizer at context 256 (SOT, EOT not counted)."""
+    return int((_tok("ALIP-tiny")([text], context_length=256)[0] != 0).sum()) - 2
+
+
+DETAIL_WORDS = ("background", "above", "below", "beside", "next", "underneath", "upper",
+                "lower", "top", "bottom", "middle", "centred")  # none is in the framing
+
+
+def _cut_text(text):
+    """What a 77-token tower reads of ``text``: its first 75 BPE tokens, decoded."""
+    tok = _tok()
+    return " " + tok.decode(tok.encode(text)[:dd.CUT]).replace(".", " . ").replace(",", " , ") + " "
+
+
+def test_detailed_captions_are_80_to_200_tokens_with_the_details_past_the_cut_in_three_of_four():
+    late, n = 0, 400
+    for i in range(n):
+        rng = np.random.default_rng((11, i))
+        scene = dw.sample_scene(rng)
+        text, info = dd.detailed(scene, rng)
+        tokens = _bpe(text)
+        assert dd.MIN_TOKENS == 80 <= tokens <= 200 == dd.MAX_TOKENS and tokens == info["tokens"]
+        words, cut = f" {' '.join(re.findall(r'[a-z]+', text.lower()))} ", _cut_text(text)
+        # the whole caption: every object's size, colour and shape, and the background
+        for o in scene.objects:
+            assert f" {o.size} {o.colour} {o.shape} " in words, text
+        assert f" {scene.background} " in words and " background " in words, text
+        if len(scene.objects) == 1:
+            assert any(w in words for w in {"top": (" top ", " upper "), "bottom": (
+                " bottom ", " lower "), "middle": (" middle ", " centred ")}[scene.layout]), text
+        # a 77-token tower sees the first object whole; the details only in an early caption
+        first = [o for o in scene.objects if f" {o.size} {o.colour} {o.shape} " in cut]
+        assert first, (cut, text)
+        seen = [w for w in DETAIL_WORDS if f" {w} " in cut]
+        if info["late"]:
+            late += 1
+            assert not seen and info["detail_start"] >= dd.CUT, (seen, cut)
+            assert len(scene.objects) == 1 or len(first) == 1, cut  # the second one is past it
+        else:
+            assert " background " in cut and info["detail_end"] <= dd.CUT, cut
+    assert late == 299  # LATE_SHARE 0.75 of 400 is 300; drawn per caption (sd 8.7), this seed
+
+
+def test_detailed_captions_leave_the_other_streams_alone():
+    """A detailed caption draws from the rng it is given only, so the scene stream is unchanged."""
+    rng = np.random.default_rng(5)
+    scene = dw.sample_scene(rng)
+    state = rng.bit_generator.state
+    a = dd.detailed(scene, np.random.default_rng((5, 4, 0)))
+    assert rng.bit_generator.state == state
+    assert a == dd.detailed(scene, np.random.default_rng((5, 4, 0)))
+
+
+def test_long_retrieval_split_same_images_detailed_captions_loads_for_eval_retrieval(world):
+    out, summary = world
+    assert summary["version"] == 4
+    assert summary["retrieval_long"] == {
+        "annotation": "retrieval/dataset_demo_long.json", "image_root": "retrieval",
+        "images": 12, "captions": 12, "chance_r1_percent": 100 / 12}
+    rows = _rows(out)
+    d = summary["detailed"]
+    lengths = [_bpe(r["detailed"]) for r in rows]
+    assert d["tokens"] == {"min": min(lengths), "median": float(np.median(lengths)),
+                           "max": max(lengths)}
+    assert d["late_count"] == sum(r["detailed_late"] for r in rows) and 0 < d["late_count"] < 60
+    assert (d["field"], d["context"], d["cut"]) == ("detailed", 256, 75)
+    short = json.loads((out / "retrieval" / "dataset_demo.json").read_text())
+    long = json.loads((out / summary["retrieval_long"]["annotation"]).read_text())
+    assert list(long) == ["images", "dataset"]
+    for i, (a, b) in enumerate(zip(short["images"], long["images"])):
+        assert {k: v for k, v in a.items() if k not in ("sentences", "sentids")} == \
+            {k: v for k, v in b.items() if k not in ("sentences", "sentids")}
+        scene = dw.sample_scene(dw._rng(3, "test", i))
+        for s in b["sentences"]:
+            assert list(s) == ["tokens", "raw", "imgid", "sentid"] and s["imgid"] == i
+            assert 80 <= _bpe(s["raw"]) <= 200
+            words = f" {' '.join(s['tokens']).lower()} "
+            for o in scene.objects:
+                assert f" {o.size} {o.colour} {o.shape} " in words, s["raw"]
+            assert f" {scene.background} " in words, s["raw"]
+        assert len(b["sentences"]) == 1 and b["sentids"] == [i]  # one per image (Urban1k, DCI)
+    paths, captions, index = load_annotation(str(out / "retrieval" / "dataset_demo_long.json"),
+                                             str(out / "retrieval"))
+    assert len(paths) == 12 and len(captions) == 12 and list(index) == list(range(12))
+    assert captions[0] == long["images"][0]["sentences"][0]["raw"]

@@ -28,19 +28,22 @@ def world(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", sorted(METHODS) + ["alip-subcaption"])
+@pytest.mark.parametrize("method", sorted(METHODS) + ["alip-subcaption", "alip_long"])
 def test_method_beats_chance_on_held_out_retrieval(tmp_path, world, method):
     extra = []
     if method == "alip-subcaption":  # ALIP's caption path fed sub-captions (CLIPS' views)
         method, extra = "alip", ["--caption-view", "subcaption", "--caption-tokens", "8"]
-    run_single(["--config", f"configs/demo_{method}.yaml", *extra,
+    config = method
+    if method == "alip_long":  # the detailed captions whole, a 256-position text tower
+        method = "alip"
+    run_single(["--config", f"configs/demo_{config}.yaml", *extra,
                 "--train-data", str(world / "shards"),
                 "--model", MODELS.get(method, "ALIP-demo"), "--epochs", str(EPOCHS.get(method, 3)),
                 "--batch-size", "64",
-                "--workers", "0", "--logs", str(tmp_path), "--name", method, "--report-to", "",
+                "--workers", "0", "--logs", str(tmp_path), "--name", config, "--report-to", "",
                 "--device", "cpu",
                 *(["--declip-bank-size", "1024"] if method in ("declip", "defilip") else [])])
-    ckpt = str(tmp_path / method / f"checkpoints/epoch_{EPOCHS.get(method, 3)}.pt")
+    ckpt = str(tmp_path / config / f"checkpoints/epoch_{EPOCHS.get(method, 3)}.pt")
     model, preprocess, tokenizer = load_model(checkpoint=ckpt)
     head = load_dense_head(ckpt)
     assert (head is not None) == (method in ("filip", "defilip"))

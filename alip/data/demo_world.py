@@ -14,11 +14,15 @@ A scene is one or two coloured shapes on a plain background. Each training scene
 ``generate(out_dir, ...)`` writes, under ``out_dir``::
 
     raw/images/*.jpg, raw/train.jsonl          training scenes + manifest (image, text, caption,
-                                               key, noise, noise_detail, filler, scene)
-    shards/                                    the same rows as RecordIO shards (data2rec.py)
+                                               key, noise, noise_detail, filler, scene, detailed,
+                                               detailed77, detailed_late)
+    shards/                                    the same rows as RecordIO shards (data2rec.py;
+                                               fields raw, caption, detailed:256, detailed77:77)
     retrieval/dataset_demo.json, retrieval/images/*.jpg
                                                held-out scenes in COCO-Karpathy json layout, 5
                                                correct, differently phrased captions per image
+    retrieval/dataset_demo_long.json           the same images, one detailed caption each
+                                               (alip/data/demo_detailed.py: 83-134 tokens)
     classify/{train,val}/<colour>/*.png        single-object scenes, torchvision ImageFolder layout
     classify/classnames.txt, classify/templates.txt
     demo_world.json                            counts, rates, seed (what ``generate`` returns)
@@ -34,7 +38,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-VERSION = 3  # 2: larger objects (RADIUS); 3: zero-shot classes are the object's colour
+from . import demo_detailed
+
+VERSION = 4  # 2: larger objects (RADIUS); 3: zero-shot classes are the object's colour;
+# 4: detailed captions (field "detailed", 80-200 tokens) and the long-text retrieval split
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond")
 COLOURS = {  # name -> base RGB; each drawn object jitters every channel by up to +-JITTER
@@ -59,7 +66,15 @@ DEFAULT_RATES = {"partial": 0.35, "wrong": 0.15, "mismatched": 0.25}  # clean = 
 DEFAULT_FILLER_RATE = 0.5
 
 # Splits get separate random streams, so the retrieval and classification scenes are new draws.
-_STREAM = {"train": 0, "test": 1, "classify_train": 2, "classify_val": 3}
+# The detailed captions have streams of their own: adding them changed no image, web text or
+# short caption (every other stream draws exactly what it drew in version 3).
+_STREAM = {"train": 0, "test": 1, "classify_train": 2, "classify_val": 3,
+           "train_detailed": 4, "test_detailed": 5}
+DETAILED_FIELD, DETAILED_CONTEXT = "detailed", 256  # the shards' field and its stored width
+# The same captions stored 77 wide (data2rec cuts them to SOT + their first 75 tokens + EOT), for
+# a 77-token tower: `--caption-view truncate` of the 256-wide field gives the same rows, but a
+# 77-position tower refuses shards whose caption field is 256 wide.
+CUT_FIELD = "detailed77"
 
 
 @dataclass(frozen=True)
@@ -420,33 +435,43 @@ def _write_train(root, num, seed, size, rates, filler_rate):
         rel = f"images/{i:06d}.jpg"
         _save(render(scene, rng, size), root / rel, "JPEG")
         text, detail = web_text(scene, noise[i], rng, filler=bool(filler[i]))
+        long, info = demo_detailed.detailed(scene, _rng(seed, "train_detailed", i))
         rows.append({"image": rel, "text": text, "caption": caption(scene, rng), "key": f"{i:06d}",
                      "noise": noise[i], "noise_detail": detail, "filler": bool(filler[i]),
-                     "scene": scene.to_json()})
+                     "scene": scene.to_json(), DETAILED_FIELD: long, CUT_FIELD: long,
+                     "detailed_late": info["late"]})
     with open(root / "train.jsonl", "w") as fh:
         for row in rows:
             fh.write(json.dumps(row) + "\n")
     return rows
 
 
+def _karpathy_image(i, name, texts, sentid):
+    """One image entry of COCO-Karpathy layout (dataset_coco.json), split "test"."""
+    sentences = [{"tokens": raw.replace(",", "").replace(".", "").split(), "raw": raw, "imgid": i,
+                  "sentid": sentid + k} for k, raw in enumerate(texts)]
+    return {"filepath": "images", "sentids": [s["sentid"] for s in sentences], "filename": name,
+            "imgid": i, "split": "test", "sentences": sentences, "cocoid": i}
+
+
 def _write_retrieval(root, num, seed, size):
-    """COCO-Karpathy layout (dataset_coco.json): same keys, same order, split "test"."""
-    images, sentid = [], 0
+    """The held-out scenes twice in COCO-Karpathy layout (same keys, same order): 5 short
+    captions per image (dataset_demo.json) and ONE detailed caption per image
+    (dataset_demo_long.json), as long-text retrieval sets have it (Urban1k, DCI): with five, an
+    image would find one of its captions whose details happen to lie before the cut (a share
+    1 - LATE_SHARE ** 5 of the images, 76%), and the cut would hardly cost image->text."""
+    images, long_images = [], []
     for i in range(num):
         rng = _rng(seed, "test", i)
         scene = sample_scene(rng)
         name = f"demo_test_{i:06d}.jpg"
         _save(render(scene, rng, size), root / "images" / name, "JPEG")
-        sentences = []
-        for raw in captions(scene, rng, 5):
-            sentences.append({"tokens": raw.replace(",", "").split(), "raw": raw, "imgid": i,
-                              "sentid": sentid})
-            sentid += 1
-        images.append({"filepath": "images", "sentids": [s["sentid"] for s in sentences],
-                       "filename": name, "imgid": i, "split": "test", "sentences": sentences,
-                       "cocoid": i})
-    with open(root / "dataset_demo.json", "w") as fh:
-        json.dump({"images": images, "dataset": "demo"}, fh)
+        images.append(_karpathy_image(i, name, captions(scene, rng, 5), 5 * i))
+        long, _ = demo_detailed.detailed(scene, _rng(seed, "test_detailed", i))
+        long_images.append(_karpathy_image(i, name, [long], i))
+    for file, entries in (("dataset_demo.json", images), ("dataset_demo_long.json", long_images)):
+        with open(root / file, "w") as fh:
+            json.dump({"images": entries, "dataset": "demo"}, fh)
     return images
 
 
@@ -481,6 +506,12 @@ def run_data2rec(argv):
     """data2rec.py's ``main(argv)``, from the library (no script imported through sys.path)."""
     from .cli import main
     return main(argv)
+
+
+def _token_stats(texts):
+    """{"min", "median", "max"} BPE tokens (open_clip's tokenizer, SOT and EOT not counted)."""
+    n = np.array([demo_detailed.bpe_len(t) for t in texts])
+    return {"min": int(n.min()), "median": float(np.median(n)), "max": int(n.max())}
 
 
 OUTPUTS = ("raw", "shards", "retrieval", "classify", "demo_world.json")
@@ -540,6 +571,14 @@ def generate(out_dir, num_train=5000, num_test=500, seed=0, image_size=64,
         "retrieval": {"annotation": "retrieval/dataset_demo.json", "image_root": "retrieval",
                       "images": len(images), "captions": 5 * len(images),
                       "chance_r1_percent": 100.0 / len(images)},
+        "retrieval_long": {"annotation": "retrieval/dataset_demo_long.json",
+                           "image_root": "retrieval", "images": len(images),
+                           "captions": len(images), "chance_r1_percent": 100.0 / len(images)},
+        "detailed": {"field": DETAILED_FIELD, "context": DETAILED_CONTEXT, "cut_field": CUT_FIELD,
+                     "tokens": _token_stats([r[DETAILED_FIELD] for r in rows]),
+                     "late_share": demo_detailed.LATE_SHARE,
+                     "late_count": sum(r["detailed_late"] for r in rows),
+                     "cut": demo_detailed.CUT},
         "classify": {"root": "classify", "classes": classes,
                      "train_per_class": classify_train_per_class,
                      "val_per_class": classify_val_per_class,
@@ -549,7 +588,8 @@ def generate(out_dir, num_train=5000, num_test=500, seed=0, image_size=64,
         # Our JPEGs are RGB at quality 95 already: --copy-jpeg stores them byte for byte.
         argv = ["--manifest", str(out / "raw" / "train.jsonl"), "--image-root", str(out / "raw"),
                 "--output-dir", str(out / "shards"), "--shard-size", str(shard_size),
-                "--workers", str(workers), "--seed", str(seed), "--copy-jpeg"]
+                "--workers", str(workers), "--seed", str(seed), "--copy-jpeg",
+                "--text-fields", f"raw,caption,{DETAILED_FIELD}:{DETAILED_CONTEXT},{CUT_FIELD}:77"]
         if not progress:
             argv.append("--no-progress")
         code = run_data2rec(argv)

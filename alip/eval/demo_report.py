@@ -42,13 +42,19 @@ def collect(out_dir, methods):
 NOT_RECIPE = ("config", "name", "method", "logs", "train_data", "flags_given", "total_steps")
 
 
+def is_long_row(row):
+    """A long-caption row (``alip_long``, ``alip_long77``): trained on the detailed captions."""
+    return "_long" in row
+
+
 def demo_rows(config_dir):
     """The rows ``scripts/demo.sh`` trains by default: one per method (``configs/demo_<method>.yaml``,
     in the registry's order), then every other ``demo_<row>.yaml`` (a method with another budget
-    or data, e.g. ``clip_mix``), sorted."""
+    or data, e.g. ``clip_mix``), sorted, the long-caption rows (``is_long_row``) last."""
     from ..methods import method_names
     methods = list(method_names())
-    extra = sorted(p.stem[len("demo_"):] for p in Path(config_dir).glob("demo_*.yaml"))
+    extra = sorted((p.stem[len("demo_"):] for p in Path(config_dir).glob("demo_*.yaml")),
+                   key=lambda r: (is_long_row(r), r))
     return methods + [r for r in extra if r not in methods]
 
 
@@ -124,6 +130,65 @@ def table(results, ref, notes=None):
     lines += [row(m, v["retrieval"], v["zeroshot"]["top1"], [notes[m]] if notes else [])
               for m, v in results.items()]
     return "\n".join(lines)
+
+
+def _caption_setting(run_dir):
+    """How a run read its captions, from its config.yaml: field, tower context, view."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        return ""
+    import yaml
+    cfg = yaml.safe_load(path.read_text())
+    fields = cfg.get("caption_fields") or "caption"
+    fields = ",".join(fields) if isinstance(fields, list) else fields
+    view = cfg.get("caption_view")
+    cut = f", {view} to {cfg.get('caption_tokens')} tokens" if view not in (None, "full") else ""
+    return f"{fields}{cut}; tower {cfg.get('text_context') or 77}"
+
+
+def _cut(truncation):
+    """eval_retrieval's truncation report as 'T of N (L tokens lost)', or 'none'."""
+    if not truncation or not truncation.get("truncated_texts"):
+        return "none"
+    return (f"{truncation['truncated_texts']:,} of {truncation['texts']:,} "
+            f"({truncation['tokens_lost']:,} tokens lost)")
+
+
+def long_table(out_dir, rows, ref):
+    """The long-caption rows (and ALIP's usual row) on the usual split and the long-text one
+    (``retrieval_long_<row>.json``): R@1 and R@5 both ways, and how many long texts each
+    model's context cut. "" when no row of ``rows`` was evaluated on the long split."""
+    out = Path(out_dir)
+    picked = [r for r in rows if (r == "alip" or is_long_row(r))
+              and (out / f"retrieval_long_{r}.json").is_file()]
+    if not picked:
+        return ""
+    cols = ("i2t_R@1", "t2i_R@1", "i2t_R@5", "t2i_R@5")
+    head = ("| row | captions read | usual I->T R@1 | T->I R@1 | long I->T R@1 | T->I R@1 | "
+            "long I->T R@5 | T->I R@5 | long texts cut by the model's context |")
+    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---|",
+             "| chance | | " + " | ".join(f"{ref[c]:.1f}" for c in cols[:2] + cols) + " | |"]
+    for r in picked:
+        usual, long = _metrics(out / f"retrieval_{r}.json"), _json(out / f"retrieval_long_{r}.json")
+        nums = [usual[c] for c in cols[:2]] + [_metrics(out / f"retrieval_long_{r}.json")[c] for c in cols]
+        lines.append(f"| {r} | {_caption_setting(out / 'runs' / f'demo-{r}')} | "
+                     + " | ".join(f"{v:.1f}" for v in nums) + f" | {_cut(long.get('truncation'))} |")
+    return "\n".join(lines)
+
+
+def _long_intro(world_dir, ref):
+    """The sentence above the long-caption table (token counts from demo_world.json)."""
+    path = Path(world_dir) / "demo_world.json"
+    world = _json(path) if path.is_file() else {}
+    d, split = world.get("detailed", {}), world.get("retrieval_long", {})
+    t = d.get("tokens")
+    about = (f" ({t['min']}-{t['max']} tokens, median {t['median']:.0f} in training; the details "
+             f"that tell scenes apart lie past token 77 in {100 * d['late_share']:.0f}% of them)"
+             if t and "late_share" in d else "")
+    count = (f"{split['captions']:,} detailed captions" if "captions" in split
+             else "detailed captions")
+    return (f"Long-text retrieval: the same {ref['n_img']} held-out images with {count}{about}, "
+            "beside the usual short captions (docs/demo.md#long-captions).")
 
 
 def _plt():
@@ -274,6 +339,9 @@ def build_report(out_dir, methods, world_dir, gates_run="alip", seconds=None, ma
     times = {m: t for m, t in timings(out).items() if m in methods}
     if times:
         lines += [timing_table(times), ""]
+    long = long_table(out, methods, ref)
+    if long:
+        lines += ["## Long captions", "", _long_intro(world_dir, ref), "", long, ""]
     lines += ["![training loss](loss.png)", "", "![held-out R@1](recall.png)", ""]
     if gates_run in methods:
         gates = gates_by_noise(world_dir, out / "runs" / f"demo-{gates_run}")
