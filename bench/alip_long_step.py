@@ -104,10 +104,10 @@ def main(argv=None):
         print(f"  {side:<6} tower context {contexts[side]:>3}, step {_timing.stats(times[side])[0]:8.3f} s   "
               f"caption tokens run "
               f"({path}) {tokens[side]:>7} = {tokens[side] / batch:.1f} per caption")
+    if cpu:  # before the figure line (bench/gpu_check.sh reads the last line)
+        print(f"  process CPU time long / cut77: {_timing.fmt(_timing.ratio(cpu, 'long', 'cut77'))}")
     print(f"  step long / cut77: {_timing.fmt(_timing.ratio(times, 'long', 'cut77'))}   "
           f"(caption tokens {tokens['long'] / tokens['cut77']:.2f}x)")
-    if cpu:
-        print(f"  process CPU time long / cut77: {_timing.fmt(_timing.ratio(cpu, 'long', 'cut77'))}")
     return times
 
 
