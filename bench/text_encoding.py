@@ -26,7 +26,7 @@ synthetic captions of 10-25 tokens (bench/_texts.py). Two parts, each ABBA-inter
    batch's length-group plan, each group run in chunks at its own length, so it processes the
    batch-256 plan's tokens. Warm-up: each side's largest pass; CPU seconds printed beside.
 
-    .venv/bin/python bench/text_encoding.py --parts long --repeats 2   # CPU: batch 256, ~10 min idle
+    .venv/bin/python bench/text_encoding.py --parts long --repeats 2   # CPU: batch 256, ~11 min quiet
     .venv/bin/python bench/text_encoding.py --parts long               # CUDA: batch 256 in one pass, packed
 """
 import argparse
