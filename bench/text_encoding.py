@@ -163,10 +163,11 @@ def long_passes(lens, path, micro, max_groups, context):
     return [(chunk, n) for rows, n in groups for chunk in rows.split(micro)]
 
 
-def long_side(model, text, passes, path, autocast):
+def long_side(model, text, passes, path, autocast, attn_fn=None):
     """A callable that runs ``passes`` over ``text`` (on its device, with a host copy), forward +
     backward one pass at a time, the gradients accumulating in the model's ``.grad`` (the
-    tower's cost is per sample: the sum of the passes' gradients is the whole batch's)."""
+    tower's cost is per sample: the sum of the passes' gradients is the whole batch's).
+    ``attn_fn``: the packed path's attention (default: varlen_attn, CUDA)."""
     tower, device = _text_tower(model), text.device
     host = host_tokens(text) if host_tokens(text) is not None else text.cpu()
     lens = text_lengths(host)
@@ -181,7 +182,7 @@ def long_side(model, text, passes, path, autocast):
                 elif path == "grouped":  # one trimmed pass at the group's length
                     f = _project(tower, _encode_trimmed(tower, rows, rows_lens, n), True)
                 else:
-                    f = encode_text(model, rows, path=path)
+                    f = encode_text(model, rows, path=path, attn_fn=attn_fn)
             f.float().sum().backward()
     return fn
 

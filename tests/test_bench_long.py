@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import alip  # noqa: F401
-from alip.model import length_groups
+from alip.model import length_groups, reference_varlen_attn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import _steps  # noqa: E402
@@ -32,11 +32,12 @@ def tower():
     return open_clip.create_model("ALIP-tiny", force_context_length=256).double()
 
 
-@pytest.mark.parametrize("path", ["padded", "grouped"])
+@pytest.mark.parametrize("path", ["padded", "grouped", "packed"])
 @pytest.mark.parametrize("micro", [None, 4, 1])
 def test_micro_batches_give_the_whole_batch_gradient(tower, path, micro):
     """One padded 256-token pass over the 13 rows vs the passes of the bench's side, forward +
-    backward each, gradients accumulated. float64: the two differ only in summation order
+    backward each, gradients accumulated (packed: with the reference varlen attention, the
+    CUDA kernel's math, as the CPU stands in for it). float64: the two differ only in summation order
     (chunks, trimmed rows), ~1e-16 relative per operation over sums of a few thousand terms,
     so 1e-10 of the gradient's scale is far above rounding and far below any missing row
     (one row is ~1/13 of the sum)."""
@@ -46,7 +47,8 @@ def test_micro_batches_give_the_whole_batch_gradient(tower, path, micro):
     want = grads(tower)
     tower.zero_grad(set_to_none=True)
     passes = text_encoding.long_passes(LENGTHS, path, micro, 4, 256)
-    text_encoding.long_side(tower, text, passes, path, contextlib.nullcontext)()
+    text_encoding.long_side(tower, text, passes, path, contextlib.nullcontext,
+                            attn_fn=reference_varlen_attn)()
     got = grads(tower)
     assert got.keys() == want.keys()
     for k in want:
@@ -66,6 +68,9 @@ def test_micro_batches_keep_the_batch_plan(micro):
         assert sum(len(r) * n for r, n in passes) == want
         for rows, n in passes:
             assert int(LENGTHS[rows].max()) <= n
+    packed = text_encoding.long_passes(LENGTHS, "packed", micro, 4, 256)
+    assert [n for _, n in packed] == [None] * len(packed)  # each chunk packed: its own lengths
+    assert sorted(torch.cat([r for r, _ in packed]).tolist()) == list(range(13))
 
 
 def test_cut_is_the_tokenizers_cut():
