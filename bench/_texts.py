@@ -36,3 +36,12 @@ def tokens(lens, gen, width=CONTEXT):
 
 def batch(kind, n, gen, width=CONTEXT):
     return tokens(lengths(kind, n, gen), gen, width)
+
+
+def cut(rows, width=CONTEXT):
+    """``rows`` cut to ``width`` tokens as open_clip's tokenizer cuts a text too long for its
+    context (``tokenize``: the first ``width`` ids, the last one replaced by EOT)."""
+    out = rows[:, :width].clone()
+    long = (rows[:, width:] != 0).any(dim=1) if rows.shape[1] > width else torch.zeros(len(rows), dtype=torch.bool)
+    out[long, width - 1] = EOT
+    return out

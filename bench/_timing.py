@@ -41,20 +41,32 @@ def n_times(fn, n):
     return run
 
 
-def abba(fns, repeats, device="cpu", warmup=1, label=""):
+def abba(fns, repeats, device="cpu", warmup=1, label="", cpu_times=None):
     """Time each of ``fns`` ({name: callable}) ``repeats`` times, order reversed every other
-    repeat, after ``warmup`` untimed rounds. Returns {name: [seconds per repeat]}."""
+    repeat, after ``warmup`` untimed rounds. Returns {name: [seconds per repeat]}. A dict given
+    as ``cpu_times`` is filled the same way with the process's CPU seconds per call
+    (``time.process_time``: on a shared CPU, the time the process ran rather than waited; with
+    one torch thread, about the work itself)."""
     names = list(fns)
     times = {n: [] for n in names}
+    cpu = {n: [] for n in names}
     for r in range(warmup + repeats):
         order = names if r % 2 == 0 else names[::-1]
-        got = {n: timed(fns[n], device) for n in order}
+        got, got_cpu = {}, {}
+        for n in order:
+            c0 = time.process_time()
+            got[n] = timed(fns[n], device)
+            got_cpu[n] = time.process_time() - c0
         if r >= warmup:
             for n in names:
                 times[n].append(got[n])
+                cpu[n].append(got_cpu[n])
         tag = "warm-up" if r < warmup else f"repeat {r - warmup + 1}/{repeats}"
-        print(f"[{label}] {tag}: " + "  ".join(f"{n} {got[n]:.3f}s" for n in names),
-              file=sys.stderr, flush=True)
+        print(f"[{label}] {tag}: " + "  ".join(
+            f"{n} {got[n]:.3f}s" + (f" (cpu {got_cpu[n]:.3f}s)" if cpu_times is not None else "")
+            for n in names), file=sys.stderr, flush=True)
+    if cpu_times is not None:
+        cpu_times.update(cpu)
     return times
 
 

@@ -13,7 +13,8 @@
 # train.py run SIGKILLed after a checkpoint and resumed (PyTorch reader, and DALI when installed);
 # DDP over NCCL on every GPU (torchrun); FSDP bf16 killed and resumed (torchrun); DALI "mixed" decoding through build_train_loader. Then
 # every bench at its GPU setting (bench/text_encoding.py and bench/train_throughput.py: issue
-# #15's ratios, every method's step time and peak memory). Each check runs under its own time limit (a hung
+# #15's ratios, every method's step time and peak memory; bench/text_encoding.py --parts long and
+# bench/alip_long_step.py: issue #26's long-caption goals at batch 256). Each check runs under its own time limit (a hung
 # check is killed and FAILs); last, --torchcompile against eager (3 fp32 train.py steps each,
 # bench/compile_step.py). nvidia-dali missing makes its checks SKIP, saying so.
 # Logs stay in $GPU_CHECK_DIR (default: a new temporary directory, printed at the end):
@@ -316,12 +317,16 @@ check fsdp-resume 240 fsdp_resume
 
 if [ "$SMOKE" = 1 ]; then
   check bench-text_encoding 300 "$PY" bench/text_encoding.py --model ALIP-tiny --text-batch 64 --step-batch 8 --repeats 1
+  check bench-text_encoding-long 300 "$PY" bench/text_encoding.py --parts long --model ALIP-tiny --long-batch 16 --repeats 1
+  check bench-alip_long_step 300 "$PY" bench/alip_long_step.py --model ALIP-tiny --batch 8 --repeats 1
   check bench-train_throughput 300 "$PY" bench/train_throughput.py --models ALIP-tiny --batch-size 16 --reps 1
   check bench-train_throughput-b512 300 "$PY" bench/train_throughput.py --models ALIP-tiny --batch-size 8 --methods clip alip --reps 1
   check bench-loss_step 300 "$PY" bench/loss_step.py --models ALIP-tiny --reps 1
   check bench-eval_throughput 300 "$PY" bench/eval_throughput.py --num-images 128 --repeats 1
 else
   check bench-text_encoding 150 "$PY" bench/text_encoding.py
+  check bench-text_encoding-long 150 "$PY" bench/text_encoding.py --parts long   # issue #26: b256 at 256, packed
+  check bench-alip_long_step 240 "$PY" bench/alip_long_step.py   # issue #26: ALIP step, captions 256 vs 77, b256
   check bench-train_throughput 240 "$PY" bench/train_throughput.py --models ALIP-ViT-B-32 --batch-size 256 --reps 3
   check bench-train_throughput-b512 180 "$PY" bench/train_throughput.py --models ALIP-ViT-B-32 --batch-size 512 \
     --methods clip alip --reps 5

@@ -21,8 +21,13 @@ synthetic captions of 10-25 tokens (bench/_texts.py). Two parts, each ABBA-inter
 3. ``--parts long``: the text tower built at --long-context (256) tokens, --long-batch (256)
    long captions of 60-200 tokens (median ~100), forward + backward: the length-aware path
    (grouped on CPU, packed on CUDA) vs the padded 256-token pass, time ratio beside tokens ratio.
+   On CPU the batch runs as micro-batches of --long-micro-batch (32) rows on both sides,
+   gradients accumulated (the tower's cost is per sample); the grouped side keeps the whole
+   batch's length-group plan, each group run in chunks at its own length, so it processes the
+   batch-256 plan's tokens. Warm-up: each side's largest pass; CPU seconds printed beside.
 
-    .venv/bin/python bench/text_encoding.py --parts long --long-batch 64 --repeats 2   # ~6 min, load 4
+    .venv/bin/python bench/text_encoding.py --parts long --repeats 2   # CPU: batch 256, ~11 min quiet
+    .venv/bin/python bench/text_encoding.py --parts long               # CUDA: batch 256 in one pass, packed
 """
 import argparse
 import sys
@@ -39,8 +44,9 @@ import _timing  # noqa: E402
 import alip  # noqa: E402,F401
 from alip.loss import ALIPLoss  # noqa: E402
 from alip.methods.alip import ALIPEncoder  # noqa: E402
-from alip.model import (encode_text, length_groups,  # noqa: E402
-                        reference_varlen_attn, text_lengths, to_device_keeping_host_tokens)
+from alip.model import (_encode_trimmed, _project, _text_tower, encode_text,  # noqa: E402
+                        host_tokens, length_groups, reference_varlen_attn, text_lengths,
+                        to_device_keeping_host_tokens)
 
 
 def tokens_processed(path, lengths, max_groups):
@@ -143,8 +149,47 @@ def step_part(model, args, device, autocast):
           f"(ALIP's two {path} text passes process {text_tokens:.3f}x the tokens of CLIP's padded one)")
 
 
+def long_passes(lens, path, micro, max_groups, context):
+    """The passes of one long-caption batch as ``[(row indices, length)]``, each at most
+    ``micro`` rows (None: no limit). ``grouped``: the WHOLE batch's length groups
+    (``length_groups``, <= ``max_groups``), each group's rows cut into chunks run at the
+    group's length, so the tokens are the batch plan's whatever ``micro``; ``padded``: chunks
+    at ``context``; ``packed``: chunks packed (length None: each chunk's own sum of lengths)."""
+    if path == "grouped":
+        groups = length_groups(lens, max_groups)
+    else:
+        groups = [(torch.arange(len(lens)), context if path == "padded" else None)]
+    micro = micro or len(lens)
+    return [(chunk, n) for rows, n in groups for chunk in rows.split(micro)]
+
+
+def long_side(model, text, passes, path, autocast, attn_fn=None):
+    """A callable that runs ``passes`` over ``text`` (on its device, with a host copy), forward +
+    backward one pass at a time, the gradients accumulating in the model's ``.grad`` (the
+    tower's cost is per sample: the sum of the passes' gradients is the whole batch's).
+    ``attn_fn``: the packed path's attention (default: varlen_attn, CUDA)."""
+    tower, device = _text_tower(model), text.device
+    host = host_tokens(text) if host_tokens(text) is not None else text.cpu()
+    lens = text_lengths(host)
+    chunks = [(to_device_keeping_host_tokens(host[rows], device), lens[rows].to(device), n)
+              for rows, n in passes]
+
+    def fn():
+        for rows, rows_lens, n in chunks:
+            with autocast():
+                if path == "padded":
+                    f = model.encode_text(rows, normalize=True)
+                elif path == "grouped":  # one trimmed pass at the group's length
+                    f = _project(tower, _encode_trimmed(tower, rows, rows_lens, n), True)
+                else:
+                    f = encode_text(model, rows, path=path, attn_fn=attn_fn)
+            f.float().sum().backward()
+    return fn
+
+
 def long_part(args, device, autocast):
-    """Long captions in a --long-context tower: length-aware forward+backward vs padded."""
+    """Long captions in a --long-context tower: length-aware forward+backward vs padded, the
+    batch run as micro-batches of --long-micro-batch rows on both sides."""
     torch.manual_seed(0)
     model = open_clip.create_model(args.model, force_context_length=args.long_context).to(device)
     model.set_grad_checkpointing(args.long_checkpointing)  # both sides alike
@@ -152,33 +197,42 @@ def long_part(args, device, autocast):
     gen = torch.Generator().manual_seed(3)
     text = to_device_keeping_host_tokens(_texts.batch("long", args.long_batch, gen, n), device)
     path = "packed" if device.type == "cuda" else "grouped"
+    lens = text_lengths(text).cpu()
+    plans = {w: long_passes(lens, w, args.long_micro_batch, args.max_groups, n)
+             for w in ("padded", path)}
+    sides = {w: long_side(model, text, plans[w], w, autocast) for w in plans}
 
-    def run(which, rows):
+    def timed(w):
         def fn():
-            with autocast():
-                f = (model.encode_text(rows, normalize=True) if which == "padded" else
-                     encode_text(model, rows, path=path, max_groups=args.max_groups))
-            f.float().sum().backward()
+            sides[w]()
             model.zero_grad(set_to_none=True)
         return fn
 
-    for which in ("padded", path):  # warm-up at full size (a first full-size call is slower)
-        run(which, text)()
-    times = _timing.abba({"padded": run("padded", text), path: run(path, text)},
-                         args.repeats, device, warmup=0, label="long captions")
-    lens = text_lengths(text).cpu()
-    if path == "grouped":
-        tok = sum(len(r) * m for r, m in length_groups(lens, args.max_groups))
-    else:
-        tok = int(lens.sum())
+    for w, plan in plans.items():  # warm-up: each side's largest pass (the first call of a size is slower)
+        rows, m = max(plan, key=lambda p: len(p[0]) * (p[1] or int(lens[p[0]].sum())))
+        long_side(model, text, [(rows, m)], w, autocast)()
+        model.zero_grad(set_to_none=True)
+    cpu = {} if device.type == "cpu" else None
+    times = _timing.abba({w: timed(w) for w in sides}, args.repeats, device, warmup=0,
+                         label="long captions", cpu_times=cpu)
+    tok = sum(len(r) * (m or int(lens[r].sum())) for r, m in plans[path])
+    micro = args.long_micro_batch
+    how = (f"as {len(plans['padded'])} micro-batches of <= {micro} rows (padded) / "
+           f"{len(plans[path])} passes of <= {micro} rows ({path}: the batch's {args.max_groups}-group "
+           f"plan, chunked), gradients accumulated" if micro and micro < args.long_batch
+           else "in one batch")
     print(f"\ntext tower of {args.model} at context {n}, batch {args.long_batch} captions of "
           f"{int(lens.min())}-{int(lens.max())} tokens (median {int(lens.median())}), forward + "
-          f"backward{' (grad checkpointing)' if args.long_checkpointing else ''}; median "
+          f"backward{' (grad checkpointing)' if args.long_checkpointing else ''} {how}; median "
           f"[min-max] over {args.repeats} ABBA repeats")
+    if cpu:  # before the figure line (bench/gpu_check.sh reads the last line)
+        print(f"  process CPU time: padded {_timing.stats(cpu['padded'])[0]:.3f} s   {path}: "
+              f"{_timing.stats(cpu[path])[0]:.3f} s   ratio {_timing.fmt(_timing.ratio(cpu, path, 'padded'))}")
     print(f"  padded {n}: {_timing.stats(times['padded'])[0]:.3f} s   {path}: "
           f"{_timing.stats(times[path])[0]:.3f} s   time {path}/padded "
           f"{_timing.fmt(_timing.ratio(times, path, 'padded'))}   tokens {path}/padded "
           f"{tok / (len(lens) * n):.3f}")
+    return times
 
 
 def main(argv=None):
@@ -202,9 +256,15 @@ def main(argv=None):
     p.add_argument("--parts", nargs="+", choices=["text", "step", "long"], default=["text", "step"])
     p.add_argument("--long-context", type=int, default=256, help="context of the long part's tower")
     p.add_argument("--long-batch", type=int, default=256, help="captions in the long part's batch")
-    p.add_argument("--long-checkpointing", action=argparse.BooleanOptionalAction, default=True,
-                   help="gradient checkpointing in the long part, both sides (the padded 256 x 256 "
-                        "fwd+bwd without it took > 12.8 GB and was OOM-killed on a 23 GB machine)")
+    p.add_argument("--long-micro-batch", type=int, default=None,
+                   help="run the long part's batch as micro-batches of at most this many rows, "
+                        "forward + backward each, gradients accumulated, on both sides (the "
+                        "grouped side's length groups planned over the whole batch). Default: 32 "
+                        "on CPU (the padded 256 x 256 pass in one batch took > 12.8 GB and was "
+                        "OOM-killed on a 23 GB machine), the whole batch on CUDA")
+    p.add_argument("--long-checkpointing", action=argparse.BooleanOptionalAction, default=False,
+                   help="gradient checkpointing in the long part, both sides (another way to fit "
+                        "the memory; it adds a forward recompute to both)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
@@ -215,6 +275,10 @@ def main(argv=None):
     args.backward = on_gpu if args.backward is None else args.backward
     args.paths = args.paths or (["trim", "grouped", "packed"] if on_gpu else ["grouped"])
     args.precision = args.precision or ("amp_bf16" if on_gpu else "fp32")
+    if args.long_micro_batch is None and not on_gpu:
+        args.long_micro_batch = 32
+    if args.long_micro_batch is not None and args.long_micro_batch < 1:
+        p.error(f"--long-micro-batch {args.long_micro_batch}: give a number of rows >= 1")
     threads = _timing.setup(args.threads)
     dtype = {"amp": torch.float16, "amp_bf16": torch.bfloat16}.get(args.precision)
 

@@ -36,16 +36,13 @@ from open_clip_train.train import train_one_epoch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import _steps  # noqa: E402
 import _texts  # noqa: E402
 import _timing  # noqa: E402
 import alip  # noqa: E402,F401
 from alip.loss import gather_features  # noqa: E402
 from alip.methods import get_method, method_names  # noqa: E402
-from alip.training.distributed import DistInfo  # noqa: E402
-from alip.training.loop import as_batch_dicts  # noqa: E402
-from alip.training.optim import build_optimizer  # noqa: E402
 from alip.training.params import parse_args  # noqa: E402
-from alip.training.step import StepContext, train_step  # noqa: E402
 
 
 def make_batch(b, size, regime, gen):
@@ -135,20 +132,6 @@ class ReferenceALIPStep:
         self.model.set_grad_checkpointing(False)
 
 
-def method_batch(spec, batch, gen):
-    """The batch dict a method's DataSpec asks for: its first image view is the batch's images,
-    further views fresh random images of the same shape; text views copy their source field
-    (their transforms run in the reader, not in the step)."""
-    images, raw, cap = batch
-    out = {spec.image_views[0].name: images}
-    for view in spec.image_views[1:]:
-        out[view.name] = torch.randn(images.shape, generator=gen).to(images.device)
-    fields = {"raw": raw, "caption": cap}
-    out.update({f: fields[f] for f in spec.text_fields})
-    out.update({v.name: fields[v.sources[0]].clone() for v in spec.text_views})
-    return out
-
-
 def bench_model(name, batch_size, device, precision, reps, regimes, methods=("clip", "alip")):
     model = open_clip.create_model(name).to(device)
     size = model.visual.image_size
@@ -160,7 +143,7 @@ def bench_model(name, batch_size, device, precision, reps, regimes, methods=("cl
         return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
     scaler = torch.amp.GradScaler("cuda") if precision == "amp" and device.type == "cuda" else None
-    info = DistInfo(0, 0, 1, False, device)
+    info = _steps.local_info(device)
     ctxs, specs = {}, {}
     for m in methods:  # each method's own encoder (heads included) and criterion, same model
         m_model, m_name = model, name
@@ -169,10 +152,7 @@ def bench_model(name, batch_size, device, precision, reps, regimes, methods=("cl
             m_model = open_clip.create_model(m_name).to(device)
         bank = ["--declip-bank-size", "4096"] if m == "declip" else []
         method = get_method(m)(parse_args(["--method", m, "--model", m_name, *bank])).attach(m_model)
-        method_opt = build_optimizer(method.encoder.to(device), 1e-6, 0.2)  # train.py's AdamW
-        ctxs[m] = StepContext(model=method.encoder.to(device), criterion=method.criterion.to(device),
-                              optimizer=method_opt, info=info, grad_clip_norm=1.0, scaler=scaler,
-                              autocast=autocast, after_step=method.after_step)
+        ctxs[m] = _steps.step_context(method, info, autocast, scaler)  # train.py's AdamW
         specs[m] = method.data
     ref = ReferenceALIPStep(model, opt, autocast)
     oc_train = OpenClipTrainStep(model, opt, scaler, device, precision, batch_size)
@@ -183,8 +163,7 @@ def bench_model(name, batch_size, device, precision, reps, regimes, methods=("cl
         batch = tuple(t.to(device) for t in host)
         sides[f"{regime}/oc-train"] = lambda batch=batch: oc_train(batch)
         for m in methods:  # moved as train.py's loop moves batches (tokens keep a host copy)
-            views = next(as_batch_dicts([method_batch(specs[m], host, gen)], specs[m], device))
-            sides[f"{regime}/{m}"] = lambda m=m, views=views: train_step(ctxs[m], [views])
+            sides[f"{regime}/{m}"] = _steps.step_fn(ctxs[m], specs[m], host, gen, device)
         sides[f"{regime}/alip-ref"] = lambda batch=batch: ref(*batch)
     times = _timing.abba(sides, reps, device, label=name)
     if device.type == "cuda":  # peak memory of one step per side (FILIP's dense logits vs CLIP)
