@@ -406,3 +406,36 @@ def test_alip_on_two_ranks_with_accumulation_equals_one_process(worlds, tmp_path
     assert any(not torch.allclose(a[k], b[k], rtol=1e-6, atol=1e-8) for k in a)
     saved = torch.load(tmp_path / "ddp-batch/checkpoints/epoch_1.pt", weights_only=True)
     assert saved["model_kwargs"]["force_context_length"] == CONTEXT
+
+
+@pytest.fixture(scope="module")
+def cut_world(worlds, tmp_path_factory):
+    """The ``long`` world's captions stored 77 wide (data2rec cuts them: SOT, the first 75
+    tokens, EOT)."""
+    root = str(tmp_path_factory.mktemp("cut-world"))
+    make_manifest_dataset(root, N)
+    rows = [{"image": f"images/{i:04d}.jpg", "text": text_of(i), "caption": caption(i, "purple")}
+            for i in range(N)]
+    manifest = write_manifest(root, rows, "jsonl", name="cut")
+    assert run_data2rec("--manifest", manifest, "--image-root", root, "--output-dir",
+                        os.path.join(root, "cut"), "--shard-size", "8",
+                        "--text-fields", "raw,caption") == 0
+    return os.path.join(root, "cut")
+
+
+@pytest.mark.parametrize("method", ["alip", "clips"])
+def test_a_77_tower_reads_256_wide_captions_through_the_truncate_view(tmp_path, worlds, cut_world,
+                                                                      method):
+    """--caption-view truncate --caption-tokens 75 on captions stored 256 wide, the tower at 77:
+    the tower encodes only the 77-wide view, so the width check lets it train (it refused the
+    full caption's 256 beside it), and ALIP's run equals the run on the captions data2rec cut
+    at 77, step for step, bit for bit."""
+    flags = ["--method", method, "--model", MODELS[method], *small_flags(method), "--lr", "5e-3"]
+    view = ["--caption-view", "truncate", "--caption-tokens", "75"]
+    run_single(rec_argv(tmp_path, "view", worlds["long"], *flags, *view, context=None))
+    if method == "alip":  # (CLIPS always reads a view; its decoder reads the full caption)
+        run_single(rec_argv(tmp_path, "cut", cut_world, *flags, context=None))
+        assert logged(tmp_path / "view") == logged(tmp_path / "cut")
+        # without the view the tower would encode the 256-wide caption: refused, naming it
+        assert refusal(tmp_path, worlds["long"], *flags).endswith(
+            "the data's 'caption' field is 256 tokens wide; give --text-context >= 256")

@@ -55,7 +55,9 @@ class NaNLoader:
         self.epoch, self.start = epoch, start_batch
         self.loader.set_epoch(epoch, start_batch)
 
-    def __getattr__(self, name):  # state_dict / load_state_dict, when the loader has them
+    def __getattr__(self, name):  # state_dict / load_state_dict / text_widths, when the loader has them
+        if name == "text_widths" and hasattr(self.loader, name):  # checked against the tower
+            return self.loader.text_widths
         if name in ("state_dict", "load_state_dict") and hasattr(self.loader, name):
             if name == "load_state_dict":
                 return lambda state: (self.set_epoch(state["epoch"], state["batch"]),

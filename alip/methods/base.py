@@ -504,6 +504,14 @@ class Method:
                     else f"--caption-tokens {args.caption_tokens} takes effect with --caption-view "
                          f"truncate, random, block or subcaption; --caption-view is full")
 
+    def tower_text_keys(self):
+        """The batch keys whose token rows the text tower encodes, so their widths must fit its
+        context: the data's text fields and views, less the full caption where the caption view
+        replaces it (``--caption-view``: ALIP's and CLIPS' towers read ``caption_view``, a
+        77-wide row drawn from any caption width)."""
+        keys = [*self.data.text_fields, *(v.name for v in self.data.text_views)]
+        return [k for k in keys if not (k == "caption" and CAPTION_VIEW in keys)]
+
     def after_step(self):
         clamp_logit_scale(self.model)
 
