@@ -108,7 +108,7 @@ def _finite(tensors):
     """0-dim bool tensor: every entry of every tensor is finite (no host sync). Read off each
     tensor's min and max (a NaN anywhere makes both NaN, an inf is one of them): one pass over
     the tensor, where ``isfinite(t).all()`` writes and reads a mask as large; on CLIPS' decoder
-    logits ([1700, 49408] in the demo) 0.02 s against 1.2 s at one CPU thread."""
+    logits ([1700, 49408] in the demo) 0.016 s against 0.46 s at one idle CPU thread."""
     ends = [torch.stack(torch.aminmax(t.detach())) for t in tensors if t.numel()]
     if not ends:
         return torch.ones((), dtype=torch.bool)
