@@ -65,7 +65,8 @@ def run_cli(main, prog, argv):
 
 def evaluator(name):
     """The top-level CLI module ``name`` (eval_retrieval, eval_zeroshot)'s main."""
-    sys.path.insert(0, str(REPO))  # the top-level CLIs are modules here
+    if str(REPO) not in sys.path:  # the top-level CLIs are modules here
+        sys.path.insert(0, str(REPO))
     return importlib.import_module(name).main
 
 

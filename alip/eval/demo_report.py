@@ -20,8 +20,9 @@ def _json(path):
     return json.loads(Path(path).read_text())
 
 
-def _metrics(path):
-    m = _json(path)["metrics"]
+def _metrics(path, saved=None):
+    """An eval JSON's metrics (``saved``: that JSON, already read)."""
+    m = (saved or _json(path))["metrics"]
     return m if "top1" in m or "i2t_R@1" in m else next(iter(m.values()))
 
 
@@ -170,7 +171,7 @@ def long_table(out_dir, rows, ref):
              "| chance | | " + " | ".join(f"{ref[c]:.1f}" for c in cols[:2] + cols) + " | |"]
     for r in picked:
         usual, long = _metrics(out / f"retrieval_{r}.json"), _json(out / f"retrieval_long_{r}.json")
-        nums = [usual[c] for c in cols[:2]] + [_metrics(out / f"retrieval_long_{r}.json")[c] for c in cols]
+        nums = [usual[c] for c in cols[:2]] + [_metrics(None, long)[c] for c in cols]
         lines.append(f"| {r} | {_caption_setting(out / 'runs' / f'demo-{r}')} | "
                      + " | ".join(f"{v:.1f}" for v in nums) + f" | {_cut(long.get('truncation'))} |")
     return "\n".join(lines)

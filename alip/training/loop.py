@@ -209,8 +209,9 @@ def build_run(cfg, info, method, run_dir, log, make_loader):
     model, preprocess = build_model(cfg, method, info, log)
     loader, steps_per_epoch = build_data(cfg, method, info, make_loader, image_size_of(model))
     try:  # a loader that knows its fields' widths (text_widths) is checked against the tower
+        encoded = set(method.tower_text_keys())
         widths = {k: w for k, w in (getattr(loader, "text_widths", None) or {}).items()
-                  if k in method.tower_text_keys()}
+                  if k in encoded}
         long_context.check_field_widths(widths, model.context_length,
                                         sources={v.name: v.sources for v in method.data.text_views})
     except ValueError as e:
